@@ -1,0 +1,125 @@
+"""Errors of `pipeline`.
+
+Every error a user can meet is a subclass of :class:`PipelineError`, whose message says what
+went wrong and what to do. The command line maps them to exit codes in one place
+(``pipeline.cli``)::
+
+    PipelineError                      exit 2 unless stated
+    ├── ConfigError                    a config file is wrong (names the file, column and fix)
+    ├── RunNotFoundError               unknown run id
+    ├── RunExistsError                 the run id is already taken
+    ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
+    ├── ReadOnlyQueryError             `pipeline sql` refused a statement that writes
+    ├── StoreError                     the state store cannot be used (schema out of date, ...)
+    └── GenerationError                a generator failed; carries the original as __cause__
+
+    RetryableError                     raise it (or TimeoutError / ConnectionError) from a
+    ├── ModelRateLimitError            generator to have the task deferred and tried again
+    ├── ModelTimeoutError
+    ├── ModelServerError
+    └── ModelConnectionError
+
+    LeaseLostError                     internal: another worker took a row group over
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "GenerationError",
+    "InvalidRunIdError",
+    "LeaseLostError",
+    "ModelConnectionError",
+    "ModelRateLimitError",
+    "ModelServerError",
+    "ModelTimeoutError",
+    "PipelineError",
+    "ReadOnlyQueryError",
+    "RetryableError",
+    "RunExistsError",
+    "RunNotFoundError",
+    "StoreError",
+    "is_retryable",
+]
+
+
+class PipelineError(Exception):
+    """Root of every error `pipeline` raises on purpose."""
+
+    exit_code = 2
+
+
+class ConfigError(PipelineError):
+    """A config file is wrong. The message names the file, the column and the fix."""
+
+    def __init__(self, message: str, *, path: object = None, column: str | None = None):
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if column is not None:
+            where.append(f"column '{column}'")
+        prefix = ": ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.path = path
+        self.column = column
+
+
+class RunNotFoundError(PipelineError):
+    """No run with this id exists in the state store."""
+
+
+class RunExistsError(PipelineError):
+    """A run with this id exists already."""
+
+
+class InvalidRunIdError(PipelineError):
+    """The run id does not have the allowed form."""
+
+
+class ReadOnlyQueryError(PipelineError):
+    """`pipeline sql` only reads."""
+
+
+class StoreError(PipelineError):
+    """The state store cannot be used as it is."""
+
+
+class GenerationError(PipelineError):
+    """A generator raised; the original exception is the ``__cause__``."""
+
+
+class RetryableError(Exception):
+    """A failure worth another attempt: the task is deferred and retried after its backoff."""
+
+
+class ModelRateLimitError(RetryableError):
+    """The model endpoint answered 429."""
+
+    def __init__(self, message: str = "rate limited (HTTP 429)", *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ModelTimeoutError(RetryableError):
+    """The model endpoint did not answer in time (timeout or HTTP 408)."""
+
+
+class ModelServerError(RetryableError):
+    """The model endpoint failed (HTTP 5xx or 409)."""
+
+
+class ModelConnectionError(RetryableError):
+    """The model endpoint could not be reached."""
+
+
+class LeaseLostError(Exception):
+    """Another worker holds the row group now; this process must abandon it."""
+
+    def __init__(self, row_groups):
+        super().__init__(f"lost the lease on row group(s) {sorted(row_groups)}")
+        self.row_groups = frozenset(row_groups)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """The contract's rule (section 7): RetryableError, TimeoutError and ConnectionError."""
+    return isinstance(exc, (RetryableError, TimeoutError, ConnectionError))

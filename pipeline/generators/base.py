@@ -1,0 +1,53 @@
+"""The one base class of every generator, built in or user-written.
+
+A generator produces the values of one or more output columns. Implement ``generate`` (plain
+function: the engine runs it in a bounded thread pool) or ``agenerate`` (coroutine: awaited on
+the event loop, no thread hop); the other one is bridged.
+
+What ``data`` is, and what to return, depends on ``strategy``:
+
+- ``cell``: ``data`` is a dict of the record's values so far. Return the value of the single
+  output column, or a dict ``{output column: value}`` when the generator has several outputs.
+- ``batch``: ``data`` is a pandas DataFrame of the row group's live records, indexed by their
+  global record index (0-based over the whole run). Return one value per row (list, Series,
+  numpy array), or a DataFrame / dict of lists with one column per output.
+
+A root ``batch`` generator (no inputs) receives a DataFrame with no columns and one row per live
+record of the row group: the index tells which records to produce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar
+
+__all__ = ["Generator"]
+
+
+class Generator:
+    """Base class for generators. Subclass it and implement ``generate`` or ``agenerate``."""
+
+    #: ``cell`` (one task per record) or ``batch`` (one task per row group).
+    strategy: ClassVar[str] = "cell"
+    #: A stateful generator runs one task at a time, row groups in order, retries included.
+    is_stateful: ClassVar[bool] = False
+
+    #: The output columns, set by the engine when the generator is created from a config.
+    outputs: tuple[str, ...] = ()
+
+    def generate(self, data: Any) -> Any:
+        """Produce values synchronously. Bridged to ``agenerate`` when only that is defined."""
+        if type(self).agenerate is Generator.agenerate:
+            raise NotImplementedError(f"{type(self).__name__} must implement generate() or agenerate()")
+        return asyncio.run(self.agenerate(data))
+
+    async def agenerate(self, data: Any) -> Any:
+        """Produce values on the event loop. Bridged to ``generate`` (in a thread) when only that is defined."""
+        if type(self).generate is Generator.generate:
+            raise NotImplementedError(f"{type(self).__name__} must implement generate() or agenerate()")
+        return await asyncio.get_running_loop().run_in_executor(None, self.generate, data)
+
+    @property
+    def is_async(self) -> bool:
+        """True when the generator is a coroutine function at heart (awaited with no thread hop)."""
+        return type(self).agenerate is not Generator.agenerate
