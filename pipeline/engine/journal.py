@@ -1,0 +1,154 @@
+"""The journal: every state change goes to the store through one writer thread, in batches.
+
+The event loop only appends tuples to a deque (thread-safe and O(1) in CPython). The writer
+thread wakes every couple of milliseconds and commits what is queued as one transaction when
+the oldest event has waited ``interval_s`` or when ``max_batch`` events wait (group commit).
+Batches commit in order, so the store always holds a consistent prefix of what happened.
+
+Anything else the engine asks of the store (claim row groups, load one, write a checkpoint)
+goes through :meth:`Journal.call`, which queues the call behind the events already appended:
+a row group's checkpoint therefore runs only after all its events are committed. The writer
+also renews this process's leases every ``lease_s / 3``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from pipeline.store.base import Store
+
+__all__ = ["Journal"]
+
+log = logging.getLogger("pipeline.journal")
+
+
+class _Call:
+    __slots__ = ("fn", "args", "future", "loop")
+
+    def __init__(self, fn, args, future, loop):
+        self.fn, self.args, self.future, self.loop = fn, args, future, loop
+
+
+def _resolve(fut: asyncio.Future, ok: bool, value: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+class Journal:
+    """Group commit of events to ``store.record``, in order, from one writer thread."""
+
+    def __init__(self, store: Store, run_id: str, *, interval_s: float = 0.015, max_batch: int = 4000,
+                 lease_s: float = 30.0, on_lost: Callable[[set[int]], None] | None = None):
+        self.store = store
+        self.run_id = run_id
+        self.interval_s = interval_s
+        self.max_batch = max_batch
+        self.lease_s = lease_s
+        self.on_lost = on_lost
+        self._queue: collections.deque = collections.deque()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+        self.events_written = 0
+        self.batches = 0
+
+    # -- event-loop side ------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pipeline-journal", daemon=True)
+        self._thread.start()
+
+    @property
+    def append(self) -> Callable[[tuple], None]:
+        """``journal.append(event)``; bound once by callers on the hot path."""
+        return self._queue.append
+
+    def call(self, fn: Callable, *args: Any) -> asyncio.Future:
+        """Run ``fn(*args)`` on the writer thread after everything queued before it."""
+        fut = self._loop.create_future()
+        self._queue.append(_Call(fn, args, fut, self._loop))
+        return fut
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop the writer."""
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        if self.error is not None:
+            raise self.error
+
+    # -- writer thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        queue = self._queue
+        next_renew = time.monotonic() + self.lease_s / 3
+        while True:
+            stopping = self._stop.is_set()
+            if queue:
+                # The oldest queued item waits at most interval_s (plus one commit).
+                deadline = time.monotonic() + self.interval_s
+                while len(queue) < self.max_batch and time.monotonic() < deadline and not self._stop.is_set():
+                    time.sleep(0.002)
+                self._drain()
+            elif stopping:
+                return
+            else:
+                self._stop.wait(0.002)
+            if time.monotonic() >= next_renew:
+                next_renew = time.monotonic() + self.lease_s / 3
+                self._guard(self.store.renew_leases, self.run_id, self.lease_s, report=True)
+
+    def _drain(self) -> None:
+        queue = self._queue
+        n = len(queue)
+        batch: list = []
+        for _ in range(n):
+            item = queue.popleft()
+            if type(item) is _Call:
+                self._commit(batch)
+                batch = []
+                try:
+                    result = item.fn(*item.args)
+                except BaseException as exc:  # handed to the awaiting coroutine
+                    item.loop.call_soon_threadsafe(_resolve, item.future, False, exc)
+                else:
+                    item.loop.call_soon_threadsafe(_resolve, item.future, True, result)
+            else:
+                batch.append(item)
+                if len(batch) >= self.max_batch:
+                    self._commit(batch)
+                    batch = []
+        self._commit(batch)
+
+    def _commit(self, batch: list) -> None:
+        if batch:
+            self._guard(self.store.record, self.run_id, batch, report=True)
+            self.events_written += len(batch)
+            self.batches += 1
+
+    def _guard(self, fn: Callable, *args: Any, report: bool) -> None:
+        """A store failure is retried a few times; if it persists, the engine is told and stops
+        (what was committed stays committed, the rest reruns on resume)."""
+        for attempt in range(5):
+            try:
+                lost = fn(*args)
+            except Exception as exc:
+                log.warning("state store call %s failed (attempt %d): %s", fn.__name__, attempt + 1, exc)
+                time.sleep(0.05 * 2 ** attempt)
+                last = exc
+                continue
+            if report and lost and self.on_lost is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self.on_lost, set(lost))
+            return
+        self.error = last
+        if self.on_lost is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_lost, None)

@@ -1,0 +1,555 @@
+"""The scheduler: runs every task the moment its inputs exist, records every transition.
+
+Dispatch happens on completion: when a task finishes, its result goes to the row-group buffer
+and the journal, the tracker says which tasks became ready, and the scheduler starts as many as
+the bounds allow, all in the same callback, with no polling loop and no rescans.
+
+Lanes of ready work:
+- the general lane, bounded by ``max_in_flight_tasks``;
+- one lane per model limit (LLM generators expose ``limit``): those tasks wait for their model's
+  permit without holding a general slot, so a throttled model never starves the others;
+- one ordered queue per stateful generator: one task at a time, row groups in order, and the
+  generator stays blocked while one of its tasks waits for a retry.
+
+A retryable failure defers the task: it returns to its lane when its backoff has elapsed (a
+timer, no barrier). A task that fails for good drops its record (cell) or its row group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.engine.buffer import RowGroupBuffer, normalize_batch, normalize_cell, write_parquet_atomic
+from pipeline.engine.journal import Journal
+from pipeline.engine.tracker import Plan, RowGroupTracker
+from pipeline.errors import ModelRateLimitError, StoreError, is_retryable
+from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, RowGroupClaim, Store
+
+__all__ = ["Scheduler", "SchedulerOptions", "TaskTrace"]
+
+log = logging.getLogger("pipeline.scheduler")
+
+
+@dataclass
+class SchedulerOptions:
+    max_concurrent_row_groups: int = 3
+    max_in_flight_tasks: int = 256
+    salvage_max_rounds: int = 2
+    retry_backoff_s: float = 0.5
+    shutdown_error_rate: float = 0.5
+    shutdown_error_window: int = 100
+    lease_s: float = 30.0
+    commit_interval_s: float = 0.015
+    grace_s: float = 5.0
+    poll_s: float = 0.5
+    threads: int = 0  # 0: min(32, max_in_flight_tasks)
+    trace: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> "SchedulerOptions":
+        names = [f for f in cls.__dataclass_fields__ if hasattr(settings, f)]
+        opts = cls(**{n: getattr(settings, n) for n in names})
+        for k, v in overrides.items():
+            setattr(opts, k, v)
+        return opts
+
+
+@dataclass(slots=True)
+class TaskTrace:
+    column: str
+    row_group: int
+    row_index: int | None
+    task_type: str
+    dispatched_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    status: str = ""
+    error: str | None = None
+
+
+class _RowGroup:
+    __slots__ = ("id", "tracker", "buffer", "dead", "finished")
+
+    def __init__(self, rg_id: int, tracker: RowGroupTracker, buffer: RowGroupBuffer):
+        self.id = rg_id
+        self.tracker = tracker
+        self.buffer = buffer
+        self.dead = False  # abandoned (lease lost) or finished: late results are ignored
+        self.finished = False
+
+
+@dataclass
+class RunStats:
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    tasks_deferred: int = 0
+    records_dropped: int = 0
+    row_groups_checkpointed: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
+class Scheduler:
+    """Runs one process's share of a run: claims row groups, runs their tasks, checkpoints them."""
+
+    def __init__(self, plan: Plan, store: Store, run_id: str, *, num_records: int, row_group_size: int,
+                 home: str, options: SchedulerOptions | None = None):
+        self.plan = plan
+        self.store = store
+        self.run_id = run_id
+        self.num_records = num_records
+        self.row_group_size = row_group_size
+        self.home = home
+        self.opts = opts = options or SchedulerOptions()
+        self.stats = RunStats()
+        self.traces: list[TaskTrace] = []
+        self._trace = opts.trace
+        self._nodes = plan.nodes
+        self._live: dict[int, _RowGroup] = {}
+        self._ready: collections.deque = collections.deque()
+        self._limited: dict[Any, collections.deque] = {}
+        self._stateful: dict[int, list] = {n.index: [] for n in plan.stateful}
+        self._stateful_busy: set[int] = set()
+        self._deferred: list = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._attempts: dict[tuple, int] = {}
+        self._in_flight = 0
+        self._max_in_flight = opts.max_in_flight_tasks
+        self._running: dict[tuple, asyncio.Task] = {}
+        self._seq = itertools.count()
+        self._window: collections.deque = collections.deque()
+        self._window_errors = 0
+        self._stopping = False
+        self._status: str | None = None
+        self._out: list = []
+        self._checkpoints: set[asyncio.Future] = set()
+        self._pool = ThreadPoolExecutor(max_workers=opts.threads or min(32, opts.max_in_flight_tasks),
+                                        thread_name_prefix="pipeline-gen")
+        self.journal = Journal(store, run_id, interval_s=opts.commit_interval_s, lease_s=opts.lease_s,
+                               on_lost=self._on_lease_lost)
+        self._append = self.journal.append
+        for node in plan.nodes:
+            if node.limit is not None and node.limit not in self._limited:
+                self._limited[node.limit] = collections.deque()
+                node.limit.on_available = self._pump
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> str:
+        """Run until every row group of the run is checkpointed (``complete``), or until stopped
+        (``interrupted``) or tripped by the error rate (``failed``)."""
+        self._loop = loop = asyncio.get_running_loop()
+        self._done: asyncio.Future = loop.create_future()
+        self._wake = asyncio.Event()
+        self.journal.start()
+        await self.journal.call(self.store.register_worker, self.run_id)
+        admission = loop.create_task(self._admission())
+        try:
+            status = await self._done
+        finally:
+            self._stopping = True
+            admission.cancel()
+            await self._drain_tasks()
+            if self._timer is not None:
+                self._timer.cancel()
+            live = [rg for rg in self._live.values() if not rg.finished]
+            if live:
+                self.journal.call(self.store.release_row_groups, self.run_id, [rg.id for rg in live])
+            self.journal.call(self.store.unregister_worker, self.run_id)
+            await self.journal.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            await asyncio.gather(admission, return_exceptions=True)
+        if status == "error":
+            raise StoreError(f"the state store failed: {self.journal.error}")
+        return status
+
+    def stop(self, *, immediate: bool = False) -> None:
+        """Stop dispatching; in-flight tasks get ``grace_s`` to finish (none if immediate).
+        Every finished result is recorded and the run stays resumable."""
+        self._stopping = True
+        if immediate:
+            self.opts.grace_s = 0
+            for t in list(self._running.values()):
+                t.cancel()
+        self._finish("interrupted")
+
+    def _finish(self, status: str) -> None:
+        self._stopping = True
+        if not self._done.done():
+            self._status = status
+            self._done.set_result(status)
+
+    async def _drain_tasks(self) -> None:
+        if self._running:
+            pending = list(self._running.values())
+            _, still = await asyncio.wait(pending, timeout=self.opts.grace_s)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.wait(still)
+
+    # -- admission ------------------------------------------------------------------------
+    async def _admission(self) -> None:
+        opts = self.opts
+        while not self._stopping:
+            need = opts.max_concurrent_row_groups - len(self._live)
+            claims: list[RowGroupClaim] = []
+            if need > 0:
+                claims = await self.journal.call(self.store.claim_row_groups, self.run_id, need, opts.lease_s)
+                for claim in claims:
+                    loaded = None
+                    if claim.state != "pending":
+                        loaded = await self.journal.call(self.store.load_row_group, self.run_id, claim.row_group)
+                    if self._stopping:
+                        break
+                    self._admit(claim, loaded)
+                self._pump()
+            if not self._live and not claims:
+                if self._checkpoints:
+                    await asyncio.wait(list(self._checkpoints))
+                groups = await self.journal.call(self.store.row_groups, self.run_id)
+                if all(g["state"] == "checkpointed" for g in groups):
+                    self._finish("complete")
+                    return
+                await asyncio.sleep(opts.poll_s)  # the rest is leased by other workers
+                continue
+            self._wake.clear()
+            if len(self._live) >= opts.max_concurrent_row_groups or not claims:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=None if claims else opts.poll_s)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _admit(self, claim: RowGroupClaim, loaded: Any) -> None:
+        plan, n = self.plan, claim.num_rows
+        tracker = RowGroupTracker(plan, n)
+        buffer = RowGroupBuffer(claim.row_group, claim.row_group * self.row_group_size, n, plan.columns)
+        rg = _RowGroup(claim.row_group, tracker, buffer)
+        self._live[rg.id] = rg
+        if loaded is None:
+            out: list = []
+            tracker.initial(out)
+            self._route(rg, out)
+        else:
+            self._restore(rg, loaded)
+        if tracker.outstanding == 0:
+            self._finish_row_group(rg)
+
+    def _restore(self, rg: _RowGroup, loaded: Any) -> None:
+        """Rebuild a row group from what the store recorded (resume or takeover)."""
+        index = self.plan.index
+        done: set[tuple[int, int | None]] = set()
+        for (name, r), value in loaded.done.items():
+            j = index.get(name)
+            if j is None:
+                continue
+            done.add((j, r))
+            rg.buffer.restore(self._nodes[j].outputs, r, value)
+        ready = rg.tracker.replay(lambda j, r: (j, r) in done, loaded.dropped)
+        now_wall, now = time.time(), self._loop.time()
+        fresh = []
+        for j, r in ready:
+            deferred = loaded.deferred.get((self._nodes[j].name, r))
+            if deferred is None:
+                fresh.append((j, r))
+                continue
+            attempts, next_at, _ = deferred
+            self._attempts[(rg.id, j, r)] = attempts
+            self._defer(rg, j, r, now + max(0.0, (next_at or now_wall) - now_wall))
+        self._route(rg, fresh)
+
+    # -- dispatch -------------------------------------------------------------------------
+    def _route(self, rg: _RowGroup, out: list) -> None:
+        nodes, ready = self._nodes, self._ready
+        for j, r in out:
+            node = nodes[j]
+            if node.stateful:
+                heapq.heappush(self._stateful[j], (rg.id, -1 if r is None else r, rg, r))
+            elif node.limit is not None:
+                self._limited[node.limit].append((rg, j, r))
+            else:
+                ready.append((rg, j, r))
+
+    def _pump(self) -> None:
+        if self._stopping:
+            return
+        ready, nodes, start = self._ready, self._nodes, self._start
+        while ready and self._in_flight < self._max_in_flight:
+            rg, j, r = ready.popleft()
+            if rg.dead or (r is not None and rg.tracker.dropped[r]):
+                continue
+            start(rg, nodes[j], r, True)
+        for limit, lane in self._limited.items():
+            while lane:
+                rg, j, r = lane[0]
+                if rg.dead or (r is not None and rg.tracker.dropped[r]):
+                    lane.popleft()
+                    continue
+                if not limit.try_acquire():
+                    break
+                lane.popleft()
+                start(rg, nodes[j], r, False)
+        if self._stateful:
+            self._pump_stateful()
+
+    def _pump_stateful(self) -> None:
+        for j, heap in self._stateful.items():
+            if j in self._stateful_busy:
+                continue
+            while heap and (heap[0][2].dead or (heap[0][3] is not None and heap[0][2].tracker.dropped[heap[0][3]])):
+                heapq.heappop(heap)
+            if not heap or self._in_flight >= self._max_in_flight:
+                continue
+            rg_id = heap[0][0]
+            if any(o.id < rg_id and o.tracker.left[j] > 0 for o in self._live.values() if not o.dead):
+                continue  # an earlier row group of this generator is unfinished
+            _, _, rg, r = heapq.heappop(heap)
+            self._stateful_busy.add(j)
+            self._start(rg, self._nodes[j], r, True)
+
+    def _start(self, rg: _RowGroup, node: Any, r: int | None, counted: bool) -> None:
+        if counted:
+            self._in_flight += 1
+        key = (rg.id, node.index, r)
+        self._append((STARTED, rg.id, node.name, r, node.task_type))
+        self._running[key] = self._loop.create_task(self._exec(rg, node, r, key, counted))
+
+    async def _exec(self, rg: _RowGroup, node: Any, r: int | None, key: tuple, counted: bool) -> None:
+        trace = None
+        if self._trace:
+            trace = TaskTrace(node.name, rg.id, r, node.task_type, dispatched_at=time.perf_counter())
+            self.traces.append(trace)
+        error: BaseException | None = None
+        deferred = False
+        try:
+            if r is not None:
+                data = rg.buffer.row(r, node.depends_on)
+                if trace is not None:
+                    trace.started_at = time.perf_counter()
+                if node.is_async:
+                    result = await node.gen.agenerate(data)
+                else:
+                    result = await self._loop.run_in_executor(self._pool, node.gen.generate, data)
+                if not node.single:
+                    result = normalize_cell(node.outputs, result, node.name)
+                self._cell_done(rg, node, r, result)
+            else:
+                rows = rg.tracker.live_rows()  # snapshot: drops during the await only skip rows
+                data = rg.buffer.frame(rows, node.depends_on)
+                if trace is not None:
+                    trace.started_at = time.perf_counter()
+                if node.is_async:
+                    result = await node.gen.agenerate(data)
+                else:
+                    result = await self._loop.run_in_executor(self._pool, node.gen.generate, data)
+                self._batch_done(rg, node, rows, normalize_batch(node.outputs, result, len(rows), node.name))
+            if trace is not None:
+                trace.status = "ok"
+        except asyncio.CancelledError:
+            if trace is not None:
+                trace.status = "cancelled"
+            raise
+        except Exception as exc:
+            error = exc
+            if trace is not None:
+                trace.status, trace.error = "error", str(exc)
+            deferred = self._failed(rg, node, r, exc)
+        finally:
+            if trace is not None:
+                trace.finished_at = time.perf_counter()
+            del self._running[key]
+            if counted:
+                self._in_flight -= 1
+            else:
+                node.limit.release(rate_limited=isinstance(error, ModelRateLimitError))
+            if node.stateful and not deferred:  # a deferred stateful task keeps its generator
+                self._stateful_busy.discard(node.index)
+            self._pump()
+
+    # -- results --------------------------------------------------------------------------
+    def _cell_done(self, rg: _RowGroup, node: Any, r: int, value: Any) -> None:
+        tracker = rg.tracker
+        if rg.dead or tracker.dropped[r]:
+            return
+        rg.buffer.put_cell(node.outputs, r, value)
+        self._append((DONE, rg.id, node.name, r, "cell", value))
+        out = self._out
+        tracker.complete_cell(node.index, r, out)
+        if out:
+            self._route(rg, out)
+            out.clear()
+        self._succeeded(rg, node.index, r)
+
+    def _batch_done(self, rg: _RowGroup, node: Any, rows: list[int], cols: dict[str, list]) -> None:
+        if rg.dead:
+            return
+        full = rg.buffer.put_batch(cols, rows)
+        self._append((DONE, rg.id, node.name, None, node.task_type, full))
+        out = self._out
+        rg.tracker.complete_batch(node.index, out)
+        if out:
+            self._route(rg, out)
+            out.clear()
+        self._succeeded(rg, node.index, None)
+
+    def _succeeded(self, rg: _RowGroup, j: int, r: int | None) -> None:
+        self.stats.tasks_done += 1
+        if self._attempts:
+            self._attempts.pop((rg.id, j, r), None)
+        self._count(False)
+        if rg.tracker.outstanding == 0:
+            self._finish_row_group(rg)
+
+    def _failed(self, rg: _RowGroup, node: Any, r: int | None, exc: BaseException) -> bool:
+        """Defer (returns True) or fail for good and drop the record or row group."""
+        if rg.dead or (r is not None and rg.tracker.dropped[r]):
+            return False
+        key = (rg.id, node.index, r)
+        attempts = self._attempts.get(key, 0) + 1
+        retryable = is_retryable(exc)
+        if retryable and attempts <= self.opts.salvage_max_rounds:
+            self._attempts[key] = attempts
+            delay = self.opts.retry_backoff_s * (2 ** (attempts - 1)) * (0.5 + random.random())
+            retry_after = getattr(exc, "retry_after_s", None)
+            if retry_after:
+                delay = max(delay, float(retry_after))
+            self.stats.tasks_deferred += 1
+            self._append((DEFERRED, rg.id, node.name, r, node.task_type,
+                          (attempts, time.time() + delay, _describe(exc))))
+            self._defer(rg, node.index, r, self._loop.time() + delay)
+            return True
+        self._attempts.pop(key, None)
+        self.stats.tasks_failed += 1
+        self._append((FAILED, rg.id, node.name, r, node.task_type, (attempts, _describe(exc))))
+        where = f"row {r}" if r is not None else "the whole row group"
+        log.warning("%s[rg=%d, %s] failed for good after %d attempt(s), dropping %s: %s",
+                    node.name, rg.id, "row=%s" % r if r is not None else node.task_type, attempts,
+                    where, _describe(exc))
+        tracker = rg.tracker
+        if r is not None:
+            out = self._out
+            if tracker.drop_record(r, out):
+                self.stats.records_dropped += 1
+                self._append((DROPPED, rg.id, None, r))
+            if out:
+                self._route(rg, out)
+                out.clear()
+        else:
+            newly = tracker.drop_all()
+            self.stats.records_dropped += len(newly)
+            self._append((DROPPED, rg.id, None, None))
+        if not retryable:
+            self._count(True)
+        if tracker.outstanding == 0:
+            self._finish_row_group(rg)
+        return False
+
+    def _count(self, error: bool) -> None:
+        """Sliding window of finished tasks; trips the run when the share of non-retryable
+        failures in a full window reaches shutdown_error_rate."""
+        window = self._window
+        window.append(error)
+        self._window_errors += error
+        if len(window) > self.opts.shutdown_error_window:
+            self._window_errors -= window.popleft()
+        if (error and len(window) == self.opts.shutdown_error_window
+                and self._window_errors >= self.opts.shutdown_error_rate * len(window)):
+            log.error("stopping: %d of the last %d tasks failed for good (shutdown_error_rate %.2f)",
+                      self._window_errors, len(window), self.opts.shutdown_error_rate)
+            self._finish("failed")
+
+    # -- retries --------------------------------------------------------------------------
+    def _defer(self, rg: _RowGroup, j: int, r: int | None, due: float) -> None:
+        heapq.heappush(self._deferred, (due, next(self._seq), rg, j, r))
+        if self._timer is None or self._timer.when() > due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        heap, nodes = self._deferred, self._nodes
+        due = []
+        while heap and heap[0][0] <= now:
+            _, _, rg, j, r = heapq.heappop(heap)
+            if not rg.dead and not (r is not None and rg.tracker.dropped[r]):
+                due.append((rg, j, r))
+        for rg, j, r in reversed(due):  # retries go first: they hold their row group open
+            node = nodes[j]
+            if node.stateful:
+                self._stateful_busy.discard(j)
+                heapq.heappush(self._stateful[j], (rg.id, -1 if r is None else r, rg, r))
+            elif node.limit is not None:
+                self._limited[node.limit].appendleft((rg, j, r))
+            else:
+                self._ready.appendleft((rg, j, r))
+        if heap:
+            self._timer = self._loop.call_at(heap[0][0], self._on_timer)
+        self._pump()
+
+    # -- row groups -----------------------------------------------------------------------
+    def _finish_row_group(self, rg: _RowGroup) -> None:
+        if rg.finished:
+            return
+        rg.finished = rg.dead = True
+        del self._live[rg.id]
+        self._append((COMPLETE, rg.id))
+        fut = self.journal.call(self._checkpoint, rg)
+        self._checkpoints.add(fut)
+        fut.add_done_callback(self._checkpointed)
+        self._wake.set()
+
+    def _checkpointed(self, fut: asyncio.Future) -> None:
+        self._checkpoints.discard(fut)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("could not checkpoint a row group (it stays 'complete'; resume repairs it): %s", exc)
+        elif fut.result():
+            self.stats.row_groups_checkpointed += 1
+
+    def _checkpoint(self, rg: _RowGroup) -> bool:
+        """On the writer thread, after all the row group's events are committed: write its
+        Parquet file (temporary name, fsync, rename), then mark it checkpointed. Retried."""
+        live = rg.tracker.live_rows()
+        rel = None
+        last: Exception | None = None
+        for attempt in range(3):
+            try:
+                if live:
+                    rel = os.path.join("runs", self.run_id, "row_groups", f"rg-{rg.id:06d}.parquet")
+                    table = rg.buffer.table(self.plan.columns, live)
+                    write_parquet_atomic(table, os.path.join(self.home, rel))
+                return self.store.checkpoint_row_group(self.run_id, rg.id, rel, rg.tracker.n_dropped)
+            except Exception as exc:  # a full disk, a busy database: try again, then leave it to resume
+                last = exc
+                log.warning("checkpoint of row group %d failed (attempt %d): %s", rg.id, attempt + 1, exc)
+                time.sleep(0.1 * 2 ** attempt)
+        raise last  # type: ignore[misc]
+
+    def _on_lease_lost(self, row_groups: set[int] | None) -> None:
+        if row_groups is None:
+            log.error("the state store keeps failing; stopping (finished work is recorded)")
+            self._finish("error")
+            return
+        for rg_id in row_groups:
+            rg = self._live.pop(rg_id, None)
+            if rg is not None:
+                log.warning("lost the lease on row group %d to another worker; abandoning it", rg_id)
+                rg.dead = True
+        self._wake.set()
