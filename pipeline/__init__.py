@@ -1,0 +1,22 @@
+"""pipeline: a persistent, resumable, dependency-aware async engine that generates datasets
+column by column and record by record. Every task state and every finished value is recorded
+in a SQL state store, so a killed run resumes exactly where it stopped."""
+
+from pipeline.api import export, list_runs, load_dataset, resume, run, status
+from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import PipelineError, RetryableError
+from pipeline.generators.base import Generator
+
+__all__ = [
+    "Generator",
+    "PipelineConfig",
+    "PipelineError",
+    "RetryableError",
+    "export",
+    "list_runs",
+    "load_config",
+    "load_dataset",
+    "resume",
+    "run",
+    "status",
+]

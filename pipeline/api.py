@@ -1,0 +1,291 @@
+"""The Python API: run, resume, status, export, load_dataset. The command line calls these.
+
+``home`` (default ``$PIPELINE_HOME`` or ``./.pipeline``) holds the run folders; ``db`` (default
+``$PIPELINE_DB`` or ``sqlite:///<home>/state.db``) is the state store, any SQLAlchemy URL of
+SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import PipelineConfig, config_from_json, load_config
+from pipeline.engine.scheduler import RunStats, Scheduler, SchedulerOptions
+from pipeline.engine.tracker import Plan
+from pipeline.errors import InvalidRunIdError, PipelineError
+from pipeline.generators import build_generators
+from pipeline.graph import build_graph
+from pipeline.store.base import ColumnSpec, NewRun, Store
+
+__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "resume", "run", "status",
+           "validate_run_id"]
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # complete | interrupted | failed
+    signal: int | None = None
+    stats: RunStats | None = None
+    records: int = 0
+    dropped: int = 0
+    resumed: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_paths(home: str | os.PathLike | None, db: str | None) -> tuple[Path, str]:
+    home_path = Path(home or os.environ.get("PIPELINE_HOME") or ".pipeline").absolute()
+    url = db or os.environ.get("PIPELINE_DB") or f"sqlite:///{home_path / 'state.db'}"
+    return home_path, url
+
+
+def prepare(home: str | os.PathLike | None, db: str | None) -> tuple[Path, str]:
+    """Resolve home and db; create home when the default SQLite file lives in it."""
+    home_path, url = resolve_paths(home, db)
+    if url.startswith("sqlite"):
+        home_path.mkdir(parents=True, exist_ok=True)
+    return home_path, url
+
+
+def open_state(home: str | os.PathLike | None = None, db: str | None = None) -> tuple[Path, Store]:
+    """The home folder and the state store (schema upgraded on open)."""
+    from pipeline.store import open_store
+
+    home_path, url = prepare(home, db)
+    return home_path, open_store(url)
+
+
+def validate_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise InvalidRunIdError(f"invalid run id {run_id!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
+                                f"starting with a letter or digit")
+    return run_id
+
+
+def _new_run_id(name: str) -> str:
+    return f"{name[:40]}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike | None = None,
+        db: str | None = None, run_id: str | None = None, num_records: int | None = None,
+        progress: Callable[[dict], None] | None = None, on_created: Callable[[str], None] | None = None,
+        trace: bool = False) -> RunResult:
+    """Validate ``config``, create the run and run it to the end (or until a signal)."""
+    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    if num_records is not None:
+        cfg = cfg.with_num_records(num_records)
+    if run_id is not None:
+        validate_run_id(run_id)
+    graph = build_graph(cfg)
+    home_path, store = open_state(home, db)
+    try:
+        rid = run_id or _new_run_id(cfg.name)
+        store.create_run(NewRun(
+            run_id=rid, name=cfg.name, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
+            seed=cfg.seed, config=cfg.to_json(), fingerprint=cfg.fingerprint(),
+            columns=[ColumnSpec(c, graph.producer[c], graph.by_name[graph.producer[c]].strategy, i)
+                     for i, c in enumerate(graph.columns)]))
+        (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
+        if on_created is not None:
+            on_created(rid)
+        return _execute(store, rid, cfg, home_path, progress=progress, trace=trace)
+    finally:
+        store.close()
+
+
+def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None,
+           progress: Callable[[dict], None] | None = None, trace: bool = False) -> RunResult:
+    """Continue a run exactly where it stopped (also: join it as one more worker)."""
+    validate_run_id(run_id)
+    home_path, store = open_state(home, db)
+    try:
+        info = store.get_run(run_id)
+        cfg = config_from_json(info.config)
+        if all(g["state"] == "checkpointed" for g in store.row_groups(run_id)):
+            if info.status != "complete":
+                store.set_run_status(run_id, "complete")
+            return RunResult(run_id, "complete", resumed=True, extra={"already_complete": True})
+        result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace)
+        result.resumed = True
+        return result
+    finally:
+        store.close()
+
+
+def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
+             progress: Callable[[dict], None] | None, trace: bool) -> RunResult:
+    plan = Plan(build_graph(cfg), build_generators(cfg))
+    options = SchedulerOptions.from_settings(cfg.settings, trace=trace)
+    scheduler = Scheduler(plan, store, run_id, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
+                          home=str(home), options=options)
+    store.set_run_status(run_id, "running")
+    received: list[int] = []
+
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            scheduler.stop(immediate=len(received) > 1)
+
+        installed = []
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, on_signal, signum)
+                installed.append(signum)
+        reporter = loop.create_task(_report(scheduler, cfg, progress)) if progress else None
+        try:
+            return await scheduler.run()
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    status = asyncio.run(main())
+    if status == "interrupted" and store.live_workers(run_id) > 0:
+        pass  # other workers carry on: the run is still running
+    else:
+        store.set_run_status(run_id, status)
+    if progress is not None:
+        progress(_snapshot(scheduler, cfg, final=True))
+    return RunResult(run_id, status, signal=received[0] if received else None, stats=scheduler.stats)
+
+
+def _snapshot(scheduler: Scheduler, cfg: PipelineConfig, final: bool = False) -> dict:
+    s = scheduler.stats
+    elapsed = max(time.monotonic() - s.started_at, 1e-9)
+    return {"tasks_done": s.tasks_done, "tasks_failed": s.tasks_failed, "tasks_deferred": s.tasks_deferred,
+            "records_dropped": s.records_dropped, "row_groups_checkpointed": s.row_groups_checkpointed,
+            "row_groups_total": -(-cfg.num_records // cfg.row_group_size), "elapsed_s": elapsed,
+            "tasks_per_s": s.tasks_done / elapsed, "in_flight": len(scheduler._running), "final": final,
+            "live_row_groups": len(scheduler._live)}
+
+
+async def _report(scheduler: Scheduler, cfg: PipelineConfig, progress: Callable[[dict], None]) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        progress(_snapshot(scheduler, cfg))
+
+
+# -- reading ------------------------------------------------------------------------------
+def _status_of(store: Store, run_id: str) -> dict[str, Any]:
+    info = store.get_run(run_id)
+    groups = store.row_groups(run_id)
+    columns = store.column_counts(run_id)
+    state = info.status
+    if state == "running" and store.live_workers(run_id) == 0:
+        state = "interrupted"  # its process is gone
+    done = sum(g["num_rows"] - g["rows_dropped"] for g in groups if g["state"] == "checkpointed")
+    dropped = sum(g["rows_dropped"] for g in groups)
+    checkpointed = sum(1 for g in groups if g["state"] == "checkpointed")
+    now = time.time()
+    eta = None
+    progress_records = min((c["done"] for c in columns.values()), default=0)
+    if state == "running" and progress_records > 0:
+        rate = progress_records / max(now - info.created_at, 1e-6)
+        eta = max(0.0, (info.num_records - progress_records - dropped) / rate)
+    elif state == "complete":
+        eta = 0.0
+    return {
+        "run_id": run_id, "name": info.name, "status": state, "num_records": info.num_records,
+        "records_done": done, "records_dropped": dropped, "columns": columns,
+        "row_groups": {"total": len(groups), "checkpointed": checkpointed,
+                       "active": sum(1 for g in groups if g["state"] in ("active", "complete"))},
+        "eta_s": eta, "created_at": info.created_at, "updated_at": info.updated_at,
+        "finished_at": info.finished_at, "fingerprint": info.fingerprint,
+    }
+
+
+def status(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None) -> dict[str, Any]:
+    """The same data as ``pipeline status --json``."""
+    validate_run_id(run_id)
+    _, store = open_state(home, db)
+    try:
+        return _status_of(store, run_id)
+    finally:
+        store.close()
+
+
+def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -> list[dict[str, Any]]:
+    _, store = open_state(home, db)
+    try:
+        out = []
+        for info in store.list_runs():
+            state = info.status
+            if state == "running" and store.live_workers(info.run_id) == 0:
+                state = "interrupted"
+            out.append({"run_id": info.run_id, "name": info.name, "status": state,
+                        "num_records": info.num_records, "created_at": info.created_at})
+        return out
+    finally:
+        store.close()
+
+
+def _dataset_table(store: Store, run_id: str, home: Path) -> tuple[pa.Table, bool]:
+    info = store.get_run(run_id)
+    cfg = config_from_json(info.config)
+    columns = build_graph(cfg).columns
+    groups = store.row_groups(run_id)
+    tables = []
+    for g in groups:
+        if g["state"] == "checkpointed" and g["path"]:
+            tables.append(pq.read_table(home / g["path"]))
+    complete = all(g["state"] == "checkpointed" for g in groups)
+    if not tables:
+        return pa.table({c: pa.array([], type=pa.null()) for c in columns}), complete
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.select(list(columns)), complete
+
+
+def load_dataset(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None) -> pd.DataFrame:
+    """The dataset as a DataFrame: records in record order, dropped records left out."""
+    validate_run_id(run_id)
+    home_path, store = open_state(home, db)
+    try:
+        table, _ = _dataset_table(store, run_id, home_path)
+        return table.to_pandas()
+    finally:
+        store.close()
+
+
+def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
+           home: str | os.PathLike | None = None, db: str | None = None) -> dict[str, Any]:
+    """Write the dataset to ``output`` (parquet, csv or jsonl; from the suffix by default).
+    Returns ``{"records", "complete", "path"}``; an incomplete run exports its checkpointed records."""
+    validate_run_id(run_id)
+    fmt = (format or Path(output).suffix.lstrip(".") or "parquet").lower()
+    if fmt not in ("parquet", "csv", "jsonl"):
+        raise PipelineError(f"unknown export format {fmt!r}; use parquet, csv or jsonl")
+    home_path, store = open_state(home, db)
+    try:
+        table, complete = _dataset_table(store, run_id, home_path)
+    finally:
+        store.close()
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        pq.write_table(table, out)
+    else:
+        df = table.to_pandas()
+        if fmt == "csv":
+            df.to_csv(out, index=False)
+        else:
+            df.to_json(out, orient="records", lines=True, date_format="iso", force_ascii=False)
+    return {"records": table.num_rows, "complete": complete, "path": str(out), "format": fmt}
+

@@ -1,0 +1,266 @@
+"""The `pipeline` command. Each command is a thin layer over one function of pipeline.api.
+
+Exit codes: 0 complete; 1 stopped on its error rate (resumable); 2 bad usage, bad config,
+unknown or taken run id; 130 after SIGINT; 143 after SIGTERM.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from pipeline import api
+from pipeline.errors import PipelineError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def state_options(fn: Callable) -> Callable:
+    """--home and --db, shared by every command."""
+    fn = click.option("--db", envvar="PIPELINE_DB", default=None, metavar="URL",
+                      help="State store URL (SQLite or PostgreSQL). Default: sqlite:///<home>/state.db.")(fn)
+    fn = click.option("--home", envvar="PIPELINE_HOME", default=None, metavar="DIR",
+                      help="Folder of run outputs and the default state store. Default: ./.pipeline.")(fn)
+    return fn
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Every PipelineError becomes one line on stderr and its exit code (2)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+    return wrapper
+
+
+class Progress:
+    """One line on stderr: redrawn in place on a terminal, printed every few seconds otherwise."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.tty = sys.stderr.isatty()
+        self.every_s = every_s
+        self.last = 0.0
+
+    def __call__(self, snap: dict) -> None:
+        now = time.monotonic()
+        if not (self.tty or snap["final"] or now - self.last >= self.every_s):
+            return
+        self.last = now
+        line = (f"row groups {snap['row_groups_checkpointed']}/{snap['row_groups_total']} | "
+                f"tasks {snap['tasks_done']:,} done, {snap['tasks_failed']:,} failed, "
+                f"{snap['in_flight']} in flight | {snap['tasks_per_s']:,.0f} tasks/s | "
+                f"dropped {snap['records_dropped']:,} | {snap['elapsed_s']:.0f}s")
+        if self.tty:
+            click.echo("\r\033[K" + line + ("\n" if snap["final"] else ""), err=True, nl=False)
+        else:
+            click.echo(line, err=True)
+
+
+def _finish(result: api.RunResult) -> None:
+    if result.status == "complete":
+        if result.extra.get("already_complete"):
+            click.echo(f"run {result.run_id} is already complete; nothing to do", err=True)
+        sys.exit(EXIT_OK)
+    if result.signal is not None:
+        click.echo(f"run {result.run_id} interrupted; `pipeline resume {result.run_id}` continues it", err=True)
+        sys.exit(SIGNAL_EXIT.get(result.signal, 128 + result.signal))
+    if result.status == "failed":
+        click.echo(f"run {result.run_id} stopped: too many tasks failed (shutdown_error_rate); "
+                   f"fix the cause, then `pipeline resume {result.run_id}`", err=True)
+    else:
+        click.echo(f"run {result.run_id} stopped ({result.status}); `pipeline resume {result.run_id}` continues it",
+                   err=True)
+    sys.exit(EXIT_FAILED)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipeline")
+def main() -> None:
+    """Generate datasets column by column, record by record; every result is recorded, so a
+    killed run resumes exactly where it stopped."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--run-id", default=None, help="Name of the run (default: <name>-<date>-<random>).")
+@click.option("--num-records", type=click.IntRange(min=1), default=None, help="Override num_records.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@state_options
+@handle_errors
+def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, home: str, db: str) -> None:
+    """Validate CONFIG, create a run and run it to the end.
+
+    Prints `run_id: <id>` as the first line of stdout."""
+    def created(rid: str) -> None:
+        click.echo(f"run_id: {rid}")
+        sys.stdout.flush()
+
+    _finish(api.run(config, home=home, db=db, run_id=run_id, num_records=num_records, on_created=created,
+                    progress=None if quiet else Progress()))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@state_options
+@handle_errors
+def resume(run_id: str, quiet: bool, home: str, db: str) -> None:
+    """Continue RUN_ID exactly where it stopped."""
+    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress()))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@state_options
+@handle_errors
+def worker(run_id: str, quiet: bool, home: str, db: str) -> None:
+    """Join RUN_ID as one more worker (several may run at once)."""
+    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress()))
+
+
+def _status_text(s: dict) -> str:
+    lines = [f"run {s['run_id']} ({s['name']}): {s['status']}",
+             f"records: {s['records_done']:,} of {s['num_records']:,} written, {s['records_dropped']:,} dropped",
+             f"row groups: {s['row_groups']['checkpointed']} of {s['row_groups']['total']} checkpointed, "
+             f"{s['row_groups']['active']} active"]
+    if s["eta_s"] is not None and s["status"] == "running":
+        lines.append(f"eta: {s['eta_s']:.0f}s")
+    width = max([len(c) for c in s["columns"]] + [6])
+    lines.append(f"{'column':<{width}}  {'done':>10} {'failed':>8} {'deferred':>9} {'in_flight':>9}")
+    for name, c in s["columns"].items():
+        lines.append(f"{name:<{width}}  {c['done']:>10,} {c['failed']:>8,} {c['deferred']:>9,} {c['in_flight']:>9,}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--watch", is_flag=True, help="Refresh until the run is no longer running.")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
+@state_options
+@handle_errors
+def status(run_id: str, as_json: bool, watch: bool, interval: float, home: str, db: str) -> None:
+    """Progress of RUN_ID per column and row group; works while the run is going."""
+    while True:
+        s = api.status(run_id, home=home, db=db)
+        if as_json:
+            click.echo(json.dumps(s))
+        else:
+            if watch and sys.stdout.isatty():
+                click.clear()
+            click.echo(_status_text(s))
+        if not watch or s["status"] != "running":
+            return
+        time.sleep(interval)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@state_options
+@handle_errors
+def runs(as_json: bool, home: str, db: str) -> None:
+    """The runs in the state store, newest first."""
+    rows = api.list_runs(home=home, db=db)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
+        click.echo(f"{r['run_id']}\t{r['status']}\t{r['num_records']}\t{created}\t{r['name']}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="File to write.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]), default=None,
+              help="Default: from the output's suffix, else parquet.")
+@state_options
+@handle_errors
+def export(run_id: str, output: str, fmt: str | None, home: str, db: str) -> None:
+    """Write the dataset of RUN_ID: records in order, dropped records left out."""
+    res = api.export(run_id, output, format=fmt, home=home, db=db)
+    if not res["complete"]:
+        click.echo(f"run {run_id} is not complete: exported the {res['records']:,} checkpointed records", err=True)
+    click.echo(f"wrote {res['records']:,} records to {res['path']}", err=True)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "json"]), default="text", show_default=True)
+@handle_errors
+def graph(config: str, fmt: str) -> None:
+    """The column DAG of CONFIG: each column's strategy, task count and dependencies."""
+    from pipeline.config import load_config
+    from pipeline.graph import build_graph
+
+    cfg = load_config(config)
+    g = build_graph(cfg)
+    if fmt == "mermaid":
+        click.echo(g.to_mermaid())
+    elif fmt == "json":
+        click.echo(g.to_json(cfg.num_records, cfg.row_group_size))
+    else:
+        click.echo(g.to_text(cfg.num_records, cfg.row_group_size))
+
+
+@main.command()
+@click.argument("query")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects.")
+@state_options
+@handle_errors
+def sql(query: str, as_json: bool, home: str, db: str) -> None:
+    """Run a read-only QUERY on the state store (tables: runs, row_groups, tasks, column_progress, ...)."""
+    _, store = api.open_state(home, db)
+    try:
+        columns, rows = store.read_query(query)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([dict(zip(columns, r)) for r in rows], default=str))
+        return
+    click.echo("\t".join(columns))
+    for r in rows:
+        click.echo("\t".join("" if v is None else str(v) for v in r))
+
+
+@main.group()
+def db() -> None:
+    """The state store's schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@state_options
+@handle_errors
+def db_upgrade(home: str, db: str) -> None:
+    """Migrate the state store to the newest schema."""
+    from pipeline.store import migrate
+
+    _, url = api.prepare(home, db)
+    migrate.upgrade(url)
+    click.echo(f"state store at revision {migrate.current(url)}")
+
+
+@db.command("current")
+@state_options
+@handle_errors
+def db_current(home: str, db: str) -> None:
+    """Show the state store's schema revision (and the newest this version knows)."""
+    from pipeline.store import migrate
+
+    _, url = api.resolve_paths(home, db)
+    click.echo(f"current: {migrate.current(url) or '(empty)'}\nhead: {migrate.head()}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
