@@ -84,8 +84,9 @@ def _new_run_id(name: str) -> str:
 def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike | None = None,
         db: str | None = None, run_id: str | None = None, num_records: int | None = None,
         progress: Callable[[dict], None] | None = None, on_created: Callable[[str], None] | None = None,
-        trace: bool = False) -> RunResult:
-    """Validate ``config``, create the run and run it to the end (or until a signal)."""
+        trace: bool = False, start: bool = True) -> RunResult:
+    """Validate ``config``, create the run and run it to the end (or until a signal).
+    With ``start=False`` the run is only created (status ``interrupted``): workers start it."""
     cfg = config if isinstance(config, PipelineConfig) else load_config(config)
     if num_records is not None:
         cfg = cfg.with_num_records(num_records)
@@ -103,6 +104,9 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
         (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
         if on_created is not None:
             on_created(rid)
+        if not start:
+            store.set_run_status(rid, "interrupted")
+            return RunResult(rid, "created")
         return _execute(store, rid, cfg, home_path, progress=progress, trace=trace)
     finally:
         store.close()
@@ -238,9 +242,7 @@ def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -
 
 
 def _dataset_table(store: Store, run_id: str, home: Path) -> tuple[pa.Table, bool]:
-    info = store.get_run(run_id)
-    cfg = config_from_json(info.config)
-    columns = build_graph(cfg).columns
+    columns = list(store.column_counts(run_id))  # config order; raises RunNotFoundError
     groups = store.row_groups(run_id)
     tables = []
     for g in groups:

@@ -95,9 +95,11 @@ def main() -> None:
 @click.option("--run-id", default=None, help="Name of the run (default: <name>-<date>-<random>).")
 @click.option("--num-records", type=click.IntRange(min=1), default=None, help="Override num_records.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--create-only", is_flag=True, help="Create the run and exit; start it with `pipeline worker`.")
 @state_options
 @handle_errors
-def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, home: str, db: str) -> None:
+def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, create_only: bool,
+        home: str, db: str) -> None:
     """Validate CONFIG, create a run and run it to the end.
 
     Prints `run_id: <id>` as the first line of stdout."""
@@ -105,8 +107,12 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, h
         click.echo(f"run_id: {rid}")
         sys.stdout.flush()
 
-    _finish(api.run(config, home=home, db=db, run_id=run_id, num_records=num_records, on_created=created,
-                    progress=None if quiet else Progress()))
+    result = api.run(config, home=home, db=db, run_id=run_id, num_records=num_records, on_created=created,
+                     progress=None if quiet else Progress(), start=not create_only)
+    if result.status == "created":
+        click.echo(f"created run {result.run_id}; start it with `pipeline worker {result.run_id}`", err=True)
+        return
+    _finish(result)
 
 
 @main.command()

@@ -1,0 +1,115 @@
+"""Shared fixtures: the real CLI in a subprocess, a home folder, a pipeline that logs its calls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_URL = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
+
+
+def cli_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, home: Path | None = None, db: str | None = None, check: bool = False, timeout: float = 120,
+        env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `pipeline ARGS` (the real command line) and wait for it."""
+    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+    if home is not None:
+        cmd += ["--home", str(home)]
+    if db is not None:
+        cmd += ["--db", db]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def cli_popen(*args: str, home: Path | None = None, db: str | None = None, env: dict | None = None,
+              **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+    if home is not None:
+        cmd += ["--home", str(home)]
+    if db is not None:
+        cmd += ["--db", db]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or cli_env(), **kw)
+
+
+LOGGED_FNS = '''
+import asyncio, os
+
+def _log(col, key):
+    fd = os.open(os.environ["PIPELINE_TEST_CALLS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{col},{key}\\n".encode())
+    finally:
+        os.close(fd)
+
+
+async def upper(row):
+    await asyncio.sleep(float(os.environ.get("PIPELINE_TEST_SLEEP", "0.004")))
+    _log("up", row["id"])
+    return row["word"].upper() + "-" + row["id"][:4]
+
+
+async def length(row):
+    await asyncio.sleep(float(os.environ.get("PIPELINE_TEST_SLEEP", "0.004")))
+    _log("len", row["id"])
+    return len(row["up"]) + row["n"]
+
+
+def both(row):
+    _log("both", row["id"])
+    return {"left": row["n"] * 2, "right": str(row["n"])}
+
+
+def total(df):
+    _log("total", df.index[0])
+    return (df["len"] + df["left"]).tolist()
+'''
+
+
+def logged_pipeline(folder: Path, *, records: int = 300, rg: int = 50, in_flight: int = 32,
+                    extra_settings: str = "") -> Path:
+    """A deterministic pipeline whose python columns log every call to $PIPELINE_TEST_CALLS."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "logged_fns.py").write_text(LOGGED_FNS)
+    (folder / "cfg.yaml").write_text(textwrap.dedent(f"""\
+        name: logged
+        num_records: {records}
+        row_group_size: {rg}
+        seed: 11
+        settings: {{max_in_flight_tasks: {in_flight}, max_concurrent_row_groups: 3{extra_settings}}}
+        columns:
+          - {{name: id, type: sampler, sampler: uuid}}
+          - {{name: n, type: sampler, sampler: integer, params: {{low: 0, high: 100}}}}
+          - {{name: word, type: sampler, sampler: category, params: {{values: [ant, bee, cat, dog]}}}}
+          - {{name: up, type: python, function: "logged_fns:upper", requires: [word, id]}}
+          - {{name: len, type: python, function: "logged_fns:length", requires: [up, n, id]}}
+          - {{name: pair, type: python, function: "logged_fns:both", requires: [n, id], outputs: [left, right]}}
+          - {{name: total, type: python, function: "logged_fns:total", mode: batch, requires: [len, left]}}
+          - {{name: label, type: expression, expr: "{{{{ word }}}}:{{{{ total }}}}"}}
+        """))
+    return folder / "cfg.yaml"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def read_calls(path: Path) -> list[tuple[str, str]]:
+    if not path.exists():
+        return []
+    return [tuple(line.split(",", 1)) for line in path.read_text().splitlines() if line]
