@@ -1,0 +1,587 @@
+"""The config file (CONTRACT section 3): pydantic models, validation, fingerprint.
+
+A config is refused as a whole before anything is created. :func:`load_config` and
+:func:`config_from_json` run the same checks and raise :class:`~pipeline.errors.ConfigError`
+naming the file, the column and the fix; pydantic's own messages never reach the user
+untranslated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import templates
+from pipeline.errors import ConfigError
+from pipeline.generators.python import import_callable, is_generator_class, module_source_file
+from pipeline.generators.samplers import SAMPLER_PARAMS
+from pipeline.generators.seed_dataset import file_digest, read_seed_file, resolve_seed_path
+
+__all__ = [
+    "Column",
+    "ExpressionColumn",
+    "LlmJudgeColumn",
+    "LlmStructuredColumn",
+    "LlmTextColumn",
+    "ModelConfig",
+    "PipelineConfig",
+    "PythonColumn",
+    "SamplerColumn",
+    "SeedDatasetColumn",
+    "Settings",
+    "config_from_json",
+    "load_config",
+]
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+FUNCTION_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+
+
+class _Strict(BaseModel):
+    # strict: a quoted "100" or a `yes` where a number belongs is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Settings(_Strict):
+    max_concurrent_row_groups: int = Field(3, gt=0)
+    max_in_flight_tasks: int = Field(256, gt=0)
+    salvage_max_rounds: int = Field(2, ge=0)
+    retry_backoff_s: float = Field(0.5, ge=0)
+    shutdown_error_rate: float = Field(0.5, gt=0, le=1)
+    shutdown_error_window: int = Field(100, gt=0)
+    lease_s: float = Field(30.0, gt=0)
+
+
+class ModelConfig(_Strict):
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    max_parallel_requests: int = Field(16, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+# Columns.
+
+
+def _check_template(text: str | None) -> str | None:
+    if text is not None and (problem := templates.syntax_problem(text)):
+        raise ValueError(problem)
+    return text
+
+
+class _ColumnBase(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    requires: list[str] = Field(default_factory=list)
+
+    def _templates(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The output columns this entry fills, in column order."""
+        return (self.name,)
+
+    @property
+    def dependencies(self) -> tuple[str, ...]:
+        """The columns this entry reads: template variables plus ``requires``, sorted, unique.
+        May contain the entry's own name."""
+        names = set(self.requires)
+        for text in self._templates():
+            names |= templates.referenced_names(text)
+        return tuple(sorted(names))
+
+    @property
+    def strategy(self) -> Literal["cell", "batch"]:
+        return "cell"
+
+    @property
+    def stateful(self) -> bool:
+        return False
+
+
+class SamplerColumn(_ColumnBase):
+    type: Literal["sampler"]
+    sampler: Literal["category", "integer", "uniform", "gaussian", "bernoulli", "uuid", "datetime"]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_params(self):
+        model = SAMPLER_PARAMS[self.sampler]
+        try:
+            parsed = model.model_validate(self.params)
+        except ValidationError as exc:
+            problems = [_describe(err, model, tuple(err["loc"]), ("params",)) for err in exc.errors()]
+            raise ValueError(f"{self.sampler} sampler: " + "; ".join(problems)) from None
+        self.params = parsed.model_dump(mode="json", exclude_none=True)
+        return self
+
+    @property
+    def strategy(self) -> Literal["batch"]:
+        return "batch"
+
+
+class ExpressionColumn(_ColumnBase):
+    type: Literal["expression"]
+    expr: str
+    dtype: Literal["str", "int", "float", "bool", "json"] = "str"
+
+    @field_validator("expr")
+    @classmethod
+    def _expr_parses(cls, text: str) -> str:
+        return _check_template(text)
+
+    def _templates(self) -> tuple[str, ...]:
+        return (self.expr,)
+
+
+class PythonColumn(_ColumnBase):
+    type: Literal["python"]
+    function: str = Field(pattern=FUNCTION_PATTERN)
+    mode: Literal["cell", "batch"] = "cell"
+    # `outputs` in the file; the attribute name is taken by the property every column has.
+    output_names: list[Annotated[str, Field(pattern=NAME_PATTERN)]] | None = Field(
+        None, alias="outputs", min_length=1
+    )
+    stateful_: bool = Field(False, alias="stateful")
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(self.output_names) if self.output_names else (self.name,)
+
+    @property
+    def strategy(self) -> Literal["cell", "batch"]:
+        return self.mode
+
+    @property
+    def stateful(self) -> bool:
+        return self.stateful_
+
+
+class SeedDatasetColumn(_ColumnBase):
+    type: Literal["seed_dataset"]
+    path: str = Field(min_length=1)
+    columns: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    order: Literal["sequential", "shuffle"] = "sequential"
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(self.columns)
+
+    @property
+    def strategy(self) -> Literal["batch"]:
+        return "batch"
+
+
+class _LlmColumn(_ColumnBase):
+    prompt: str
+    system_prompt: str | None = None
+    model: str
+    temperature: float | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, gt=0)
+
+    @field_validator("prompt", "system_prompt")
+    @classmethod
+    def _prompts_parse(cls, text: str | None) -> str | None:
+        return _check_template(text)
+
+    def _templates(self) -> tuple[str, ...]:
+        return (self.prompt,) if self.system_prompt is None else (self.prompt, self.system_prompt)
+
+
+class LlmTextColumn(_LlmColumn):
+    type: Literal["llm_text"]
+
+
+class LlmStructuredColumn(_LlmColumn):
+    type: Literal["llm_structured"]
+    output_schema: dict[str, Any]
+
+    @field_validator("output_schema")
+    @classmethod
+    def _is_json_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return schema
+
+
+class LlmJudgeColumn(_LlmColumn):
+    type: Literal["llm_judge"]
+    rubric: dict[str, str] = Field(min_length=1)
+
+
+Column = Annotated[
+    Union[
+        SamplerColumn,
+        ExpressionColumn,
+        PythonColumn,
+        SeedDatasetColumn,
+        LlmTextColumn,
+        LlmStructuredColumn,
+        LlmJudgeColumn,
+    ],
+    Field(discriminator="type"),
+]
+
+#: The `type:` of each column model.
+COLUMN_TYPES: dict[str, type[_ColumnBase]] = {
+    cls.model_fields["type"].annotation.__args__[0]: cls
+    for cls in (SamplerColumn, ExpressionColumn, PythonColumn, SeedDatasetColumn,
+                LlmTextColumn, LlmStructuredColumn, LlmJudgeColumn)
+}
+LLM_TYPES = frozenset({"llm_text", "llm_structured", "llm_judge"})
+
+
+class PipelineConfig(_Strict):
+    """A validated config. Build it with :func:`load_config` or :func:`config_from_json`."""
+
+    name: str = Field(pattern=RUN_NAME_PATTERN)
+    num_records: int = Field(gt=0)
+    row_group_size: int = Field(1000, gt=0)
+    seed: int = 0
+    settings: Settings = Field(default_factory=Settings)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    columns: list[Column] = Field(min_length=1)
+    #: Not from the file: its folder, against which python modules and seed paths resolve.
+    base_dir: Path = Field(default_factory=Path.cwd, strict=False)
+    #: Not from the file: its path, for messages.
+    source: str | None = None
+
+    def output_columns(self) -> list[str]:
+        """Every output column, in config order (multi-output entries expanded in place)."""
+        return [out for column in self.columns for out in column.outputs]
+
+    def used_models(self) -> dict[str, list[str]]:
+        """Model alias -> the columns that use it, in config order."""
+        used: dict[str, list[str]] = {}
+        for column in self.columns:
+            if column.type in LLM_TYPES:
+                used.setdefault(column.model, []).append(column.name)
+        return used
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides the values: seed, row group size, columns, the
+        models' endpoints and names, the seed files' and python modules' contents. Not
+        num_records, not settings, never a secret."""
+        files: dict[str, str | None] = {}
+        for column in self.columns:
+            if column.type == "seed_dataset":
+                path = resolve_seed_path(column.path, self.base_dir)
+                files[column.name] = file_digest(path) if path.is_file() else None
+            elif column.type == "python":
+                source = module_source_file(column.function, self.base_dir)
+                files[column.name] = file_digest(source) if source else None
+        facts = {
+            "seed": self.seed,
+            "row_group_size": self.row_group_size,
+            "columns": [c.model_dump(mode="json", by_alias=True) for c in self.columns],
+            # Only the models in use: an unused alias does not change a value.
+            "models": {
+                alias: {"base_url": self.models[alias].base_url, "model": self.models[alias].model}
+                for alias in sorted(self.used_models())
+                if alias in self.models
+            },
+            "files": files,
+        }
+        canonical = json.dumps(facts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_json(self) -> str:
+        """Everything needed to rebuild this config without its file (see config_from_json)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        data["base_dir"] = str(Path(self.base_dir).resolve())
+        return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+    def with_num_records(self, n: int) -> PipelineConfig:
+        """A copy producing ``n`` records."""
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"num_records must be a whole number > 0, not {n!r}", path=self.source)
+        return self.model_copy(update={"num_records": n}, deep=True)
+
+
+# Loading and validation.
+
+
+def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
+    """Read, validate and return the config at ``path``; raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file; check the path", path=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file: {exc}", path=path) from None
+    raw = _parse_yaml(text, path)
+    for key in ("base_dir", "source"):
+        if key in raw:
+            raise ConfigError(f"unknown key '{key}'; remove it (it is set from the file's location)", path=path)
+    return _build(raw, base_dir=path.resolve().parent, source=str(path))
+
+
+def config_from_json(text: str) -> PipelineConfig:
+    """The config :meth:`PipelineConfig.to_json` wrote, validated again from scratch."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the stored config is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("the stored config is not a JSON object")
+    source = raw.pop("source", None)
+    base_dir = raw.pop("base_dir", None) or os.getcwd()
+    return _build(raw, base_dir=Path(base_dir), source=source)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"YAML syntax error{where}: {problem}; fix the YAML", path=path) from None
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(
+            f"the top of the file must be a mapping (name:, num_records:, columns:, ...), not {got}", path=path
+        )
+    return raw
+
+
+def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None) -> PipelineConfig:
+    where = source or "<stored config>"
+    try:
+        config = PipelineConfig.model_validate({**raw, "base_dir": base_dir, "source": source})
+    except ValidationError as exc:
+        raise _translate(exc, raw, where) from None
+    _check_names(config, where)
+    _check_models(config, where)
+    for column in config.columns:
+        if column.type == "python":
+            _check_python(column, config, where)
+        elif column.type == "seed_dataset":
+            _check_seed(column, config, where)
+    _check_graph(config, where)
+    return config
+
+
+def _check_names(config: PipelineConfig, where: str) -> None:
+    owner: dict[str, int] = {}
+    for i, column in enumerate(config.columns):
+        for out in column.outputs:
+            if out in owner:
+                if owner[out] == i:
+                    problem = f"lists the output column '{out}' twice; list it once"
+                else:
+                    first = config.columns[owner[out]].name
+                    by = "an earlier column" if first == column.name else f"column '{first}'"
+                    problem = f"the column name '{out}' is already taken by {by}; give every column its own name"
+                raise ConfigError(problem, path=where, column=column.name)
+            owner[out] = i
+    entries: set[str] = set()
+    for i, column in enumerate(config.columns):
+        # An entry name keys its generator, and may not stand for another entry's output.
+        if column.name in entries or owner.get(column.name, i) != i:
+            raise ConfigError(
+                f"the name '{column.name}' is already taken by another column; give every column its own name",
+                path=where, column=column.name,
+            )
+        entries.add(column.name)
+
+
+def _check_models(config: PipelineConfig, where: str) -> None:
+    for alias, users in config.used_models().items():
+        if alias not in config.models:
+            defined = ", ".join(sorted(config.models)) or "none"
+            raise ConfigError(
+                f"model '{alias}' is not defined under 'models:' (defined: {defined}); "
+                "add it there or fix the alias",
+                path=where, column=users[0],
+            )
+        env = config.models[alias].api_key_env
+        if env and not os.environ.get(env):
+            raise ConfigError(
+                f"model '{alias}' takes its API key from the environment variable {env}, which is not "
+                f"set; export {env}=<your key> before running (keys never go in the file)",
+                path=where, column=users[0],
+            )
+
+
+def _check_python(column: PythonColumn, config: PipelineConfig, where: str) -> None:
+    try:
+        target = import_callable(column.function, config.base_dir)
+    except ImportError as exc:
+        raise ConfigError(str(exc), path=where, column=column.name) from None
+    if not is_generator_class(target):
+        return
+    strategy = getattr(target, "strategy", None)
+    if strategy not in ("cell", "batch"):
+        raise ConfigError(
+            f"{target.__qualname__}.strategy is {strategy!r}; set it to 'cell' or 'batch'",
+            path=where, column=column.name,
+        )
+    if "mode" in column.model_fields_set and column.mode != strategy:
+        raise ConfigError(
+            f"mode is '{column.mode}' but {target.__qualname__} is a '{strategy}' Generator; "
+            f"remove 'mode' or set it to '{strategy}'",
+            path=where, column=column.name,
+        )
+    # Fold the class's own declarations into the column, so the graph, the engine and a stored
+    # copy of the config all see what the generator will do.
+    column.mode = strategy
+    column.stateful_ = column.stateful_ or bool(getattr(target, "is_stateful", False))
+
+
+def _check_seed(column: SeedDatasetColumn, config: PipelineConfig, where: str) -> None:
+    try:
+        read_seed_file(resolve_seed_path(column.path, config.base_dir), column.columns)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc), path=where, column=column.name) from None
+
+
+def _check_graph(config: PipelineConfig, where: str) -> None:
+    try:
+        from pipeline.graph import build_graph
+    except ModuleNotFoundError as exc:
+        if exc.name != "pipeline.graph":
+            raise
+        return  # the graph module is not there yet: unknown dependencies and cycles go unchecked
+    try:
+        build_graph(config)
+    except ConfigError as exc:
+        if exc.path is not None:
+            raise
+        message = str(exc)
+        prefix = f"column '{exc.column}': "
+        if exc.column is not None and message.startswith(prefix):
+            message = message[len(prefix):]
+        raise ConfigError(message, path=where, column=exc.column) from None
+
+
+# pydantic's errors, translated.
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        if hasattr(tp, "__metadata__"):  # Annotated[...]
+            tp = tp.__origin__
+            continue
+        args = [a for a in getattr(tp, "__args__", ()) if a is not type(None)]
+        if getattr(tp, "__origin__", None) is Union or type(tp).__name__ == "UnionType":
+            if len(args) == 1:
+                tp = args[0]
+                continue
+        return tp
+
+
+def _type_at(root: Any, loc: tuple[Any, ...]) -> Any:
+    tp = root
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            tp = next(
+                (f.annotation for n, f in tp.model_fields.items() if part in (n, f.alias)), None
+            )
+        elif getattr(tp, "__origin__", None) in (list, tuple) and isinstance(part, int):
+            tp = tp.__args__[0]
+        elif getattr(tp, "__origin__", None) is dict:
+            tp = tp.__args__[1]
+        else:
+            return None
+    return _unwrap(tp)
+
+
+def _allowed_keys(root: Any, loc: tuple[Any, ...]) -> list[str]:
+    tp = _type_at(root, loc)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [f.alias or n for n, f in tp.model_fields.items() if n not in ("base_dir", "source")]
+    return []
+
+
+_PATTERN_HINTS = {
+    NAME_PATTERN: "use letters, digits and _ only, not starting with a digit",
+    RUN_NAME_PATTERN: "use letters, digits, '.', '_' and '-', starting with a letter or digit",
+    FUNCTION_PATTERN: "write it as 'module:callable', e.g. 'mymodule:count_words'",
+}
+
+
+def _describe(err: dict[str, Any], root: Any, loc: tuple[Any, ...], prefix: tuple[Any, ...] = ()) -> str:
+    """One pydantic error as a sentence with the fix. ``loc`` is relative to ``root``; ``prefix``
+    only shows in the message."""
+    kind, msg = err["type"], err["msg"]
+    field = ".".join(str(p) for p in prefix + loc)
+    if kind == "missing":
+        return f"missing required key '{field}'; add it"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key '{field}'{hint}; remove it or fix its spelling"
+    if kind == "union_tag_invalid":
+        return f"unknown column type '{err['ctx']['tag']}'; use one of: {', '.join(COLUMN_TYPES)}"
+    if kind == "union_tag_not_found":
+        return f"missing required key 'type'; set it to one of: {', '.join(COLUMN_TYPES)}"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    elif kind == "string_pattern_mismatch":
+        msg = _PATTERN_HINTS.get(err.get("ctx", {}).get("pattern"), msg)
+    got = err.get("input")
+    if kind != "value_error" and not isinstance(got, (dict, list)) and loc:
+        msg = f"{msg} (got {got!r})"
+    return f"{field}: {msg}" if field else msg
+
+
+def _translate(exc: ValidationError, raw: dict[str, Any], where: str) -> ConfigError:
+    problems: list[tuple[str | None, str]] = []
+    entries = raw.get("columns") if isinstance(raw.get("columns"), list) else []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if len(loc) >= 2 and loc[0] == "columns" and isinstance(loc[1], int) and loc[1] < len(entries):
+            entry = entries[loc[1]]
+            entry = entry if isinstance(entry, dict) else {}
+            name = entry.get("name")
+            label = name if isinstance(name, str) and name else f"#{loc[1] + 1}"
+            cls = COLUMN_TYPES.get(entry.get("type")) if isinstance(entry.get("type"), str) else None
+            rest = loc[2:]
+            if cls is not None and rest[:1] == (entry["type"],):
+                rest = rest[1:]
+            if err["type"] == "model_attributes_type":
+                problems.append((label, "a column must be a mapping with name:, type: and its keys"))
+            else:
+                problems.append((label, _describe(err, cls, rest)))
+        else:
+            problems.append((None, _describe(err, PipelineConfig, loc)))
+    if len(problems) == 1:
+        column, text = problems[0]
+        return ConfigError(text, path=where, column=column)
+    columns = {c for c, _ in problems}
+    lines = [f"column '{c}': {t}" if c is not None else t for c, t in problems]
+    only = columns.pop() if len(columns) == 1 else None
+    if only is not None:
+        lines = [t for _, t in problems]
+    return ConfigError(
+        f"{len(problems)} problems:\n  " + "\n  ".join(lines), path=where, column=only
+    )

@@ -1,0 +1,57 @@
+"""Generators: the built-in column types, and the factory that builds them from a config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.errors import ConfigError
+from pipeline.generators.base import Generator
+from pipeline.generators.expression import ExpressionGenerator
+from pipeline.generators.python import make_python_generator
+from pipeline.generators.samplers import SamplerGenerator
+from pipeline.generators.seed_dataset import SeedDatasetGenerator
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+
+__all__ = [
+    "ExpressionGenerator",
+    "Generator",
+    "SamplerGenerator",
+    "SeedDatasetGenerator",
+    "build_generators",
+    "make_python_generator",
+]
+
+
+def build_generators(config: PipelineConfig) -> dict[str, Generator]:
+    """One generator per config entry, keyed by the entry's name, in config order.
+
+    Each has ``outputs`` set to the entry's output columns. Python modules are imported and seed
+    files read here, so call it once per process and share the result.
+    """
+    generators: dict[str, Generator] = {}
+    for column in config.columns:
+        kind = column.type
+        if kind == "sampler":
+            generator: Generator = SamplerGenerator(column, config)
+        elif kind == "expression":
+            generator = ExpressionGenerator(column)
+        elif kind == "python":
+            generator = make_python_generator(column, config)
+        elif kind == "seed_dataset":
+            generator = SeedDatasetGenerator(column, config)
+        elif kind.startswith("llm_"):
+            try:
+                from pipeline.generators.llm import make_llm_generator
+            except ImportError as exc:
+                raise ConfigError(
+                    f"llm columns are not available in this installation ({exc})",
+                    path=config.source, column=column.name,
+                ) from exc
+            generator = make_llm_generator(column, config)
+        else:  # config validation makes this unreachable
+            raise ConfigError(f"unknown column type '{kind}'", path=config.source, column=column.name)
+        generator.outputs = tuple(column.outputs)
+        generators[column.name] = generator
+    return generators

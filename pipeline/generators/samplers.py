@@ -1,0 +1,279 @@
+"""``sampler`` columns: random values that are a pure function of (seed, column, record index).
+
+No random number generator object carries state from one record to the next: each value is a
+counter-based hash (splitmix64's finaliser) of the record index mixed with a 64-bit key derived
+from the config seed and the column name. So a record gets the same value whichever row group,
+worker, process or resume produces it, and a whole row group is a handful of numpy operations.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.generators.base import Generator
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig, SamplerColumn
+
+__all__ = ["SAMPLER_PARAMS", "SamplerGenerator", "derive_keys", "hash64", "unit_floats"]
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_TWO_POW_M53 = 2.0**-53
+_INT64 = (-(2**63), 2**63 - 1)
+_JSON_VALUES = (str, int, float, bool, type(None), list, dict)
+
+
+# The parameters of each kind. Config validation checks a column's params against these and
+# keeps the normalised dump, so the draw functions below can trust what they are given.
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+class _CategoryParams(_Params):
+    values: list[Any] = Field(min_length=1)
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        for value in self.values:
+            if not isinstance(value, _JSON_VALUES):
+                raise ValueError(f"values: {value!r} is a {type(value).__name__}; quote it to make it text")
+        if self.weights is not None:
+            if len(self.weights) != len(self.values):
+                raise ValueError(
+                    f"weights has {len(self.weights)} entries but values has {len(self.values)}; give one weight per value"
+                )
+            if any(not math.isfinite(w) or w < 0 for w in self.weights):
+                raise ValueError("weights must be finite numbers >= 0")
+            if sum(self.weights) <= 0:
+                raise ValueError("weights must not all be 0")
+        return self
+
+
+class _IntegerParams(_Params):
+    low: int = Field(ge=_INT64[0], le=_INT64[1])
+    high: int = Field(ge=_INT64[0], le=_INT64[1])
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high}); both are inclusive")
+        return self
+
+
+class _UniformParams(_Params):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _check(self):
+        _finite(self.low), _finite(self.high)
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        return self
+
+
+class _GaussianParams(_Params):
+    mean: float
+    stddev: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        _finite(self.mean), _finite(self.stddev)
+        return self
+
+
+class _BernoulliParams(_Params):
+    p: float = Field(ge=0, le=1)
+
+
+class _UuidParams(_Params):
+    pass
+
+
+def _as_datetime(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, dt.date):
+        return dt.datetime(value.year, value.month, value.day)
+    if isinstance(value, str):
+        try:
+            return dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO date or datetime (e.g. 2024-01-31 or 2024-01-31T12:00:00)") from None
+    raise ValueError(f"{value!r} is not a date; write an ISO date such as 2024-01-31")
+
+
+class _DatetimeParams(_Params):
+    start: Any
+    end: Any
+
+    @model_validator(mode="after")
+    def _check(self):
+        start, end = _as_datetime(self.start), _as_datetime(self.end)
+        if (start.tzinfo is None) != (end.tzinfo is None):
+            raise ValueError("start and end must both have a time zone, or both have none")
+        if not start < end:
+            raise ValueError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
+        # One canonical form, so the fingerprint and to_json do not depend on how YAML typed it.
+        self.start, self.end = start.isoformat(), end.isoformat()
+        return self
+
+
+SAMPLER_PARAMS: dict[str, type[BaseModel]] = {
+    "category": _CategoryParams,
+    "integer": _IntegerParams,
+    "uniform": _UniformParams,
+    "gaussian": _GaussianParams,
+    "bernoulli": _BernoulliParams,
+    "uuid": _UuidParams,
+    "datetime": _DatetimeParams,
+}
+
+
+def derive_keys(seed: int, name: str) -> tuple[np.uint64, ...]:
+    """Four independent 64-bit keys for (seed, name), one per stream a sampler may need."""
+    digest = hashlib.sha256(f"pipeline/v1\x00{seed}\x00{name}".encode()).digest()
+    return tuple(np.uint64(int.from_bytes(digest[i : i + 8], "little")) for i in range(0, 32, 8))
+
+
+def hash64(index: np.ndarray, key: np.uint64) -> np.ndarray:
+    """splitmix64 of the counter ``index`` in the stream ``key``: uniform uint64 per element."""
+    # uint64 arithmetic wraps by design; only numpy scalars (never used here) would warn.
+    z = index.astype(np.uint64, copy=False) * _GAMMA + key
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+def unit_floats(index: np.ndarray, key: np.uint64) -> np.ndarray:
+    """Uniform floats in [0, 1), 53 random bits each."""
+    return (hash64(index, key) >> _S11).astype(np.float64) * _TWO_POW_M53
+
+
+def _uuid4_strings(hi: np.ndarray, lo: np.ndarray) -> list[str]:
+    hi = (hi & np.uint64(0xFFFFFFFFFFFF0FFF)) | np.uint64(0x4000)  # version 4
+    lo = (lo & np.uint64(0x3FFFFFFFFFFFFFFF)) | np.uint64(0x8000000000000000)  # RFC 4122 variant
+    text = np.stack([hi, lo], axis=1).astype(">u8").tobytes().hex()
+    return [
+        f"{text[i:i + 8]}-{text[i + 8:i + 12]}-{text[i + 12:i + 16]}-{text[i + 16:i + 20]}-{text[i + 20:i + 32]}"
+        for i in range(0, len(text), 32)
+    ]
+
+
+def _category(index, keys, params):
+    values = params["values"]
+    weights = params.get("weights")
+    if weights is None:
+        picks = (unit_floats(index, keys[0]) * len(values)).astype(np.int64)
+    else:
+        cumulative = np.cumsum(np.asarray(weights, dtype=np.float64))
+        draws = unit_floats(index, keys[0]) * cumulative[-1]
+        picks = np.searchsorted(cumulative, draws, side="right")
+    # Rounding can land exactly on the upper edge; the last choice takes it.
+    picks = np.minimum(picks, len(values) - 1)
+    if all(type(v) is str for v in values):
+        return np.asarray(values, dtype=object)[picks]
+    return [values[i] for i in picks.tolist()]
+
+
+def _integer(index, keys, params):
+    low, high = params["low"], params["high"]
+    span = high - low + 1
+    h = hash64(index, keys[0])
+    # The modulo bias is at most span / 2**64: invisible for any span one would sample from.
+    offset = h if span >= 2**64 else h % np.uint64(span)
+    # Adding in uint64 and reinterpreting is exact over the whole int64 range, no overflow.
+    return (offset + np.uint64(low % 2**64)).view(np.int64)
+
+
+def _uniform(index, keys, params):
+    low, high = params["low"], params["high"]
+    return low + unit_floats(index, keys[0]) * (high - low)
+
+
+def _gaussian(index, keys, params):
+    # Box-Muller on two independent streams; 1 - u lies in (0, 1], so the log is finite.
+    radius = np.sqrt(-2.0 * np.log1p(-unit_floats(index, keys[0])))
+    angle = (2.0 * math.pi) * unit_floats(index, keys[1])
+    return params["mean"] + params["stddev"] * radius * np.cos(angle)
+
+
+def _bernoulli(index, keys, params):
+    return unit_floats(index, keys[0]) < params["p"]
+
+
+def _uuid(index, keys, params):
+    return _uuid4_strings(hash64(index, keys[0]), hash64(index, keys[1]))
+
+
+def _datetime(index, keys, params):
+    start = dt.datetime.fromisoformat(params["start"])
+    end = dt.datetime.fromisoformat(params["end"])
+    span_s = int((end - start).total_seconds())
+    seconds = (unit_floats(index, keys[0]) * span_s).astype(np.int64)
+    if start.tzinfo is None:
+        base = np.datetime64(start.replace(microsecond=0), "s") + np.timedelta64(start.microsecond, "us")
+        return (base + seconds.astype("timedelta64[s]")).astype(object).tolist()
+    return [start + dt.timedelta(seconds=s) for s in seconds.tolist()]
+
+
+_DRAW = {
+    "category": _category,
+    "integer": _integer,
+    "uniform": _uniform,
+    "gaussian": _gaussian,
+    "bernoulli": _bernoulli,
+    "uuid": _uuid,
+    "datetime": _datetime,
+}
+
+
+class SamplerGenerator(Generator):
+    """Root batch generator of one sampler column.
+
+    ``generate(df)`` reads only ``df.index`` (the global record indexes) and returns one value per
+    index: a numpy array of plain dtype (int64, float64, bool, object of str) or a list of Python
+    values (datetimes, mixed category values).
+    """
+
+    strategy = "batch"
+
+    def __init__(self, column: SamplerColumn, config: PipelineConfig):
+        self.name = column.name
+        self.outputs = column.outputs
+        self.kind = column.sampler
+        self.params = dict(column.params)
+        self._keys = derive_keys(config.seed, column.name)
+        self._draw = _DRAW[column.sampler]
+
+    def values_for(self, index: Any) -> Any:
+        """The values of the records ``index`` (any integer sequence)."""
+        return self._draw(np.asarray(index, dtype=np.uint64), self._keys, self.params)
+
+    def generate(self, data: Any) -> Any:
+        return self.values_for(data.index.to_numpy(dtype=np.uint64))
+
+    async def agenerate(self, data: Any) -> Any:
+        # Microseconds of numpy work: a thread hop would cost more than the values.
+        return self.generate(data)
+
+    def __repr__(self) -> str:
+        return f"SamplerGenerator({self.name!r}, {self.kind})"
