@@ -1,0 +1,105 @@
+"""The LLM layer: an OpenAI-compatible client, its error mapping, and per-model AIMD limits.
+
+One :class:`LlmRuntime` per loaded config and process holds what must be shared by every
+``llm_*`` column of that config: one pooled HTTP client, and one :class:`AdaptiveLimit` per
+model alias (two columns on the same model compete for the same server capacity, so they must
+see the same 429s and share one limit). :func:`get_runtime` returns it, creating it on first use.
+
+The engine closes the pools when its event loop is done with them::
+
+    await pipeline.llm.aclose_runtimes()
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Mapping
+
+from pipeline.llm.client import (
+    Completion,
+    LlmClient,
+    ModelEndpoint,
+    ModelOutputError,
+    ModelRequestError,
+    parse_retry_after,
+)
+from pipeline.llm.throttle import AdaptiveLimit
+
+__all__ = [
+    "AdaptiveLimit",
+    "Completion",
+    "LlmClient",
+    "LlmRuntime",
+    "ModelEndpoint",
+    "ModelOutputError",
+    "ModelRequestError",
+    "aclose_runtimes",
+    "get_runtime",
+    "parse_retry_after",
+]
+
+
+class LlmRuntime:
+    """The shared client and the per-alias limits of one config's ``models``."""
+
+    def __init__(self, models: Mapping[str, Any] | None) -> None:
+        self.endpoints: dict[str, ModelEndpoint] = {
+            alias: ModelEndpoint.from_config(alias, model) for alias, model in (models or {}).items()
+        }
+        self.limits: dict[str, AdaptiveLimit] = {
+            alias: AdaptiveLimit(max(1, endpoint.max_parallel_requests)) for alias, endpoint in self.endpoints.items()
+        }
+        # Every permit can hold a connection; more would only sit idle.
+        pool = sum(limit.max_limit for limit in self.limits.values())
+        self.client = LlmClient(max_connections=max(1, pool))
+
+    def __repr__(self) -> str:
+        return f"LlmRuntime(models={sorted(self.endpoints)})"
+
+    def endpoint(self, alias: str) -> ModelEndpoint:
+        return self.endpoints[alias]
+
+    def limit(self, alias: str) -> AdaptiveLimit:
+        return self.limits[alias]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """``{alias: AdaptiveLimit.stats()}``."""
+        return {alias: limit.stats() for alias, limit in self.limits.items()}
+
+    async def aclose(self) -> None:
+        """Close the HTTP pool (the runtime stays usable; limits keep what they learned)."""
+        await self.client.aclose()
+
+
+# id(config) -> (reference to the config, its runtime). The reference is weak when the config
+# allows it (pydantic models do), so a dropped config takes its runtime with it; the identity
+# check guards against a recycled id.
+_RUNTIMES: dict[int, tuple[Any, LlmRuntime]] = {}
+
+
+def get_runtime(config: Any) -> LlmRuntime:
+    """The runtime of ``config`` (anything with a ``models`` mapping), one per process."""
+    key = id(config)
+    entry = _RUNTIMES.get(key)
+    if entry is not None:
+        ref, runtime = entry
+        held = ref() if isinstance(ref, weakref.ref) else ref
+        if held is config:
+            return runtime
+    runtime = LlmRuntime(getattr(config, "models", None))
+    def forget(dead: weakref.ref) -> None:
+        if _RUNTIMES.get(key, (None,))[0] is dead:
+            del _RUNTIMES[key]
+
+    try:
+        ref = weakref.ref(config, forget)
+    except TypeError:
+        ref = config
+    _RUNTIMES[key] = (ref, runtime)
+    return runtime
+
+
+async def aclose_runtimes() -> None:
+    """Close the HTTP pools of every runtime (call from the loop that used them)."""
+    for _, runtime in list(_RUNTIMES.values()):
+        await runtime.aclose()

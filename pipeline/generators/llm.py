@@ -1,0 +1,235 @@
+"""The ``llm_text``, ``llm_structured`` and ``llm_judge`` generators: one chat completion per cell.
+
+Each generator renders its Jinja2 prompts with the record's values, asks its model through the
+config's shared :class:`~pipeline.llm.LlmRuntime`, and returns:
+
+- ``llm_text``: the answer's text;
+- ``llm_structured``: the parsed JSON object, valid against ``output_schema``;
+- ``llm_judge``: ``{criterion: {"score": number, "reasoning": text}}`` for every rubric criterion.
+
+Structured answers are requested with ``response_format`` (json_schema, strict). An answer that
+does not parse or validate is re-asked, quoting the problem, at most ``REASKS`` more times in
+the same task; then the cell fails for good with :class:`~pipeline.llm.ModelOutputError` (the
+model has had its chances; a deferred retry would most likely repeat them).
+
+Concurrency is not limited here: the engine takes a permit from ``generator.limit`` (shared by
+every column on the same model alias) before running a task and gives it back after, with
+``rate_limited=isinstance(exc, ModelRateLimitError)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any, Mapping
+
+import jsonschema
+import jsonschema.exceptions
+
+from pipeline.errors import ConfigError
+from pipeline.generators.base import Generator
+from pipeline.llm import LlmClient, LlmRuntime, ModelOutputError, get_runtime
+from pipeline.templates import compile_template
+
+__all__ = ["LLM_COLUMN_TYPES", "LlmGenerator", "REASKS", "judge_schema", "make_llm_generator"]
+
+LLM_COLUMN_TYPES = ("llm_text", "llm_structured", "llm_judge")
+
+#: Extra requests after an answer that does not parse or validate.
+REASKS = 2
+
+# The bad answer quoted back in a re-ask is cut to this: enough to see the mistake, not a
+# second copy of a runaway answer.
+_QUOTED_ANSWER_CHARS = 4000
+
+_FENCED = re.compile(r"```[\w+-]*[ \t]*\r?\n?(.*?)```", re.DOTALL)
+
+
+def judge_schema(rubric: Mapping[str, str]) -> dict[str, Any]:
+    """The JSON Schema of a judge's answer: every criterion, each with a score and a reasoning."""
+    verdict = {
+        "type": "object",
+        "properties": {"score": {"type": "number"}, "reasoning": {"type": "string"}},
+        "required": ["score", "reasoning"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {criterion: verdict for criterion in rubric},
+        "required": list(rubric),
+        "additionalProperties": False,
+    }
+
+
+def _judge_instructions(rubric: Mapping[str, str]) -> str:
+    lines = [
+        "",
+        "",
+        "Evaluate the above against each of these criteria:",
+        *(f"- {criterion}: {description}" for criterion, description in rubric.items()),
+        "",
+        'For every criterion give a numeric "score" and a short "reasoning". Answer with only a '
+        'JSON object of the form {"<criterion>": {"score": <number>, "reasoning": "<text>"}} '
+        "whose keys are exactly: " + ", ".join(rubric) + ".",
+    ]
+    return "\n".join(lines)
+
+
+class _InvalidAnswer(Exception):
+    """An answer that does not parse or validate; its message goes back to the model."""
+
+
+class LlmGenerator(Generator):
+    """One ``llm_*`` column. Create it with :func:`make_llm_generator`.
+
+    Public attributes the engine reads: ``limit`` (the model alias's AdaptiveLimit) and
+    ``usage``, running totals of this generator updated on the event loop thread:
+    ``requests`` counts every request sent (re-asks and failures included), ``prompt_tokens``
+    and ``completion_tokens`` what the server reported for the answered ones.
+    """
+
+    strategy = "cell"
+
+    def __init__(self, column: Any, config: Any, *, runtime: LlmRuntime | None = None) -> None:
+        if column.type not in LLM_COLUMN_TYPES:
+            raise ConfigError(f"not an LLM column type: {column.type!r}", column=column.name)
+        self.column_name: str = column.name
+        self.column_type: str = column.type
+        self.outputs = (column.name,)
+        self.runtime = runtime if runtime is not None else get_runtime(config)
+        if column.model not in self.runtime.endpoints:
+            known = ", ".join(sorted(self.runtime.endpoints)) or "none"
+            raise ConfigError(f"unknown model alias '{column.model}' (defined: {known})", column=column.name)
+        self.model_alias: str = column.model
+        self.endpoint = self.runtime.endpoint(column.model)
+        self.limit = self.runtime.limit(column.model)
+        self.usage: dict[str, int] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.temperature = getattr(column, "temperature", None)
+        self.max_tokens = getattr(column, "max_tokens", None)
+
+        self._prompt = compile_template(column.prompt)
+        system_prompt = getattr(column, "system_prompt", None)
+        self._system = compile_template(system_prompt) if system_prompt else None
+        self._suffix = ""
+        self._schema: dict[str, Any] | None = None
+        if column.type == "llm_structured":
+            self._schema = dict(column.output_schema)
+        elif column.type == "llm_judge":
+            rubric = dict(column.rubric)
+            if not rubric:
+                raise ConfigError("llm_judge needs a rubric with at least one criterion", column=column.name)
+            self._schema = judge_schema(rubric)
+            self._suffix = _judge_instructions(rubric)
+        self._validator = None
+        self._response_format = None
+        if self._schema is not None:
+            validator_class = jsonschema.validators.validator_for(self._schema)
+            try:
+                validator_class.check_schema(self._schema)
+            except jsonschema.exceptions.SchemaError as exc:
+                raise ConfigError(f"output_schema is not a valid JSON Schema: {exc.message}", column=column.name) from None
+            self._validator = validator_class(self._schema)
+            self._response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": _schema_name(column.name), "schema": self._schema, "strict": True},
+            }
+
+    def __repr__(self) -> str:
+        return f"LlmGenerator(column={self.column_name!r}, type={self.column_type!r}, model={self.model_alias!r})"
+
+    async def agenerate(self, row: dict) -> Any:
+        """The value of this column for one record."""
+        return await self._run(row, self.runtime.client)
+
+    def generate(self, row: dict) -> Any:
+        # Off the engine's loop there is no shared pool to use: a private one, closed at once.
+        async def once() -> Any:
+            client = LlmClient(max_connections=1)
+            try:
+                return await self._run(row, client)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(once())
+
+    async def _run(self, row: Mapping[str, Any], client: LlmClient) -> Any:
+        messages = []
+        if self._system is not None:
+            messages.append({"role": "system", "content": self._system.render(row)})
+        messages.append({"role": "user", "content": self._prompt.render(row) + self._suffix})
+        if self._schema is None:
+            return await self._ask(client, messages)
+        return await self._ask_json(client, messages)
+
+    async def _ask(self, client: LlmClient, messages: list[dict[str, str]], **extra: Any) -> str:
+        self.usage["requests"] += 1
+        completion = await client.complete(
+            self.endpoint, messages, temperature=self.temperature, max_tokens=self.max_tokens, **extra
+        )
+        self.usage["prompt_tokens"] += completion.prompt_tokens
+        self.usage["completion_tokens"] += completion.completion_tokens
+        return completion.text
+
+    async def _ask_json(self, client: LlmClient, messages: list[dict[str, str]]) -> Any:
+        conversation = messages
+        last_problem = last_text = ""
+        for _ in range(1 + REASKS):
+            text = await self._ask(client, conversation, response_format=self._response_format)
+            try:
+                return self._parse(text)
+            except _InvalidAnswer as problem:
+                last_problem, last_text = str(problem), text
+            # Only the latest mistake is quoted back: the conversation stays short.
+            conversation = [
+                *messages,
+                {"role": "assistant", "content": text[:_QUOTED_ANSWER_CHARS]},
+                {
+                    "role": "user",
+                    "content": f"That answer is not usable: {last_problem}. Answer again with only a "
+                    "JSON object that satisfies the requested JSON Schema, with no other text.",
+                },
+            ]
+        raise ModelOutputError(
+            f"column '{self.column_name}': {self.endpoint.where} gave no usable JSON in "
+            f"{1 + REASKS} requests; last problem: {last_problem}; last answer starts {last_text[:200]!r}"
+        )
+
+    def _parse(self, text: str) -> Any:
+        value = _loads_lenient(text)
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
+        if error is not None:
+            where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+            raise _InvalidAnswer(f"it does not match the schema at {where}: {error.message[:300]}")
+        return value
+
+
+def _loads_lenient(text: str) -> Any:
+    """JSON from an answer, also when wrapped in a ``` fence (models do that despite asking)."""
+    candidates = [text.strip()]
+    fenced = _FENCED.search(text)
+    if fenced:
+        candidates.append(fenced.group(1).strip())
+    problem = "it is empty"
+    for candidate in candidates:
+        if not candidate:
+            continue
+        try:
+            return json.loads(candidate)
+        except json.JSONDecodeError as exc:
+            problem = f"it is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+    raise _InvalidAnswer(problem)
+
+
+def _schema_name(column_name: str) -> str:
+    # OpenAI accepts [a-zA-Z0-9_-]{1,64} here; column names may hold dots.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", column_name)[:64] or "output"
+
+
+def make_llm_generator(column: Any, config: Any, *, runtime: LlmRuntime | None = None) -> LlmGenerator:
+    """The generator of an ``llm_text`` / ``llm_structured`` / ``llm_judge`` column.
+
+    ``config`` needs ``models`` (alias -> model config); generators of one config share one
+    runtime (see :func:`pipeline.llm.get_runtime`) unless ``runtime`` is given.
+    """
+    return LlmGenerator(column, config, runtime=runtime)

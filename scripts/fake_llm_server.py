@@ -1,0 +1,520 @@
+"""A deterministic OpenAI-compatible chat-completions server, for tests and benchmarks.
+
+Run it::
+
+    python scripts/fake_llm_server.py --port 0 --latency-ms 50 --rate-429 0.1 --rate-503 0.05
+
+The first line of stdout is ``listening on http://127.0.0.1:<port>/v1``. Or start it inside a
+test: ``url, stop = start_server(latency_ms=50)`` serves from a background thread until
+``stop()``.
+
+What it answers (``POST /v1/chat/completions``, also without the ``/v1``):
+
+- text: ``echo: <12 hex of sha256(last user message)> <its first 12 words>``, cut to
+  ``max_tokens`` words when asked;
+- with ``response_format`` ``json_schema``: a JSON value generated from the schema (objects
+  with all their properties, strings within min/maxLength, numbers and integers within their
+  bounds, enums, consts, booleans, arrays of max(1, minItems) items, local ``$ref``s);
+- ``usage``: word counts of the messages and of the answer.
+
+Faults, deterministic per (model, messages, attempt number):
+
+- ``rate_429`` / ``rate_503``: the share of requests answered 429 (``Retry-After:
+  retry_after_s``) or 503. Only first attempts of a prompt are hit, unless
+  ``faults_every_attempt``, so a client that retries always gets through.
+- ``malformed_marker``: a request whose messages contain this text always gets unusable output
+  (invalid JSON or wrong-typed JSON, by request).
+- ``burst_429`` (``MODEL:START_S:DURATION_S``, repeatable; MODEL ``*`` is every model): every
+  request for that model gets 429 with ``Retry-After: 0`` during that window after start.
+- ``require_key``: requests without ``Authorization: Bearer <key>`` get 401.
+- Markers in a message, for tests of single responses: ``[[status:NNN]]`` answers with that
+  status, ``[[retry-after:VALUE]]`` adds that Retry-After header, ``[[sleep-ms:N]]`` replaces
+  the latency.
+
+Every answer, faults included, comes after the latency. ``GET /stats`` returns, per model,
+requests, 429s, 5xx and the highest number of requests in flight at once. Nothing is logged:
+least of all the Authorization header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import http
+import json
+import math
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterable
+
+__all__ = ["Burst", "FakeLlmServer", "FakeOptions", "main", "sample_from_schema", "start_server"]
+
+_MARKER = re.compile(r"\[\[(status|retry-after|sleep-ms):([^\]]*)\]\]")
+
+
+@dataclass(frozen=True)
+class Burst:
+    """Every request for ``model`` gets 429 from ``start_s`` to ``start_s + duration_s``."""
+
+    model: str
+    start_s: float
+    duration_s: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Burst":
+        # Model names may hold colons ("llama3:8b"); the two numbers never do.
+        model, start, duration = text.rsplit(":", 2)
+        return cls(model, float(start), float(duration))
+
+    def covers(self, model: str, elapsed_s: float) -> bool:
+        return self.model in ("*", model) and self.start_s <= elapsed_s < self.start_s + self.duration_s
+
+
+@dataclass
+class FakeOptions:
+    latency_ms: float = 0.0
+    rate_429: float = 0.0
+    rate_503: float = 0.0
+    retry_after_s: float = 0.0
+    faults_every_attempt: bool = False
+    malformed_marker: str | None = None
+    burst_429: tuple[Burst, ...] = ()
+    require_key: str | None = None
+
+    def __post_init__(self) -> None:
+        self.burst_429 = tuple(b if isinstance(b, Burst) else Burst.parse(b) for b in self.burst_429)
+        if not 0.0 <= self.rate_429 + self.rate_503 <= 1.0:
+            raise ValueError("rate_429 + rate_503 must be within 0..1")
+
+    def __repr__(self) -> str:  # the key stays out of reprs
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "require_key"}
+        shown["require_key"] = "***" if self.require_key else None
+        return f"FakeOptions({shown})"
+
+
+@dataclass
+class _ModelStats:
+    requests: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+
+class FakeLlmServer:
+    """The server; one event loop. ``await start()``, then ``await close()``."""
+
+    def __init__(self, options: FakeOptions | None = None) -> None:
+        self.options = options or FakeOptions()
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task] = set()
+        self._attempts: dict[str, int] = {}
+        self._stats: dict[str, _ModelStats] = {}
+        self._started = time.monotonic()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port, backlog=1024)
+        self._started = time.monotonic()
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        # Connections live on after close() in Python 3.11: end them, or their sockets leak.
+        while self._connections:
+            tasks = list(self._connections)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)
+        await self._server.wait_closed()
+        self._server = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "models": {name: vars(s).copy() for name, s in sorted(self._stats.items())},
+        }
+
+    # HTTP/1.1 with keep-alive; just what OpenAI clients send (Content-Length bodies).
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                try:
+                    request_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+                    method, target, version = request_line.split(" ", 2)
+                    headers = {}
+                    for line in lines:
+                        name, _, value = line.partition(":")
+                        headers[name.strip().lower()] = value.strip()
+                    body = await reader.readexactly(int(headers.get("content-length") or 0))
+                except (ValueError, asyncio.IncompleteReadError):
+                    writer.write(_encode(400, {"error": {"message": "bad request"}}, {}, keep_alive=False))
+                    await writer.drain()
+                    return
+                keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+                status, extra, payload = await self._dispatch(method, target.split("?", 1)[0], headers, body)
+                writer.write(_encode(status, payload, extra, keep_alive=keep_alive))
+                await writer.drain()
+                if not keep_alive:
+                    return
+        except ConnectionError:
+            return
+        except asyncio.CancelledError:
+            # Only close() cancels; ending normally keeps Python 3.11's stream callback from
+            # logging the cancellation as an error.
+            return
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            self._connections.discard(task)
+
+    async def _dispatch(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict, Any]:
+        path = path.rstrip("/")
+        if method == "GET" and path == "/stats":
+            return 200, {}, self.stats()
+        if method == "GET" and path in ("/v1/models", "/models"):
+            return 200, {}, {"object": "list", "data": [{"id": m, "object": "model"} for m in sorted(self._stats)]}
+        if method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
+            return await self._chat(headers, body)
+        return 404, {}, _error(f"no route for {method} {path}", "not_found")
+
+    async def _chat(self, headers: dict, body: bytes) -> tuple[int, dict, Any]:
+        options = self.options
+        if options.require_key and not hmac.compare_digest(
+            headers.get("authorization", "").encode(), f"Bearer {options.require_key}".encode()
+        ):
+            return 401, {}, _error("missing or wrong API key", "invalid_api_key")
+        try:
+            request = json.loads(body)
+            model = str(request["model"])
+            messages = request["messages"]
+            texts = [str(m.get("content") or "") for m in messages]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return 400, {}, _error("the body is not a chat completion request", "invalid_request")
+        stats = self._stats.setdefault(model, _ModelStats())
+        stats.requests += 1
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            markers = dict(_MARKER.findall("\n".join(texts)))
+            delay_ms = float(markers["sleep-ms"]) if "sleep-ms" in markers else options.latency_ms
+            if delay_ms > 0:
+                await asyncio.sleep(delay_ms / 1000)
+            key = hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
+            attempt = self._attempts.get(key, 0) + 1
+            self._attempts[key] = attempt
+            status, extra = self._fault(model, key, attempt, markers)
+            if status == 429:
+                stats.rate_limited += 1
+            elif status >= 500:
+                stats.server_errors += 1
+            if status != 200:
+                return status, extra, _error(f"injected HTTP {status}", "injected")
+            return 200, {}, self._completion(request, model, texts, key)
+        finally:
+            stats.in_flight -= 1
+
+    def _fault(self, model: str, key: str, attempt: int, markers: dict) -> tuple[int, dict]:
+        options = self.options
+        elapsed = time.monotonic() - self._started
+        if any(burst.covers(model, elapsed) for burst in options.burst_429):
+            return 429, {"Retry-After": "0"}
+        if "status" in markers:
+            extra = {"Retry-After": markers["retry-after"]} if "retry-after" in markers else {}
+            return int(markers["status"]), extra
+        if attempt == 1 or options.faults_every_attempt:
+            draw = _unit(f"{key}:{attempt}")
+            if draw < options.rate_429:
+                return 429, {"Retry-After": f"{options.retry_after_s:g}"}
+            if draw < options.rate_429 + options.rate_503:
+                return 503, {}
+        return 200, {}
+
+    def _completion(self, request: dict, model: str, texts: list[str], key: str) -> dict:
+        user = next(
+            (str(m.get("content") or "") for m in reversed(request["messages"]) if m.get("role") == "user"), ""
+        )
+        digest = hashlib.sha256(user.encode()).hexdigest()[:12]
+        response_format = request.get("response_format") or {}
+        wants_json = response_format.get("type") in ("json_schema", "json_object")
+        schema = (response_format.get("json_schema") or {}).get("schema", {}) if wants_json else None
+        finish = "stop"
+        marker = self.options.malformed_marker
+        if marker and any(marker in text for text in texts):
+            # Both kinds of unusable, chosen by the request so that re-asks see both.
+            if wants_json and _hash(key) % 2 == 0:
+                wrong = ["not", "an", "object"] if (schema or {}).get("type") == "object" else {"malformed": True}
+                text = json.dumps(wrong)
+            else:
+                text = f"malformed: {{ {digest}"
+        elif wants_json:
+            text = json.dumps(sample_from_schema(schema or {"type": "object"}, digest))
+        else:
+            words = f"echo: {digest} {' '.join(user.split()[:12])}".split()
+            limit = request.get("max_tokens")
+            if isinstance(limit, int) and 0 < limit < len(words):
+                words, finish = words[:limit], "length"
+            text = " ".join(words)
+        prompt_tokens = sum(len(t.split()) for t in texts)
+        completion_tokens = len(text.split())
+        return {
+            "id": f"chatcmpl-{digest}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+
+def sample_from_schema(schema: Any, seed: str, *, _root: Any = None, _depth: int = 0) -> Any:
+    """A deterministic value (from ``seed``) that satisfies the common parts of a JSON Schema."""
+    root = schema if _root is None else _root
+    if not isinstance(schema, dict) or _depth > 32:
+        return None
+
+    def sub(part: Any, suffix: str) -> Any:
+        return sample_from_schema(part, f"{seed}/{suffix}", _root=root, _depth=_depth + 1)
+
+    if "$ref" in schema:
+        return sub(_resolve(root, schema["$ref"]), "ref")
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][_hash(seed) % len(schema["enum"])]
+    for combinator in ("anyOf", "oneOf"):
+        if schema.get(combinator):
+            return sub(schema[combinator][0], combinator)
+    if schema.get("allOf"):
+        merged = {k: v for k, v in schema.items() if k != "allOf"}
+        for part in schema["allOf"]:
+            merged.update(_resolve(root, part["$ref"]) if "$ref" in part else part)
+        return sub(merged, "allOf")
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        value = {name: sub(part, name) for name, part in properties.items()}
+        for name in schema.get("required", []):
+            value.setdefault(name, sub({}, name))
+        return value
+    if kind == "array":
+        count = max(1, schema.get("minItems", 0))
+        if "maxItems" in schema:
+            count = min(count, schema["maxItems"])
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        return [sub(items, str(i)) for i in range(count)]
+    if kind == "integer":
+        return _integer(schema, _hash(seed))
+    if kind == "number":
+        return _number(schema, (_hash(seed) % 800 + 100) / 1000)
+    if kind == "boolean":
+        return _hash(seed) % 2 == 0
+    if kind == "null":
+        return None
+    return _string(schema, seed)
+
+
+def _integer(schema: dict, h: int) -> int:
+    low = high = None
+    if "exclusiveMinimum" in schema:
+        low = math.floor(schema["exclusiveMinimum"]) + 1
+    elif "minimum" in schema:
+        low = math.ceil(schema["minimum"])
+    if "exclusiveMaximum" in schema:
+        high = math.ceil(schema["exclusiveMaximum"]) - 1
+    elif "maximum" in schema:
+        high = math.floor(schema["maximum"])
+    if low is not None and high is not None:
+        return low + h % (high - low + 1)
+    if low is not None:
+        return low + h % 10
+    if high is not None:
+        return high - h % 10
+    return h % 100
+
+
+def _number(schema: dict, fraction: float) -> float:
+    lows = [schema[k] for k in ("minimum", "exclusiveMinimum") if k in schema]
+    highs = [schema[k] for k in ("maximum", "exclusiveMaximum") if k in schema]
+    low, high = (max(lows) if lows else None), (min(highs) if highs else None)
+    # fraction is within [0.1, 0.9): strictly inside the bounds, exclusive or not.
+    if low is not None and high is not None:
+        return low + (high - low) * fraction
+    if low is not None:
+        return low + 1 + fraction
+    if high is not None:
+        return high - 1 - fraction
+    return round(fraction * 100, 2)
+
+
+def _string(schema: dict, seed: str) -> str:
+    h = _hash(seed)
+    formats = {
+        "date": "2024-01-%02d" % (h % 28 + 1),
+        "date-time": "2024-01-%02dT12:00:00Z" % (h % 28 + 1),
+        "time": "12:00:00Z",
+        "email": f"user{h % 1000}@example.com",
+        "uri": f"https://example.com/{h % 1000}",
+        "uuid": str(uuid.UUID(int=h % (1 << 128))),
+    }
+    text = formats.get(schema.get("format"), f"text-{h:012x}"[:17])
+    min_length, max_length = schema.get("minLength", 0), schema.get("maxLength")
+    if len(text) < min_length:
+        text += "x" * (min_length - len(text))
+    if max_length is not None:
+        text = text[:max_length]
+    return text
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    if not ref.startswith("#"):
+        return {}
+    node = root
+    for part in ref.lstrip("#").strip("/").split("/"):
+        if part:
+            node = node.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(node, dict) else {}
+    return node
+
+
+def _hash(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
+
+
+def _unit(text: str) -> float:
+    return _hash(text) / float(1 << 64)
+
+
+def _error(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": code, "code": code}}
+
+
+def _encode(status: int, payload: Any, extra: dict, *, keep_alive: bool) -> bytes:
+    body = json.dumps(payload).encode()
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Status"
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        f"Connection: {'keep-alive' if keep_alive else 'close'}",
+        *(f"{name}: {value}" for name, value in extra.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def start_server(*, port: int = 0, **options: Any) -> tuple[str, Callable[[], None]]:
+    """Serve from a background thread. Returns the base URL (ending in /v1) and ``stop()``.
+
+    ``options`` are the fields of :class:`FakeOptions`; ``burst_429`` may hold strings.
+    """
+    server = FakeLlmServer(FakeOptions(**options))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["port"] = loop.run_until_complete(server.start(port=port))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+            loop.close()
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(server.close())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    thread = threading.Thread(target=run, name="fake-llm-server", daemon=True)
+    thread.start()
+    ready.wait()
+    if "error" in outcome:
+        thread.join()
+        raise outcome["error"]
+    stopped = threading.Event()
+
+    def stop() -> None:
+        if stopped.is_set():
+            return
+        stopped.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+
+    return f"http://127.0.0.1:{outcome['port']}/v1", stop
+
+
+def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before every answer")
+    parser.add_argument("--rate-429", type=float, default=0.0, help="share of first attempts answered 429")
+    parser.add_argument("--rate-503", type=float, default=0.0, help="share of first attempts answered 503")
+    parser.add_argument("--retry-after-s", type=float, default=0.0, help="Retry-After of injected 429s")
+    parser.add_argument("--faults-every-attempt", action="store_true", help="inject faults on retries too")
+    parser.add_argument("--malformed-marker", metavar="TEXT", help="prompts with TEXT get unusable output")
+    parser.add_argument(
+        "--burst-429", metavar="MODEL:START_S:DURATION_S", action="append", default=[], help="429 window (repeatable)"
+    )
+    parser.add_argument("--require-key", metavar="KEY", help="answer 401 without 'Authorization: Bearer KEY'")
+    return parser.parse_args(list(argv) if argv is not None else None)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = _parse_args(argv)
+    options = FakeOptions(
+        latency_ms=args.latency_ms,
+        rate_429=args.rate_429,
+        rate_503=args.rate_503,
+        retry_after_s=args.retry_after_s,
+        faults_every_attempt=args.faults_every_attempt,
+        malformed_marker=args.malformed_marker,
+        burst_429=tuple(args.burst_429),
+        require_key=args.require_key,
+    )
+
+    async def serve() -> None:
+        server = FakeLlmServer(options)
+        port = await server.start(port=args.port)
+        print(f"listening on http://127.0.0.1:{port}/v1", flush=True)
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, done.set)
+        await done.wait()
+        await server.close()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

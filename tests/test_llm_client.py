@@ -1,0 +1,388 @@
+"""The LLM client and the llm_* generators, over real HTTP against the fake server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import importlib.util
+import pathlib
+import pickle
+import socket
+import sys
+import time
+import traceback
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.errors import (
+    ConfigError,
+    ModelConnectionError,
+    ModelRateLimitError,
+    ModelServerError,
+    ModelTimeoutError,
+    is_retryable,
+)
+from pipeline.generators.llm import _loads_lenient, judge_schema, make_llm_generator
+from pipeline.llm import (
+    LlmClient,
+    ModelEndpoint,
+    ModelOutputError,
+    ModelRequestError,
+    aclose_runtimes,
+    get_runtime,
+    parse_retry_after,
+)
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "fake_llm_server.py"
+SECRET = "sk-test-5ecret-do-not-leak-0123456789"
+KEY_ENV = "PIPELINE_TEST_LLM_KEY"
+
+
+def _load_fake_server():
+    if "fake_llm_server" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fake_llm_server", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fake_llm_server"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fake_llm_server"]
+
+
+fake = _load_fake_server()
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    url, stop = fake.start_server(latency_ms=5, malformed_marker="SPOIL")
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_url():
+    url, stop = fake.start_server(require_key=SECRET)
+    yield url
+    stop()
+
+
+@pytest.fixture
+async def client():
+    client = LlmClient(max_connections=16)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def secret_env(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+
+def endpoint(url, **overrides):
+    fields = {"alias": "writer", "base_url": url, "model": "fake-model", "timeout_s": 5.0}
+    return ModelEndpoint(**{**fields, **overrides})
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def make_config(url, **model_overrides):
+    model = {"base_url": url, "model": "fake-model", "api_key_env": None, "max_parallel_requests": 4, "timeout_s": 5}
+    model.update(model_overrides)
+    return SimpleNamespace(models={"writer": SimpleNamespace(**model)}, base_dir=pathlib.Path("."))
+
+
+def make_column(name="out", type="llm_text", prompt="Say {{ word }}", **extra):
+    fields = {"system_prompt": None, "model": "writer", "temperature": None, "max_tokens": None}
+    fields.update(extra)
+    return SimpleNamespace(name=name, type=type, prompt=prompt, **fields)
+
+
+@pytest.fixture
+async def runtimes():
+    yield
+    await aclose_runtimes()
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+async def test_a_completion_returns_the_text_and_token_counts(client, server_url):
+    completion = await client.complete(endpoint(server_url), user("one two three"), temperature=0.5, max_tokens=50)
+    assert completion.text.startswith("echo: ") and completion.text.endswith("one two three")
+    assert (completion.prompt_tokens, completion.completion_tokens) == (3, 5)
+
+
+async def test_max_tokens_reaches_the_server(client, server_url):
+    completion = await client.complete(endpoint(server_url), user("a b c d e f"), max_tokens=2)
+    assert len(completion.text.split()) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(408, ModelTimeoutError), (409, ModelServerError), (500, ModelServerError), (502, ModelServerError),
+     (503, ModelServerError), (429, ModelRateLimitError)],
+)
+async def test_retryable_statuses_map_to_retryable_errors(client, server_url, status, error):
+    with pytest.raises(error) as caught:
+        await client.complete(endpoint(server_url), user(f"[[status:{status}]]"))
+    assert is_retryable(caught.value)
+    assert f"HTTP {status}" in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+async def test_other_client_errors_fail_for_good(client, server_url, status):
+    with pytest.raises(ModelRequestError) as caught:
+        await client.complete(endpoint(server_url), user(f"[[status:{status}]]"))
+    assert caught.value.status_code == status
+    assert not is_retryable(caught.value)
+    assert "injected" in str(caught.value)  # a snippet of the body
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+
+
+async def test_retry_after_in_seconds_is_kept(client, server_url):
+    with pytest.raises(ModelRateLimitError) as caught:
+        await client.complete(endpoint(server_url), user("[[status:429]] [[retry-after:3]]"))
+    assert caught.value.retry_after_s == 3.0
+
+
+async def test_retry_after_as_an_http_date_becomes_seconds(client, server_url):
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    with pytest.raises(ModelRateLimitError) as caught:
+        await client.complete(endpoint(server_url), user(f"[[status:429]] [[retry-after:{when}]]"))
+    assert 25 <= caught.value.retry_after_s <= 31
+
+
+async def test_a_429_without_retry_after_has_none(client, server_url):
+    with pytest.raises(ModelRateLimitError) as caught:
+        await client.complete(endpoint(server_url), user("[[status:429]]"))
+    assert caught.value.retry_after_s is None
+
+
+def test_retry_after_parsing():
+    assert parse_retry_after("2.5") == 2.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("nan") is None
+
+
+async def test_a_slow_server_times_out(client, server_url):
+    started = time.perf_counter()
+    with pytest.raises(ModelTimeoutError) as caught:
+        await client.complete(endpoint(server_url, timeout_s=0.2), user("[[sleep-ms:3000]]"))
+    assert time.perf_counter() - started < 2
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+    # The pool is still good afterwards.
+    assert (await client.complete(endpoint(server_url), user("after"))).text
+
+
+async def test_a_closed_port_is_a_connection_error(client):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ModelConnectionError) as caught:
+        await client.complete(endpoint(f"http://127.0.0.1:{port}/v1"), user("hi"))
+    assert is_retryable(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+
+
+def test_messages_name_the_endpoint_without_credentials_or_query():
+    where = endpoint("http://user:pa55word@127.0.0.1:8000/v1?token=t0k").where
+    assert where == "model 'writer' at http://127.0.0.1:8000/v1"
+
+
+async def test_the_key_is_sent_from_the_env_var(client, keyed_url, secret_env):
+    completion = await client.complete(endpoint(keyed_url, api_key_env=KEY_ENV), user("hi"))
+    assert completion.text
+
+
+async def test_a_wrong_key_is_a_401_that_fails_for_good(client, keyed_url, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-wrong")
+    with pytest.raises(ModelRequestError) as caught:
+        await client.complete(endpoint(keyed_url, api_key_env=KEY_ENV), user("hi"))
+    assert caught.value.status_code == 401
+
+
+async def test_an_unset_key_variable_fails_for_good_and_names_it(client, keyed_url, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ModelRequestError, match=KEY_ENV):
+        await client.complete(endpoint(keyed_url, api_key_env=KEY_ENV), user("hi"))
+
+
+async def test_concurrent_requests_share_the_pool(server_url):
+    client = LlmClient(max_connections=8)
+    try:
+        texts = await asyncio.gather(*(client.complete(endpoint(server_url), user(f"n{i}")) for i in range(40)))
+    finally:
+        await client.aclose()
+    assert len({c.text for c in texts}) == 40
+
+
+# --- no secret anywhere -----------------------------------------------------------------------
+
+
+def _everything_said_about(exc):
+    rendered = "".join(traceback.TracebackException.from_exception(exc, capture_locals=True).format())
+    return " ".join([str(exc), repr(exc), rendered, repr(pickle.loads(pickle.dumps(exc)))])
+
+
+async def test_no_error_repr_or_traceback_shows_the_key(keyed_url, server_url, secret_env, runtimes):
+    config = make_config(keyed_url, api_key_env=KEY_ENV)
+    generator = make_llm_generator(make_column(prompt="[[status:{{ code }}]]"), config)
+    said = [repr(generator), repr(generator.runtime), repr(generator.runtime.client), repr(generator.endpoint),
+            repr(generator.limit), repr(vars(generator))]
+    for code in (400, 429, 500):  # the key is right, so the server answers with the marked status
+        with pytest.raises(Exception) as caught:
+            await generator.agenerate({"code": code})
+        said.append(_everything_said_about(caught.value))
+    # A 401 (the server wants another key) and a timeout, also with locals in the traceback.
+    other = make_config(server_url, api_key_env=KEY_ENV, timeout_s=0.1)
+    slow = make_llm_generator(make_column(prompt="[[sleep-ms:{{ ms }}]]"), other)
+    with pytest.raises(ModelTimeoutError) as caught:
+        await slow.agenerate({"ms": 2000})
+    said.append(_everything_said_about(caught.value))
+    wrong_key = make_config(keyed_url, api_key_env="PIPELINE_TEST_OTHER_KEY")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PIPELINE_TEST_OTHER_KEY", "sk-other")
+        with pytest.raises(ModelRequestError) as caught:
+            await make_llm_generator(make_column(), wrong_key).agenerate({"word": "x"})
+    said.append(_everything_said_about(caught.value))
+    await slow.runtime.aclose()
+    assert all(SECRET not in text for text in said)
+    assert all("sk-other" not in text for text in said)
+
+
+# --- the generators ---------------------------------------------------------------------------
+
+
+async def test_llm_text_renders_its_prompts_and_counts_usage(server_url, runtimes):
+    generator = make_llm_generator(
+        make_column(prompt="Say {{ word }} twice", system_prompt="You are {{ role }}."), make_config(server_url)
+    )
+    assert generator.strategy == "cell" and generator.outputs == ("out",) and generator.is_async
+    value = await generator.agenerate({"word": "banana", "role": "terse"})
+    assert value.endswith("Say banana twice")
+    assert generator.usage == {"requests": 1, "prompt_tokens": 6, "completion_tokens": 5}
+
+
+async def test_an_undefined_variable_in_the_prompt_fails_the_cell(server_url, runtimes):
+    generator = make_llm_generator(make_column(prompt="{{ missing }}"), make_config(server_url))
+    with pytest.raises(Exception, match="missing"):
+        await generator.agenerate({})
+    assert generator.usage["requests"] == 0
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string", "maxLength": 20}, "stars": {"type": "integer", "minimum": 1, "maximum": 5}},
+    "required": ["title", "stars"],
+    "additionalProperties": False,
+}
+
+
+async def test_llm_structured_returns_the_validated_object(server_url, runtimes):
+    generator = make_llm_generator(
+        make_column(type="llm_structured", prompt="A review of {{ thing }}", output_schema=SCHEMA),
+        make_config(server_url),
+    )
+    value = await generator.agenerate({"thing": "a lamp"})
+    assert set(value) == {"title", "stars"} and 1 <= value["stars"] <= 5
+    assert generator.usage["requests"] == 1
+
+
+async def test_malformed_structured_output_is_reasked_then_fails_for_good(server_url, runtimes):
+    generator = make_llm_generator(
+        make_column(type="llm_structured", prompt="SPOIL {{ thing }}", output_schema=SCHEMA),
+        make_config(server_url),
+    )
+    with pytest.raises(ModelOutputError, match="3 requests") as caught:
+        await generator.agenerate({"thing": "a lamp"})
+    assert not is_retryable(caught.value)
+    assert generator.usage["requests"] == 3
+
+
+def test_answers_in_code_fences_are_parsed():
+    assert _loads_lenient('```json\n{"a": 1}\n```') == {"a": 1}
+    assert _loads_lenient('Here you go:\n```\n[1, 2]\n```\nEnjoy.') == [1, 2]
+    assert _loads_lenient(' {"a": "```"} ') == {"a": "```"}
+
+
+async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url, runtimes):
+    rubric = {"clarity": "Is the text clear?", "tone": "Is the tone friendly?"}
+    generator = make_llm_generator(
+        make_column(type="llm_judge", prompt="Judge: {{ text }}", rubric=rubric), make_config(server_url)
+    )
+    value = await generator.agenerate({"text": "hello"})
+    assert set(value) == set(rubric)
+    for verdict in value.values():
+        assert isinstance(verdict["score"], (int, float)) and isinstance(verdict["reasoning"], str)
+    schema = judge_schema(rubric)
+    assert schema["required"] == ["clarity", "tone"] and schema["additionalProperties"] is False
+    for criterion, description in rubric.items():
+        assert criterion in generator._suffix and description in generator._suffix
+
+
+async def test_columns_on_one_model_share_one_limit_and_one_client(server_url, runtimes):
+    config = make_config(server_url)
+    config.models["judge"] = SimpleNamespace(
+        base_url=server_url, model="other", api_key_env=None, max_parallel_requests=2, timeout_s=5
+    )
+    first = make_llm_generator(make_column(name="a"), config)
+    second = make_llm_generator(make_column(name="b"), config)
+    third = make_llm_generator(make_column(name="c", model="judge"), config)
+    assert first.limit is second.limit and first.limit is not third.limit
+    assert (first.limit.max_limit, third.limit.max_limit) == (4, 2)
+    assert first.runtime is second.runtime is third.runtime is get_runtime(config)
+    assert first.runtime.client.max_connections == 6
+
+
+def test_an_unknown_model_alias_is_a_config_error(server_url):
+    with pytest.raises(ConfigError, match="nope"):
+        make_llm_generator(make_column(model="nope"), make_config(server_url))
+
+
+def test_the_sync_bridge_uses_its_own_connection(server_url):
+    generator = make_llm_generator(make_column(), make_config(server_url))
+    assert generator.generate({"word": "sync"}).endswith("Say sync")
+
+
+async def test_the_engine_pattern_backs_off_during_a_burst_of_429s_and_recovers(runtimes):
+    url, stop = fake.start_server(latency_ms=5, burst_429=["bursty:0:0.3"])
+    try:
+        config = make_config(url, model="bursty", max_parallel_requests=8)
+        generator = make_llm_generator(make_column(), config)
+        limit = generator.limit
+        outcomes, observed = [], []
+
+        async def task(i):
+            while True:
+                await limit.acquire()
+                try:
+                    await generator.agenerate({"word": f"w{i}"})
+                except ModelRateLimitError as exc:
+                    limit.release(rate_limited=isinstance(exc, ModelRateLimitError))
+                    observed.append(limit.limit)
+                    outcomes.append(429)
+                    await asyncio.sleep(0.02)
+                    continue
+                limit.release()
+                outcomes.append(200)
+                return
+
+        await asyncio.gather(*(task(i) for i in range(40)))
+        assert outcomes.count(200) == 40 and 429 in outcomes
+        # Cut more than once, but not once per 429: the burst's first wave counts once.
+        assert 2 <= limit.stats()["decreases"] < outcomes.count(429)
+        assert min(observed) < 4
+        for i in range(60):  # successes bring it back up
+            await limit.acquire()
+            await generator.agenerate({"word": f"again{i}"})
+            limit.release()
+        assert limit.limit == 8
+        await generator.runtime.aclose()
+    finally:
+        stop()
