@@ -242,7 +242,8 @@ def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -
 
 
 def _dataset_table(store: Store, run_id: str, home: Path) -> tuple[pa.Table, bool]:
-    columns = list(store.column_counts(run_id))  # config order; raises RunNotFoundError
+    store.get_run(run_id)  # RunNotFoundError for an unknown id
+    columns = list(store.column_counts(run_id))  # config order
     groups = store.row_groups(run_id)
     tables = []
     for g in groups:
