@@ -67,8 +67,24 @@ def _hook(obj: dict) -> Any:
     return obj
 
 
+_ENCODER = json.JSONEncoder(default=_default, separators=(",", ":"), ensure_ascii=False)
+_encode_str = json.encoder.encode_basestring  # the C implementation when available
+_FAST = {
+    str: _encode_str,
+    int: int.__repr__,
+    bool: lambda v: "true" if v else "false",
+    type(None): lambda v: "null",
+}
+
+
 def encode(value: Any) -> str:
-    return json.dumps(value, default=_default, separators=(",", ":"), ensure_ascii=False)
+    """JSON text of ``value``. Plain scalars skip the encoder: this runs once per recorded task."""
+    fast = _FAST.get(type(value))
+    if fast is not None:
+        return fast(value)
+    if type(value) is float:
+        return repr(value) if math.isfinite(value) else _ENCODER.encode(value)
+    return _ENCODER.encode(value)
 
 
 def decode(text: str) -> Any:
