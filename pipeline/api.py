@@ -158,10 +158,15 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
         finally:
             if reporter is not None:
                 reporter.cancel()
+            from pipeline.llm import aclose_runtimes
+
+            await aclose_runtimes()  # HTTP pools belong to this event loop
             for signum in installed:
                 loop.remove_signal_handler(signum)
 
     status = asyncio.run(main())
+    if trace:
+        _write_traces(home / "runs" / run_id / "traces.jsonl", scheduler.traces)
     if status == "interrupted" and store.live_workers(run_id) > 0:
         pass  # other workers carry on: the run is still running
     else:
@@ -171,10 +176,28 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
     return RunResult(run_id, status, signal=received[0] if received else None, stats=scheduler.stats)
 
 
+def _write_traces(path: Path, traces: list) -> None:
+    """One JSON object per task attempt: column, row group, row index, type, dispatched /
+    started / finished (perf_counter seconds), status and error. Appended across resumes."""
+    import dataclasses
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for t in traces:
+            f.write(json.dumps(dataclasses.asdict(t)) + "\n")
+
+
 def _snapshot(scheduler: Scheduler, cfg: PipelineConfig, final: bool = False) -> dict:
     s = scheduler.stats
     elapsed = max(time.monotonic() - s.started_at, 1e-9)
-    return {"tasks_done": s.tasks_done, "tasks_failed": s.tasks_failed, "tasks_deferred": s.tasks_deferred,
+    per_generator = {n.name: scheduler.records_done[n.index] for n in scheduler.plan.nodes}
+    # Records this process finished, judged by the slowest generator; ETA at that pace.
+    slowest = min(per_generator.values(), default=0)
+    total = cfg.num_records - s.records_dropped
+    rate = slowest / elapsed
+    eta = (max(total - slowest, 0) / rate) if rate > 0 else None
+    return {"per_generator": per_generator, "records_per_s": rate, "eta_s": eta,"tasks_done": s.tasks_done, "tasks_failed": s.tasks_failed, "tasks_deferred": s.tasks_deferred,
             "records_dropped": s.records_dropped, "row_groups_checkpointed": s.row_groups_checkpointed,
             "row_groups_total": -(-cfg.num_records // cfg.row_group_size), "elapsed_s": elapsed,
             "tasks_per_s": s.tasks_done / elapsed, "in_flight": len(scheduler._running), "final": final,

@@ -56,10 +56,12 @@ class Progress:
         if not (self.tty or snap["final"] or now - self.last >= self.every_s):
             return
         self.last = now
+        eta = "" if snap["final"] or snap["eta_s"] is None else f" | ETA {snap['eta_s']:.0f}s"
+        columns = " ".join(f"{name}={done:,}" for name, done in snap["per_generator"].items())
         line = (f"row groups {snap['row_groups_checkpointed']}/{snap['row_groups_total']} | "
                 f"tasks {snap['tasks_done']:,} done, {snap['tasks_failed']:,} failed, "
                 f"{snap['in_flight']} in flight | {snap['tasks_per_s']:,.0f} tasks/s | "
-                f"dropped {snap['records_dropped']:,} | {snap['elapsed_s']:.0f}s")
+                f"dropped {snap['records_dropped']:,} | {snap['elapsed_s']:.0f}s{eta} | {columns}")
         if self.tty:
             click.echo("\r\033[K" + line + ("\n" if snap["final"] else ""), err=True, nl=False)
         else:
@@ -96,9 +98,10 @@ def main() -> None:
 @click.option("--num-records", type=click.IntRange(min=1), default=None, help="Override num_records.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--create-only", is_flag=True, help="Create the run and exit; start it with `pipeline worker`.")
+@click.option("--trace", is_flag=True, help="Write per-task timings to <home>/runs/<id>/traces.jsonl.")
 @state_options
 @handle_errors
-def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, create_only: bool,
+def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, create_only: bool, trace: bool,
         home: str, db: str) -> None:
     """Validate CONFIG, create a run and run it to the end.
 
@@ -108,7 +111,7 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
         sys.stdout.flush()
 
     result = api.run(config, home=home, db=db, run_id=run_id, num_records=num_records, on_created=created,
-                     progress=None if quiet else Progress(), start=not create_only)
+                     progress=None if quiet else Progress(), start=not create_only, trace=trace)
     if result.status == "created":
         click.echo(f"created run {result.run_id}; start it with `pipeline worker {result.run_id}`", err=True)
         return
@@ -118,11 +121,12 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 @main.command()
 @click.argument("run_id")
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--trace", is_flag=True, help="Append per-task timings to <home>/runs/<id>/traces.jsonl.")
 @state_options
 @handle_errors
-def resume(run_id: str, quiet: bool, home: str, db: str) -> None:
+def resume(run_id: str, quiet: bool, trace: bool, home: str, db: str) -> None:
     """Continue RUN_ID exactly where it stopped."""
-    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress()))
+    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace))
 
 
 @main.command()

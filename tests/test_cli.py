@@ -185,3 +185,14 @@ def test_env_vars_choose_home_and_db(tmp_path):
     proc = cli("run", str(QUICKSTART), "--run-id", "e1", "--num-records", "5", "--quiet", env=env)
     assert proc.returncode == 0, proc.stderr
     assert (home / "state.db").exists() and (home / "runs" / "e1").is_dir()
+
+
+def test_trace_writes_one_line_per_task_attempt_and_nothing_when_off(tmp_path):
+    home = tmp_path / "home"
+    cli("run", str(QUICKSTART), "--run-id", "tr", "--num-records", "20", "--trace", "--quiet", home=home, check=True)
+    lines = [json.loads(x) for x in (home / "runs" / "tr" / "traces.jsonl").read_text().splitlines()]
+    # 20 records x 4 cell columns + 4 from_scratch roots + 1 batch column (one row group)
+    assert len(lines) == 20 * 4 + 4 + 1
+    assert all(t["status"] == "ok" and t["finished_at"] >= t["started_at"] >= t["dispatched_at"] for t in lines)
+    cli("run", str(QUICKSTART), "--run-id", "notr", "--num-records", "20", "--quiet", home=home, check=True)
+    assert not (home / "runs" / "notr" / "traces.jsonl").exists()

@@ -116,6 +116,8 @@ class Scheduler:
         self.home = home
         self.opts = opts = options or SchedulerOptions()
         self.stats = RunStats()
+        #: records done per generator (plan order), for the progress display
+        self.records_done = [0] * len(plan.nodes)
         self.traces: list[TaskTrace] = []
         self._trace = opts.trace
         self._nodes = plan.nodes
@@ -391,6 +393,7 @@ class Scheduler:
         if out:
             self._route(rg, out)
             out.clear()
+        self.records_done[node.index] += 1
         self._succeeded(rg, node.index, r)
 
     def _batch_done(self, rg: _RowGroup, node: Any, rows: list[int], cols: dict[str, list]) -> None:
@@ -403,6 +406,7 @@ class Scheduler:
         if out:
             self._route(rg, out)
             out.clear()
+        self.records_done[node.index] += len(rows)
         self._succeeded(rg, node.index, None)
 
     def _succeeded(self, rg: _RowGroup, j: int, r: int | None) -> None:
