@@ -191,8 +191,8 @@ def test_trace_writes_one_line_per_task_attempt_and_nothing_when_off(tmp_path):
     home = tmp_path / "home"
     cli("run", str(QUICKSTART), "--run-id", "tr", "--num-records", "20", "--trace", "--quiet", home=home, check=True)
     lines = [json.loads(x) for x in (home / "runs" / "tr" / "traces.jsonl").read_text().splitlines()]
-    # 20 records x 4 cell columns + 4 from_scratch roots + 1 batch column (one row group)
-    assert len(lines) == 20 * 4 + 4 + 1
+    # 20 records x 3 cell columns (title, review, words) + 4 from_scratch roots + 1 batch column
+    assert len(lines) == 20 * 3 + 4 + 1
     assert all(t["status"] == "ok" and t["finished_at"] >= t["started_at"] >= t["dispatched_at"] for t in lines)
     cli("run", str(QUICKSTART), "--run-id", "notr", "--num-records", "20", "--quiet", home=home, check=True)
     assert not (home / "runs" / "notr" / "traces.jsonl").exists()
