@@ -264,8 +264,11 @@ class Scheduler:
         now_wall, now = time.time(), self._loop.time()
         fresh = []
         for j, r in ready:
-            deferred = loaded.deferred.get((self._nodes[j].name, r))
+            key = (self._nodes[j].name, r)
+            deferred = loaded.deferred.get(key)
             if deferred is None:
+                if loaded.attempts.get(key):  # failed attempts before the crash still count
+                    self._attempts[(rg.id, j, r)] = loaded.attempts[key]
                 fresh.append((j, r))
                 continue
             attempts, next_at, _ = deferred
