@@ -456,3 +456,42 @@ def test_memory_stays_flat_no_row_group_state_after_completion(tmp_path):
                                       num_records=100, row_group_size=10, home=tmp_path)
     assert status == "complete" and sched._live == {} and not sched._running
     assert store._data["runs"]["r1"]["tasks"] == {}  # compacted
+
+
+def test_a_worker_that_lost_its_lease_abandons_the_row_group_and_records_nothing_for_it(tmp_path):
+    gate = {"n": 0}
+
+    async def slow(row):
+        gate["n"] += 1
+        await asyncio.sleep(0.002)
+        return row["i"]
+
+    specs = [spec("i", "batch"), spec("v", deps=["i"])]
+    sched, store = make_run(specs, {"i": index_root(), "v": AsyncFn(slow)}, num_records=400, row_group_size=200,
+                            home=tmp_path, max_concurrent_row_groups=2, max_in_flight_tasks=4)
+    run = store._data["runs"]["r1"]
+
+    async def go():
+        task = asyncio.create_task(sched.run())
+        while gate["n"] < 20:
+            await asyncio.sleep(0.001)
+        with store._lock:  # another worker takes row group 0 over (its lease had expired)
+            g = run["groups"][0]
+            g.update(lease_owner="elsewhere:1:1:beef", lease_epoch=g["lease_epoch"] + 1,
+                     lease_expires_at=time.time() + 60)
+        frozen = None
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if 0 not in sched._live:
+                frozen = {k: dict(t) for k, t in run["tasks"].items() if k[0] == 0}
+                break
+        assert frozen is not None, "the scheduler did not abandon the row group"
+        while run["groups"][1]["state"] != "checkpointed":
+            await asyncio.sleep(0.005)
+        sched.stop()
+        await task
+        return frozen
+
+    frozen = asyncio.run(go())
+    assert {k: t for k, t in run["tasks"].items() if k[0] == 0} == frozen  # nothing written after the loss
+    assert run["groups"][0]["lease_owner"] == "elsewhere:1:1:beef" and run["groups"][0]["state"] == "active"
