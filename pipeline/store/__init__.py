@@ -1,0 +1,43 @@
+"""The state store: the :class:`~pipeline.store.base.Store` protocol and its implementations.
+
+``open_store(url)`` opens the SQL store (SQLite file or PostgreSQL) and makes sure its schema is
+current. SQLAlchemy is imported only when a SQL store is opened, so that the engine and the
+in-memory store do not pay for it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.store.sql import SqlStore
+
+__all__ = ["SqlStore", "open_store"]
+
+
+def open_store(url: str, *, upgrade: bool = True, owner: str | None = None) -> "SqlStore":
+    """Open the state store at ``url`` (``sqlite:///path/state.db`` or ``postgresql://...``).
+
+    SQLite: the file's folder is created. The schema is upgraded to this code's head (under a
+    lock, so that workers starting together do not race); with ``upgrade=False`` a schema that
+    is not at head raises StoreError naming ``pipeline db upgrade``. A database migrated by a
+    newer `pipeline` raises StoreError either way.
+    """
+    from pipeline.store.migrate import ensure_schema
+    from pipeline.store.sql import SqlStore
+
+    store = SqlStore(url, owner=owner)
+    try:
+        ensure_schema(store.engine, upgrade=upgrade)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def __getattr__(name: str):
+    if name == "SqlStore":
+        from pipeline.store.sql import SqlStore
+
+        return SqlStore
+    raise AttributeError(f"module 'pipeline.store' has no attribute {name!r}")

@@ -1,0 +1,87 @@
+"""Shared fixtures of the SQL store tests (imported by test_store_sql.py and test_migrations.py).
+
+PostgreSQL tests run in a schema of their own (``search_path`` set through the URL), created
+for them and dropped afterwards, so that they never touch tables other test runs on the same
+database are using.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+PG_ENV = "PIPELINE_TEST_POSTGRES_URL"
+PG_URL = os.environ.get(PG_ENV)
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _admin_url(url: str) -> sa.engine.URL:
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+@contextmanager
+def postgres_schema_url() -> Iterator[str]:
+    """A URL on a fresh, empty PostgreSQL schema (dropped on exit)."""
+    if not PG_URL:
+        pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+    admin = sa.create_engine(_admin_url(PG_URL))
+    schema = f"pipeline_test_{os.getpid()}_{secrets.token_hex(4)}"
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        url = _admin_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        try:
+            yield url.render_as_string(hide_password=False)
+        finally:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        admin.dispose()
+
+
+def sqlite_url(folder) -> str:
+    return f"sqlite:///{folder}/home/state.db"
+
+
+@contextmanager
+def empty_database_url(backend: str, tmp_path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield sqlite_url(tmp_path)
+    else:
+        with postgres_schema_url() as url:
+            yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_session_url() -> Iterator[str]:
+    """One PostgreSQL schema, migrated once, shared by the tests of a session (they use unique
+    run ids)."""
+    from pipeline.store import migrate
+
+    with postgres_schema_url() as url:
+        migrate.upgrade(url)
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path) -> str:
+    """The URL of a migrated state store: a SQLite file in tmp_path, or PostgreSQL."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path)
+    return request.getfixturevalue("postgres_session_url")
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_db_url(request, tmp_path) -> Iterator[str]:
+    """The URL of an empty database: a new SQLite file, or a new PostgreSQL schema."""
+    with empty_database_url(request.param, tmp_path) as url:
+        yield url

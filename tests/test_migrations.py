@@ -1,0 +1,115 @@
+"""The Alembic migrations reproduce pipeline.store.schema exactly, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import importlib.resources
+import threading
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from pipeline.errors import StoreError
+from pipeline.store import migrate, open_store
+from pipeline.store.schema import metadata
+from pipeline.store.sql import make_engine
+
+try:
+    from conftest_store import empty_db_url  # noqa: F401  (fixture)
+except ImportError:  # tests/ became a package
+    from tests.conftest_store import empty_db_url  # noqa: F401
+
+TABLES = {"runs", "run_columns", "row_groups", "tasks", "dropped_records", "workers"}
+
+
+def schema_differences(url: str) -> list:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": False})
+            return compare_metadata(context, metadata)
+    finally:
+        engine.dispose()
+
+
+def objects(url: str) -> tuple[set[str], set[str]]:
+    engine = make_engine(url)
+    try:
+        inspector = sa.inspect(engine)
+        return set(inspector.get_table_names()), set(inspector.get_view_names())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_head_gives_exactly_the_schema_and_the_view(empty_db_url):
+    assert migrate.current(empty_db_url) is None
+    migrate.upgrade(empty_db_url)
+    assert migrate.current(empty_db_url) == migrate.head()
+    assert schema_differences(empty_db_url) == []
+    tables, views = objects(empty_db_url)
+    assert tables == TABLES | {"alembic_version"}
+    assert views == {"column_progress"}
+
+
+def test_downgrade_to_base_then_upgrade_round_trips(empty_db_url):
+    migrate.upgrade(empty_db_url)
+    migrate.downgrade(empty_db_url, "base")
+    assert migrate.current(empty_db_url) is None
+    assert objects(empty_db_url) == ({"alembic_version"}, set())
+    migrate.upgrade(empty_db_url)
+    assert migrate.current(empty_db_url) == migrate.head()
+    assert schema_differences(empty_db_url) == []
+    assert objects(empty_db_url)[1] == {"column_progress"}
+
+
+def test_open_store_upgrades_an_empty_database(empty_db_url):
+    with open_store(empty_db_url) as store:
+        assert store.list_runs() == []
+    assert migrate.current(empty_db_url) == migrate.head()
+
+
+def test_workers_opening_a_new_database_together_upgrade_it_once(empty_db_url):
+    errors: list[BaseException] = []
+
+    def open_one():
+        try:
+            open_store(empty_db_url).close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert migrate.current(empty_db_url) == migrate.head()
+
+
+def test_an_out_of_date_schema_without_upgrade_names_the_command(empty_db_url):
+    with pytest.raises(StoreError, match="pipeline db upgrade"):
+        open_store(empty_db_url, upgrade=False)
+    migrate.upgrade(empty_db_url)
+    open_store(empty_db_url, upgrade=False).close()
+
+
+def test_a_schema_newer_than_this_code_asks_to_upgrade_pipeline(empty_db_url):
+    migrate.upgrade(empty_db_url)
+    engine = make_engine(empty_db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    finally:
+        engine.dispose()
+    for upgrade in (True, False):
+        with pytest.raises(StoreError, match="upgrade pipeline"):
+            open_store(empty_db_url, upgrade=upgrade)
+
+
+def test_the_migrations_ship_inside_the_package():
+    root = importlib.resources.files("pipeline_migrations")
+    assert root.joinpath("env.py").is_file()
+    assert root.joinpath("script.py.mako").is_file()
+    assert root.joinpath("versions", "0001_initial.py").is_file()
+    assert migrate.head() == "0001"
