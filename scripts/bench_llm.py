@@ -1,0 +1,443 @@
+"""Benchmark of the LLM columns: the "dual" shape against the fake OpenAI-compatible server.
+
+    python scripts/bench_llm.py                # the table, medians of 3 runs per case
+    python scripts/bench_llm.py --repeat 5
+    python scripts/bench_llm.py --diagnose     # also: permits in use, and where the time goes
+
+The dual shape: 200 records; 3 writer columns (``llm_text``) on model A, each followed by a
+judge column (``llm_judge``) on model B that reads it: 1,200 calls, 600 per model. The server
+answers every request after 50 ms. A and B allow 32 requests in flight each (64 in total);
+row groups of 50, 4 admitted at once (the whole dataset: nothing waits for admission).
+
+The figure is ``makespan / lower bound``: makespan is the wall time of ``pipeline.run`` (SQLite
+store in a temporary home; process start and imports excluded); the lower bound is
+``max(critical path x latency, calls x latency / 64)`` with a critical path of 2 calls (writer,
+then judge) and 1,200 calls, i.e. max(0.10 s, 0.94 s) = 0.94 s. Target <= 1.10 (the reference
+engine: 1.16).
+
+With faults (5 % of first attempts answered 503, or 429), the same ratio is printed against the
+fault-free bound (what a user sees), and against a bound that counts the extra calls and, on
+the critical path, one retry (its latency and the shortest backoff, ``retry_backoff_s x 0.5``).
+The server runs in its own process, so it does not share the engine's GIL. One untimed run
+warms the process up first (lazy imports, first SQLite store).
+
+``--diagnose`` adds rows that take the engine apart (no-fault case, same medians):
+
+- ``ideal client``: no pipeline; raw asyncio HTTP/1.1 keep-alive connections (32 + 32) run the
+  600 writer -> judge chains: what this server allows at all (its own per-request work and the
+  50 ms sleeps' overshoot make it > 1.0);
+- ``engine, no HTTP``: the pipeline with ``LlmClient.complete`` replaced by a 50 ms
+  ``asyncio.sleep`` and the fake server's answer: the engine's own overhead;
+- ``engine, lean HTTP``: the pipeline with ``LlmClient._post`` replaced by a minimal HTTP/1.1
+  client over asyncio streams (a prototype: plain http, no proxies): what the engine would reach
+  with a cheaper client than httpx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RECORDS = 200
+WRITERS = 3
+LATENCY_MS = 50.0
+PER_MODEL = 32  # A and B: 64 in flight in total
+CONCURRENCY = 2 * PER_MODEL
+ROW_GROUP_SIZE = 50
+ROW_GROUPS_AT_ONCE = 4
+RETRY_BACKOFF_S = 0.05
+CALLS = RECORDS * WRITERS * 2
+CRITICAL_PATH_CALLS = 2
+
+CASES = [
+    ("no faults", []),
+    ("5% 503", ["--rate-503", "0.05"]),
+    ("5% 429", ["--rate-429", "0.05"]),
+]
+
+
+class FakeServer:
+    """scripts/fake_llm_server.py in its own process."""
+
+    def __init__(self, *flags: str, latency_ms: float = LATENCY_MS) -> None:
+        cmd = [sys.executable, str(ROOT / "scripts" / "fake_llm_server.py"), "--port", "0",
+               "--latency-ms", str(latency_ms), *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RuntimeError(f"the fake server did not start: {line!r}")
+        self.url = line.removeprefix("listening on ")
+        self.root = self.url.removesuffix("/v1")
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.root + "/stats", timeout=10) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+    def __enter__(self) -> "FakeServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def dual_config(folder: Path, url: str, *, seed: int = 0):
+    """The dual shape as a loaded config (prompts differ per record: an uuid sampler)."""
+    from pipeline.config import load_config
+
+    lines = [
+        "name: dual",
+        f"num_records: {RECORDS}",
+        f"row_group_size: {ROW_GROUP_SIZE}",
+        f"seed: {seed}",
+        f"settings: {{max_concurrent_row_groups: {ROW_GROUPS_AT_ONCE}, retry_backoff_s: {RETRY_BACKOFF_S}}}",
+        "models:",
+        f"  a: {{base_url: '{url}', model: writer-model, max_parallel_requests: {PER_MODEL}}}",
+        f"  b: {{base_url: '{url}', model: judge-model, max_parallel_requests: {PER_MODEL}}}",
+        "columns:",
+        "  - {name: id, type: sampler, sampler: uuid}",
+        "  - {name: topic, type: sampler, sampler: category, params: {values: [books, games, tools, music]}}",
+    ]
+    for i in range(WRITERS):
+        lines.append(f"  - {{name: w{i}, type: llm_text, model: a, "
+                     f"prompt: 'Write review {i} of a {{{{ topic }}}} product, record {{{{ id }}}}.'}}")
+        lines.append(f"  - {{name: j{i}, type: llm_judge, model: b, prompt: 'Judge this review: {{{{ w{i} }}}}', "
+                     f"rubric: {{helpful: 'Is it helpful?', fluent: 'Is it fluent?'}}}}")
+    path = folder / "dual.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return load_config(path)
+
+
+class Sampler(threading.Thread):
+    """Samples the two limits' permits in use every ``every_s`` (for --diagnose)."""
+
+    def __init__(self, limits: dict, every_s: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.limits = limits
+        self.every_s = every_s
+        self.samples: list[tuple[float, dict]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        while not self.halt.is_set():
+            self.samples.append((time.perf_counter() - t0,
+                                 {a: (l.in_use, l.limit) for a, l in self.limits.items()}))
+            time.sleep(self.every_s)
+
+
+def one_run(flags: list[str], seed: int, diagnose: bool = False) -> dict:
+    import pipeline
+    from pipeline.llm import get_runtime
+
+    with FakeServer(*flags) as server, tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
+        cfg = dual_config(Path(tmp), server.url, seed=seed)
+        runtime = get_runtime(cfg)
+        sampler = Sampler(runtime.limits) if diagnose else None
+        if sampler:
+            sampler.start()
+        t0 = time.perf_counter()
+        result = pipeline.run(cfg, home=Path(tmp) / "home", run_id=f"dual-{seed}")
+        makespan = time.perf_counter() - t0
+        if sampler:
+            sampler.halt.set()
+            sampler.join()
+        assert result.status == "complete", result.status
+        assert result.stats.records_dropped == 0, result.stats
+        stats = server.stats()["models"]
+        limits = runtime.stats()
+    requests = sum(m["requests"] for m in stats.values())
+    out = {"makespan": makespan, "requests": requests,
+           "max_in_flight": {m: s["max_in_flight"] for m, s in stats.items()},
+           "faults": sum(m["rate_limited"] + m["server_errors"] for m in stats.values()),
+           "cuts": {a: s["decreases"] for a, s in limits.items()},
+           "final_limit": {a: s["limit"] for a, s in limits.items()}}
+    if sampler:
+        samples = sampler.samples
+        busy = [sum(v[0] for v in s.values()) for _, s in samples]
+        out["mean_in_use"] = statistics.fmean(busy) if busy else 0.0
+        # when was the pipe full: first and last moment with >= 90 % of the slots busy
+        full = [t for (t, s), b in zip(samples, busy) if b >= 0.9 * CONCURRENCY]
+        out["full_from"], out["full_to"] = (full[0], full[-1]) if full else (None, None)
+        out["mean_limit"] = {a: statistics.fmean(s[a][1] for _, s in samples) for a in runtime.limits}
+    return out
+
+# -- diagnostics ------------------------------------------------------------------------------
+def _judge_request(text: str) -> dict:
+    from pipeline.generators.llm import _judge_instructions, judge_schema
+
+    rubric = {"helpful": "Is it helpful?", "fluent": "Is it fluent?"}
+    return {"model": "judge-model",
+            "messages": [{"role": "user", "content": f"Judge this review: {text}" + _judge_instructions(rubric)}],
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "j", "schema": judge_schema(rubric), "strict": True}}}
+
+
+async def _ideal_client(url: str, seed: int) -> float:
+    """The dual shape driven by raw keep-alive connections, 32 per model; returns the makespan."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    pools = {}
+    for model in ("writer-model", "judge-model"):
+        pools[model] = asyncio.Queue()
+        for _ in range(PER_MODEL):
+            pools[model].put_nowait(await asyncio.open_connection(host, int(port)))
+
+    async def call(model: str, body: dict) -> dict:
+        reader, writer = await pools[model].get()
+        data = json.dumps(body).encode()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (host.encode(), len(data)) + data)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length"))
+        answer = json.loads(await reader.readexactly(length))
+        pools[model].put_nowait((reader, writer))
+        return answer
+
+    async def chain(record: int, i: int) -> None:
+        prompt = f"Write review {i} of a product, record {seed}-{record}."
+        text = (await call("writer-model", {"model": "writer-model", "messages": [{"role": "user", "content": prompt}]})
+                )["choices"][0]["message"]["content"]
+        await call("judge-model", _judge_request(text))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(chain(r, i) for r in range(RECORDS) for i in range(WRITERS)))
+    makespan = time.perf_counter() - t0
+    for pool in pools.values():
+        while not pool.empty():
+            _, writer = pool.get_nowait()
+            writer.close()
+    return makespan
+
+
+def ideal_client_run(seed: int) -> float:
+    with FakeServer() as server:
+        return asyncio.run(_ideal_client(server.url, seed))
+
+
+@contextlib.contextmanager
+def _patched(cls: type, name: str, fn) -> object:
+    original = getattr(cls, name)
+    setattr(cls, name, fn)
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
+
+
+def no_http_run(seed: int) -> float:
+    """The engine with every call replaced by a 50 ms sleep and the fake server's answer."""
+    import pipeline
+    from pipeline.llm import client as llm_client
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from fake_llm_server import sample_from_schema
+
+    async def complete(self, endpoint, messages, *, temperature=None, max_tokens=None, response_format=None):
+        await asyncio.sleep(LATENCY_MS / 1000)
+        user = messages[-1]["content"]
+        digest = hashlib.sha256(user.encode()).hexdigest()[:12]
+        if response_format:
+            text = json.dumps(sample_from_schema(response_format["json_schema"]["schema"], digest))
+        else:
+            text = f"echo: {digest} " + " ".join(user.split()[:12])
+        return llm_client.Completion(text, 1, 1)
+
+    with _patched(llm_client.LlmClient, "complete", complete), \
+            tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
+        cfg = dual_config(Path(tmp), "http://127.0.0.1:9/v1", seed=seed)
+        t0 = time.perf_counter()
+        result = pipeline.run(cfg, home=Path(tmp) / "home", run_id="nohttp")
+        makespan = time.perf_counter() - t0
+    assert result.status == "complete"
+    return makespan
+
+
+class _Answer:
+    """What the client's error mapping and parsing read from an httpx.Response."""
+
+    def __init__(self, status: int, headers: dict, body: bytes) -> None:
+        self.status_code, self.headers, self._body = status, headers, body
+
+    @property
+    def text(self) -> str:
+        return self._body.decode()
+
+    def json(self):
+        return json.loads(self._body)
+
+
+class _Headers(dict):
+    def get(self, key, default=None):
+        return super().get(key.lower(), default)
+
+
+def lean_http_run(seed: int) -> float:
+    """The engine with LlmClient._post replaced by a minimal keep-alive HTTP/1.1 client."""
+    import os
+
+    import pipeline
+    from pipeline.llm import client as llm_client
+
+    idle: dict = {}
+    opened: list = []
+
+    async def _post(self, endpoint, payload):
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        if endpoint.api_key_env:
+            headers["Authorization"] = f"Bearer {os.environ[endpoint.api_key_env]}"
+        rest = endpoint.url.split("//", 1)[1]
+        hostport, path = rest.split("/", 1)
+        host, port = hostport.rsplit(":", 1)
+        free = idle.setdefault(hostport, [])
+        if free:
+            reader, writer = free.pop()
+        else:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            opened.append(writer)
+        body = json.dumps(payload).encode()
+        head = (f"POST /{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: {len(body)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+        writer.write(head.encode() + body)
+        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        answer_headers = _Headers()
+        for line in lines[1:]:
+            if ":" in line:
+                key, value = line.split(":", 1)
+                answer_headers[key.strip().lower()] = value.strip()
+        data = await reader.readexactly(int(answer_headers.get("content-length", 0)))
+        free.append((reader, writer))
+        answer = _Answer(int(lines[0].split()[1]), answer_headers, data)
+        return llm_client._status_error(endpoint, answer) if answer.status_code >= 300 else answer
+
+    async def aclose(self):
+        for writer in opened:
+            writer.close()
+        opened.clear()
+        idle.clear()
+
+    with FakeServer() as server, _patched(llm_client.LlmClient, "_post", _post), \
+            _patched(llm_client.LlmClient, "aclose", aclose), tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
+        cfg = dual_config(Path(tmp), server.url, seed=seed)
+        t0 = time.perf_counter()
+        result = pipeline.run(cfg, home=Path(tmp) / "home", run_id="lean")
+        makespan = time.perf_counter() - t0
+    assert result.status == "complete"
+    return makespan
+
+
+def client_only_run(seed: int, lean: bool = False) -> tuple[float, float]:
+    """1,200 calls through LlmClient alone (64 at once, no engine): (makespan, CPU seconds)."""
+    from pipeline.llm import LlmClient, ModelEndpoint
+
+    async def drive(url: str) -> tuple[float, float]:
+        client = LlmClient(max_connections=CONCURRENCY)
+        endpoint = ModelEndpoint("a", url, "writer-model", max_parallel_requests=CONCURRENCY)
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(i: int) -> None:
+            async with gate:
+                await client.complete(endpoint, [{"role": "user", "content": f"client only {seed} {i}"}])
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(one(i) for i in range(CALLS)))
+        out = time.perf_counter() - t0, time.process_time() - c0
+        await client.aclose()
+        return out
+
+    with FakeServer() as server:
+        return asyncio.run(drive(server.url))
+
+
+def diagnose_rows(repeat: int, base: float) -> None:
+    print("diagnostics (no faults):")
+    rows = [
+        ("ideal client (raw asyncio HTTP, no engine)", [ideal_client_run(900 + k) for k in range(repeat)]),
+        ("engine, calls = 50 ms sleeps (no HTTP)", [no_http_run(910 + k) for k in range(repeat)]),
+        ("engine + lean asyncio HTTP client (prototype)", [lean_http_run(920 + k) for k in range(repeat)]),
+    ]
+    for name, runs in rows:
+        makespan = statistics.median(runs)
+        print(f"  {name:<46} {makespan:>7.3f} s  ratio {makespan / base:.2f}")
+    client = [client_only_run(930 + k) for k in range(repeat)]
+    wall = statistics.median(c[0] for c in client)
+    cpu = statistics.median(c[1] for c in client)
+    print(f"  {'LlmClient alone, 1,200 calls, 64 at once':<46} {wall:>7.3f} s  ratio {wall / base:.2f}  "
+          f"CPU {cpu:.2f} s = {1000 * cpu / CALLS:.2f} ms per call")
+
+
+def lower_bound(calls: int, faulted: bool) -> float:
+    lat = LATENCY_MS / 1000
+    path = CRITICAL_PATH_CALLS * lat
+    if faulted:
+        path += lat + RETRY_BACKOFF_S * 0.5
+    return max(path, calls * lat / CONCURRENCY)
+
+
+def dual_section(repeat: int = 3, diagnose: bool = False) -> None:
+    base = lower_bound(CALLS, False)
+    print(f"dual: {RECORDS} records, {WRITERS} writers (model A) each judged (model B), {CALLS:,} calls, "
+          f"{LATENCY_MS:g} ms latency, {PER_MODEL}+{PER_MODEL} in flight, row groups of {ROW_GROUP_SIZE} "
+          f"x{ROW_GROUPS_AT_ONCE}, SQLite store; median of {repeat}")
+    print(f"lower bound without faults: max({CRITICAL_PATH_CALLS} x {LATENCY_MS / 1000:g} s, "
+          f"{CALLS} x {LATENCY_MS / 1000:g} s / {CONCURRENCY}) = {base:.3f} s; target ratio <= 1.10 "
+          f"(reference engine 1.16)")
+    header = (f"{'case':<10} {'makespan s':>10} {'ratio':>6} {'requests':>9} {'faults':>7} "
+              f"{'adj. bound s':>12} {'adj. ratio':>10} {'A/B cuts':>9} {'server max in flight A/B':>25}")
+    if diagnose:
+        header += f" {'mean busy':>9} {'mean limit A/B':>15}"
+    one_run([], seed=999)  # warm-up, not counted
+    print(header)
+    for i, (name, flags) in enumerate(CASES):
+        runs = [one_run(flags, seed=100 * i + k, diagnose=diagnose) for k in range(repeat)]
+        makespan = statistics.median(r["makespan"] for r in runs)
+        requests = statistics.median(r["requests"] for r in runs)
+        faults = statistics.median(r["faults"] for r in runs)
+        adj = lower_bound(int(requests), bool(flags))
+        cuts = "/".join(f"{statistics.median(r['cuts'][a] for r in runs):g}" for a in ("a", "b"))
+        peak = "/".join(f"{statistics.median(r['max_in_flight'][m] for r in runs):g}"
+                        for m in ("writer-model", "judge-model"))
+        line = (f"{name:<10} {makespan:>10.3f} {makespan / base:>6.2f} {requests:>9,.0f} {faults:>7,.0f} "
+                f"{adj:>12.3f} {makespan / adj:>10.2f} {cuts:>9} {peak:>25}")
+        if diagnose:
+            busy = statistics.median(r["mean_in_use"] for r in runs)
+            lim = "/".join(f"{statistics.median(r['mean_limit'][a] for r in runs):.1f}" for a in ("a", "b"))
+            line += f" {busy:>9.1f} {lim:>15}"
+        print(line, flush=True)
+    if diagnose:
+        diagnose_rows(repeat, base)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--diagnose", action="store_true", help="sample the permits in use during each run")
+    args = parser.parse_args()
+    dual_section(args.repeat, diagnose=args.diagnose)
+
+
+if __name__ == "__main__":
+    main()
