@@ -55,23 +55,20 @@ def test_sigkill_at_random_moments_then_resume_exports_the_uninterrupted_dataset
     kills = 0
     proc = cli_popen("run", str(cfg), "--run-id", "killed", "--quiet", home=home, env=env)
     assert wait_for_line(proc, "run_id:") == "run_id: killed"
-    while True:
-        time.sleep(rng.uniform(0.3, 1.2))
-        if proc.poll() is not None:
-            finish(proc)
-            break
+    while kills < 5:
+        # A random moment of the run: after a random number of further calls (of ~9,000).
+        target = len(read_calls(calls)) + rng.randint(100, 900)
+        while proc.poll() is None and len(read_calls(calls)) < target:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run finished before five kills"
         proc.send_signal(signal.SIGKILL)
         finish(proc)
         kills += 1
         status = cli("status", "killed", "--json", home=home, check=True)
         assert '"status": "interrupted"' in status.stdout  # its process is gone
-        if kills == 5:
-            proc = cli_popen("resume", "killed", "--quiet", home=home, env=env)
-            code, err = finish(proc)
-            assert code == 0, err
-            break
         proc = cli_popen("resume", "killed", "--quiet", home=home, env=env)
-    assert kills == 5, "the run finished before five kills; make it longer"
+    code, err = finish(proc)
+    assert code == 0, err
     got = export_frame("killed", home, tmp_path)
     pd.testing.assert_frame_equal(got, expected)
 
