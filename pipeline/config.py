@@ -293,14 +293,15 @@ class PipelineConfig(_Strict):
             },
             "files": files,
         }
-        canonical = json.dumps(facts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # Mapping order is kept, not sorted: a rubric's or a schema's order changes prompts.
+        canonical = json.dumps(facts, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_json(self) -> str:
         """Everything needed to rebuild this config without its file (see config_from_json)."""
         data = self.model_dump(mode="json", by_alias=True)
         data["base_dir"] = str(Path(self.base_dir).resolve())
-        return json.dumps(data, ensure_ascii=False, sort_keys=True)
+        return json.dumps(data, ensure_ascii=False)  # key order is part of the config (prompts)
 
     def with_num_records(self, n: int) -> PipelineConfig:
         """A copy producing ``n`` records."""

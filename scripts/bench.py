@@ -127,8 +127,10 @@ def main() -> None:
     if args.section in ("engine", "all"):
         engine_section(args.records, args.repeat)
     if args.section in ("dual", "all"):
-        from scripts_dual import dual_section  # noqa: F401  (added with the LLM bench)
-        dual_section()
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_llm import dual_section
+
+        dual_section(repeat=args.repeat)
 
 
 if __name__ == "__main__":

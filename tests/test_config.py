@@ -345,3 +345,21 @@ def test_with_num_records_returns_a_copy(good):
     assert isinstance(smaller, PipelineConfig) and smaller.columns == config.columns
     with pytest.raises(ConfigError):
         config.with_num_records(0)
+
+
+def test_mapping_order_survives_the_stored_config_and_changes_the_fingerprint(tmp_path, monkeypatch):
+    """A resumed run rebuilds prompts from the stored config: a rubric's order is part of them."""
+    from pipeline.config import config_from_json, load_config
+
+    def write(rubric_lines):
+        path = tmp_path / "judge.yaml"
+        path.write_text("name: j\nnum_records: 2\nmodels:\n  m: {base_url: 'http://127.0.0.1:9/v1', model: x}\n"
+                        "columns:\n  - name: s\n    type: llm_judge\n    model: m\n    prompt: hi\n    rubric:\n"
+                        + "".join(f"      {line}\n" for line in rubric_lines))
+        return load_config(path)
+
+    cfg = write(["zeta: last letter", "alpha: first letter"])
+    again = config_from_json(cfg.to_json())
+    assert list(again.columns[0].rubric) == ["zeta", "alpha"]
+    assert again.fingerprint() == cfg.fingerprint()
+    assert write(["alpha: first letter", "zeta: last letter"]).fingerprint() != cfg.fingerprint()
