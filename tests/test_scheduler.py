@@ -495,3 +495,27 @@ def test_a_worker_that_lost_its_lease_abandons_the_row_group_and_records_nothing
     frozen = asyncio.run(go())
     assert {k: t for k, t in run["tasks"].items() if k[0] == 0} == frozen  # nothing written after the loss
     assert run["groups"][0]["lease_owner"] == "elsewhere:1:1:beef" and run["groups"][0]["state"] == "active"
+
+
+def test_tasks_still_running_at_a_commit_are_recorded_in_flight(tmp_path):
+    release = asyncio.Event()
+
+    async def blocked(row):
+        await release.wait()
+        return 1
+
+    sched, store = make_run([spec("v")], {"v": AsyncFn(blocked)}, num_records=3, row_group_size=3, home=tmp_path)
+    tasks = store._data["runs"]["r1"]["tasks"]
+
+    async def go():
+        run = asyncio.create_task(sched.run())
+        for _ in range(500):
+            await asyncio.sleep(0.002)
+            if len(tasks) == 3:
+                break
+        states = sorted(t["state"] for t in tasks.values())
+        release.set()
+        assert await run == "complete"
+        return states
+
+    assert asyncio.run(go()) == ["in_flight"] * 3

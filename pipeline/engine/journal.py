@@ -48,13 +48,15 @@ class Journal:
     """Group commit of events to ``store.record``, in order, from one writer thread."""
 
     def __init__(self, store: Store, run_id: str, *, interval_s: float = 0.015, max_batch: int = 4000,
-                 lease_s: float = 30.0, on_lost: Callable[[set[int]], None] | None = None):
+                 lease_s: float = 30.0, on_lost: Callable[[set[int]], None] | None = None,
+                 announce: Callable[[], list[tuple]] | None = None):
         self.store = store
         self.run_id = run_id
         self.interval_s = interval_s
         self.max_batch = max_batch
         self.lease_s = lease_s
         self.on_lost = on_lost
+        self.announce = announce  # events to put first in each commit (see Scheduler._announce)
         self._queue: collections.deque = collections.deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,8 +112,8 @@ class Journal:
 
     def _drain(self) -> None:
         queue = self._queue
+        batch: list = self.announce() if self.announce is not None else []
         n = len(queue)
-        batch: list = []
         for _ in range(n):
             item = queue.popleft()
             if type(item) is _Call:

@@ -132,6 +132,10 @@ class Scheduler:
         self._in_flight = 0
         self._max_in_flight = opts.max_in_flight_tasks
         self._running: dict[tuple, asyncio.Task] = {}
+        # Tasks started since the last commit: [rg, generator, row, type, finished]. The journal
+        # announces (STARTED) only those still running when it commits; a task that starts and
+        # finishes between two commits costs one DONE row and nothing else.
+        self._unannounced: dict[tuple, list] = {}
         self._seq = itertools.count()
         self._window: collections.deque = collections.deque()
         self._window_errors = 0
@@ -142,7 +146,7 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(max_workers=opts.threads or min(32, opts.max_in_flight_tasks),
                                         thread_name_prefix="pipeline-gen")
         self.journal = Journal(store, run_id, interval_s=opts.commit_interval_s, lease_s=opts.lease_s,
-                               on_lost=self._on_lease_lost)
+                               on_lost=self._on_lease_lost, announce=self._announce)
         self._append = self.journal.append
         for node in plan.nodes:
             if node.limit is not None and node.limit not in self._limited:
@@ -329,8 +333,27 @@ class Scheduler:
         if counted:
             self._in_flight += 1
         key = (rg.id, node.index, r)
-        self._append((STARTED, rg.id, node.name, r, node.task_type))
+        self._unannounced[key] = [rg.id, node.name, r, node.task_type, False]
         self._running[key] = self._loop.create_task(self._exec(rg, node, r, key, counted))
+
+    def _announce(self) -> list[tuple]:
+        """On the writer thread, before a commit: STARTED for tasks still running. Single dict
+        operations are atomic under the GIL; a finished task is flagged before its result is
+        appended, so a STARTED never follows its task's DONE."""
+        pending = self._unannounced
+        if not pending:
+            return []
+        out = []
+        for key in list(pending):
+            entry = pending.pop(key, None)
+            if entry is not None and not entry[4]:
+                out.append((STARTED, entry[0], entry[1], entry[2], entry[3]))
+        return out
+
+    def _settle(self, key: tuple) -> None:
+        entry = self._unannounced.pop(key, None)
+        if entry is not None:
+            entry[4] = True
 
     async def _exec(self, rg: _RowGroup, node: Any, r: int | None, key: tuple, counted: bool) -> None:
         trace = None
@@ -348,6 +371,7 @@ class Scheduler:
                     result = await node.gen.agenerate(data)
                 else:
                     result = await self._loop.run_in_executor(self._pool, node.gen.generate, data)
+                self._settle(key)
                 if not node.single:
                     result = normalize_cell(node.outputs, result, node.name)
                 self._cell_done(rg, node, r, result)
@@ -360,6 +384,7 @@ class Scheduler:
                     result = await node.gen.agenerate(data)
                 else:
                     result = await self._loop.run_in_executor(self._pool, node.gen.generate, data)
+                self._settle(key)
                 self._batch_done(rg, node, rows, normalize_batch(node.outputs, result, len(rows), node.name))
             if trace is not None:
                 trace.status = "ok"
@@ -368,6 +393,7 @@ class Scheduler:
                 trace.status = "cancelled"
             raise
         except Exception as exc:
+            self._settle(key)
             error = exc
             if trace is not None:
                 trace.status, trace.error = "error", str(exc)
@@ -376,6 +402,7 @@ class Scheduler:
             if trace is not None:
                 trace.finished_at = time.perf_counter()
             del self._running[key]
+            self._unannounced.pop(key, None)
             if counted:
                 self._in_flight -= 1
             else:

@@ -12,7 +12,8 @@ the ``tasks.column_name`` column holds. ``row_index`` counts from 0 within the r
 
 Events (``kind`` first)::
 
-    (STARTED,  rg, generator, row_index, task_type)        task is in flight
+    (STARTED,  rg, generator, row_index, task_type)        task is in flight (sent only for
+                                                           tasks still running at a commit)
     (DONE,     rg, generator, row_index, task_type, value) task done; value recorded with it
     (DEFERRED, rg, generator, row_index, task_type, (attempts, next_eligible_at, error))
     (FAILED,   rg, generator, row_index, task_type, (attempts, error))
