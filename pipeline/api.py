@@ -124,7 +124,7 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
             if info.status != "complete":
                 store.set_run_status(run_id, "complete")
             return RunResult(run_id, "complete", resumed=True, extra={"already_complete": True})
-        result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace)
+        result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True)
         result.resumed = True
         return result
     finally:
@@ -132,8 +132,12 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
 
 
 def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
-             progress: Callable[[dict], None] | None, trace: bool) -> RunResult:
+             progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False) -> RunResult:
     plan = Plan(build_graph(cfg), build_generators(cfg))
+    if resumed:  # finished model calls this resume will not make again
+        counts = store.column_counts(run_id)
+        store.add_calls_saved(run_id, {(n.model, n.name): counts[n.outputs[0]]["done"]
+                                       for n in plan.nodes if n.limit is not None})
     options = SchedulerOptions.from_settings(cfg.settings, trace=trace)
     scheduler = Scheduler(plan, store, run_id, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
                           home=str(home), options=options)
@@ -234,7 +238,7 @@ def _status_of(store: Store, run_id: str) -> dict[str, Any]:
         "records_done": done, "records_dropped": dropped, "columns": columns,
         "row_groups": {"total": len(groups), "checkpointed": checkpointed,
                        "active": sum(1 for g in groups if g["state"] in ("active", "complete"))},
-        "eta_s": eta, "created_at": info.created_at, "updated_at": info.updated_at,
+        "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint,
     }
 

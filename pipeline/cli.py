@@ -150,6 +150,13 @@ def _status_text(s: dict) -> str:
     lines.append(f"{'column':<{width}}  {'done':>10} {'failed':>8} {'deferred':>9} {'in_flight':>9}")
     for name, c in s["columns"].items():
         lines.append(f"{name:<{width}}  {c['done']:>10,} {c['failed']:>8,} {c['deferred']:>9,} {c['in_flight']:>9,}")
+    if s.get("models"):
+        lines.append(f"{'model':<12} {'requests':>9} {'prompt tok':>11} {'compl. tok':>11} {'429s':>6} "
+                     f"{'concurrency':>11} {'saved by resume':>15}")
+        for alias, m in s["models"].items():
+            conc = "-" if m["concurrency"] is None else str(m["concurrency"])
+            lines.append(f"{alias:<12} {m['requests']:>9,} {m['prompt_tokens']:>11,} {m['completion_tokens']:>11,} "
+                         f"{m['rate_limited']:>6,} {conc:>11} {m['calls_saved']:>15,}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ try:
 except ImportError:  # tests/ became a package
     from tests.conftest_store import empty_db_url  # noqa: F401
 
-TABLES = {"runs", "run_columns", "row_groups", "tasks", "dropped_records", "workers"}
+TABLES = {"runs", "run_columns", "row_groups", "tasks", "dropped_records", "workers", "model_usage"}
 
 
 def schema_differences(url: str) -> list:

@@ -597,3 +597,26 @@ def test_unsupported_urls_are_refused(tmp_path):
         SqlStore("mysql://u@h/db")
     with pytest.raises(StoreError, match="file"):
         SqlStore("sqlite:///:memory:")
+
+
+def test_model_usage_is_recorded_with_each_transition_and_a_zombie_adds_nothing(store, other):
+    run = new_run()
+    store.create_run(run)
+    [expired] = store.claim_row_groups(run.run_id, 1, -1)
+    [kept] = store.claim_row_groups(run.run_id, 1, 60)
+    other.claim_row_groups(run.run_id, 1, 60)  # takes row group 0 over
+    usage = ("writer", 1, 10, 4, 0, 8)
+    lost = store.record(run.run_id, [
+        (DONE, 1, "x", 0, "cell", "a", usage),
+        (DEFERRED, 1, "x", 1, "cell", (1, 0.0, "429"), ("writer", 1, 0, 0, 1, 4)),
+        (DONE, 1, "x", 1, "cell", "b", usage),
+        (DONE, 0, "x", 0, "cell", "zombie", usage),
+    ])
+    assert lost == {0}
+    assert store.model_usage(run.run_id) == {"writer": {"requests": 3, "prompt_tokens": 20, "completion_tokens": 8,
+                                                        "rate_limited": 1, "concurrency": 8, "calls_saved": 0}}
+    _, rows = store.read_query(f"SELECT row_index, requests, prompt_tokens FROM tasks WHERE run_id = '{run.run_id}' "
+                               "ORDER BY row_index")
+    assert [tuple(r) for r in rows] == [(0, 1, 10), (1, 2, 10)]
+    store.add_calls_saved(run.run_id, {("writer", "x"): 5})
+    assert store.model_usage(run.run_id)["writer"]["calls_saved"] == 5

@@ -33,6 +33,7 @@ from pipeline.engine.buffer import RowGroupBuffer, normalize_batch, normalize_ce
 from pipeline.engine.journal import Journal
 from pipeline.engine.tracker import Plan, RowGroupTracker
 from pipeline.errors import ModelRateLimitError, StoreError, is_retryable
+from pipeline.generators.base import task_usage
 from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, RowGroupClaim, Store
 
 __all__ = ["Scheduler", "SchedulerOptions", "TaskTrace"]
@@ -362,6 +363,10 @@ class Scheduler:
             self.traces.append(trace)
         error: BaseException | None = None
         deferred = False
+        usage = None
+        if not counted:  # a model-limited task: count its calls and tokens
+            usage = [0, 0, 0]
+            task_usage.set(usage)
         try:
             if r is not None:
                 data = rg.buffer.row(r, node.depends_on)
@@ -374,7 +379,7 @@ class Scheduler:
                 self._settle(key)
                 if not node.single:
                     result = normalize_cell(node.outputs, result, node.name)
-                self._cell_done(rg, node, r, result)
+                self._cell_done(rg, node, r, result, usage)
             else:
                 rows = rg.tracker.live_rows()  # snapshot: drops during the await only skip rows
                 data = rg.buffer.frame(rows, node.depends_on)
@@ -385,7 +390,7 @@ class Scheduler:
                 else:
                     result = await self._loop.run_in_executor(self._pool, node.gen.generate, data)
                 self._settle(key)
-                self._batch_done(rg, node, rows, normalize_batch(node.outputs, result, len(rows), node.name))
+                self._batch_done(rg, node, rows, normalize_batch(node.outputs, result, len(rows), node.name), usage)
             if trace is not None:
                 trace.status = "ok"
         except asyncio.CancelledError:
@@ -397,7 +402,7 @@ class Scheduler:
             error = exc
             if trace is not None:
                 trace.status, trace.error = "error", str(exc)
-            deferred = self._failed(rg, node, r, exc)
+            deferred = self._failed(rg, node, r, exc, usage)
         finally:
             if trace is not None:
                 trace.finished_at = time.perf_counter()
@@ -412,12 +417,20 @@ class Scheduler:
             self._pump()
 
     # -- results --------------------------------------------------------------------------
-    def _cell_done(self, rg: _RowGroup, node: Any, r: int, value: Any) -> None:
+    def _usage(self, node: Any, usage: list[int], exc: BaseException | None = None) -> tuple:
+        """The usage field of a model-limited task's event (see pipeline.store.base)."""
+        return (node.model, usage[0], usage[1], usage[2], int(isinstance(exc, ModelRateLimitError)),
+                node.limit.limit)
+
+    def _cell_done(self, rg: _RowGroup, node: Any, r: int, value: Any, usage: list | None = None) -> None:
         tracker = rg.tracker
         if rg.dead or tracker.dropped[r]:
             return
         rg.buffer.put_cell(node.outputs, r, value)
-        self._append((DONE, rg.id, node.name, r, "cell", value))
+        if usage is None:
+            self._append((DONE, rg.id, node.name, r, "cell", value))
+        else:
+            self._append((DONE, rg.id, node.name, r, "cell", value, self._usage(node, usage)))
         out = self._out
         tracker.complete_cell(node.index, r, out)
         if out:
@@ -426,11 +439,13 @@ class Scheduler:
         self.records_done[node.index] += 1
         self._succeeded(rg, node.index, r)
 
-    def _batch_done(self, rg: _RowGroup, node: Any, rows: list[int], cols: dict[str, list]) -> None:
+    def _batch_done(self, rg: _RowGroup, node: Any, rows: list[int], cols: dict[str, list],
+                    usage: list | None = None) -> None:
         if rg.dead:
             return
         full = rg.buffer.put_batch(cols, rows)
-        self._append((DONE, rg.id, node.name, None, node.task_type, full))
+        event = (DONE, rg.id, node.name, None, node.task_type, full)
+        self._append(event if usage is None else event + (self._usage(node, usage),))
         out = self._out
         rg.tracker.complete_batch(node.index, out)
         if out:
@@ -447,10 +462,12 @@ class Scheduler:
         if rg.tracker.outstanding == 0:
             self._finish_row_group(rg)
 
-    def _failed(self, rg: _RowGroup, node: Any, r: int | None, exc: BaseException) -> bool:
+    def _failed(self, rg: _RowGroup, node: Any, r: int | None, exc: BaseException,
+                usage: list | None = None) -> bool:
         """Defer (returns True) or fail for good and drop the record or row group."""
         if rg.dead or (r is not None and rg.tracker.dropped[r]):
             return False
+        extra = () if usage is None else (self._usage(node, usage, exc),)
         key = (rg.id, node.index, r)
         attempts = self._attempts.get(key, 0) + 1
         retryable = is_retryable(exc)
@@ -462,12 +479,12 @@ class Scheduler:
                 delay = max(delay, float(retry_after))
             self.stats.tasks_deferred += 1
             self._append((DEFERRED, rg.id, node.name, r, node.task_type,
-                          (attempts, time.time() + delay, _describe(exc))))
+                          (attempts, time.time() + delay, _describe(exc))) + extra)
             self._defer(rg, node.index, r, self._loop.time() + delay)
             return True
         self._attempts.pop(key, None)
         self.stats.tasks_failed += 1
-        self._append((FAILED, rg.id, node.name, r, node.task_type, (attempts, _describe(exc))))
+        self._append((FAILED, rg.id, node.name, r, node.task_type, (attempts, _describe(exc))) + extra)
         where = f"row {r}" if r is not None else "the whole row group"
         log.warning("%s[rg=%d, %s] failed for good after %d attempt(s), dropping %s: %s",
                     node.name, rg.id, "row=%s" % r if r is not None else node.task_type, attempts,

@@ -31,7 +31,7 @@ class PlanNode:
 
     __slots__ = ("index", "name", "strategy", "task_type", "outputs", "depends_on", "stateful",
                  "is_cell", "is_root", "cell_down", "batch_down", "n_cell_ups", "n_batch_ups",
-                 "gen", "is_async", "limit", "single")
+                 "gen", "is_async", "limit", "single", "model")
 
     def __init__(self, index: int, node: Any):
         self.index = index
@@ -51,6 +51,7 @@ class PlanNode:
         self.gen: Any = None
         self.is_async = False
         self.limit: Any = None
+        self.model: str | None = None  # model alias of a model-limited generator
 
 
 class Plan:
@@ -72,6 +73,7 @@ class Plan:
                 pn.gen = gen
                 pn.is_async = bool(getattr(gen, "is_async", False))
                 pn.limit = getattr(gen, "limit", None)
+                pn.model = getattr(gen, "model_alias", None) or (node.name if pn.limit is not None else None)
         self.columns = graph.columns
         self.stateful = [n for n in self.nodes if n.stateful]
 

@@ -19,9 +19,16 @@ record of the row group: the index tells which records to produce.
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
-__all__ = ["Generator"]
+__all__ = ["Generator", "task_usage"]
+
+#: Model usage of the task running in this context, ``[requests, prompt_tokens,
+#: completion_tokens]``, or None. Generators that call models add to it; the engine sets it for
+#: each task of a model-limited generator and records it with the task. Each asyncio task runs
+#: in its own context, so concurrent tasks never mix their counts.
+task_usage: ContextVar[list[int] | None] = ContextVar("pipeline_task_usage", default=None)
 
 
 class Generator:

@@ -28,7 +28,7 @@ import jsonschema
 import jsonschema.exceptions
 
 from pipeline.errors import ConfigError
-from pipeline.generators.base import Generator
+from pipeline.generators.base import Generator, task_usage
 from pipeline.llm import LlmClient, LlmRuntime, ModelOutputError, get_runtime
 from pipeline.templates import compile_template
 
@@ -164,11 +164,17 @@ class LlmGenerator(Generator):
 
     async def _ask(self, client: LlmClient, messages: list[dict[str, str]], **extra: Any) -> str:
         self.usage["requests"] += 1
+        per_task = task_usage.get()
+        if per_task is not None:
+            per_task[0] += 1
         completion = await client.complete(
             self.endpoint, messages, temperature=self.temperature, max_tokens=self.max_tokens, **extra
         )
         self.usage["prompt_tokens"] += completion.prompt_tokens
         self.usage["completion_tokens"] += completion.completion_tokens
+        if per_task is not None:
+            per_task[1] += completion.prompt_tokens
+            per_task[2] += completion.completion_tokens
         return completion.text
 
     async def _ask_json(self, client: LlmClient, messages: list[dict[str, str]]) -> Any:

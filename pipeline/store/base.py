@@ -20,6 +20,10 @@ Events (``kind`` first)::
     (DROPPED,  rg, None, row_index)                        record dropped (row_index None: all)
     (COMPLETE, rg)                                         every task of the row group is terminal
 
+DONE, DEFERRED and FAILED events of a task that called a model carry one more field, its usage
+in that attempt: ``(model, requests, prompt_tokens, completion_tokens, rate_limited,
+concurrency)``; it is recorded with the transition, in the same transaction.
+
 ``value`` is what the generator produced, normalised: for a cell task of a single-output
 generator the cell value; of a multi-output generator a dict ``{column: value}``; for a batch or
 from_scratch task a dict ``{column: [value per row of the row group]}`` with ``None`` at dropped
@@ -192,5 +196,12 @@ class Store(Protocol):
     def column_counts(self, run_id: str) -> dict[str, dict[str, int]]:
         """``{column: {"done", "failed", "deferred", "in_flight"}}`` counted in records, in
         config order (what the ``column_progress`` view shows)."""
+
+    def model_usage(self, run_id: str) -> dict[str, dict[str, int]]:
+        """``{model alias: {"requests", "prompt_tokens", "completion_tokens", "rate_limited",
+        "concurrency", "calls_saved"}}`` summed over the run's generators."""
+
+    def add_calls_saved(self, run_id: str, saved: dict[tuple[str, str], int]) -> None:
+        """On resume: finished model calls, per (model alias, generator), not made again."""
 
     def close(self) -> None: ...

@@ -54,6 +54,7 @@ class MemoryStore:
                 "tasks": {},  # (rg, generator, row_index) -> dict
                 "dropped": {},  # rg -> set of row indexes
                 "workers": {},
+                "usage": {},  # (model, generator) -> dict
             }
 
     def get_run(self, run_id: str) -> RunInfo:
@@ -189,6 +190,14 @@ class MemoryStore:
                     t["attempts"], t["next_eligible_at"], t["last_error"] = ev[5]
                 elif kind == FAILED:
                     t["attempts"], t["last_error"] = ev[5]
+                if len(ev) > 6:  # model usage of this attempt
+                    model, n, p, c, limited, concurrency = ev[6]
+                    u = self._usage_row(run, model, ev[2])
+                    for k, v in (("requests", n), ("prompt_tokens", p), ("completion_tokens", c)):
+                        u[k] += v
+                        t[k] = (t.get(k) or 0) + v
+                    u["rate_limited"] += limited
+                    u["concurrency"] = concurrency
         for rg in lost:
             self._epochs.pop((run_id, rg), None)
         return lost
@@ -235,6 +244,31 @@ class MemoryStore:
                 c["done"] += done_ck
                 out[col.column_name] = c
             return out
+
+    @staticmethod
+    def _usage_row(run: dict, model: str, generator: str) -> dict:
+        return run["usage"].setdefault((model, generator), {
+            "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "rate_limited": 0, "concurrency": None,
+            "calls_saved": 0})
+
+    def model_usage(self, run_id: str) -> dict[str, dict[str, int]]:
+        with self._lock:
+            out: dict[str, dict] = {}
+            for (model, _), u in sorted(self._run(run_id)["usage"].items()):
+                m = out.setdefault(model, {k: 0 for k in u} | {"concurrency": None})
+                for k, v in u.items():
+                    if k == "concurrency":
+                        m[k] = v if v is not None else m[k]
+                    else:
+                        m[k] += v
+            return out
+
+    def add_calls_saved(self, run_id: str, saved: dict[tuple[str, str], int]) -> None:
+        with self._lock:
+            run = self._run(run_id)
+            for (model, generator), n in saved.items():
+                if n:
+                    self._usage_row(run, model, generator)["calls_saved"] += n
 
     def close(self) -> None:
         pass

@@ -130,6 +130,10 @@ tasks = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("value", sa.Text, nullable=True),
     sa.Column("updated_at", Time, nullable=False),
+    # Model calls of llm_* tasks (all attempts): NULL for other tasks.
+    sa.Column("requests", sa.Integer, nullable=True),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=True),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=True),
     # Salvage: "deferred tasks of this run whose time has come", in eligibility order. Partial,
     # so that the hot path's transitions between in_flight and done never touch it (measured:
     # a full index on state costs a third of the upsert rate on SQLite).
@@ -150,6 +154,24 @@ dropped_records = sa.Table(
     sa.Column("row_group", sa.Integer, primary_key=True),
     sa.Column("row_index", sa.Integer, primary_key=True),
     sa.ForeignKeyConstraint(["run_id", "row_group"], ["row_groups.run_id", "row_groups.row_group"]),
+)
+
+# Model usage per run, model alias and generator: the sums of the tasks' usage, kept after
+# compaction; ``concurrency`` is the model's adaptive limit at the last update; ``calls_saved``
+# counts finished model calls that resumes did not have to make again.
+model_usage = sa.Table(
+    "model_usage",
+    metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), primary_key=True),
+    sa.Column("model", sa.Text, primary_key=True),
+    sa.Column("generator", sa.Text, primary_key=True),
+    sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("rate_limited", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("concurrency", sa.Integer, nullable=True),
+    sa.Column("calls_saved", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("updated_at", Time, nullable=False),
 )
 
 workers = sa.Table(
