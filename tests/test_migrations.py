@@ -63,6 +63,32 @@ def test_downgrade_to_base_then_upgrade_round_trips(empty_db_url):
     assert objects(empty_db_url)[1] == {"column_progress"}
 
 
+def test_a_store_at_0001_with_runs_upgrades_to_head_keeping_its_data(empty_db_url):
+    migrate.upgrade(empty_db_url, "0001")
+    engine = make_engine(empty_db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO runs (run_id, name, status, num_records, row_group_size, seed, config, fingerprint, "
+                "created_at, updated_at) VALUES ('old', 'n', 'interrupted', 5, 5, 0, '{}', 'f', 1, 1)"))
+            conn.execute(sa.text("INSERT INTO row_groups (run_id, row_group, num_rows, state, rows_dropped, "
+                                 "lease_epoch) VALUES ('old', 0, 5, 'active', 0, 1)"))
+            conn.execute(sa.text(
+                "INSERT INTO tasks (run_id, row_group, column_name, slot, row_index, task_type, state, attempts, "
+                "value, updated_at) VALUES ('old', 0, 'c', 3, 3, 'cell', 'done', 0, '7', 1)"))
+    finally:
+        engine.dispose()
+    store = open_store(empty_db_url)  # upgrades on open
+    try:
+        assert migrate.current(empty_db_url) == migrate.head() == "0002"
+        assert store.get_run("old").status == "interrupted"
+        assert store.load_row_group("old", 0).done == {("c", 3): 7}
+        assert store.model_usage("old") == {}
+    finally:
+        store.close()
+    assert schema_differences(empty_db_url) == []
+
+
 def test_open_store_upgrades_an_empty_database(empty_db_url):
     with open_store(empty_db_url) as store:
         assert store.list_runs() == []
@@ -112,4 +138,4 @@ def test_the_migrations_ship_inside_the_package():
     assert root.joinpath("env.py").is_file()
     assert root.joinpath("script.py.mako").is_file()
     assert root.joinpath("versions", "0001_initial.py").is_file()
-    assert migrate.head() == "0001"
+    assert migrate.head() == "0002"

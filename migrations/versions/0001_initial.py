@@ -85,9 +85,6 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text, nullable=True),
         sa.Column("value", sa.Text, nullable=True),
         sa.Column("updated_at", sa.Double, nullable=False),
-        sa.Column("requests", sa.Integer, nullable=True),
-        sa.Column("prompt_tokens", sa.BigInteger, nullable=True),
-        sa.Column("completion_tokens", sa.BigInteger, nullable=True),
         sa.PrimaryKeyConstraint("run_id", "row_group", "column_name", "slot", name=op.f("pk_tasks")),
     )
     op.create_index(
@@ -120,28 +117,12 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name=op.f("fk_workers_run_id_runs")),
         sa.PrimaryKeyConstraint("run_id", "owner", name=op.f("pk_workers")),
     )
-    op.create_table(
-        "model_usage",
-        sa.Column("run_id", sa.String(64), nullable=False),
-        sa.Column("model", sa.Text, nullable=False),
-        sa.Column("generator", sa.Text, nullable=False),
-        sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("prompt_tokens", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("completion_tokens", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("rate_limited", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("concurrency", sa.Integer, nullable=True),
-        sa.Column("calls_saved", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("updated_at", sa.Double, nullable=False),
-        sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name=op.f("fk_model_usage_run_id_runs")),
-        sa.PrimaryKeyConstraint("run_id", "model", "generator", name=op.f("pk_model_usage")),
-    )
 
     op.execute(COLUMN_PROGRESS_SQL)
 
 
 def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS column_progress")
-    op.drop_table("model_usage")
     op.drop_table("workers")
     op.drop_table("dropped_records")
     op.drop_index(op.f("ix_tasks_run_id_state_next_eligible_at"), table_name="tasks")
