@@ -559,7 +559,7 @@ class Scheduler:
         rg.finished = rg.dead = True
         del self._live[rg.id]
         self._append((COMPLETE, rg.id))
-        fut = self.journal.call(self._checkpoint, rg)
+        fut = self.journal.after_commit(self._checkpoint, rg)
         self._checkpoints.add(fut)
         fut.add_done_callback(self._checkpointed)
         self._wake.set()
