@@ -2,7 +2,7 @@
 
     python scripts/bench_llm.py                # the table, medians of 3 runs per case
     python scripts/bench_llm.py --repeat 5
-    python scripts/bench_llm.py --diagnose     # also: permits in use, and where the time goes
+    python scripts/bench_llm.py --diagnose     # also: permits in use, and the HTTP clients compared
 
 The dual shape: 200 records; 3 writer columns (``llm_text``) on model A, each followed by a
 judge column (``llm_judge``) on model B that reads it: 1,200 calls, 600 per model. The server
@@ -18,19 +18,26 @@ engine: 1.16).
 With faults (5 % of first attempts answered 503, or 429), the same ratio is printed against the
 fault-free bound (what a user sees), and against a bound that counts the extra calls and, on
 the critical path, one retry (its latency and the shortest backoff, ``retry_backoff_s x 0.5``).
-The server runs in its own process, so it does not share the engine's GIL. One untimed run
-warms the process up first (lazy imports, first SQLite store).
+The fake server's injected 429s carry ``Retry-After: 0`` (its ``--retry-after-s`` default), and
+the engine waits ``max(backoff, Retry-After)``, i.e. the backoff, as after a 503: the two fault
+cases have the same bound. The server runs in its own process, so it does not share the
+engine's GIL. One untimed run warms the process up first (lazy imports, first SQLite store).
 
-``--diagnose`` adds rows that take the engine apart (no-fault case, same medians):
+``--diagnose`` adds columns (permits in use, mean limits) and rows that take the engine apart
+(no-fault case, same medians):
 
 - ``ideal client``: no pipeline; raw asyncio HTTP/1.1 keep-alive connections (32 + 32) run the
   600 writer -> judge chains: what this server allows at all (its own per-request work and the
   50 ms sleeps' overshoot make it > 1.0);
 - ``engine, no HTTP``: the pipeline with ``LlmClient.complete`` replaced by a 50 ms
   ``asyncio.sleep`` and the fake server's answer: the engine's own overhead;
-- ``engine, lean HTTP``: the pipeline with ``LlmClient._post`` replaced by a minimal HTTP/1.1
-  client over asyncio streams (a prototype: plain http, no proxies): what the engine would reach
-  with a cheaper client than httpx.
+- per HTTP client, the client alone (1,200 calls, 64 at once, no engine: wall time and CPU per
+  call, connections warm) and the dual ratio with it:
+  ``aiohttp`` (``LlmClient``, the one in use); ``httpx pool``: LlmClient with its HTTP done by
+  one ``httpx.AsyncClient`` pool of 64 connections (httpcore's pool scans all its connections
+  for every queued request, O(N^2) per batch at 64 in flight); ``httpx lanes``: the previous
+  LlmClient (httpx with a pool of one-connection transports), loaded from git history
+  (``PREVIOUS_CLIENT``), skipped where that commit is not at hand.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import statistics
@@ -47,7 +55,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -62,6 +72,9 @@ ROW_GROUPS_AT_ONCE = 4
 RETRY_BACKOFF_S = 0.05
 CALLS = RECORDS * WRITERS * 2
 CRITICAL_PATH_CALLS = 2
+
+#: The last commit with the httpx + "lanes" LlmClient, for --diagnose.
+PREVIOUS_CLIENT = "d738424707ddec86417cbb26e62da2cd3d85b1eb"
 
 CASES = [
     ("no faults", []),
@@ -149,13 +162,16 @@ class Sampler(threading.Thread):
             time.sleep(self.every_s)
 
 
-def one_run(flags: list[str], seed: int, diagnose: bool = False) -> dict:
+def one_run(flags: list[str], seed: int, diagnose: bool = False, client: Callable | None = None) -> dict:
+    """One dual run; ``client(max_connections)`` makes the HTTP client (default: LlmClient)."""
     import pipeline
     from pipeline.llm import get_runtime
 
     with FakeServer(*flags) as server, tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
         cfg = dual_config(Path(tmp), server.url, seed=seed)
-        runtime = get_runtime(cfg)
+        runtime = get_runtime(cfg)  # the run's generators use this runtime, and its client
+        if client is not None:
+            runtime.client = client(runtime.client.max_connections)
         sampler = Sampler(runtime.limits) if diagnose else None
         if sampler:
             sampler.start()
@@ -276,100 +292,95 @@ def no_http_run(seed: int) -> float:
     return makespan
 
 
-class _Answer:
-    """What the client's error mapping and parsing read from an httpx.Response."""
-
-    def __init__(self, status: int, headers: dict, body: bytes) -> None:
-        self.status_code, self.headers, self._body = status, headers, body
-
-    @property
-    def text(self) -> str:
-        return self._body.decode()
-
-    def json(self):
-        return json.loads(self._body)
+def httpx_pool_client(max_connections: int):
+    """LlmClient with its HTTP done by one ``httpx.AsyncClient`` (HTTP/1.1, a pool sized to
+    the concurrency) instead of aiohttp: same payload, parsing and mapping of statuses."""
+    return _httpx_pool_class()(max_connections=max_connections)
 
 
-class _Headers(dict):
-    def get(self, key, default=None):
-        return super().get(key.lower(), default)
+@functools.cache
+def _httpx_pool_class() -> type:
+    import httpx
 
-
-def lean_http_run(seed: int) -> float:
-    """The engine with LlmClient._post replaced by a minimal keep-alive HTTP/1.1 client."""
-    import os
-
-    import pipeline
+    from pipeline.errors import ModelConnectionError, ModelTimeoutError
     from pipeline.llm import client as llm_client
 
-    idle: dict = {}
-    opened: list = []
+    class HttpxPoolClient(llm_client.LlmClient):
+        _http: httpx.AsyncClient | None = None
 
-    async def _post(self, endpoint, payload):
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
-        if endpoint.api_key_env:
-            headers["Authorization"] = f"Bearer {os.environ[endpoint.api_key_env]}"
-        rest = endpoint.url.split("//", 1)[1]
-        hostport, path = rest.split("/", 1)
-        host, port = hostport.rsplit(":", 1)
-        free = idle.setdefault(hostport, [])
-        if free:
-            reader, writer = free.pop()
-        else:
-            reader, writer = await asyncio.open_connection(host, int(port))
-            opened.append(writer)
-        body = json.dumps(payload).encode()
-        head = (f"POST /{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: {len(body)}\r\n"
-                + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
-        writer.write(head.encode() + body)
-        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        answer_headers = _Headers()
-        for line in lines[1:]:
-            if ":" in line:
-                key, value = line.split(":", 1)
-                answer_headers[key.strip().lower()] = value.strip()
-        data = await reader.readexactly(int(answer_headers.get("content-length", 0)))
-        free.append((reader, writer))
-        answer = _Answer(int(lines[0].split()[1]), answer_headers, data)
-        return llm_client._status_error(endpoint, answer) if answer.status_code >= 300 else answer
+        async def aclose(self) -> None:
+            http, self._http = self._http, None
+            if http is not None:
+                await http.aclose()
 
-    async def aclose(self):
-        for writer in opened:
-            writer.close()
-        opened.clear()
-        idle.clear()
+        async def _post(self, endpoint, body):
+            if self._http is None:
+                limits = httpx.Limits(max_connections=self.max_connections,
+                                      max_keepalive_connections=self.max_connections)
+                self._http = httpx.AsyncClient(limits=limits, headers={"User-Agent": "pipeline-llm"},
+                                               follow_redirects=False)
+            headers = {"Accept": "application/json", "Content-Type": "application/json"}
+            try:
+                async with asyncio.timeout(endpoint.timeout_s):
+                    response = await self._http.post(endpoint.url, content=body, headers=headers,
+                                                      timeout=httpx.Timeout(endpoint.timeout_s))
+            except (httpx.TimeoutException, TimeoutError):
+                return ModelTimeoutError(f"{endpoint.where}: no answer within {endpoint.timeout_s:g} s")
+            except httpx.TransportError as exc:
+                return ModelConnectionError(f"{endpoint.where}: cannot connect ({type(exc).__name__})")
+            answer = llm_client._Answer(response.status_code, response.headers, response.content)
+            return llm_client._status_error(endpoint, answer) if answer.status_code >= 300 else answer
 
-    with FakeServer() as server, _patched(llm_client.LlmClient, "_post", _post), \
-            _patched(llm_client.LlmClient, "aclose", aclose), tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
-        cfg = dual_config(Path(tmp), server.url, seed=seed)
-        t0 = time.perf_counter()
-        result = pipeline.run(cfg, home=Path(tmp) / "home", run_id="lean")
-        makespan = time.perf_counter() - t0
-    assert result.status == "complete"
-    return makespan
+    return HttpxPoolClient
 
 
-def client_only_run(seed: int, lean: bool = False) -> tuple[float, float]:
-    """1,200 calls through LlmClient alone (64 at once, no engine): (makespan, CPU seconds)."""
+def previous_client() -> Callable | None:
+    """The LlmClient class of commit PREVIOUS_CLIENT (httpx + one-connection lanes), or None."""
+    import importlib.util
+
+    try:
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{PREVIOUS_CLIENT}:pipeline/llm/client.py"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    spec = importlib.util.spec_from_loader("bench_previous_llm_client", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    exec(compile(source, f"{PREVIOUS_CLIENT[:7]}:pipeline/llm/client.py", "exec"), module.__dict__)
+    return lambda max_connections: module.LlmClient(max_connections=max_connections)
+
+
+def client_only_run(seed: int, client: Callable | None = None) -> tuple[float, float]:
+    """1,200 calls through a client alone (64 at once, no engine), connections warmed first:
+    (makespan, CPU seconds of this process)."""
     from pipeline.llm import LlmClient, ModelEndpoint
 
     async def drive(url: str) -> tuple[float, float]:
-        client = LlmClient(max_connections=CONCURRENCY)
+        llm = client(CONCURRENCY) if client is not None else LlmClient(max_connections=CONCURRENCY)
         endpoint = ModelEndpoint("a", url, "writer-model", max_parallel_requests=CONCURRENCY)
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def one(i: int) -> None:
             async with gate:
-                await client.complete(endpoint, [{"role": "user", "content": f"client only {seed} {i}"}])
+                await llm.complete(endpoint, [{"role": "user", "content": f"client only {seed} {i}"}])
 
-        t0, c0 = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(one(i) for i in range(CALLS)))
-        out = time.perf_counter() - t0, time.process_time() - c0
-        await client.aclose()
-        return out
+        try:
+            await asyncio.gather(*(one(-1 - i) for i in range(CONCURRENCY)))  # open the connections
+            t0, c0 = time.perf_counter(), time.process_time()
+            await asyncio.gather(*(one(i) for i in range(CALLS)))
+            return time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            await llm.aclose()
 
     with FakeServer() as server:
         return asyncio.run(drive(server.url))
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def diagnose_rows(repeat: int, base: float) -> None:
@@ -377,16 +388,26 @@ def diagnose_rows(repeat: int, base: float) -> None:
     rows = [
         ("ideal client (raw asyncio HTTP, no engine)", [ideal_client_run(900 + k) for k in range(repeat)]),
         ("engine, calls = 50 ms sleeps (no HTTP)", [no_http_run(910 + k) for k in range(repeat)]),
-        ("engine + lean asyncio HTTP client (prototype)", [lean_http_run(920 + k) for k in range(repeat)]),
     ]
     for name, runs in rows:
         makespan = statistics.median(runs)
-        print(f"  {name:<46} {makespan:>7.3f} s  ratio {makespan / base:.2f}")
-    client = [client_only_run(930 + k) for k in range(repeat)]
-    wall = statistics.median(c[0] for c in client)
-    cpu = statistics.median(c[1] for c in client)
-    print(f"  {'LlmClient alone, 1,200 calls, 64 at once':<46} {wall:>7.3f} s  ratio {wall / base:.2f}  "
-          f"CPU {cpu:.2f} s = {1000 * cpu / CALLS:.2f} ms per call")
+        print(f"  {name:<46} {makespan:>7.3f} s  ratio {makespan / base:.2f}", flush=True)
+    print(f"HTTP clients (aiohttp {_version('aiohttp')}, httpx {_version('httpx')}, "
+          f"httpcore {_version('httpcore')}): the client alone, {CALLS:,} calls, {CONCURRENCY} at once; "
+          f"then the dual shape with it")
+    print(f"  {'client':<40} {'alone s':>8} {'CPU ms/call':>11} {'dual s':>7} {'ratio':>6}")
+    clients = [("aiohttp (LlmClient, in use)", None), ("httpx pool of 64 (plain AsyncClient)", httpx_pool_client)]
+    previous = previous_client()
+    if previous is None:
+        print(f"  (httpx lanes: commit {PREVIOUS_CLIENT[:7]} not in this checkout; skipped)")
+    else:
+        clients.append((f"httpx lanes (LlmClient at {PREVIOUS_CLIENT[:7]})", previous))
+    for k, (name, client) in enumerate(clients):
+        alone = [client_only_run(930 + 10 * k + i, client) for i in range(repeat)]
+        wall = statistics.median(a[0] for a in alone)
+        cpu = statistics.median(a[1] for a in alone)
+        dual = statistics.median(one_run([], seed=960 + 10 * k + i, client=client)["makespan"] for i in range(repeat))
+        print(f"  {name:<40} {wall:>8.3f} {1000 * cpu / CALLS:>11.2f} {dual:>7.3f} {dual / base:>6.2f}", flush=True)
 
 
 def lower_bound(calls: int, faulted: bool) -> float:
@@ -401,10 +422,13 @@ def dual_section(repeat: int = 3, diagnose: bool = False) -> None:
     base = lower_bound(CALLS, False)
     print(f"dual: {RECORDS} records, {WRITERS} writers (model A) each judged (model B), {CALLS:,} calls, "
           f"{LATENCY_MS:g} ms latency, {PER_MODEL}+{PER_MODEL} in flight, row groups of {ROW_GROUP_SIZE} "
-          f"x{ROW_GROUPS_AT_ONCE}, SQLite store; median of {repeat}")
+          f"x{ROW_GROUPS_AT_ONCE}, SQLite store; HTTP client: LlmClient (aiohttp {_version('aiohttp')}); "
+          f"median of {repeat}")
     print(f"lower bound without faults: max({CRITICAL_PATH_CALLS} x {LATENCY_MS / 1000:g} s, "
           f"{CALLS} x {LATENCY_MS / 1000:g} s / {CONCURRENCY}) = {base:.3f} s; target ratio <= 1.10 "
           f"(reference engine 1.16)")
+    print("faults hit 5 % of first attempts; injected 429s carry Retry-After: 0, so a 429 waits the backoff "
+          "like a 503 and both use the same adjusted bound (extra calls; one retry on the critical path)")
     header = (f"{'case':<10} {'makespan s':>10} {'ratio':>6} {'requests':>9} {'faults':>7} "
               f"{'adj. bound s':>12} {'adj. ratio':>10} {'A/B cuts':>9} {'server max in flight A/B':>25}")
     if diagnose:
@@ -434,7 +458,7 @@ def dual_section(repeat: int = 3, diagnose: bool = False) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--diagnose", action="store_true", help="sample the permits in use during each run")
+    parser.add_argument("--diagnose", action="store_true", help="sample the permits in use during each run; compare the engine's parts and HTTP clients")
     args = parser.parse_args()
     dual_section(args.repeat, diagnose=args.diagnose)
 

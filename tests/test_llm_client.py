@@ -222,6 +222,151 @@ async def test_concurrent_requests_share_the_pool(server_url):
     assert len({c.text for c in texts}) == 40
 
 
+async def test_the_pool_opens_on_first_use_and_reopens_after_aclose(server_url):
+    client = LlmClient(max_connections=2)
+    assert "closed" in repr(client)
+    assert (await client.complete(endpoint(server_url), user("first"))).text
+    assert "open" in repr(client)
+    await client.aclose()
+    assert "closed" in repr(client)
+    assert (await client.complete(endpoint(server_url), user("again"))).text
+    await client.aclose()
+
+
+async def test_a_request_from_another_running_loop_gets_a_one_off_connection(client, server_url):
+    assert (await client.complete(endpoint(server_url), user("on the pool's loop"))).text
+    # Another thread with its own loop, while the pool's loop runs: the pool is not touched.
+    other = await asyncio.to_thread(asyncio.run, client.complete(endpoint(server_url), user("elsewhere")))
+    assert other.text.endswith("elsewhere")
+    assert (await client.complete(endpoint(server_url), user("still the pool"))).text
+
+
+@pytest.mark.parametrize("status", [301, 307])
+async def test_redirects_are_not_followed_and_fail_for_good(client, server_url, status):
+    with pytest.raises(ModelRequestError) as caught:
+        await client.complete(endpoint(server_url), user(f"[[status:{status}]]"))
+    assert caught.value.status_code == status
+
+
+@pytest.mark.parametrize("base_url", ["ftp://127.0.0.1:21/v1", "http://[::1/v1", "http:///v1"])
+async def test_a_bad_base_url_fails_for_good(client, base_url):
+    with pytest.raises(ModelRequestError, match="bad base_url") as caught:
+        await client.complete(endpoint(base_url), user("hi"))
+    assert not is_retryable(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+
+
+def _clear_proxy_env(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "REQUEST_METHOD"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+async def test_proxies_come_from_the_environment(server_url, monkeypatch):
+    """HTTP_PROXY routes the request through the proxy (here the fake server, which answers
+    404 to an absolute-form target, naming it); NO_PROXY bypasses it."""
+    _clear_proxy_env(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", server_url.removesuffix("/v1"))
+    client = LlmClient(max_connections=2)
+    try:
+        with pytest.raises(ModelRequestError) as caught:
+            await client.complete(endpoint("http://llm.example.invalid/v1"), user("through the proxy"))
+        assert caught.value.status_code == 404
+        assert "http://llm.example.invalid/v1/chat/completions" in str(caught.value)
+    finally:
+        await client.aclose()
+    with socket.socket() as sock:  # a proxy that is not there: only a bypass gets through
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{sock.getsockname()[1]}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    client = LlmClient(max_connections=2)
+    try:
+        assert (await client.complete(endpoint(server_url), user("no proxy"))).text.endswith("no proxy")
+    finally:
+        await client.aclose()
+    monkeypatch.delenv("NO_PROXY")
+    client = LlmClient(max_connections=2)
+    try:
+        with pytest.raises(ModelConnectionError):
+            await client.complete(endpoint(server_url), user("proxy gone"))
+    finally:
+        await client.aclose()
+
+
+_COMPLETION = b'{"choices": [{"message": {"content": "hello there"}}], "usage": {"prompt_tokens": 2}}'
+
+
+def _chunked(body: bytes, size: int = 7) -> bytes:
+    parts = [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size)]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+def _gzipped(body: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(body)
+
+
+RAW_ANSWERS = {
+    "chunked": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + _chunked(_COMPLETION),
+    "gzip": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(_gzipped(_COMPLETION)) + _gzipped(_COMPLETION),
+    "truncated": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                 + _COMPLETION[:20],
+    "not http": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "nothing": b"",
+}
+
+
+@pytest.fixture(scope="module")
+def raw_server():
+    """A server that answers every request with RAW_ANSWERS[<the request's last word>], then
+    closes the connection: answers the fake server cannot give."""
+    import socketserver
+    import threading
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = self.request.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            while len(body) < length:
+                body += self.request.recv(65536)
+            import json
+
+            word = json.loads(body)["messages"][-1]["content"].split("|")[-1]
+            self.request.sendall(RAW_ANSWERS[word])
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["chunked", "gzip"])
+async def test_chunked_and_compressed_answers_are_read(client, raw_server, kind):
+    completion = await client.complete(endpoint(raw_server), user(f"answer|{kind}"))
+    assert completion.text == "hello there" and completion.prompt_tokens == 2
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not http", "nothing"])
+async def test_a_broken_answer_is_a_retryable_connection_error(client, raw_server, kind):
+    with pytest.raises(ModelConnectionError) as caught:
+        await client.complete(endpoint(raw_server), user(f"answer|{kind}"))
+    assert is_retryable(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+
+
 # --- no secret anywhere -----------------------------------------------------------------------
 
 
@@ -254,6 +399,18 @@ async def test_no_error_repr_or_traceback_shows_the_key(keyed_url, server_url, s
     await slow.runtime.aclose()
     assert all(SECRET not in text for text in said)
     assert all("sk-other" not in text for text in said)
+
+
+async def test_no_connection_or_broken_answer_error_shows_the_key(client, raw_server, secret_env):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    said = []
+    for url, text in ((closed, "hi"), (raw_server, "answer|not http"), (raw_server, "answer|truncated")):
+        with pytest.raises(ModelConnectionError) as caught:
+            await client.complete(endpoint(url, api_key_env=KEY_ENV), user(text))
+        said.append(_everything_said_about(caught.value))
+    assert all(SECRET not in text for text in said)
 
 
 # --- the generators ---------------------------------------------------------------------------

@@ -6,24 +6,30 @@ Every failure is translated once, here, into the error the engine acts on::
     ├── ModelRateLimitError               HTTP 429 (``retry_after_s`` from Retry-After)
     ├── ModelTimeoutError                 HTTP 408, or no answer within ``timeout_s``
     ├── ModelServerError                  HTTP 409, 5xx, or a 200 that is not a chat completion
-    └── ModelConnectionError              the endpoint cannot be reached
+    └── ModelConnectionError              the endpoint cannot be reached, or the exchange broke
 
-    ModelRequestError                     any other 4xx (bad request, bad key, ...): fails for good
+    ModelRequestError                     any other 4xx (bad request, bad key, ...), a redirect,
+                                          or a base_url that is not http(s): fails for good
     ModelOutputError                      the answer cannot be used (no text, JSON that does not
                                           parse or validate): fails for good
+
+HTTP is aiohttp (C HTTP parser, keep-alive pool): one ``ClientSession`` per client and event
+loop, created lazily on the loop of the first request. Proxies come from the environment
+(``HTTP(S)_PROXY``, ``NO_PROXY``), resolved once per URL and session; ``.netrc`` is not read.
 
 Secrets: the API key is read from the environment at the moment of each request and lives only
 in that request's headers. It is never stored on an object, never put in a message, and the
 frames that hold it are never part of a raised exception's traceback (errors are built there
-and raised by the caller). httpx exceptions, which carry the request and its headers, are never
-chained onto ours.
+and raised by the caller). aiohttp exceptions, which carry the request and its headers, are
+never chained onto ours, and what is returned to the caller holds only the response's status,
+headers and body.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import email.utils
+import json
 import logging
 import math
 import os
@@ -32,9 +38,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import timezone
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import httpx
+import aiohttp
 
 from pipeline.errors import (
     ModelConnectionError,
@@ -133,7 +139,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 class LlmClient:
-    """One pooled ``httpx.AsyncClient`` shared by every model of a config.
+    """One pooled ``aiohttp.ClientSession`` shared by every model of a config.
 
     ``max_connections`` bounds the connections per endpoint origin (host and port). The pool
     is opened lazily, on the event loop of the first request, and belongs to that loop: close
@@ -143,18 +149,20 @@ class LlmClient:
 
     def __init__(self, *, max_connections: int = 100) -> None:
         self.max_connections = max(1, int(max_connections))
-        self._http: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._proxies: dict[str, str | None] = {}  # endpoint URL -> proxy URL (or None), per pool
 
     def __repr__(self) -> str:
-        state = "open" if self._http is not None else "closed"
+        state = "open" if self._session is not None else "closed"
         return f"LlmClient(max_connections={self.max_connections}, {state})"
 
     async def aclose(self) -> None:
         """Close the pool. The client stays usable: the next request opens a new one."""
-        http, self._http, self._loop = self._http, None, None
-        if http is not None:
-            await http.aclose()
+        session, self._session, self._loop = self._session, None, None
+        self._proxies.clear()
+        if session is not None:
+            await session.close()
 
     async def complete(
         self,
@@ -177,15 +185,17 @@ class LlmClient:
         if response_format is not None:
             payload["response_format"] = dict(response_format)
 
-        outcome = await self._post(endpoint, payload)
+        outcome = await self._post(endpoint, json.dumps(payload).encode())
         if isinstance(outcome, Exception):
             raise outcome
         return _parse_completion(endpoint, outcome)
 
-    async def _post(self, endpoint: ModelEndpoint, payload: dict[str, Any]) -> httpx.Response | Exception:
+    async def _post(self, endpoint: ModelEndpoint, body: bytes) -> _Answer | Exception:
         # Returns the error instead of raising it: this frame holds the key (in the headers),
         # and a frame that raises ends up in tracebacks that some loggers print with locals.
-        headers = {"Accept": "application/json"}
+        # For the same reason every exception of the HTTP layer is caught here: its traceback
+        # runs through aiohttp frames whose locals hold the request headers.
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if endpoint.api_key_env:
             key = os.environ.get(endpoint.api_key_env)
             if not key:
@@ -194,149 +204,112 @@ class LlmClient:
                     "(its api_key_env) is not set; export it and resume the run"
                 )
             headers["Authorization"] = f"Bearer {key}"
-        http, one_off = self._http_for_running_loop()
+            del key
+        session, one_off = await self._session_for_running_loop()
+        url = endpoint.url
         try:
-            # httpx's timeouts bound each phase; this bounds the whole exchange, so a server
-            # that trickles bytes cannot hold a permit for ever.
+            # Bounds the whole exchange, body included: a server that trickles bytes cannot
+            # hold a permit for ever.
             async with asyncio.timeout(endpoint.timeout_s):
-                response = await http.post(
-                    endpoint.url, json=payload, headers=headers, timeout=httpx.Timeout(endpoint.timeout_s)
-                )
-        except (httpx.TimeoutException, TimeoutError):
+                async with session.post(
+                    url, data=body, headers=headers, proxy=self._proxy_for(url), allow_redirects=False
+                ) as response:
+                    answer = _Answer(response.status, response.headers, await response.read())
+        except TimeoutError:  # asyncio's, and aiohttp's connect/read timeouts
             return ModelTimeoutError(f"{endpoint.where}: no answer within {endpoint.timeout_s:g} s")
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        except (aiohttp.InvalidURL, _NonHttpUrlClientError) as exc:
             return ModelRequestError(f"{endpoint.where}: bad base_url ({type(exc).__name__})")
-        except httpx.TransportError as exc:
+        except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
+            # An answer that is not HTTP, or a body cut short or badly encoded.
+            detail = _scrub(getattr(exc, "message", None) or str(exc), endpoint)[:_BODY_SNIPPET_CHARS]
+            return ModelConnectionError(f"{endpoint.where}: broken answer ({type(exc).__name__}: {detail})")
+        except (aiohttp.ClientError, OSError) as exc:
             detail = _scrub(str(exc), endpoint)[:_BODY_SNIPPET_CHARS]
             return ModelConnectionError(f"{endpoint.where}: cannot connect ({type(exc).__name__}: {detail})")
-        except httpx.DecodingError as exc:
-            return ModelServerError(f"{endpoint.where}: undecodable response ({type(exc).__name__})")
+        except ValueError as exc:  # a header aiohttp refuses, say: the same request would fail again
+            return ModelRequestError(f"{endpoint.where}: the request cannot be sent ({type(exc).__name__})")
+        except Exception as exc:  # anything else the HTTP layer raises; retryable, and key-free
+            detail = _scrub(str(exc), endpoint)[:_BODY_SNIPPET_CHARS]
+            return ModelConnectionError(f"{endpoint.where}: HTTP client error ({type(exc).__name__}: {detail})")
         finally:
+            headers.clear()  # nothing of the key stays in this frame's locals
             if one_off:
-                await http.aclose()
-        if response.status_code >= 300:
-            return _status_error(endpoint, response)
-        return response
+                await session.close()
+        if answer.status_code >= 300:
+            return _status_error(endpoint, answer)
+        return answer
 
-    def _http_for_running_loop(self) -> tuple[httpx.AsyncClient, bool]:
+    async def _session_for_running_loop(self) -> tuple[aiohttp.ClientSession, bool]:
         loop = asyncio.get_running_loop()
-        if self._http is not None and self._loop is not loop:
+        if self._session is not None and self._loop is not loop:
             if self._loop is not None and not self._loop.is_closed():
-                return self._new_http(1), True
+                return self._new_session(1), True
             logger.warning("LlmClient: its event loop ended before aclose(); opening a new pool")
-            self._http = None
-        if self._http is None:
-            self._http = self._new_http(self.max_connections)
+            stale, self._session, self._loop = self._session, None, None
+            self._proxies.clear()
+            try:
+                await stale.close()  # its loop is gone: this only marks it closed
+            except Exception:  # pragma: no cover - best effort
+                pass
+        if self._session is None:
+            self._session = self._new_session(self.max_connections)
             self._loop = loop
-        return self._http, False
+        return self._session, False
 
     @staticmethod
-    def _new_http(max_connections: int) -> httpx.AsyncClient:
-        headers = {"User-Agent": "pipeline-llm"}
-        if max_connections == 1:
-            return httpx.AsyncClient(headers=headers, follow_redirects=False)
-        return httpx.AsyncClient(transport=_LaneTransport(max_connections), headers=headers, follow_redirects=False)
-
-
-class _LaneTransport(httpx.AsyncBaseTransport):
-    """A connection pool made of one-connection httpx transports ("lanes"), O(1) per request.
-
-    httpcore 1.0's pool scans all its connections for every queued request on every request
-    start and end, so one pool of N connections costs O(N^2) per request when N requests are
-    in flight. Measured here with 128 concurrent requests to a 50 ms server: 1.2-5 s per batch
-    of 128 through one 128-connection pool, 0.11 s through 128 one-connection lanes. Each lane
-    is a full httpx transport (keep-alive, reconnects, proxies, TLS); lanes of an origin are
-    handed out from a free list, and requests past ``max_per_origin`` wait in FIFO order.
-    """
-
-    def __init__(self, max_per_origin: int) -> None:
-        self._max_per_origin = max_per_origin
-        self._ssl_context: Any = None  # one for all lanes: loading CA certificates is slow
-        self._idle: dict[tuple, list[httpx.AsyncHTTPTransport]] = collections.defaultdict(list)
-        self._opened: collections.Counter[tuple] = collections.Counter()
-        self._waiters: dict[tuple, collections.deque[asyncio.Future]] = collections.defaultdict(collections.deque)
-        self._lanes: list[httpx.AsyncHTTPTransport] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        origin = (request.url.scheme, request.url.host, request.url.port)
-        lane = await self._checkout(origin)
-        try:
-            response = await lane.handle_async_request(request)
-        except BaseException:
-            self._checkin(origin, lane)
-            raise
-        stream = _ReleasingStream(response.stream, lambda: self._checkin(origin, lane))
-        return httpx.Response(
-            response.status_code, headers=response.headers, stream=stream, extensions=response.extensions
+    def _new_session(max_connections: int) -> aiohttp.ClientSession:
+        # limit=0: no bound across origins; each origin (host, port, TLS, proxy) gets its own.
+        # Idle connections are dropped after 4 s, before servers drop them (uvicorn, under
+        # vLLM, after 5 s): reusing a connection the server is closing fails the request.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=max_connections, keepalive_timeout=4.0)
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": "pipeline-llm"},
+            timeout=aiohttp.ClientTimeout(total=None),  # _post bounds each exchange
+            # Proxies are resolved by _proxy_for, once per URL: aiohttp's trust_env reads the
+            # environment and ~/.netrc in a worker thread on every request (two thread hops,
+            # ~0.3 ms of CPU), and a .netrc entry for the host would clash with our key.
+            trust_env=False,
         )
 
-    async def aclose(self) -> None:
-        lanes, self._lanes = self._lanes, []
-        self._idle.clear()
-        self._opened.clear()
-        for lane in lanes:
-            await lane.aclose()
-
-    async def _checkout(self, origin: tuple) -> httpx.AsyncHTTPTransport:
-        idle = self._idle[origin]
-        if idle:
-            return idle.pop()
-        if self._opened[origin] < self._max_per_origin:
-            self._opened[origin] += 1
-            lane = self._new_lane(origin)
-            self._lanes.append(lane)
-            return lane
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters[origin].append(waiter)
+    def _proxy_for(self, url: str) -> str | None:
+        """The proxy from the environment for ``url`` (``HTTP_PROXY``/``HTTPS_PROXY``, minus
+        ``NO_PROXY``), as urllib reads it; cached for the life of the pool."""
         try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # handed a lane as we were cancelled
-                self._checkin(origin, waiter.result())
-            raise
-
-    def _checkin(self, origin: tuple, lane: httpx.AsyncHTTPTransport) -> None:
-        waiters = self._waiters[origin]
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(lane)
-                return
-        self._idle[origin].append(lane)
-
-    def _new_lane(self, origin: tuple) -> httpx.AsyncHTTPTransport:
-        if self._ssl_context is None:
-            self._ssl_context = httpx.create_ssl_context()
-        scheme, host, _ = origin
-        # A custom transport turns off httpx's own reading of HTTP(S)_PROXY: do it here.
-        proxy = urllib.request.getproxies().get(scheme)
-        if proxy and urllib.request.proxy_bypass(host):
+            return self._proxies[url]
+        except KeyError:
+            pass
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:  # aiohttp will say what is wrong with it
+            return None
+        proxy = urllib.request.getproxies().get(parts.scheme) or None
+        if proxy and parts.hostname and urllib.request.proxy_bypass(parts.hostname):
             proxy = None
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        return httpx.AsyncHTTPTransport(verify=self._ssl_context, limits=limits, proxy=proxy or None)
+        self._proxies[url] = proxy
+        return proxy
 
 
-class _ReleasingStream(httpx.AsyncByteStream):
-    """A response body that gives its lane back when closed (httpx always closes it)."""
-
-    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
-        self._stream = stream
-        self._release: Callable[[], None] | None = release
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            await self._stream.aclose()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
+_NonHttpUrlClientError: type[Exception] = getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL)
 
 
-def _status_error(endpoint: ModelEndpoint, response: httpx.Response) -> Exception:
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What is kept of an HTTP response: status, headers and body (never the request)."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _status_error(endpoint: ModelEndpoint, response: _Answer) -> Exception:
     status = response.status_code
     where = f"{endpoint.where}: HTTP {status}"
     if status == 429:
@@ -351,7 +324,7 @@ def _status_error(endpoint: ModelEndpoint, response: httpx.Response) -> Exceptio
     return ModelRequestError(f"{where}: {body}", status_code=status)
 
 
-def _parse_completion(endpoint: ModelEndpoint, response: httpx.Response) -> Completion:
+def _parse_completion(endpoint: ModelEndpoint, response: _Answer) -> Completion:
     try:
         data = response.json()
         choice = data["choices"][0]
@@ -380,7 +353,10 @@ def _scrub(text: str, endpoint: ModelEndpoint) -> str:
 
 
 def _public_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # say nothing of it: it may hold credentials
+        return "(a URL that does not parse)"
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"

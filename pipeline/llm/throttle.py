@@ -2,20 +2,31 @@
 
 A model endpoint tells us it is overloaded with HTTP 429. The right number of requests to keep
 in flight is unknown and changes with the server's load, so it is learned the way TCP learns a
-congestion window: every 429 cuts the limit by ``decrease_factor``; a run of successes raises it
-by one, never above the configured ``max_parallel_requests``.
+congestion window: an overload cuts the limit by ``decrease_factor``; a run of successes raises
+it by one, never above the configured ``max_parallel_requests``.
 
-Two things make the naive version misbehave, and are handled here:
+Three things make the naive version ("every 429 halves the limit") misbehave, and are handled
+here:
 
+- Isolated 429s. Servers and gateways answer a few requests 429 for reasons that have nothing
+  to do with our concurrency (a token bucket refilling, a busy replica). With 5 % of requests
+  refused at random, halving on every 429 takes a limit of 32 down to a handful within a
+  second, and it never recovers (7x slower runs). So a 429 cuts only when the 429s are a real
+  share of the recent answers: at least ``cut_share`` (20 %), and at least 2, of the last
+  ``window`` releases (default ``max(max_limit, 32)``). A server that is really overloaded
+  refuses a large share of what it gets and crosses that at once; 5 % of random 429s almost
+  never does (about once per 9,000 releases with a window of 32; a 10 % threshold would cut
+  2-3 times per 600 releases). A window smaller than 32 cannot tell the two apart.
 - A burst. When the server starts refusing, every request already in flight (launched under
-  the old, too-high limit) comes back 429 at about the same time. Cutting once per 429 would
-  take a limit of 64 to 1 in one burst. So after a cut, further cuts are ignored for one
-  *window*: until as many releases have happened as there were requests in flight at the cut
-  (or as the new limit, whichever is larger). Only 429s from requests launched under the new
-  limit can cut again.
-- Recovery speed. ``increase_after`` defaults to the current limit: one step up per window of
-  successful requests, like TCP's congestion avoidance. At a small limit this recovers within a
-  few round trips; at a large one it probes slowly, where overshooting costs most.
+  the old, too-high limit) comes back 429 at about the same time. Cutting on each of them would
+  take a limit of 64 to 1 in one burst. So after a cut, the window starts afresh and further
+  429s are ignored for a *cooldown*: until as many releases have happened as there were
+  requests in flight at the cut (or as the new limit, whichever is larger). Only 429s from
+  requests launched under the new limit can cut again.
+- Recovery speed. The cut is mild (``decrease_factor`` 0.7, as TCP CUBIC) and
+  ``increase_after`` defaults to the current limit: one step up per window of successful
+  requests since the last change, like TCP's congestion avoidance. A 429 that does not cut
+  does not reset that count (it is noise, or it would have cut); a cut does.
 
 All methods are synchronous and must be called from the event loop's thread; the engine
 acquires a permit before it runs an LLM task and releases it when the task ends.
@@ -26,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 from typing import AsyncIterator, Callable
 
 from pipeline.errors import ModelRateLimitError
@@ -37,9 +49,15 @@ class AdaptiveLimit:
     """How many requests one model may have in flight now, adapted to its 429s.
 
     ``limit`` starts at ``max_limit`` and stays within ``[min_limit, max_limit]``.
-    ``increase_after`` is the number of consecutive successes per +1 step; ``None`` (the
-    default) means "the current limit", i.e. one step per window of successes.
+    ``increase_after`` is the number of successes per +1 step; ``None`` (the default) means
+    "the current limit", i.e. one step per window of successes. A cut multiplies the limit by
+    ``decrease_factor`` (and lowers it by at least one); it happens on a 429 that makes the 429s
+    among the last ``window`` releases (default ``max(max_limit, 32)``) reach ``cut_share`` of
+    the window, and at least 2.
     """
+
+    #: The smallest default window: below it, random 429s and overload look alike.
+    MIN_WINDOW = 32
 
     def __init__(
         self,
@@ -47,7 +65,9 @@ class AdaptiveLimit:
         *,
         min_limit: int = 1,
         increase_after: int | None = None,
-        decrease_factor: float = 0.5,
+        decrease_factor: float = 0.7,
+        window: int | None = None,
+        cut_share: float = 0.2,
     ) -> None:
         if max_limit < 1:
             raise ValueError(f"max_limit must be >= 1, got {max_limit}")
@@ -57,17 +77,27 @@ class AdaptiveLimit:
             raise ValueError(f"increase_after must be >= 1, got {increase_after}")
         if not 0.0 < decrease_factor < 1.0:
             raise ValueError(f"decrease_factor must be within (0, 1), got {decrease_factor}")
+        if window is not None and window < 2:
+            raise ValueError(f"window must be >= 2, got {window}")
+        if not 0.0 < cut_share <= 1.0:
+            raise ValueError(f"cut_share must be within (0, 1], got {cut_share}")
         self.max_limit = max_limit
         self.min_limit = min_limit
         self.increase_after = increase_after
         self.decrease_factor = decrease_factor
+        self.window = window if window is not None else max(max_limit, self.MIN_WINDOW)
+        self.cut_share = cut_share
+        #: 429s among the last ``window`` releases that make a cut.
+        self.cut_at = max(2, math.ceil(cut_share * self.window - 1e-9))
         self.limit = max_limit
         self.in_use = 0
         #: Called (no arguments) after a release that leaves room, so a dispatcher that gave up
         #: on ``try_acquire`` knows when to try again. Set by the engine.
         self.on_available: Callable[[], None] | None = None
-        self._successes = 0
-        self._cooldown = 0  # releases still to see before another 429 may cut
+        self._successes = 0  # since the last change of the limit
+        self._cooldown = 0  # releases still to see before outcomes count again
+        self._recent: collections.deque[bool] = collections.deque()  # last releases: 429 or not
+        self._recent_429 = 0
         self._requests = 0
         self._rate_limited = 0
         self._cuts = 0
@@ -109,14 +139,18 @@ class AdaptiveLimit:
         self._requests += 1
         if rate_limited:
             self._rate_limited += 1
-            self._successes = 0
-            if self._cooldown == 0:
-                self._cut()
-            else:
-                self._cooldown -= 1
+        if self._cooldown > 0:
+            # Launched before the last cut: says nothing about the new limit.
+            self._cooldown -= 1
         else:
-            if self._cooldown > 0:
-                self._cooldown -= 1
+            recent = self._recent
+            recent.append(rate_limited)
+            self._recent_429 += rate_limited
+            if len(recent) > self.window:
+                self._recent_429 -= recent.popleft()
+            if rate_limited and self._recent_429 >= self.cut_at:
+                self._cut()
+        if not rate_limited:
             self._successes += 1
             step = self.increase_after if self.increase_after is not None else self.limit
             if self._successes >= step:
@@ -151,8 +185,12 @@ class AdaptiveLimit:
         }
 
     def _cut(self) -> None:
-        self.limit = max(self.min_limit, int(self.limit * self.decrease_factor))
+        cut = min(self.limit - 1, int(self.limit * self.decrease_factor))
+        self.limit = max(self.min_limit, cut)
         self._cuts += 1
+        self._successes = 0
+        self._recent.clear()
+        self._recent_429 = 0
         # The requests still in flight were launched under the old limit; their 429s say
         # nothing new about the new one.
         self._cooldown = max(self.in_use, self.limit)
