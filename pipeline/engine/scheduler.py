@@ -212,7 +212,10 @@ class Scheduler:
     async def _admission(self) -> None:
         opts = self.opts
         while not self._stopping:
-            need = opts.max_concurrent_row_groups - len(self._live)
+            # Finished row groups waiting for their checkpoint still hold their values: past a
+            # bound, admission waits for them, so memory stays flat even if the disk is slow.
+            backlog = len(self._checkpoints) >= opts.max_concurrent_row_groups
+            need = 0 if backlog else opts.max_concurrent_row_groups - len(self._live)
             claims: list[RowGroupClaim] = []
             if need > 0:
                 claims = await self.journal.call(self.store.claim_row_groups, self.run_id, need, opts.lease_s)
@@ -224,7 +227,7 @@ class Scheduler:
                         break
                     self._admit(claim, loaded)
                 self._pump()
-            if not self._live and not claims:
+            if not self._live and not claims and not backlog:
                 if self._checkpoints:
                     await asyncio.wait(list(self._checkpoints))
                 groups = await self.journal.call(self.store.row_groups, self.run_id)
@@ -234,7 +237,7 @@ class Scheduler:
                 await asyncio.sleep(opts.poll_s)  # the rest is leased by other workers
                 continue
             self._wake.clear()
-            if len(self._live) >= opts.max_concurrent_row_groups or not claims:
+            if backlog or len(self._live) >= opts.max_concurrent_row_groups or not claims:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=None if claims else opts.poll_s)
                 except asyncio.TimeoutError:
@@ -566,6 +569,7 @@ class Scheduler:
 
     def _checkpointed(self, fut: asyncio.Future) -> None:
         self._checkpoints.discard(fut)
+        self._wake.set()
         if fut.cancelled():
             return
         exc = fut.exception()

@@ -52,6 +52,7 @@ class MemoryStore:
                                 state="pending", rows_dropped=0, path=None, lease_owner=None, lease_epoch=0,
                                 lease_expires_at=None) for g in range(n_groups)],
                 "tasks": {},  # (rg, generator, row_index) -> dict
+                "by_rg": {},  # rg -> keys of its tasks, so that compaction is O(row group)
                 "dropped": {},  # rg -> set of row indexes
                 "workers": {},
                 "usage": {},  # (model, generator) -> dict
@@ -182,6 +183,7 @@ class MemoryStore:
                 if t is None:
                     t = tasks[key] = dict(task_type=ev[4], attempts=0, next_eligible_at=None, last_error=None,
                                           value=None)
+                    run["by_rg"].setdefault(rg, set()).add(key)
                 t["state"] = _STATE[kind]
                 t["updated_at"] = now
                 if kind == DONE:
@@ -209,8 +211,10 @@ class MemoryStore:
                 return False
             run["groups"][row_group].update(state="checkpointed", path=path, rows_dropped=rows_dropped,
                                             lease_owner=None, lease_expires_at=None)
-            run["tasks"] = {k: t for k, t in run["tasks"].items()
-                            if k[0] != row_group or t["state"] == "failed"}
+            tasks = run["tasks"]
+            for key in run["by_rg"].pop(row_group, ()):
+                if tasks[key]["state"] != "failed":
+                    del tasks[key]
             run["dropped"].pop(row_group, None)
             self._epochs.pop((run_id, row_group), None)
             return True
