@@ -421,6 +421,13 @@ class SqlStore:
         usage: list[tuple[tuple, tuple]] = []
         for ev in events:
             kind = ev[0]
+            if kind == DONE and len(ev) == 6:
+                # The common case: a task done with nothing else pending in this batch. The
+                # event itself stands for the row (resolved below); no coalescing entry.
+                key = (ev[1], ev[2], ev[3])
+                if key not in tasks:
+                    tasks[key] = ev
+                    continue
             if kind <= FAILED:
                 key = (ev[1], ev[2], ev[3])
                 if len(ev) > 6:  # model usage of this attempt, recorded with its transition
@@ -428,6 +435,8 @@ class SqlStore:
                 entry = tasks.get(key)
                 if entry is None:
                     entry = tasks[key] = [None, ev[4], None, None]
+                elif type(entry) is tuple:  # a plain DONE seen earlier in this batch
+                    entry = tasks[key] = ["done", entry[4], entry[5], None]
                 else:
                     entry[1] = ev[4]
                 if kind == STARTED:
@@ -470,9 +479,16 @@ class SqlStore:
             encode = values.encode
             plain: list[tuple] = []
             full: list[tuple] = []
-            for (rg, generator, row_index), (state, task_type, value, error) in tasks.items():
+            all_ours = len(ours) == len(touched)
+            for (rg, generator, row_index), entry in tasks.items():
+                if type(entry) is tuple:  # plain DONE
+                    if all_ours or rg in ours:
+                        plain.append((run_id, rg, generator, -1 if row_index is None else row_index, row_index,
+                                      entry[4], "done", encode(entry[5]), now))
+                    continue
                 if rg not in ours:
                     continue
+                state, task_type, value, error = entry
                 text = encode(value) if state == "done" else None
                 slot = -1 if row_index is None else row_index
                 if error is None:
