@@ -196,3 +196,9 @@ def test_trace_writes_one_line_per_task_attempt_and_nothing_when_off(tmp_path):
     assert all(t["status"] == "ok" and t["finished_at"] >= t["started_at"] >= t["dispatched_at"] for t in lines)
     cli("run", str(QUICKSTART), "--run-id", "notr", "--num-records", "20", "--quiet", home=home, check=True)
     assert not (home / "runs" / "notr" / "traces.jsonl").exists()
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(example):
+    data = json.loads(cli("graph", str(example), "--format", "json", check=True).stdout)
+    assert data["columns"]
