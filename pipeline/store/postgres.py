@@ -7,6 +7,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine
 
 from pipeline.errors import ReadOnlyQueryError, StoreError
+from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
 
 __all__ = [
     "SCHEMA_LOCK_KEY",
@@ -73,9 +74,7 @@ _UNNEST_STATE = (
     "SELECT %s, u.row_group, u.column_name, u.slot, u.row_index, u.task_type, u.state, u.value, %s, 0 "
     "FROM unnest(%b::int[], %b::text[], %b::int[], %b::int[], %b::text[], %b::text[], %b::text[]) "
     "AS u(row_group, column_name, slot, row_index, task_type, state, value) "
-    "ON CONFLICT (run_id, row_group, column_name, slot) DO UPDATE SET "
-    "task_type = excluded.task_type, state = excluded.state, value = excluded.value, "
-    "updated_at = excluded.updated_at"
+    + ON_CONFLICT_STATE
 )
 _UNNEST_FULL = (
     "INSERT INTO tasks (run_id, row_group, column_name, slot, row_index, task_type, state, value, "
@@ -86,10 +85,7 @@ _UNNEST_FULL = (
     "%b::int[], %b::float8[], %b::text[]) "
     "AS u(row_group, column_name, slot, row_index, task_type, state, value, attempts, "
     "next_eligible_at, last_error) "
-    "ON CONFLICT (run_id, row_group, column_name, slot) DO UPDATE SET "
-    "task_type = excluded.task_type, state = excluded.state, value = excluded.value, "
-    "updated_at = excluded.updated_at, attempts = excluded.attempts, "
-    "next_eligible_at = excluded.next_eligible_at, last_error = excluded.last_error"
+    + ON_CONFLICT_FULL
 )
 
 

@@ -147,6 +147,17 @@ tasks = sa.Table(
     ),
 )
 
+#: The upsert of a task row, shared by the SQLite and PostgreSQL writers: a state change keeps
+#: the attempts and error of the last DEFERRED/FAILED; a "full" change sets them too.
+ON_CONFLICT_STATE = (
+    "ON CONFLICT (run_id, row_group, column_name, slot) DO UPDATE SET "
+    "task_type = excluded.task_type, state = excluded.state, value = excluded.value, "
+    "updated_at = excluded.updated_at"
+)
+ON_CONFLICT_FULL = ON_CONFLICT_STATE + (
+    ", attempts = excluded.attempts, next_eligible_at = excluded.next_eligible_at, last_error = excluded.last_error"
+)
+
 dropped_records = sa.Table(
     "dropped_records",
     metadata,

@@ -12,6 +12,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from pipeline.errors import ReadOnlyQueryError, StoreError
+from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
 
 __all__ = ["READ_ONLY", "create_engine", "create_read_only_engine", "read_query", "upsert_tasks"]
 
@@ -139,18 +140,13 @@ def read_query(engine: Engine, sql: str) -> tuple[list[str], list[tuple]]:
 _UPSERT_STATE = (
     "INSERT INTO tasks (run_id, row_group, column_name, slot, row_index, task_type, state, "
     "value, updated_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0) "
-    "ON CONFLICT (run_id, row_group, column_name, slot) DO UPDATE SET "
-    "task_type = excluded.task_type, state = excluded.state, value = excluded.value, "
-    "updated_at = excluded.updated_at"
+    + ON_CONFLICT_STATE
 )
 _UPSERT_FULL = (
     "INSERT INTO tasks (run_id, row_group, column_name, slot, row_index, task_type, state, "
     "value, updated_at, attempts, next_eligible_at, last_error) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (run_id, row_group, column_name, slot) DO UPDATE SET "
-    "task_type = excluded.task_type, state = excluded.state, value = excluded.value, "
-    "updated_at = excluded.updated_at, attempts = excluded.attempts, "
-    "next_eligible_at = excluded.next_eligible_at, last_error = excluded.last_error"
+    + ON_CONFLICT_FULL
 )
 
 
