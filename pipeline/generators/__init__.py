@@ -6,13 +6,30 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
 from pipeline.generators.base import Generator
-from pipeline.generators.expression import ExpressionGenerator
-from pipeline.generators.python import make_python_generator
-from pipeline.generators.samplers import SamplerGenerator
-from pipeline.generators.seed_dataset import SeedDatasetGenerator
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
+    from pipeline.generators.expression import ExpressionGenerator
+    from pipeline.generators.python import make_python_generator
+    from pipeline.generators.samplers import SamplerGenerator
+    from pipeline.generators.seed_dataset import SeedDatasetGenerator
+
+# The built-in generators (numpy, pandas) load when a run builds them: importing the base class
+# for `pipeline status` must stay cheap.
+_LAZY = {
+    "ExpressionGenerator": "pipeline.generators.expression",
+    "make_python_generator": "pipeline.generators.python",
+    "SamplerGenerator": "pipeline.generators.samplers",
+    "SeedDatasetGenerator": "pipeline.generators.seed_dataset",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipeline.generators' has no attribute {name!r}")
 
 __all__ = [
     "ExpressionGenerator",
@@ -30,6 +47,11 @@ def build_generators(config: PipelineConfig) -> dict[str, Generator]:
     Each has ``outputs`` set to the entry's output columns. Python modules are imported and seed
     files read here, so call it once per process and share the result.
     """
+    from pipeline.generators.expression import ExpressionGenerator
+    from pipeline.generators.python import make_python_generator
+    from pipeline.generators.samplers import SamplerGenerator
+    from pipeline.generators.seed_dataset import SeedDatasetGenerator
+
     generators: dict[str, Generator] = {}
     for column in config.columns:
         kind = column.type
