@@ -111,8 +111,8 @@ class Journal:
             if queue:
                 # Commit as soon as the writer is free: events pile up while a commit runs, so
                 # batches grow with the load and latency stays one commit (well under interval_s).
-                if self.interval_s > 0 and len(queue) < self.max_batch:
-                    time.sleep(min(self.interval_s, 0.001))
+                if self.interval_s > 0 and len(queue) < self.max_batch and type(queue[0]) is not _Call:
+                    time.sleep(min(self.interval_s, 0.001))  # let a few more events join the batch
                 self._drain()
             elif stopping:
                 self._side.shutdown(wait=True)  # pending checkpoints finish before close() returns
