@@ -2,6 +2,7 @@
 
     python scripts/bench.py                 # engine: 10k and 100k records, memory vs SQLite store
     python scripts/bench.py --records 10000 --repeat 3
+    python scripts/bench.py --section latency  # the dual shape with 50 ms python cells (no HTTP)
     python scripts/bench.py --section dual  # LLM "dual" shape against the fake server
 
 Engine shape (issue 2): a 10-column pipeline of no-op async python columns: one sampler root,
@@ -114,10 +115,50 @@ def engine_section(records_list: list[int], repeat: int) -> None:
               f"(durable store costs {cost:.0%}); reference engine: 5,300-7,300 tasks/s in memory")
 
 
+LATENCY_FNS = """
+import asyncio
+
+
+async def call(row):
+    await asyncio.sleep(0.05)
+    return 1
+"""
+
+
+def latency_section(repeat: int) -> None:
+    """The "dual" shape with no HTTP: 3 writer columns each read by a judge column, python
+    cells that sleep 50 ms, 200 records, 64 in flight. Isolates the engine's own scheduling
+    overhead (admission, dispatch, journal, checkpoints, start-up) from any client or server."""
+    import pipeline
+
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-bench-lat-"))
+    (folder / "lat_fns.py").write_text(LATENCY_FNS)
+    cols = ["  - {name: id, type: sampler, sampler: uuid}"]
+    for i in range(3):
+        cols.append(f"  - {{name: w{i}, type: python, function: 'lat_fns:call', requires: [id]}}")
+        cols.append(f"  - {{name: j{i}, type: python, function: 'lat_fns:call', requires: [w{i}]}}")
+    path = folder / "dual.yaml"
+    path.write_text("name: dual\nnum_records: 200\nrow_group_size: 50\n"
+                    "settings: {max_in_flight_tasks: 64, max_concurrent_row_groups: 4}\ncolumns:\n"
+                    + "\n".join(cols) + "\n")
+    home = folder / "home"
+    pipeline.run(path, home=home, run_id="warm")  # imports and the store's migrations, untimed
+    bound = max(2 * 0.05, 1200 * 0.05 / 64)
+    times = []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        result = pipeline.run(path, home=home, run_id=f"lat-{i}")
+        times.append(time.perf_counter() - t0)
+        assert result.status == "complete"
+    med = statistics.median(times)
+    print(f"latency (dual shape, no HTTP): 1,200 cells of 50 ms, 64 in flight, SQLite store, median of {repeat}: "
+          f"makespan {med:.3f} s, bound {bound:.3f} s, ratio {med / bound:.3f} (reference engine 1.16)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=2, metavar=("STORE", "RECORDS"), help=argparse.SUPPRESS)
-    parser.add_argument("--section", choices=["engine", "dual", "all"], default="engine")
+    parser.add_argument("--section", choices=["engine", "latency", "dual", "all"], default="engine")
     parser.add_argument("--records", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -126,6 +167,8 @@ def main() -> None:
         return
     if args.section in ("engine", "all"):
         engine_section(args.records, args.repeat)
+    if args.section in ("latency", "all"):
+        latency_section(args.repeat)
     if args.section in ("dual", "all"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_llm import dual_section
