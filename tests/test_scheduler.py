@@ -519,3 +519,22 @@ def test_tasks_still_running_at_a_commit_are_recorded_in_flight(tmp_path):
         return states
 
     assert asyncio.run(go()) == ["in_flight"] * 3
+
+
+def test_ready_columns_share_the_in_flight_budget(tmp_path):
+    """Reference §3.3: with 4 slots and 3 slow columns ready at once, the first 4 dispatches
+    cover all 3 columns and none takes more than 2."""
+    started = []
+
+    def slow(name):
+        async def fn(row):
+            started.append(name)
+            await asyncio.sleep(0.01)
+            return 0
+        return AsyncFn(fn)
+
+    specs = [spec("i", "batch"), spec("a", deps=["i"]), spec("b", deps=["i"]), spec("c", deps=["i"])]
+    status, _, _ = run_engine(specs, {"i": index_root(), "a": slow("a"), "b": slow("b"), "c": slow("c")},
+                              num_records=20, row_group_size=20, home=tmp_path, max_in_flight_tasks=4)
+    first = started[:4]
+    assert status == "complete" and set(first) == {"a", "b", "c"} and max(first.count(x) for x in "abc") <= 2

@@ -102,10 +102,8 @@ class RowGroupTracker:
 
     # -- readiness ------------------------------------------------------------------------
     def initial(self, out: list) -> None:
-        """Root tasks (and any node with no pending upstream) of a fresh row group."""
-        for p in self.plan.nodes:
-            if p.is_root:
-                self._node_ready(p.index, out)
+        """Root tasks of a fresh row group (root cell columns interleaved record by record)."""
+        self._nodes_ready([p.index for p in self.plan.nodes if p.is_root], out)
 
     def _node_ready(self, j: int, out: list) -> None:
         """All batch upstreams of ``j`` are done: offer what of ``j`` can run."""
@@ -116,6 +114,22 @@ class RowGroupTracker:
                     out.append((j, r))
         elif self.cells_left[j] == 0 and self.batch_state[j] == PENDING:
             out.append((j, None))
+
+    def _nodes_ready(self, nodes: list[int], out: list) -> None:
+        """Several nodes opened at once: offer their cells record by record, so that columns
+        share the in-flight budget fairly and records complete early."""
+        cells = [j for j in nodes if self.plan.nodes[j].is_cell]
+        dropped = self.dropped
+        for r in range(self.n):
+            if dropped[r]:
+                continue
+            for j in cells:
+                wait = self.cell_wait[j]
+                if self.cell_state[j][r] == PENDING and (wait is None or wait[r] == 0):
+                    out.append((j, r))
+        for j in nodes:
+            if not self.plan.nodes[j].is_cell:
+                self._node_ready(j, out)
 
     def complete_cell(self, i: int, r: int, out: list) -> None:
         state = self.cell_state[i]
@@ -143,10 +157,15 @@ class RowGroupTracker:
         self.left[i] -= 1
         self.outstanding -= 1
         plan_node = self.plan.nodes[i]
+        opened = []
         for j in plan_node.cell_down + plan_node.batch_down:
             self.batch_wait[j] -= 1
             if self.batch_wait[j] == 0:
-                self._node_ready(j, out)
+                opened.append(j)
+        if len(opened) > 1:
+            self._nodes_ready(opened, out)
+        elif opened:
+            self._node_ready(opened[0], out)
 
     def drop_record(self, r: int, out: list) -> bool:
         """Drop record ``r``: its pending cells become terminal. False if it was dropped already."""
