@@ -4,6 +4,7 @@ a reader polling progress while a run goes on."""
 from __future__ import annotations
 
 import collections
+import json
 import random
 import signal
 import sqlite3
@@ -157,3 +158,54 @@ def test_reader_polling_progress_never_errors_and_sees_rows_done_only_grow(tmp_p
     final = sqlite3.connect(db).execute("select column_name, rows_done from column_progress").fetchall()
     exported = len(export_frame("watched", home, tmp_path))
     assert exported == 1500 and {done for _, done in final} == {exported}
+
+
+def test_a_second_sigint_stops_at_once_and_the_run_stays_consistent(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=200, rg=50, in_flight=8)
+    home = tmp_path / "home"
+    env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"), PIPELINE_TEST_SLEEP="30")  # tasks that hang
+    proc = cli_popen("run", str(cfg), "--run-id", "twice", "--quiet", home=home, env=env)
+    wait_for_line(proc, "run_id:")
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    code, _ = finish(proc, 30)
+    assert code == 130 and time.monotonic() - t0 < 4.5, "the second SIGINT did not cut the grace period"
+    status = cli("status", "twice", "--json", home=home, check=True).stdout
+    assert '"status": "interrupted"' in status
+    env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"), PIPELINE_TEST_SLEEP="0.001")
+    assert cli("resume", "twice", "--quiet", home=home, env=env).returncode == 0
+    assert len(export_frame("twice", home, tmp_path)) == 200
+
+
+def test_status_watch_refreshes_until_the_run_ends(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=600, rg=50, in_flight=8)
+    home = tmp_path / "home"
+    env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"), PIPELINE_TEST_SLEEP="0.01")
+    proc = cli_popen("run", str(cfg), "--run-id", "watched", "--quiet", home=home, env=env)
+    wait_for_line(proc, "run_id:")
+    watch = cli("status", "watched", "--watch", "--json", "--interval", "0.3", home=home, timeout=120)
+    finish(proc)
+    snapshots = [json.loads(line) for line in watch.stdout.splitlines()]
+    assert watch.returncode == 0 and len(snapshots) >= 2
+    assert snapshots[0]["status"] == "running" and snapshots[-1]["status"] == "complete"
+    done = [s["columns"]["label"]["done"] for s in snapshots]
+    assert done == sorted(done) and done[-1] == 600
+
+
+def test_the_python_api_runs_resumes_and_loads_what_export_writes(tmp_path, monkeypatch):
+    import pipeline
+
+    cfg_path = logged_pipeline(tmp_path / "p", records=120, rg=40)
+    monkeypatch.setenv("PIPELINE_TEST_CALLS", str(tmp_path / "calls"))
+    home = tmp_path / "home"
+    result = pipeline.run(cfg_path, home=home, run_id="api")
+    assert result.status == "complete" and result.run_id == "api"
+    assert pipeline.resume("api", home=home).status == "complete"
+    status = pipeline.status("api", home=home)
+    assert status["records_done"] == 120 and status["status"] == "complete"
+    df = pipeline.load_dataset("api", home=home)
+    pd.testing.assert_frame_equal(df, export_frame("api", home, tmp_path))
+    assert [r["run_id"] for r in pipeline.list_runs(home=home)] == ["api"]
