@@ -26,11 +26,11 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.engine.buffer import RowGroupBuffer, normalize_batch, normalize_cell, write_parquet_atomic
 from pipeline.engine.journal import Journal
+from pipeline.engine.options import RunStats, SchedulerOptions, TaskTrace
 from pipeline.engine.tracker import Plan, RowGroupTracker
 from pipeline.errors import ModelRateLimitError, StoreError, is_retryable
 from pipeline.generators.base import task_usage
@@ -39,43 +39,6 @@ from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, START
 __all__ = ["Scheduler", "SchedulerOptions", "TaskTrace"]
 
 log = logging.getLogger("pipeline.scheduler")
-
-
-@dataclass
-class SchedulerOptions:
-    max_concurrent_row_groups: int = 3
-    max_in_flight_tasks: int = 256
-    salvage_max_rounds: int = 2
-    retry_backoff_s: float = 0.5
-    shutdown_error_rate: float = 0.5
-    shutdown_error_window: int = 100
-    lease_s: float = 30.0
-    commit_interval_s: float = 0.015
-    grace_s: float = 5.0
-    poll_s: float = 0.5
-    threads: int = 0  # 0: min(32, max_in_flight_tasks)
-    trace: bool = False
-
-    @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> "SchedulerOptions":
-        names = [f for f in cls.__dataclass_fields__ if hasattr(settings, f)]
-        opts = cls(**{n: getattr(settings, n) for n in names})
-        for k, v in overrides.items():
-            setattr(opts, k, v)
-        return opts
-
-
-@dataclass(slots=True)
-class TaskTrace:
-    column: str
-    row_group: int
-    row_index: int | None
-    task_type: str
-    dispatched_at: float = 0.0
-    started_at: float = 0.0
-    finished_at: float = 0.0
-    status: str = ""
-    error: str | None = None
 
 
 class _RowGroup:
@@ -87,16 +50,6 @@ class _RowGroup:
         self.buffer = buffer
         self.dead = False  # abandoned (lease lost) or finished: late results are ignored
         self.finished = False
-
-
-@dataclass
-class RunStats:
-    tasks_done: int = 0
-    tasks_failed: int = 0
-    tasks_deferred: int = 0
-    records_dropped: int = 0
-    row_groups_checkpointed: int = 0
-    started_at: float = field(default_factory=time.monotonic)
 
 
 def _describe(exc: BaseException) -> str:

@@ -38,27 +38,12 @@ from pipeline.store.base import (
     RowGroupClaim,
     RunInfo,
 )
+from pipeline.store import usage as usage_sql
 from pipeline.workers import HOST, make_owner_id, owner_is_gone
 
 __all__ = ["SqlStore", "make_engine", "WORKER_HEARTBEAT_FRESH_S"]
 
-# Usage of model calls: per task (while its row group is live) and summed per model alias.
-_TASK_USAGE = sa.text(
-    "UPDATE tasks SET requests = COALESCE(requests, 0) + :n, prompt_tokens = COALESCE(prompt_tokens, 0) + :p, "
-    "completion_tokens = COALESCE(completion_tokens, 0) + :c "
-    "WHERE run_id = :r AND row_group = :rg AND column_name = :g AND slot = :s")
-_MODEL_USAGE = sa.text(
-    "INSERT INTO model_usage (run_id, model, generator, requests, prompt_tokens, completion_tokens, rate_limited, "
-    "concurrency, calls_saved, updated_at) VALUES (:r, :m, :g, :n, :p, :c, :l, :k, 0, :t) "
-    "ON CONFLICT (run_id, model, generator) DO UPDATE SET requests = model_usage.requests + excluded.requests, "
-    "prompt_tokens = model_usage.prompt_tokens + excluded.prompt_tokens, "
-    "completion_tokens = model_usage.completion_tokens + excluded.completion_tokens, "
-    "rate_limited = model_usage.rate_limited + excluded.rate_limited, "
-    "concurrency = excluded.concurrency, updated_at = excluded.updated_at")
-_CALLS_SAVED = sa.text(
-    "INSERT INTO model_usage (run_id, model, generator, calls_saved, updated_at) VALUES (:r, :m, :g, :n, :t) "
-    "ON CONFLICT (run_id, model, generator) DO UPDATE SET "
-    "calls_saved = model_usage.calls_saved + excluded.calls_saved, updated_at = excluded.updated_at")
+
 
 #: A worker of another host counts as live while its heartbeat is younger than this.
 WORKER_HEARTBEAT_FRESH_S = 60.0
@@ -513,62 +498,18 @@ class SqlStore:
             if done:
                 conn.execute(_MARK_COMPLETE, done)
             if usage:
-                self._write_usage(conn, run_id, now, ours, usage)
+                usage_sql.write(conn, run_id, now, ours, usage)
         return lost
-
-    @staticmethod
-    def _write_usage(conn, run_id: str, now: float, ours: dict, usage: list) -> None:
-        """Per task (while its row group is live) and summed per model alias and generator.
-        Only row groups this owner holds count: a fenced-out zombie's calls are not added."""
-        per_task: dict[tuple, list[int]] = {}
-        per_model: dict[tuple[str, str], list] = {}
-        for key, (model, n, p, c, limited, concurrency) in usage:
-            if key[0] not in ours:
-                continue
-            t = per_task.setdefault(key, [0, 0, 0])
-            t[0] += n
-            t[1] += p
-            t[2] += c
-            m = per_model.setdefault((model, key[1]), [0, 0, 0, 0, None])
-            m[0] += n
-            m[1] += p
-            m[2] += c
-            m[3] += limited
-            m[4] = concurrency
-        if not per_task:
-            return
-        conn.execute(_TASK_USAGE, [
-            {"r": run_id, "rg": rg, "g": gen, "s": -1 if ri is None else ri, "n": n, "p": p, "c": c}
-            for (rg, gen, ri), (n, p, c) in per_task.items()])
-        conn.execute(_MODEL_USAGE, [
-            {"r": run_id, "m": model, "g": gen, "n": n, "p": p, "c": c, "l": limited, "k": concurrency, "t": now}
-            for (model, gen), (n, p, c, limited, concurrency) in per_model.items()])
 
     @_translate_errors
     def model_usage(self, run_id: str) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
         with self._reader.connect() as conn:
-            rows = conn.execute(sa.text(
-                "SELECT model, requests, prompt_tokens, completion_tokens, rate_limited, concurrency, calls_saved "
-                "FROM model_usage WHERE run_id = :r ORDER BY model, generator"), {"r": run_id}).all()
-        for model, n, p, c, limited, concurrency, saved in rows:
-            m = out.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                       "rate_limited": 0, "concurrency": None, "calls_saved": 0})
-            m["requests"] += n
-            m["prompt_tokens"] += p
-            m["completion_tokens"] += c
-            m["rate_limited"] += limited
-            m["calls_saved"] += saved
-            if concurrency is not None:
-                m["concurrency"] = concurrency
-        return out
+            return usage_sql.read(conn, run_id)
 
     @_translate_errors
     def add_calls_saved(self, run_id: str, saved: dict[tuple[str, str], int]) -> None:
-        rows = [{"r": run_id, "m": m, "g": g, "n": n, "t": time.time()} for (m, g), n in saved.items() if n]
-        if rows:
-            with self._engine.begin() as conn:
-                conn.execute(_CALLS_SAVED, rows)
+        with self._engine.begin() as conn:
+            usage_sql.add_calls_saved(conn, run_id, saved)
 
     @_translate_errors
     def checkpoint_row_group(self, run_id: str, row_group: int, path: str, rows_dropped: int) -> bool:

@@ -1,0 +1,56 @@
+"""The scheduler's knobs, its counters, and the optional per-task trace."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RunStats", "SchedulerOptions", "TaskTrace"]
+
+
+@dataclass
+class SchedulerOptions:
+    max_concurrent_row_groups: int = 3
+    max_in_flight_tasks: int = 256
+    salvage_max_rounds: int = 2
+    retry_backoff_s: float = 0.5
+    shutdown_error_rate: float = 0.5
+    shutdown_error_window: int = 100
+    lease_s: float = 30.0
+    commit_interval_s: float = 0.015
+    grace_s: float = 5.0
+    poll_s: float = 0.5
+    threads: int = 0  # 0: min(32, max_in_flight_tasks)
+    trace: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> "SchedulerOptions":
+        names = [f for f in cls.__dataclass_fields__ if hasattr(settings, f)]
+        opts = cls(**{n: getattr(settings, n) for n in names})
+        for k, v in overrides.items():
+            setattr(opts, k, v)
+        return opts
+
+
+@dataclass(slots=True)
+class TaskTrace:
+    column: str
+    row_group: int
+    row_index: int | None
+    task_type: str
+    dispatched_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    status: str = ""
+    error: str | None = None
+
+
+@dataclass
+class RunStats:
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    tasks_deferred: int = 0
+    records_dropped: int = 0
+    row_groups_checkpointed: int = 0
+    started_at: float = field(default_factory=time.monotonic)
