@@ -10,6 +10,7 @@ folder of the source tree); no ``alembic.ini`` is needed. ``pipeline db upgrade`
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -116,7 +117,17 @@ def ensure_schema(engine: Engine, *, upgrade: bool = True) -> None:
     when ``upgrade``, else raise StoreError naming ``pipeline db upgrade``. A database whose
     revision is newer than this code raises StoreError either way."""
     with _database_errors(engine):
-        _ensure_schema(engine, upgrade)
+        for attempt in range(6):
+            try:
+                _ensure_schema(engine, upgrade)
+                return
+            except sa_exc.OperationalError as exc:
+                # Several processes opening a new SQLite file at once: some lock states (WAL
+                # set-up, a schema change seen mid-read) answer SQLITE_BUSY without waiting for
+                # busy_timeout. The upgrade is idempotent under the schema lock: try again.
+                if attempt == 5 or "locked" not in str(exc.orig).lower():
+                    raise
+                time.sleep(0.05 * 2 ** attempt)
 
 
 def _ensure_schema(engine: Engine, upgrade: bool) -> None:
