@@ -209,3 +209,23 @@ def test_the_python_api_runs_resumes_and_loads_what_export_writes(tmp_path, monk
     df = pipeline.load_dataset("api", home=home)
     pd.testing.assert_frame_equal(df, export_frame("api", home, tmp_path))
     assert [r["run_id"] for r in pipeline.list_runs(home=home)] == ["api"]
+
+
+def test_when_one_worker_dies_the_other_takes_its_row_groups_over_and_finishes(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
+    home = tmp_path / "home"
+    calls = tmp_path / "calls"
+    env = cli_env(PIPELINE_TEST_CALLS=str(calls), PIPELINE_TEST_SLEEP="0.01")
+    cli("run", str(cfg), "--run-id", "takeover", "--create-only", home=home, check=True)
+    doomed = cli_popen("worker", "takeover", "--quiet", home=home, env=env)
+    survivor = cli_popen("worker", "takeover", "--quiet", home=home, env=env)
+    while len(read_calls(calls)) < 600:
+        time.sleep(0.01)
+    doomed.send_signal(signal.SIGKILL)
+    finish(doomed)
+    code, err = finish(survivor)
+    assert code == 0, err
+    status = json.loads(cli("status", "takeover", "--json", home=home, check=True).stdout)
+    assert status["status"] == "complete" and status["records_done"] == 1200
+    cli("run", str(cfg), "--run-id", "reference", "--quiet", home=home, env=env, check=True)
+    pd.testing.assert_frame_equal(export_frame("takeover", home, tmp_path), export_frame("reference", home, tmp_path))
