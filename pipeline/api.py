@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pipeline.errors import InvalidRunIdError, PipelineError
+from pipeline.errors import InvalidRunIdError, PipelineError, RunNotFoundError, StoreError
 from pipeline.store.base import ColumnSpec, NewRun, Store
 
 if TYPE_CHECKING:
@@ -70,6 +70,29 @@ def open_state(home: str | os.PathLike | None = None, db: str | None = None) -> 
 
     home_path, url = prepare(home, db)
     return home_path, open_store(url)
+
+
+def missing_store(home: str | os.PathLike | None, db: str | None) -> Path | None:
+    """The SQLite file of the state store when it does not exist yet, else None. Commands that
+    only read answer from this instead of creating an empty store: they change nothing."""
+    _, url = resolve_paths(home, db)
+    if not url.startswith("sqlite:///"):
+        return None
+    path = Path(url[len("sqlite:///"):].split("?", 1)[0])
+    return None if path.exists() else path
+
+
+def _require_run_store(home: str | os.PathLike | None, db: str | None, run_id: str) -> None:
+    path = missing_store(home, db)
+    if path is not None:
+        raise RunNotFoundError(f"no run with id {run_id!r}: there is no state store at {path} yet; "
+                               f"check --home/--db (`pipeline runs` lists the runs)")
+
+
+def require_store(home: str | os.PathLike | None, db: str | None) -> None:
+    path = missing_store(home, db)
+    if path is not None:
+        raise StoreError(f"there is no state store at {path} yet; check --home/--db, or start a run first")
 
 
 def validate_run_id(run_id: str) -> str:
@@ -123,6 +146,7 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
     from pipeline.config import config_from_json
 
     validate_run_id(run_id)
+    _require_run_store(home, db, run_id)
     home_path, store = open_state(home, db)
     try:
         info = store.get_run(run_id)
@@ -258,6 +282,7 @@ def _status_of(store: Store, run_id: str) -> dict[str, Any]:
 def status(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None) -> dict[str, Any]:
     """The same data as ``pipeline status --json``."""
     validate_run_id(run_id)
+    _require_run_store(home, db, run_id)
     _, store = open_state(home, db)
     try:
         return _status_of(store, run_id)
@@ -266,6 +291,8 @@ def status(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
 
 
 def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -> list[dict[str, Any]]:
+    if missing_store(home, db) is not None:
+        return []
     _, store = open_state(home, db)
     try:
         out = []
@@ -301,6 +328,7 @@ def _dataset_table(store: Store, run_id: str, home: Path) -> tuple[pa.Table, boo
 def load_dataset(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None) -> pd.DataFrame:
     """The dataset as a DataFrame: records in record order, dropped records left out."""
     validate_run_id(run_id)
+    _require_run_store(home, db, run_id)
     home_path, store = open_state(home, db)
     try:
         table, _ = _dataset_table(store, run_id, home_path)
@@ -319,6 +347,7 @@ def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
     fmt = (format or Path(output).suffix.lstrip(".") or "parquet").lower()
     if fmt not in ("parquet", "csv", "jsonl"):
         raise PipelineError(f"unknown export format {fmt!r}; use parquet, csv or jsonl")
+    _require_run_store(home, db, run_id)
     home_path, store = open_state(home, db)
     try:
         table, complete = _dataset_table(store, run_id, home_path)

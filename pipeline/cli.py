@@ -238,6 +238,7 @@ def graph(config: str, fmt: str) -> None:
 @handle_errors
 def sql(query: str, as_json: bool, home: str, db: str) -> None:
     """Run a read-only QUERY on the state store (tables: runs, row_groups, tasks, column_progress, ...)."""
+    api.require_store(home, db)
     _, store = api.open_state(home, db)
     try:
         columns, rows = store.read_query(query)
@@ -276,7 +277,9 @@ def db_current(home: str, db: str) -> None:
     from pipeline.store import migrate
 
     _, url = api.resolve_paths(home, db)
-    click.echo(f"current: {migrate.current(url) or '(empty)'}\nhead: {migrate.head()}")
+    missing = api.missing_store(home, db)
+    current = f"(no database at {missing} yet)" if missing else (migrate.current(url) or "(empty)")
+    click.echo(f"current: {current}\nhead: {migrate.head()}")
 
 
 if __name__ == "__main__":  # pragma: no cover

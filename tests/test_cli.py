@@ -202,3 +202,16 @@ def test_trace_writes_one_line_per_task_attempt_and_nothing_when_off(tmp_path):
 def test_every_example_config_is_valid(example):
     data = json.loads(cli("graph", str(example), "--format", "json", check=True).stdout)
     assert data["columns"]
+
+
+def test_commands_that_only_read_create_nothing_where_there_is_no_store(tmp_path):
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    env = cli_env()
+    for args, code in [(["status", "nope"], 2), (["resume", "nope"], 2), (["worker", "nope"], 2),
+                       (["export", "nope", "--output", "x.csv"], 2), (["sql", "select 1"], 2),
+                       (["runs", "--json"], 0), (["db", "current"], 0)]:
+        proc = cli(*args, cwd=cwd, env=env)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert list(cwd.iterdir()) == [], f"{args} created {list(cwd.iterdir())}"
+    assert cli("runs", "--json", cwd=cwd, env=env).stdout.strip() == "[]"
