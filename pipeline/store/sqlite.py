@@ -57,6 +57,9 @@ def _setup_connection(dbapi_connection: sqlite3.Connection) -> None:
         # an OS crash or power cut may lose the last commits, never corrupting the file.
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
+        # The live row groups' task rows and their key index outgrow the default 2 MB page
+        # cache; 64 MB (allocated as used) keeps upserts and compaction deletes in memory.
+        cursor.execute("PRAGMA cache_size = -65536")
     finally:
         cursor.close()
 
