@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -68,21 +69,32 @@ class Progress:
             click.echo(line, err=True)
 
 
+def _exit(code: int) -> None:
+    """End a command that ran the engine. Everything is committed; the state store is left
+    open on purpose: the last SQLite connection to close folds the WAL into the database under
+    an exclusive lock, and a reader polling at that moment (`sqlite3 state.db ...`, busy_timeout
+    0) would get "database is locked". The process ends as a SIGKILL would leave it, which WAL is
+    built for: the next opener recovers the WAL (the kill tests exercise exactly this)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _finish(result: api.RunResult) -> None:
     if result.status == "complete":
         if result.extra.get("already_complete"):
             click.echo(f"run {result.run_id} is already complete; nothing to do", err=True)
-        sys.exit(EXIT_OK)
+        _exit(EXIT_OK)
     if result.signal is not None:
         click.echo(f"run {result.run_id} interrupted; `pipeline resume {result.run_id}` continues it", err=True)
-        sys.exit(SIGNAL_EXIT.get(result.signal, 128 + result.signal))
+        _exit(SIGNAL_EXIT.get(result.signal, 128 + result.signal))
     if result.status == "failed":
         click.echo(f"run {result.run_id} stopped: too many tasks failed (shutdown_error_rate); "
                    f"fix the cause, then `pipeline resume {result.run_id}`", err=True)
     else:
         click.echo(f"run {result.run_id} stopped ({result.status}); `pipeline resume {result.run_id}` continues it",
                    err=True)
-    sys.exit(EXIT_FAILED)
+    _exit(EXIT_FAILED)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,7 +123,8 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
         sys.stdout.flush()
 
     result = api.run(config, home=home, db=db, run_id=run_id, num_records=num_records, on_created=created,
-                     progress=None if quiet else Progress(), start=not create_only, trace=trace)
+                     progress=None if quiet else Progress(), start=not create_only, trace=trace,
+                     close_store=create_only)
     if result.status == "created":
         click.echo(f"created run {result.run_id}; start it with `pipeline worker {result.run_id}`", err=True)
         return
@@ -126,7 +139,8 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 @handle_errors
 def resume(run_id: str, quiet: bool, trace: bool, home: str, db: str) -> None:
     """Continue RUN_ID exactly where it stopped."""
-    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace))
+    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace,
+                       close_store=False))
 
 
 @main.command()
@@ -136,7 +150,7 @@ def resume(run_id: str, quiet: bool, trace: bool, home: str, db: str) -> None:
 @handle_errors
 def worker(run_id: str, quiet: bool, home: str, db: str) -> None:
     """Join RUN_ID as one more worker (several may run at once)."""
-    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress()))
+    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), close_store=False))
 
 
 def _status_text(s: dict) -> str:

@@ -82,6 +82,7 @@ class Scheduler:
         self._stateful_busy: set[int] = set()
         self._deferred: list = []
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
         self._attempts: dict[tuple, int] = {}
         self._in_flight = 0
         self._max_in_flight = opts.max_in_flight_tasks
@@ -481,10 +482,10 @@ class Scheduler:
     # -- retries --------------------------------------------------------------------------
     def _defer(self, rg: _RowGroup, j: int, r: int | None, due: float) -> None:
         heapq.heappush(self._deferred, (due, next(self._seq), rg, j, r))
-        if self._timer is None or self._timer.when() > due:
+        if self._timer is None or self._timer_due > due:  # (uvloop's handles have no when())
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self._loop.call_at(due, self._on_timer)
+            self._timer, self._timer_due = self._loop.call_at(due, self._on_timer), due
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -505,7 +506,7 @@ class Scheduler:
             else:
                 self._ready.appendleft((rg, j, r))
         if heap:
-            self._timer = self._loop.call_at(heap[0][0], self._on_timer)
+            self._timer, self._timer_due = self._loop.call_at(heap[0][0], self._on_timer), heap[0][0]
         self._pump()
 
     # -- row groups -----------------------------------------------------------------------

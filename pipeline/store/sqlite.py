@@ -60,6 +60,8 @@ def _setup_connection(dbapi_connection: sqlite3.Connection) -> None:
         # The live row groups' task rows and their key index outgrow the default 2 MB page
         # cache; 64 MB (allocated as used) keeps upserts and compaction deletes in memory.
         cursor.execute("PRAGMA cache_size = -65536")
+        # The WAL file is reset after checkpoints, and kept at most this large (bytes).
+        cursor.execute("PRAGMA journal_size_limit = 67108864")
     finally:
         cursor.close()
 
