@@ -215,3 +215,14 @@ def test_commands_that_only_read_create_nothing_where_there_is_no_store(tmp_path
         assert proc.returncode == code, (args, proc.stderr)
         assert list(cwd.iterdir()) == [], f"{args} created {list(cwd.iterdir())}"
     assert cli("runs", "--json", cwd=cwd, env=env).stdout.strip() == "[]"
+
+
+def test_a_postgres_url_without_its_driver_says_what_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['psycopg'] = None; "  # as if psycopg were not installed
+            "sys.argv = ['pipeline', 'runs', '--db', 'postgresql+psycopg://nobody@127.0.0.1/none']; "
+            "from pipeline.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=tmp_path)
+    assert proc.returncode == 2 and "pip install 'pipeline[postgres]'" in proc.stderr

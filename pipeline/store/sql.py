@@ -78,7 +78,11 @@ def make_engine(url: str | URL) -> Engine:
     if backend == "sqlite":
         return sqlite.create_engine(parsed)
     if backend == "postgresql":
-        return postgres.create_engine(parsed)
+        try:
+            return postgres.create_engine(parsed)
+        except ImportError as exc:
+            raise StoreError(f"a PostgreSQL state store needs its driver ({exc.name or exc}): "
+                             "pip install 'pipeline[postgres]'") from None
     raise StoreError(
         f"unsupported state store {parsed.render_as_string(hide_password=True)}: "
         "use sqlite:///path/to/state.db or postgresql://user@host/db"
