@@ -183,17 +183,20 @@ def _status_text(s: dict) -> str:
 @handle_errors
 def status(run_id: str, as_json: bool, watch: bool, interval: float, home: str, db: str) -> None:
     """Progress of RUN_ID per column and row group; works while the run is going."""
-    while True:
-        s = api.status(run_id, home=home, db=db)
-        if as_json:
-            click.echo(json.dumps(s))
-        else:
-            if watch and sys.stdout.isatty():
-                click.clear()
-            click.echo(_status_text(s))
-        if not watch or s["status"] != "running":
-            return
-        time.sleep(interval)
+    try:
+        while True:
+            s = api.status(run_id, home=home, db=db)
+            if as_json:
+                click.echo(json.dumps(s))
+            else:
+                if watch and sys.stdout.isatty():
+                    click.clear()
+                click.echo(_status_text(s))
+            if not watch or s["status"] != "running":
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch; the run itself is not affected
+        sys.exit(130)
 
 
 @main.command()
