@@ -538,3 +538,21 @@ def test_ready_columns_share_the_in_flight_budget(tmp_path):
                               num_records=20, row_group_size=20, home=tmp_path, max_in_flight_tasks=4)
     first = started[:4]
     assert status == "complete" and set(first) == {"a", "b", "c"} and max(first.count(x) for x in "abc") <= 2
+
+
+def test_a_checkpoint_that_keeps_failing_is_tried_again_until_it_succeeds(tmp_path):
+    sched, store = make_run([spec("v")], {"v": AsyncFn(lambda r: 1)}, num_records=4, row_group_size=2,
+                            home=tmp_path)
+    real = store.checkpoint_row_group
+    calls = []
+
+    def failing_for_a_while(run_id, rg, *args):
+        calls.append(rg)
+        if rg == 0 and calls.count(0) <= 4:  # more than one round of the checkpoint's own retries
+            raise OSError("disk full")
+        return real(run_id, rg, *args)
+
+    store.checkpoint_row_group = failing_for_a_while
+    sched.opts.poll_s = 0.05
+    assert asyncio.run(asyncio.wait_for(sched.run(), 20)) == "complete"
+    assert calls.count(0) == 5 and [g["state"] for g in store.row_groups("r1")] == ["checkpointed"] * 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import heapq
 import itertools
 import logging
@@ -518,17 +519,21 @@ class Scheduler:
         self._append((COMPLETE, rg.id))
         fut = self.journal.after_commit(self._checkpoint, rg)
         self._checkpoints.add(fut)
-        fut.add_done_callback(self._checkpointed)
+        fut.add_done_callback(functools.partial(self._checkpointed, rg.id))
         self._wake.set()
 
-    def _checkpointed(self, fut: asyncio.Future) -> None:
+    def _checkpointed(self, rg_id: int, fut: asyncio.Future) -> None:
         self._checkpoints.discard(fut)
         self._wake.set()
         if fut.cancelled():
             return
         exc = fut.exception()
         if exc is not None:
-            log.error("could not checkpoint a row group (it stays 'complete'; resume repairs it): %s", exc)
+            # It stays 'complete'. Giving its lease back lets admission claim it again, replay
+            # its recorded values and retry the checkpoint (a resume would do the same).
+            log.error("could not checkpoint row group %d; will try again: %s", rg_id, exc)
+            if not self._stopping:
+                self.journal.call(self.store.release_row_groups, self.run_id, [rg_id])
         elif fut.result():
             self.stats.row_groups_checkpointed += 1
 
