@@ -229,3 +229,27 @@ def test_when_one_worker_dies_the_other_takes_its_row_groups_over_and_finishes(t
     assert status["status"] == "complete" and status["records_done"] == 1200
     cli("run", str(cfg), "--run-id", "reference", "--quiet", home=home, env=env, check=True)
     pd.testing.assert_frame_equal(export_frame("takeover", home, tmp_path), export_frame("reference", home, tmp_path))
+
+
+def test_the_quickstart_killed_midway_resumes_to_the_same_dataset(tmp_path):
+    """Seed file (shuffled), samplers, expression, async and sync python, batch python."""
+    from tests.conftest import ROOT
+
+    cfg = ROOT / "examples" / "quickstart.yaml"
+    home = tmp_path / "home"
+    cli("run", str(cfg), "--run-id", "ref", "--num-records", "6000", "--quiet", home=home, check=True)
+    proc = cli_popen("run", str(cfg), "--run-id", "cut", "--num-records", "6000", "--quiet", home=home)
+    wait_for_line(proc, "run_id:")
+    deadline = time.monotonic() + 30
+    db = sqlite3.connect(home / "state.db", timeout=5)
+    checkpointed = "select count(*) from row_groups where run_id = 'cut' and state = 'checkpointed'"
+    while db.execute(checkpointed).fetchone()[0] < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    done = db.execute(checkpointed).fetchone()[0]
+    db.close()
+    assert done < 24, "killed before the end"
+    assert cli("resume", "cut", "--quiet", home=home).returncode == 0
+    pd.testing.assert_frame_equal(export_frame("cut", home, tmp_path), export_frame("ref", home, tmp_path))
