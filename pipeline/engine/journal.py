@@ -49,7 +49,7 @@ def _resolve(fut: asyncio.Future, ok: bool, value: Any) -> None:
 class Journal:
     """Group commit of events to ``store.record``, in order, from one writer thread."""
 
-    def __init__(self, store: Store, run_id: str, *, interval_s: float = 0.015, max_batch: int = 4000,
+    def __init__(self, store: Store, run_id: str, *, interval_s: float = 0.0, max_batch: int = 4000,
                  lease_s: float = 30.0, on_lost: Callable[[set[int]], None] | None = None,
                  announce: Callable[[], list[tuple]] | None = None):
         self.store = store

@@ -18,7 +18,10 @@ class SchedulerOptions:
     shutdown_error_rate: float = 0.5
     shutdown_error_window: int = 100
     lease_s: float = 30.0
-    commit_interval_s: float = 0.015
+    # 0: the journal commits as soon as its writer is free (batches grow while a commit runs).
+    # A positive value naps up to 1 ms before each commit to gather events: measured, it only
+    # halved the commit rate and doubled what a kill loses, at no gain in throughput.
+    commit_interval_s: float = 0.0
     grace_s: float = 5.0
     poll_s: float = 0.5
     threads: int = 0  # 0: min(32, max_in_flight_tasks)
