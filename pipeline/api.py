@@ -44,8 +44,6 @@ class RunResult:
     status: str  # complete | interrupted | failed
     signal: int | None = None
     stats: RunStats | None = None
-    records: int = 0
-    dropped: int = 0
     resumed: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -135,7 +133,7 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
         if not start:
             store.set_run_status(rid, "interrupted")
             return RunResult(rid, "created")
-        return _execute(store, rid, cfg, home_path, progress=progress, trace=trace)
+        return _execute(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph)
     finally:
         if close_store:
             store.close()
@@ -166,13 +164,14 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
 
 
 def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
-             progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False) -> RunResult:
+             progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
+             graph: Any = None) -> RunResult:
     from pipeline.engine.scheduler import Scheduler, SchedulerOptions
     from pipeline.engine.tracker import Plan
     from pipeline.generators import build_generators
     from pipeline.graph import build_graph
 
-    plan = Plan(build_graph(cfg), build_generators(cfg))
+    plan = Plan(graph or build_graph(cfg), build_generators(cfg))
     if resumed:  # finished model calls this resume will not make again
         counts = store.column_counts(run_id)
         store.add_calls_saved(run_id, {(n.model, n.name): counts[n.outputs[0]]["done"]
@@ -256,8 +255,8 @@ def _snapshot(scheduler: Scheduler, cfg: PipelineConfig, final: bool = False) ->
     return {"per_generator": per_generator, "records_per_s": rate, "eta_s": eta,"tasks_done": s.tasks_done, "tasks_failed": s.tasks_failed, "tasks_deferred": s.tasks_deferred,
             "records_dropped": s.records_dropped, "row_groups_checkpointed": s.row_groups_checkpointed,
             "row_groups_total": -(-cfg.num_records // cfg.row_group_size), "elapsed_s": elapsed,
-            "tasks_per_s": s.tasks_done / elapsed, "in_flight": len(scheduler._running), "final": final,
-            "live_row_groups": len(scheduler._live)}
+            "tasks_per_s": s.tasks_done / elapsed, "in_flight": scheduler.tasks_running, "final": final,
+            "live_row_groups": scheduler.live_row_groups}
 
 
 async def _report(scheduler: Scheduler, cfg: PipelineConfig, progress: Callable[[dict], None]) -> None:

@@ -19,7 +19,7 @@ import click
 from pipeline import api
 from pipeline.errors import PipelineError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1  # 2 comes from PipelineError.exit_code
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 

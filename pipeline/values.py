@@ -90,6 +90,3 @@ def encode(value: Any) -> str:
 def decode(text: str) -> Any:
     return json.loads(text, object_hook=_hook)
 
-
-def is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

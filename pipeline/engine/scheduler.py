@@ -43,14 +43,13 @@ log = logging.getLogger("pipeline.scheduler")
 
 
 class _RowGroup:
-    __slots__ = ("id", "tracker", "buffer", "dead", "finished")
+    __slots__ = ("id", "tracker", "buffer", "dead")
 
     def __init__(self, rg_id: int, tracker: RowGroupTracker, buffer: RowGroupBuffer):
         self.id = rg_id
         self.tracker = tracker
         self.buffer = buffer
-        self.dead = False  # abandoned (lease lost) or finished: late results are ignored
-        self.finished = False
+        self.dead = False  # finished or abandoned (lease lost): late results are ignored
 
 
 def _describe(exc: BaseException) -> str:
@@ -96,7 +95,6 @@ class Scheduler:
         self._window: collections.deque = collections.deque()
         self._window_errors = 0
         self._stopping = False
-        self._status: str | None = None
         self._out: list = []
         self._checkpoints: set[asyncio.Future] = set()
         self._pool = ThreadPoolExecutor(max_workers=opts.threads or min(32, opts.max_in_flight_tasks),
@@ -127,9 +125,8 @@ class Scheduler:
             await self._drain_tasks()
             if self._timer is not None:
                 self._timer.cancel()
-            live = [rg for rg in self._live.values() if not rg.finished]
-            if live:
-                self.journal.call(self.store.release_row_groups, self.run_id, [rg.id for rg in live])
+            if self._live:  # finished row groups have left _live already
+                self.journal.call(self.store.release_row_groups, self.run_id, list(self._live))
             self.journal.call(self.store.unregister_worker, self.run_id)
             await self.journal.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -137,6 +134,14 @@ class Scheduler:
         if status == "error":
             raise StoreError(f"the state store failed: {self.journal.error}")
         return status
+
+    @property
+    def tasks_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def live_row_groups(self) -> int:
+        return len(self._live)
 
     def stop(self, *, immediate: bool = False) -> None:
         """Stop dispatching; in-flight tasks get ``grace_s`` to finish (none if immediate).
@@ -151,7 +156,6 @@ class Scheduler:
     def _finish(self, status: str) -> None:
         self._stopping = True
         if not self._done.done():
-            self._status = status
             self._done.set_result(status)
 
     async def _drain_tasks(self) -> None:
@@ -512,9 +516,9 @@ class Scheduler:
 
     # -- row groups -----------------------------------------------------------------------
     def _finish_row_group(self, rg: _RowGroup) -> None:
-        if rg.finished:
+        if rg.dead:
             return
-        rg.finished = rg.dead = True
+        rg.dead = True
         del self._live[rg.id]
         self._append((COMPLETE, rg.id))
         fut = self.journal.after_commit(self._checkpoint, rg)
