@@ -109,18 +109,24 @@ class _ModelStats:
 
 
 class FakeLlmServer:
-    """The server; one event loop. ``await start()``, then ``await close()``."""
+    """The server; one event loop. ``await start()``, then ``await close()``.
+
+    Built on ``asyncio.Protocol`` with no task per request: a request is parsed and answered as
+    soon as it arrives, and the answer is written by a timer after the latency. Its own CPU per
+    request stays small, so that benchmarks measure the client, not this stand-in.
+    """
 
     def __init__(self, options: FakeOptions | None = None) -> None:
         self.options = options or FakeOptions()
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: set[_Connection] = set()
         self._attempts: dict[str, int] = {}
         self._stats: dict[str, _ModelStats] = {}
         self._started = time.monotonic()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._server = await asyncio.start_server(self._serve, host, port, backlog=1024)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=1024)
         self._started = time.monotonic()
         return self._server.sockets[0].getsockname()[1]
 
@@ -128,13 +134,8 @@ class FakeLlmServer:
         if self._server is None:
             return
         self._server.close()
-        # Connections live on after close() in Python 3.11: end them, or their sockets leak.
-        while self._connections:
-            tasks = list(self._connections)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.sleep(0)
+        for connection in list(self._connections):  # answers still due are not sent
+            connection.abort()
         await self._server.wait_closed()
         self._server = None
 
@@ -144,97 +145,61 @@ class FakeLlmServer:
             "models": {name: vars(s).copy() for name, s in sorted(self._stats.items())},
         }
 
-    # HTTP/1.1 with keep-alive; just what OpenAI clients send (Content-Length bodies).
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                    return
-                try:
-                    request_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-                    method, target, version = request_line.split(" ", 2)
-                    headers = {}
-                    for line in lines:
-                        name, _, value = line.partition(":")
-                        headers[name.strip().lower()] = value.strip()
-                    body = await reader.readexactly(int(headers.get("content-length") or 0))
-                except (ValueError, asyncio.IncompleteReadError):
-                    writer.write(_encode(400, {"error": {"message": "bad request"}}, {}, keep_alive=False))
-                    await writer.drain()
-                    return
-                keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-                status, extra, payload = await self._dispatch(method, target.split("?", 1)[0], headers, body)
-                writer.write(_encode(status, payload, extra, keep_alive=keep_alive))
-                await writer.drain()
-                if not keep_alive:
-                    return
-        except ConnectionError:
-            return
-        except asyncio.CancelledError:
-            # Only close() cancels; ending normally keeps Python 3.11's stream callback from
-            # logging the cancellation as an error.
-            return
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            self._connections.discard(task)
-
-    async def _dispatch(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict, Any]:
+    def answer(self, method: str, path: str, headers: dict, body: bytes) -> tuple[float, int, dict, Any, Callable | None]:
+        """``(delay_s, status, extra headers, payload, on_sent)`` for one request."""
         path = path.rstrip("/")
         if method == "GET" and path == "/stats":
-            return 200, {}, self.stats()
+            return 0.0, 200, {}, self.stats(), None
         if method == "GET" and path in ("/v1/models", "/models"):
-            return 200, {}, {"object": "list", "data": [{"id": m, "object": "model"} for m in sorted(self._stats)]}
+            models = [{"id": m, "object": "model"} for m in sorted(self._stats)]
+            return 0.0, 200, {}, {"object": "list", "data": models}, None
         if method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
-            return await self._chat(headers, body)
-        return 404, {}, _error(f"no route for {method} {path}", "not_found")
+            return self._chat(headers, body)
+        return 0.0, 404, {}, _error(f"no route for {method} {path}", "not_found"), None
 
-    async def _chat(self, headers: dict, body: bytes) -> tuple[int, dict, Any]:
+    def _chat(self, headers: dict, body: bytes) -> tuple[float, int, dict, Any, Callable | None]:
         options = self.options
         if options.require_key and not hmac.compare_digest(
             headers.get("authorization", "").encode(), f"Bearer {options.require_key}".encode()
         ):
-            return 401, {}, _error("missing or wrong API key", "invalid_api_key")
+            return 0.0, 401, {}, _error("missing or wrong API key", "invalid_api_key"), None
         try:
             request = json.loads(body)
             model = str(request["model"])
             messages = request["messages"]
             texts = [str(m.get("content") or "") for m in messages]
         except (ValueError, KeyError, TypeError, AttributeError):
-            return 400, {}, _error("the body is not a chat completion request", "invalid_request")
-        stats = self._stats.setdefault(model, _ModelStats())
+            return 0.0, 400, {}, _error("the body is not a chat completion request", "invalid_request"), None
+        stats = self._stats.get(model)
+        if stats is None:
+            stats = self._stats[model] = _ModelStats()
         stats.requests += 1
         stats.in_flight += 1
-        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
-        try:
-            markers = dict(_MARKER.findall("\n".join(texts)))
-            delay_ms = float(markers["sleep-ms"]) if "sleep-ms" in markers else options.latency_ms
-            if delay_ms > 0:
-                await asyncio.sleep(delay_ms / 1000)
-            key = hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
-            attempt = self._attempts.get(key, 0) + 1
-            self._attempts[key] = attempt
-            status, extra = self._fault(model, key, attempt, markers)
-            if status == 429:
-                stats.rate_limited += 1
-            elif status >= 500:
-                stats.server_errors += 1
-            if status != 200:
-                return status, extra, _error(f"injected HTTP {status}", "injected")
-            return 200, {}, self._completion(request, model, texts, key)
-        finally:
+        if stats.in_flight > stats.max_in_flight:
+            stats.max_in_flight = stats.in_flight
+
+        def sent() -> None:
             stats.in_flight -= 1
 
-    def _fault(self, model: str, key: str, attempt: int, markers: dict) -> tuple[int, dict]:
+        joined = "\n".join(texts)
+        markers = dict(_MARKER.findall(joined)) if "[[" in joined else {}
+        delay_ms = float(markers["sleep-ms"]) if "sleep-ms" in markers else options.latency_ms
+        delay_s = max(delay_ms, 0.0) / 1000
+        key = hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
+        attempt = self._attempts.get(key, 0) + 1
+        self._attempts[key] = attempt
+        # Faults are judged at the moment the answer goes out (bursts are windows in time).
+        status, extra = self._fault(model, key, attempt, markers, time.monotonic() + delay_s - self._started)
+        if status == 429:
+            stats.rate_limited += 1
+        elif status >= 500:
+            stats.server_errors += 1
+        if status != 200:
+            return delay_s, status, extra, _error(f"injected HTTP {status}", "injected"), sent
+        return delay_s, 200, {}, self._completion(request, model, texts, key), sent
+
+    def _fault(self, model: str, key: str, attempt: int, markers: dict, elapsed: float) -> tuple[int, dict]:
         options = self.options
-        elapsed = time.monotonic() - self._started
         if any(burst.covers(model, elapsed) for burst in options.burst_429):
             return 429, {"Retry-After": "0"}
         if "status" in markers:
@@ -287,6 +252,79 @@ class FakeLlmServer:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: HTTP/1.1 with keep-alive, just what OpenAI clients send
+    (Content-Length bodies). Requests are answered one at a time, in order."""
+
+    def __init__(self, server: FakeLlmServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.pending: asyncio.TimerHandle | None = None  # the answer being waited for
+        self.on_sent: Callable | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        if self.pending is not None:  # an answer nobody will read: it is no longer in flight
+            self.pending.cancel()
+            self._send(b"", False, self.on_sent)
+        self.transport = None
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.pending is None:
+            self._next()
+
+    def _next(self) -> None:
+        """Parse the next complete request in the buffer, if any, and schedule its answer."""
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        try:
+            request_line, *lines = self.buffer[:end].decode("latin-1").split("\r\n")
+            method, target, version = request_line.split(" ", 2)
+            headers = {}
+            for line in lines:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length") or 0)
+        except ValueError:
+            self._send(_encode(400, {"error": {"message": "bad request"}}, {}, keep_alive=False), False, None)
+            return
+        if len(self.buffer) < end + 4 + length:
+            return  # the body is still coming
+        body = bytes(self.buffer[end + 4:end + 4 + length])
+        del self.buffer[:end + 4 + length]
+        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        delay_s, status, extra, payload, on_sent = self.server.answer(method, target.split("?", 1)[0], headers, body)
+        data = _encode(status, payload, extra, keep_alive=keep_alive)
+        self.on_sent = on_sent
+        self.pending = asyncio.get_running_loop().call_later(delay_s, self._send, data, keep_alive, on_sent)
+
+    def _send(self, data: bytes, keep_alive: bool, on_sent: Callable | None) -> None:
+        self.pending = self.on_sent = None
+        if on_sent is not None:
+            on_sent()
+        if self.transport is None or not data:
+            return
+        self.transport.write(data)
+        if not keep_alive:
+            self.transport.close()
+            self.transport = None
+        elif self.buffer:
+            self._next()
 
 
 def sample_from_schema(schema: Any, seed: str, *, _root: Any = None, _depth: int = 0) -> Any:
@@ -373,17 +411,23 @@ def _number(schema: dict, fraction: float) -> float:
     return round(fraction * 100, 2)
 
 
+def _plain(h: int) -> str:
+    return f"text-{h:012x}"[:17]
+
+
+_FORMATS: dict[str, Callable[[int], str]] = {
+    "date": lambda h: "2024-01-%02d" % (h % 28 + 1),
+    "date-time": lambda h: "2024-01-%02dT12:00:00Z" % (h % 28 + 1),
+    "time": lambda h: "12:00:00Z",
+    "email": lambda h: f"user{h % 1000}@example.com",
+    "uri": lambda h: f"https://example.com/{h % 1000}",
+    "uuid": lambda h: str(uuid.UUID(int=h % (1 << 128))),
+}
+
+
 def _string(schema: dict, seed: str) -> str:
     h = _hash(seed)
-    formats = {
-        "date": "2024-01-%02d" % (h % 28 + 1),
-        "date-time": "2024-01-%02dT12:00:00Z" % (h % 28 + 1),
-        "time": "12:00:00Z",
-        "email": f"user{h % 1000}@example.com",
-        "uri": f"https://example.com/{h % 1000}",
-        "uuid": str(uuid.UUID(int=h % (1 << 128))),
-    }
-    text = formats.get(schema.get("format"), f"text-{h:012x}"[:17])
+    text = _FORMATS.get(schema.get("format"), _plain)(h)
     min_length, max_length = schema.get("minLength", 0), schema.get("maxLength")
     if len(text) < min_length:
         text += "x" * (min_length - len(text))
