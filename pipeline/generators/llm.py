@@ -113,23 +113,18 @@ class LlmGenerator(Generator):
         self._system = compile_template(system_prompt) if system_prompt else None
         self._suffix = ""
         self._schema: dict[str, Any] | None = None
+        # The config checked output_schema against its metaschema and that the rubric is not
+        # empty (pipeline.config); the judge schema is valid by construction.
         if column.type == "llm_structured":
             self._schema = dict(column.output_schema)
         elif column.type == "llm_judge":
             rubric = dict(column.rubric)
-            if not rubric:
-                raise ConfigError("llm_judge needs a rubric with at least one criterion", column=column.name)
             self._schema = judge_schema(rubric)
             self._suffix = _judge_instructions(rubric)
         self._validator = None
         self._response_format = None
         if self._schema is not None:
-            validator_class = jsonschema.validators.validator_for(self._schema)
-            try:
-                validator_class.check_schema(self._schema)
-            except jsonschema.exceptions.SchemaError as exc:
-                raise ConfigError(f"output_schema is not a valid JSON Schema: {exc.message}", column=column.name) from None
-            self._validator = validator_class(self._schema)
+            self._validator = jsonschema.validators.validator_for(self._schema)(self._schema)
             self._response_format = {
                 "type": "json_schema",
                 "json_schema": {"name": _schema_name(column.name), "schema": self._schema, "strict": True},

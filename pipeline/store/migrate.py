@@ -9,6 +9,7 @@ folder of the source tree); no ``alembic.ini`` is needed. ``pipeline db upgrade`
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from contextlib import contextmanager
@@ -47,8 +48,10 @@ def _scripts() -> ScriptDirectory:
     return ScriptDirectory.from_config(alembic_config())
 
 
+@functools.cache
 def head() -> str:
-    """The newest revision this version of `pipeline` knows."""
+    """The newest revision this version of `pipeline` knows (read once per process: Alembic
+    compiles every migration script to find it, ~2.5 ms per store opened)."""
     revision = _scripts().get_current_head()
     assert revision is not None
     return revision
