@@ -201,8 +201,11 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
             if reporter is not None:
                 reporter.cancel()
             llm = sys.modules.get("pipeline.llm")  # loaded only by llm_* columns
-            if llm is not None:
-                await llm.aclose_runtimes()  # HTTP pools belong to this event loop
+            if llm is not None:  # this run's HTTP pools belong to this event loop: close them
+                runtimes = {id(r): r for r in (getattr(n.gen, "runtime", None) for n in plan.nodes)
+                            if isinstance(r, llm.LlmRuntime)}
+                for runtime in runtimes.values():
+                    await runtime.aclose()
             for signum in installed:
                 loop.remove_signal_handler(signum)
 

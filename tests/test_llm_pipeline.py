@@ -510,3 +510,42 @@ def test_sigint_during_llm_calls_then_resume_exports_the_uninterrupted_dataset_w
     assert at_interrupt < total, "the resume made the remaining calls"
     # Finished calls are recorded and not made again; at most those in flight may repeat.
     assert base_requests <= total <= base_requests + 2 * (2 * parallel), (total, base_requests)
+
+
+def test_two_runs_in_two_threads_do_not_close_each_others_connections(tmp_path):
+    """pipeline.run from two threads at once (two configs, two event loops): the run that ends
+    first closes its own HTTP pool only, so the other makes no extra request."""
+    import pipeline
+
+    server = ServerProcess("--latency-ms", "20")
+    try:
+        def config(name: str, records: int) -> Path:
+            return write_config(tmp_path / name, f"""\
+                name: {name}
+                num_records: {records}
+                row_group_size: 10
+                models:
+                  m: {{base_url: "{server.url}", model: model-{name}, max_parallel_requests: 4}}
+                columns:
+                  - {{name: id, type: sampler, sampler: uuid}}
+                  - {{name: text, type: llm_text, model: m, prompt: "{name} {{{{ id }}}}"}}
+                """)
+
+        short, long = config("short", 8), config("long", 60)
+        results: dict[str, object] = {}
+
+        def run(name: str, path: Path) -> None:
+            results[name] = pipeline.run(path, home=tmp_path / f"home-{name}")
+
+        threads = [threading.Thread(target=run, args=(name, path)) for name, path in (("long", long), ("short", short))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        stats = server_stats(server.url)["models"]
+    finally:
+        server.stop()
+    assert results["short"].status == results["long"].status == "complete"
+    assert stats["model-short"]["requests"] == 8
+    assert stats["model-long"]["requests"] == 60
+    assert results["long"].stats.records_dropped == 0

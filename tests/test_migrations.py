@@ -139,3 +139,28 @@ def test_the_migrations_ship_inside_the_package():
     assert root.joinpath("script.py.mako").is_file()
     assert root.joinpath("versions", "0001_initial.py").is_file()
     assert migrate.head() == "0002"
+
+
+def test_new_stores_opened_by_several_threads_at_once_all_reach_head(tmp_path):
+    """Alembic keeps its running migration in module-level state; threads of one process that
+    create new state stores at once (several ``pipeline.run`` calls) must not mix their steps."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def create(i: int) -> None:
+        try:
+            start.wait()
+            open_store(f"sqlite:///{tmp_path / f'home-{i}' / 'state.db'}").close()
+        except BaseException as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    for i in range(4):
+        url = f"sqlite:///{tmp_path / f'home-{i}' / 'state.db'}"
+        assert migrate.current(url) == migrate.head()
+        assert schema_differences(url) == []

@@ -5,9 +5,8 @@ One :class:`LlmRuntime` per loaded config and process holds what must be shared 
 model alias (two columns on the same model compete for the same server capacity, so they must
 see the same 429s and share one limit). :func:`get_runtime` returns it, creating it on first use.
 
-The engine closes the pools when its event loop is done with them::
-
-    await pipeline.llm.aclose_runtimes()
+The engine closes the pools of its run's runtimes (``await runtime.aclose()``) when its event
+loop is done with them; :func:`aclose_runtimes` closes every runtime of the process.
 """
 
 from __future__ import annotations
@@ -100,6 +99,7 @@ def get_runtime(config: Any) -> LlmRuntime:
 
 
 async def aclose_runtimes() -> None:
-    """Close the HTTP pools of every runtime (call from the loop that used them)."""
+    """Close the HTTP pools of every runtime of the process (call from the loop that used them;
+    runs in other threads use their own loops: close their runtimes one by one instead)."""
     for _, runtime in list(_RUNTIMES.values()):
         await runtime.aclose()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from alembic import command
 from alembic.config import Config
@@ -42,6 +43,16 @@ def alembic_config(connection: Connection | None = None) -> Config:
     if connection is not None:
         config.attributes["connection"] = connection
     return config
+
+
+# Alembic runs env.py through module-level state (alembic.context, alembic.op): two upgrades
+# in two threads of one process would run each other's steps. One at a time per process.
+_ALEMBIC = threading.Lock()
+
+
+def _run_command(fn: Callable, connection: Connection, revision: str) -> None:
+    with _ALEMBIC:
+        fn(alembic_config(connection), revision)
 
 
 def _scripts() -> ScriptDirectory:
@@ -151,7 +162,7 @@ def _ensure_schema(engine: Engine, upgrade: bool) -> None:
         if revision == target:
             return
         _check_known(revision, engine.url)
-        command.upgrade(alembic_config(connection), target)
+        _run_command(command.upgrade, connection, target)
 
 
 def upgrade(engine_or_url: Engine | str, revision: str = "head") -> None:
@@ -161,11 +172,11 @@ def upgrade(engine_or_url: Engine | str, revision: str = "head") -> None:
             ensure_schema(engine, upgrade=True)
             return
         with _schema_transaction(engine) as connection:
-            command.upgrade(alembic_config(connection), revision)
+            _run_command(command.upgrade, connection, revision)
 
 
 def downgrade(engine_or_url: Engine | str, revision: str) -> None:
     """Migrate the database down to ``revision`` (``"base"``: drop everything)."""
     with _engine(engine_or_url) as engine:
         with _schema_transaction(engine) as connection:
-            command.downgrade(alembic_config(connection), revision)
+            _run_command(command.downgrade, connection, revision)
