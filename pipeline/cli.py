@@ -232,9 +232,11 @@ def export(run_id: str, output: str, fmt: str | None, home: str, db: str) -> Non
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "json"]), default="text", show_default=True)
+@state_options
 @handle_errors
-def graph(config: str, fmt: str) -> None:
-    """The column DAG of CONFIG: each column's strategy, task count and dependencies."""
+def graph(config: str, fmt: str, home: str, db: str) -> None:
+    """The column DAG of CONFIG: each column's strategy, task count and dependencies.
+    (It reads no state store: --home and --db are accepted like everywhere and not used.)"""
     from pipeline.config import load_config
     from pipeline.graph import build_graph
 

@@ -163,10 +163,12 @@ def build_graph(config: Any) -> ColumnGraph:
                 known = ", ".join(sorted(producer))
                 raise ConfigError(f"depends on '{dep}', which no column produces (columns: {known}); "
                                   f"fix the name or add a column '{dep}'", path=source, column=e.name)
-            if producer[dep] != e.name:  # a self-reference adds no edge
-                found.add(producer[dep])
+            if producer[dep] == e.name:  # a cycle of one: its value would have to exist first
+                raise ConfigError(f"dependency cycle: {e.name} -> {e.name} (it reads its own output "
+                                  f"'{dep}'); remove that reference", path=source, column=e.name)
+            found.add(producer[dep])
         ups[e.name] = found
-        deps[e.name] = tuple(sorted(d for d in e.dependencies if producer[d] != e.name))
+        deps[e.name] = tuple(sorted(e.dependencies))
     order = _topological(entries, ups, position, source)
     rank = {name: i for i, name in enumerate(order)}
     by_name = {e.name: e for e in entries}

@@ -24,6 +24,8 @@ def _process_start(pid: int) -> str | None:
         return None
     # The command name (field 2) may hold spaces and parentheses; fields resume after the last ')'.
     rest = stat.rsplit(")", 1)[-1].split()
+    if not rest or rest[0] in ("Z", "X"):  # field 3, the state: a killed child not yet reaped is gone
+        return None
     return rest[19] if len(rest) > 19 else None  # field 22: starttime
 
 

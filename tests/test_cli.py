@@ -90,6 +90,10 @@ def test_graph_formats(tmp_path):
     data = json.loads(cli("graph", str(QUICKSTART), "--format", "json", check=True).stdout)
     review = next(c for c in data["columns"] if c["name"] == "review")
     assert review["strategy"] == "cell" and review["tasks"] == 2000 and set(review["depends_on"]) == {"product", "stars"}
+    # like every command it takes --home and --db (it needs no store, and creates none)
+    home = tmp_path / "h"
+    same = cli("graph", str(QUICKSTART), "--db", f"sqlite:///{tmp_path / 'x.db'}", home=home, check=True).stdout
+    assert same == text and not home.exists() and not (tmp_path / "x.db").exists()
 
 
 def test_db_upgrade_and_current(tmp_path):
@@ -114,6 +118,9 @@ def assert_nothing_created(home: Path, run_id: str | None = None) -> None:
     ("columns:\n  - {name: a, type: expression, expr: '{{ oops'}", ["a"]),
     ("columns:\n  - {name: a, type: expression, expr: '{{ b }}'}\n  - {name: b, type: expression, expr: '{{ a }}'}",
      ["cycle", "a", "b"]),
+    ("columns:\n  - {name: a, type: expression, expr: '{{ a }}'}", ["cycle", "a -> a"]),
+    ("columns:\n  - {name: n, type: sampler, sampler: uuid}\n  - {name: p, type: python, function: 'os:getcwd', "
+     "requires: [n, p]}", ["cycle", "p -> p"]),
     ("columns:\n  - {name: a, type: python, function: 'nomodule:f'}", ["a", "nomodule"]),
     ("columns:\n  - {name: a, type: llm_text, model: ghost, prompt: hi}", ["a", "ghost"]),
     ("columns:\n  - {name: a, type: sampler, sampler: uuid}\n  - {name: a, type: sampler, sampler: uuid}", ["a"]),

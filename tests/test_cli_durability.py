@@ -81,6 +81,34 @@ def test_sigkill_at_random_moments_then_resume_exports_the_uninterrupted_dataset
     assert 0 <= extra <= 2 * 32 * kills, f"{extra} extra executions for {kills} kills"
 
 
+def test_a_killed_run_not_yet_reaped_by_its_parent_is_interrupted_and_resumes_at_once(tmp_path):
+    """SIGKILL without wait(): the process lingers as a zombie with its /proc entry. It is gone
+    all the same: status says interrupted, and resume takes the leases at once (lease_s is 30)."""
+    cfg = logged_pipeline(tmp_path / "p", records=2000, rg=100, in_flight=8)
+    home = tmp_path / "home"
+    calls = tmp_path / "calls"
+    proc = cli_popen("run", str(cfg), "--run-id", "z", "--quiet", home=home, env=cli_env(PIPELINE_TEST_CALLS=str(calls)))
+    assert wait_for_line(proc, "run_id:") == "run_id: z"
+    while len(read_calls(calls)) < 200:
+        assert proc.poll() is None, "the run ended before the kill"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}").exists() and time.monotonic() < deadline:
+        if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.01)
+    try:
+        status = json.loads(cli("status", "z", "--json", home=home, check=True).stdout)
+        assert status["status"] == "interrupted"
+        started = time.monotonic()
+        cli("resume", "z", "--quiet", home=home, check=True, timeout=120, env=cli_env(PIPELINE_TEST_CALLS=str(calls)))
+        assert time.monotonic() - started < 20, "resume waited for the leases to expire"
+    finally:
+        finish(proc)
+    assert len(export_frame("z", home, tmp_path)) == 2000
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_with_its_exit_code_and_the_run_resumes_to_the_same_data(tmp_path, signum, code):
     cfg = logged_pipeline(tmp_path / "p", records=600, rg=50, in_flight=8)

@@ -38,9 +38,10 @@ def test_unknown_dependency_names_the_column_and_the_missing_name():
         graph(spec("a"), spec("b", deps=["nope"]))
 
 
-def test_self_reference_adds_no_edge():
-    g = graph(spec("a", deps=["a"]))
-    assert g.by_name["a"].upstream == ()
+def test_a_column_that_reads_itself_is_a_cycle_of_one():
+    with pytest.raises(ConfigError, match=r"dependency cycle: a -> a") as info:
+        graph(spec("z"), spec("a", deps=["z", "a"]))
+    assert info.value.column == "a"
 
 
 def test_every_declared_output_resolves_to_its_producer():
