@@ -27,6 +27,8 @@ Faults, deterministic per (model, messages, attempt number):
 - ``burst_429`` (``MODEL:START_S:DURATION_S``, repeatable; MODEL ``*`` is every model): every
   request for that model gets 429 with ``Retry-After: 0`` during that window after start.
 - ``require_key``: requests without ``Authorization: Bearer <key>`` get 401.
+- As OpenAI, a ``json_schema`` with ``strict: true`` whose objects are not closed
+  (``additionalProperties: false``) with every property required gets 400.
 - Markers in a message, for tests of single responses: ``[[status:NNN]]`` answers with that
   status, ``[[retry-after:VALUE]]`` adds that Retry-After header, ``[[sleep-ms:N]]`` replaces
   the latency.
@@ -170,6 +172,12 @@ class FakeLlmServer:
             texts = [str(m.get("content") or "") for m in messages]
         except (ValueError, KeyError, TypeError, AttributeError):
             return 0.0, 400, {}, _error("the body is not a chat completion request", "invalid_request"), None
+        json_schema = (request.get("response_format") or {}).get("json_schema") or {}
+        if json_schema.get("strict") and not _strict_schema(json_schema.get("schema")):
+            # As OpenAI: strict mode takes only closed objects with every property required.
+            return 0.0, 400, {}, _error("invalid schema for strict mode: every object needs "
+                                        "additionalProperties: false and all properties required",
+                                        "invalid_request_error"), None
         stats = self._stats.get(model)
         if stats is None:
             stats = self._stats[model] = _ModelStats()
@@ -444,6 +452,19 @@ def _resolve(root: Any, ref: str) -> Any:
         if part:
             node = node.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(node, dict) else {}
     return node
+
+
+def _strict_schema(schema: Any) -> bool:
+    if not isinstance(schema, dict):
+        return True
+    properties = schema.get("properties")
+    if schema.get("type") == "object" or properties is not None:
+        if schema.get("additionalProperties") is not False or sorted(schema.get("required", [])) != sorted(properties or {}):
+            return False
+    parts = list((properties or {}).values()) + list((schema.get("$defs") or {}).values())
+    parts += [schema["items"]] if isinstance(schema.get("items"), dict) else []
+    parts += schema.get("anyOf") or []
+    return all(_strict_schema(part) for part in parts)
 
 
 def _hash(text: str) -> int:

@@ -549,3 +549,36 @@ def test_two_runs_in_two_threads_do_not_close_each_others_connections(tmp_path):
     assert stats["model-short"]["requests"] == 8
     assert stats["model-long"]["requests"] == 60
     assert results["long"].stats.records_dropped == 0
+
+
+def test_the_readme_llm_example_runs_against_a_server_that_refuses_open_schemas_in_strict_mode(tmp_path, fake_server):
+    """examples/llm.yaml, pointed at the fake server, which answers 400 (as OpenAI does) to a
+    strict json_schema with open objects. The example's schema is open: it must go non-strict,
+    and every record comes back."""
+    url = fake_server(latency_ms=2)
+    text = (ROOT / "examples" / "llm.yaml").read_text().replace("http://127.0.0.1:8123/v1", url)
+    assert url in text
+    cfg = tmp_path / "llm.yaml"
+    cfg.write_text(text.replace("num_records: 200", "num_records: 40"))
+    home = tmp_path / "home"
+    proc = cli("run", str(cfg), "--run-id", "readme", "--quiet", home=home, check=True, timeout=300)
+    assert proc.stdout.splitlines()[0] == "run_id: readme"
+    rows = export_jsonl("readme", home, tmp_path / "out.jsonl")
+    assert len(rows) == 40
+    assert all(r["facts"]["sentiment"] in ("negative", "neutral", "positive") for r in rows)
+    assert all(set(r["quality"]) == {"helpfulness", "consistency"} for r in rows)
+    models = server_stats(url)["models"]
+    assert sum(m["requests"] for m in models.values()) == 40 * 3  # no 400, no re-ask
+
+
+def test_strict_mode_is_asked_only_for_schemas_it_accepts():
+    from pipeline.generators.llm import judge_schema, strict_compatible
+
+    closed = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}
+    assert strict_compatible(closed) and strict_compatible(judge_schema({"x": "y"}))
+    assert not strict_compatible({**closed, "additionalProperties": True})
+    assert not strict_compatible({k: v for k, v in closed.items() if k != "required"})
+    nested_open = {**closed, "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}}}
+    assert not strict_compatible(nested_open)
+    in_array = {**closed, "properties": {"a": {"type": "array", "items": {**closed, "additionalProperties": True}}}}
+    assert not strict_compatible(in_array)

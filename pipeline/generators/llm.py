@@ -7,7 +7,9 @@ config's shared :class:`~pipeline.llm.LlmRuntime`, and returns:
 - ``llm_structured``: the parsed JSON object, valid against ``output_schema``;
 - ``llm_judge``: ``{criterion: {"score": number, "reasoning": text}}`` for every rubric criterion.
 
-Structured answers are requested with ``response_format`` (json_schema, strict). An answer that
+Structured answers are requested with ``response_format`` (json_schema; ``strict`` only for a
+schema OpenAI's strict mode accepts, see :func:`strict_compatible`, else the server would refuse
+every request with 400). An answer that
 does not parse or validate is re-asked, quoting the problem, at most ``REASKS`` more times in
 the same task; then the cell fails for good with :class:`~pipeline.llm.ModelOutputError` (the
 model has had its chances; a deferred retry would most likely repeat them).
@@ -32,7 +34,7 @@ from pipeline.generators.base import Generator, task_usage
 from pipeline.llm import LlmClient, LlmRuntime, ModelOutputError, get_runtime
 from pipeline.templates import compile_template
 
-__all__ = ["LLM_COLUMN_TYPES", "LlmGenerator", "REASKS", "judge_schema", "make_llm_generator"]
+__all__ = ["LLM_COLUMN_TYPES", "LlmGenerator", "REASKS", "judge_schema", "make_llm_generator", "strict_compatible"]
 
 LLM_COLUMN_TYPES = ("llm_text", "llm_structured", "llm_judge")
 
@@ -60,6 +62,23 @@ def judge_schema(rubric: Mapping[str, str]) -> dict[str, Any]:
         "required": list(rubric),
         "additionalProperties": False,
     }
+
+
+def strict_compatible(schema: Any) -> bool:
+    """Whether OpenAI's strict structured outputs accept ``schema``: every object lists all its
+    properties in ``required`` and sets ``additionalProperties: false`` (nested ones too)."""
+    if isinstance(schema, list):
+        return all(strict_compatible(part) for part in schema)
+    if not isinstance(schema, dict):
+        return True
+    kind = schema.get("type")
+    if kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in schema:
+        properties = schema.get("properties") or {}
+        if schema.get("additionalProperties") is not False or set(schema.get("required") or ()) != set(properties):
+            return False
+    nested = [*(schema.get("properties") or {}).values(), *(schema.get("$defs") or {}).values(),
+              *(schema.get("definitions") or {}).values(), schema.get("items"), schema.get("anyOf")]
+    return all(strict_compatible(part) for part in nested if part is not None)
 
 
 def _judge_instructions(rubric: Mapping[str, str]) -> str:
@@ -127,7 +146,8 @@ class LlmGenerator(Generator):
             self._validator = jsonschema.validators.validator_for(self._schema)(self._schema)
             self._response_format = {
                 "type": "json_schema",
-                "json_schema": {"name": _schema_name(column.name), "schema": self._schema, "strict": True},
+                "json_schema": {"name": _schema_name(column.name), "schema": self._schema,
+                                "strict": strict_compatible(self._schema)},
             }
 
     def __repr__(self) -> str:
