@@ -24,7 +24,6 @@ from pipeline.store.base import ColumnSpec, NewRun, Store
 
 if TYPE_CHECKING:
     import pandas as pd
-    import pyarrow as pa
 
     from pipeline.config import PipelineConfig
     from pipeline.engine.scheduler import RunStats, Scheduler
@@ -325,32 +324,15 @@ def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -
         store.close()
 
 
-def _dataset_table(store: Store, run_id: str, home: Path) -> tuple[pa.Table, bool]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    store.get_run(run_id)  # RunNotFoundError for an unknown id
-    columns = list(store.column_counts(run_id))  # config order
-    groups = store.row_groups(run_id)
-    tables = []
-    for g in groups:
-        if g["state"] == "checkpointed" and g["path"]:
-            tables.append(pq.read_table(home / g["path"]))
-    complete = all(g["state"] == "checkpointed" for g in groups)
-    if not tables:
-        return pa.table({c: pa.array([], type=pa.null()) for c in columns}), complete
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return table.select(list(columns)), complete
-
-
 def load_dataset(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None) -> pd.DataFrame:
     """The dataset as a DataFrame: records in record order, dropped records left out."""
     validate_run_id(run_id)
     _require_run_store(home, db, run_id)
+    from pipeline.dataset import read_dataset
+
     home_path, store = open_state(home, db)
     try:
-        table, _ = _dataset_table(store, run_id, home_path)
-        return table.to_pandas()
+        return read_dataset(store, run_id, home_path).to_pandas()
     finally:
         store.close()
 
@@ -360,26 +342,20 @@ def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
     """Write the dataset to ``output`` (parquet, csv or jsonl; from the suffix by default).
     Returns ``{"records", "complete", "path"}``; an incomplete run exports its checkpointed records."""
     validate_run_id(run_id)
-    import pyarrow.parquet as pq
+    from pipeline.dataset import FORMATS, read_dataset
 
     fmt = (format or Path(output).suffix.lstrip(".") or "parquet").lower()
-    if fmt not in ("parquet", "csv", "jsonl"):
-        raise PipelineError(f"unknown export format {fmt!r}; use parquet, csv or jsonl")
+    if fmt not in FORMATS:
+        raise PipelineError(f"unknown export format {fmt!r}: use --format parquet, csv or jsonl, "
+                            "or an output name ending in .parquet, .csv or .jsonl")
     _require_run_store(home, db, run_id)
     home_path, store = open_state(home, db)
     try:
-        table, complete = _dataset_table(store, run_id, home_path)
+        dataset = read_dataset(store, run_id, home_path)
     finally:
         store.close()
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "parquet":
-        pq.write_table(table, out)
-    else:
-        df = table.to_pandas()
-        if fmt == "csv":
-            df.to_csv(out, index=False)
-        else:
-            df.to_json(out, orient="records", lines=True, date_format="iso", force_ascii=False)
-    return {"records": table.num_rows, "complete": complete, "path": str(out), "format": fmt}
+    dataset.write(out, fmt)
+    return {"records": dataset.num_rows, "complete": dataset.complete, "path": str(out), "format": fmt}
 

@@ -131,9 +131,19 @@ def test_values_generated_from_a_schema_satisfy_it(schema):
 def test_json_schema_requests_get_a_valid_object(serve):
     url = serve()
     schema = SCHEMAS[1]
-    response_format = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": False}}
     body = post(url, chat("give me one", response_format=response_format)).json()
     jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), schema)
+
+
+def test_strict_mode_refuses_open_objects_as_openai_does(serve):
+    url = serve()
+    closed = {"type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"], "additionalProperties": False}
+    for schema, status in [(closed, 200), (SCHEMAS[1], 400), ({**closed, "required": []}, 400),
+                           ({**closed, "properties": {"k": {"type": "object", "properties": {}}}}, 400)]:
+        response_format = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+        response = post(url, chat("strict?", response_format=response_format))
+        assert response.status_code == status, schema
 
 
 def test_faults_hit_first_attempts_only_and_deterministically(serve):

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.values import encode, to_python
 
-__all__ = ["RowGroupBuffer", "normalize_batch", "normalize_cell", "write_parquet_atomic"]
+__all__ = ["JSON_FIELD", "RowGroupBuffer", "column_array", "normalize_batch", "normalize_cell", "write_parquet_atomic"]
 
 
 class RowGroupBuffer:
@@ -73,22 +73,37 @@ class RowGroupBuffer:
                 self.cols[c][:] = value[c]
 
     def table(self, columns: Sequence[str], live: Sequence[int]) -> pa.Table:
-        """Live records, columns in config order."""
-        arrays = {}
+        """Live records, columns in config order (see :func:`column_array`)."""
+        fields, arrays = [], []
         for c in columns:
             col = self.cols[c]
-            vals = col if len(live) == self.n else [col[r] for r in live]
-            arrays[c] = _to_arrow(vals)
-        return pa.table(arrays)
+            array, as_json = column_array(col if len(live) == self.n else [col[r] for r in live])
+            fields.append(pa.field(c, array.type, metadata=JSON_FIELD if as_json else None))
+            arrays.append(array)
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def _to_arrow(values: list) -> pa.Array:
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        # Mixed types in one column: keep every value, as JSON text.
-        return pa.array([None if v is None else (v if isinstance(v, str) else encode(v)) for v in values],
-                        type=pa.string())
+#: Field metadata of a row-group file's column whose cells hold ``values.encode(value)``.
+JSON_FIELD = {b"pipeline.json": b"1"}
+
+
+def column_array(values: list) -> tuple[pa.Array, bool]:
+    """The Arrow array of one column of a row group, and whether its cells are JSON text.
+
+    Scalars of one Python type become a native array. Nested values (dicts, lists) and mixed
+    types are kept exactly as JSON text instead: Arrow would fill the keys a dict lacks with
+    nulls, turn ints into floats beside a float and datetimes into dates beside a date, and
+    cannot hold 1 and "x" in one column. Exports decode them (pipeline.dataset)."""
+    kinds = {type(v) for v in values}
+    kinds.discard(type(None))
+    if len(kinds) <= 1:
+        try:
+            array = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            array = None
+        if array is not None and not pa.types.is_nested(array.type):
+            return array, False
+    return pa.array([None if v is None else encode(v) for v in values], type=pa.string()), True
 
 
 def normalize_cell(outputs: Sequence[str], result: Any, name: str) -> Any:

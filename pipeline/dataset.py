@@ -1,0 +1,160 @@
+"""A run's dataset, read back from its row-group files: what ``export`` writes and
+``load_dataset`` returns.
+
+Each checkpointed row group is one Parquet file whose columns are native Arrow arrays, or JSON
+text for nested and mixed values (see :func:`pipeline.engine.buffer.column_array`). A column that
+is native with one type in every file is concatenated as Arrow. Any other column is read back
+as its exact Python values and then given one representation for the whole dataset, so what
+comes out never depends on where row groups start:
+
+- ``load_dataset``, JSONL and CSV: the exact values (dicts keep their keys, ints stay ints);
+  CSV writes dicts and lists as JSON text;
+- Parquet: one Arrow type inferred over the whole column (dicts become structs), or, where the
+  values have no common type, strings holding JSON text for the values that are not strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.engine.buffer import JSON_FIELD
+from pipeline.store.base import Store
+from pipeline.values import decode, encode
+
+__all__ = ["Dataset", "FORMATS", "read_dataset"]
+
+FORMATS = ("parquet", "csv", "jsonl")
+_FLAG = next(iter(JSON_FIELD))
+
+
+class Dataset:
+    """The checkpointed records of a run, in record order, columns in config order."""
+
+    def __init__(self, columns: list[str], parts: list[pa.Table], complete: bool) -> None:
+        self.columns = columns
+        self.parts = parts
+        self.complete = complete
+        self.num_rows = sum(p.num_rows for p in parts)
+
+    def _native(self, column: str) -> pa.DataType | None:
+        """The column's Arrow type when every part holds it natively with that type (parts with
+        no values at all, typed null, fit any type); else None."""
+        types = set()
+        for part in self.parts:
+            field = part.schema.field(column)
+            if field.metadata and _FLAG in field.metadata:
+                return None
+            if not pa.types.is_null(field.type):
+                types.add(field.type)
+        if len(types) > 1:
+            return None
+        return types.pop() if types else pa.null()
+
+    def _chunks(self, column: str, kind: pa.DataType) -> list[pa.Array]:
+        chunks = []
+        for part in self.parts:
+            data = part.column(column)
+            chunks.extend(data.chunks if data.type == kind else [pa.nulls(len(data), kind)])
+        return chunks
+
+    def values(self, column: str) -> list:
+        """The column's exact Python values."""
+        out: list = []
+        for part in self.parts:
+            field = part.schema.field(column)
+            data = part.column(column).to_pylist()
+            if field.metadata and _FLAG in field.metadata:
+                data = [None if v is None else decode(v) for v in data]
+            out.extend(data)
+        return out
+
+    def arrow_column(self, column: str) -> pa.ChunkedArray | pa.Array:
+        kind = self._native(column)
+        if kind is not None:
+            return pa.chunked_array(self._chunks(column, kind), type=kind)
+        values = self.values(column)
+        try:
+            return pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            return pa.array([v if v is None or isinstance(v, str) else encode(v) for v in values], type=pa.string())
+
+    def to_arrow(self) -> pa.Table:
+        return pa.table({c: self.arrow_column(c) for c in self.columns})
+
+    def to_pandas(self) -> pd.DataFrame:
+        data = {}
+        for c in self.columns:
+            kind = self._native(c)
+            if kind is not None:
+                data[c] = pa.chunked_array(self._chunks(c, kind), type=kind).to_pandas()
+            else:
+                data[c] = pd.Series(self.values(c), dtype=object)
+        return pd.DataFrame(data, columns=self.columns)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """One dict per record, exact values."""
+        columns = [self.values(c) for c in self.columns]
+        for row in zip(*columns):
+            yield dict(zip(self.columns, row))
+
+    def write(self, path: Path, fmt: str) -> None:
+        if fmt == "parquet":
+            pq.write_table(self.to_arrow(), path)
+        elif fmt == "csv":
+            frame = self.to_pandas()
+            for c in self.columns:
+                if frame[c].dtype == object:
+                    frame[c] = frame[c].map(_csv_cell)
+            frame.to_csv(path, index=False)
+        else:
+            with open(path, "w", encoding="utf-8") as out:
+                for record in self.records():
+                    out.write(json.dumps(_without_nan(record), ensure_ascii=False, default=_json_default))
+                    out.write("\n")
+
+
+def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
+    store.get_run(run_id)  # RunNotFoundError for an unknown id
+    columns = list(store.column_counts(run_id))  # config order
+    groups = store.row_groups(run_id)
+    parts = [pq.read_table(home / g["path"]) for g in groups if g["state"] == "checkpointed" and g["path"]]
+    complete = all(g["state"] == "checkpointed" for g in groups)
+    if not parts:
+        parts = [pa.table({c: pa.array([], type=pa.null()) for c in columns})]
+    return Dataset(columns, [p.select(columns) for p in parts], complete)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"cannot write a {type(value).__name__} as JSON")
+
+
+def _without_nan(value: Any) -> Any:
+    """NaN and infinities have no JSON form: null, as pandas writes them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(_without_nan(value), ensure_ascii=False, default=_json_default)
+    return value
