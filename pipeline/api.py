@@ -278,11 +278,13 @@ def _status_of(store: Store, run_id: str) -> dict[str, Any]:
     done = sum(g["num_rows"] - g["rows_dropped"] for g in groups if g["state"] == "checkpointed")
     dropped = sum(g["rows_dropped"] for g in groups)
     checkpointed = sum(1 for g in groups if g["state"] == "checkpointed")
-    now = time.time()
-    eta = None
+    # Rate: records whose every column is done, per second since the run was created (time it
+    # spent interrupted included); the ETA assumes it holds.
     progress_records = min((c["done"] for c in columns.values()), default=0)
-    if state == "running" and progress_records > 0:
-        rate = progress_records / max(now - info.created_at, 1e-6)
+    until = info.finished_at if state in ("complete", "failed") and info.finished_at else time.time()
+    rate = progress_records / max(until - info.created_at, 1e-6) if progress_records else 0.0
+    eta = None
+    if state == "running" and rate > 0:
         eta = max(0.0, (info.num_records - progress_records - dropped) / rate)
     elif state == "complete":
         eta = 0.0
@@ -291,7 +293,7 @@ def _status_of(store: Store, run_id: str) -> dict[str, Any]:
         "records_done": done, "records_dropped": dropped, "columns": columns,
         "row_groups": {"total": len(groups), "checkpointed": checkpointed,
                        "active": sum(1 for g in groups if g["state"] in ("active", "complete"))},
-        "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
+        "rate_records_s": rate, "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint,
     }
 

@@ -158,8 +158,10 @@ def _status_text(s: dict) -> str:
              f"records: {s['records_done']:,} of {s['num_records']:,} written, {s['records_dropped']:,} dropped",
              f"row groups: {s['row_groups']['checkpointed']} of {s['row_groups']['total']} checkpointed, "
              f"{s['row_groups']['active']} active"]
+    rate = f"rate: {s['rate_records_s']:,.1f} records/s"
     if s["eta_s"] is not None and s["status"] == "running":
-        lines.append(f"eta: {s['eta_s']:.0f}s")
+        rate += f", eta: {s['eta_s']:.0f}s"
+    lines.append(rate)
     width = max([len(c) for c in s["columns"]] + [6])
     lines.append(f"{'column':<{width}}  {'done':>10} {'failed':>8} {'deferred':>9} {'in_flight':>9}")
     for name, c in s["columns"].items():

@@ -37,8 +37,12 @@ def test_status_json_has_the_contract_shape(done_run):
     assert s["row_groups"] == {"total": 2, "checkpointed": 2, "active": 0}
     assert list(s["columns"])[:3] == ["id", "product", "category"]
     assert s["columns"]["review"] == {"done": 300, "failed": 0, "deferred": 0, "in_flight": 0}
+    # the rate: the run's 300 records over its wall time, in the JSON and in the text
+    assert s["finished_at"] > s["created_at"]
+    assert s["rate_records_s"] == pytest.approx(300 / (s["finished_at"] - s["created_at"]))
     text = cli("status", "qs", home=home, check=True).stdout
     assert "complete" in text and "review" in text
+    assert f"rate: {s['rate_records_s']:,.1f} records/s" in text
 
 
 def test_runs_lists_newest_first(done_run, tmp_path):
