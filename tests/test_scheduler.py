@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import RetryableError
@@ -250,7 +251,8 @@ def test_failed_from_scratch_task_drops_its_row_group(tmp_path):
                                   num_records=4, row_group_size=2, home=tmp_path)
     assert status == "complete"
     groups = store.row_groups("r1")
-    assert groups[0]["rows_dropped"] == 2 and groups[0]["path"] is None and groups[0]["state"] == "checkpointed"
+    assert groups[0]["rows_dropped"] == 2 and groups[0]["state"] == "checkpointed"
+    assert pq.read_table(tmp_path / groups[0]["path"]).num_rows == 0  # one file per row group, even empty
     assert list(dataset(store, tmp_path)["i"]) == [2, 3] and len(calls) == 2
 
 

@@ -544,15 +544,12 @@ class Scheduler:
     def _checkpoint(self, rg: _RowGroup) -> bool:
         """On the writer thread, after all the row group's events are committed: write its
         Parquet file (temporary name, fsync, rename), then mark it checkpointed. Retried."""
-        live = rg.tracker.live_rows()
-        rel = None
+        live = rg.tracker.live_rows()  # none when every record was dropped: an empty file
+        rel = os.path.join("runs", self.run_id, "row_groups", f"rg-{rg.id:06d}.parquet")
         last: Exception | None = None
         for attempt in range(3):
             try:
-                if live:
-                    rel = os.path.join("runs", self.run_id, "row_groups", f"rg-{rg.id:06d}.parquet")
-                    table = rg.buffer.table(self.plan.columns, live)
-                    write_parquet_atomic(table, os.path.join(self.home, rel))
+                write_parquet_atomic(rg.buffer.table(self.plan.columns, live), os.path.join(self.home, rel))
                 return self.store.checkpoint_row_group(self.run_id, rg.id, rel, rg.tracker.n_dropped)
             except Exception as exc:  # a full disk, a busy database: try again, then leave it to resume
                 last = exc
