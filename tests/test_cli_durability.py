@@ -130,6 +130,55 @@ def test_signal_stops_with_its_exit_code_and_the_run_resumes_to_the_same_data(tm
     pd.testing.assert_frame_equal(export_frame("sig", home, tmp_path), export_frame("ref", home, tmp_path))
 
 
+STATEFUL_FNS = """
+import os, time
+
+def step(row):
+    # Logs when each task starts and ends, from whichever worker process runs it.
+    rg, r = divmod(int(row["i"]), 10)
+    log = os.environ["PIPELINE_TEST_STATEFUL_LOG"]
+    with open(log, "a") as f:
+        f.write(f"start {rg} {r} {time.time():.6f} {os.getpid()}\\n")
+    time.sleep(0.004)
+    with open(log, "a") as f:
+        f.write(f"end {rg} {r} {time.time():.6f} {os.getpid()}\\n")
+    return rg * 100 + r
+"""
+
+
+def test_a_stateful_generator_runs_one_task_at_a_time_in_row_group_order_across_workers(tmp_path):
+    """Three workers share the row groups; the stateful column still runs row group by row
+    group, in order, one task at a time over all processes."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "stateful_fns.py").write_text(STATEFUL_FNS)
+    (folder / "ids.csv").write_text("i\n" + "".join(f"{i}\n" for i in range(120)))  # record i gets i
+    (folder / "cfg.yaml").write_text(
+        "name: ordered\nnum_records: 120\nrow_group_size: 10\n"
+        "settings: {max_concurrent_row_groups: 2}\n"
+        "columns:\n"
+        "  - {name: ids, type: seed_dataset, path: ids.csv, columns: [i], order: sequential}\n"
+        "  - {name: s, type: python, function: 'stateful_fns:step', requires: [i], stateful: true}\n")
+    home = tmp_path / "home"
+    log = tmp_path / "stateful.log"
+    env = cli_env(PIPELINE_TEST_STATEFUL_LOG=str(log))
+    cli("run", str(folder / "cfg.yaml"), "--run-id", "ordered", "--create-only", home=home, check=True)
+    workers = [cli_popen("worker", "ordered", "--quiet", home=home, env=env) for _ in range(3)]
+    for w in workers:
+        code, err = finish(w)
+        assert code == 0, err
+    events = sorted((float(t), kind, int(rg), int(r), pid)
+                    for kind, rg, r, t, pid in (line.split() for line in log.read_text().splitlines()))
+    starts = [e for e in events if e[1] == "start"]
+    assert len(starts) == 120 and len({(e[2], e[3]) for e in starts}) == 120
+    assert len({e[4] for e in starts}) > 1, "the row groups should have been shared by the workers"
+    assert [e[2] for e in starts] == sorted(e[2] for e in starts), "row groups out of order"
+    running = 0
+    for _, kind, *_ in events:
+        running += 1 if kind == "start" else -1
+        assert running <= 1, "two tasks of the stateful generator ran at once"
+
+
 def test_two_workers_finish_a_run_with_no_task_executed_twice(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
     home = tmp_path / "home"

@@ -8,7 +8,8 @@ Lanes of ready work:
 - the general lane, bounded by ``max_in_flight_tasks``;
 - one lane per model limit (LLM generators expose ``limit``): those tasks wait for their model's
   permit without holding a general slot, so a throttled model never starves the others;
-- one ordered queue per stateful generator: one task at a time, row groups in order, and the
+- one ordered queue per stateful generator: one task at a time, row groups in order (also across
+  workers: a row group waits until the store shows the earlier ones finished), and the
   generator stays blocked while one of its tasks waits for a retry.
 
 A retryable failure defers the task: it returns to its lane when its backoff has elapsed (a
@@ -80,6 +81,11 @@ class Scheduler:
         self._limited: dict[Any, collections.deque] = {}
         self._stateful: dict[int, list] = {n.index: [] for n in plan.stateful}
         self._stateful_busy: set[int] = set()
+        # Row groups below this one have finished the stateful generator (here or elsewhere).
+        self._stateful_floor: dict[int, int] = {n.index: 0 for n in plan.stateful}
+        # Row groups known finished: here, or by other workers as the store last said.
+        self._finished_rgs: set[int] = set()
+        self._finished_poll: Any = None  # a pending look at the store (timer or future)
         self._deferred: list = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
@@ -125,6 +131,8 @@ class Scheduler:
             await self._drain_tasks()
             if self._timer is not None:
                 self._timer.cancel()
+            if isinstance(self._finished_poll, asyncio.TimerHandle):
+                self._finished_poll.cancel()
             if self._live:  # finished row groups have left _live already
                 self.journal.call(self.store.release_row_groups, self.run_id, list(self._live))
             self.journal.call(self.store.unregister_worker, self.run_id)
@@ -285,12 +293,48 @@ class Scheduler:
                 heapq.heappop(heap)
             if not heap or self._in_flight >= self._max_in_flight:
                 continue
-            rg_id = heap[0][0]
-            if any(o.id < rg_id and o.tracker.left[j] > 0 for o in self._live.values() if not o.dead):
+            if not self._stateful_gate(j, heap[0][0]):
                 continue  # an earlier row group of this generator is unfinished
             _, _, rg, r = heapq.heappop(heap)
             self._stateful_busy.add(j)
             self._start(rg, self._nodes[j], r, True)
+
+    def _stateful_gate(self, j: int, rg_id: int) -> bool:
+        """Whether every row group before ``rg_id`` has finished stateful generator ``j``, in
+        this process or in another worker's (then the store says so: it is looked at every
+        ``poll_s`` while that is what holds the generator up)."""
+        k, live, finished = self._stateful_floor[j], self._live, self._finished_rgs
+        while k < rg_id:
+            o = live.get(k)
+            if o is not None and not o.dead:
+                if o.tracker.left[j] > 0:
+                    break  # ours: its own completions pump again
+            elif k not in finished:
+                self._poll_finished()
+                break
+            k += 1
+        self._stateful_floor[j] = k
+        return k >= rg_id
+
+    def _poll_finished(self) -> None:
+        if self._finished_poll is not None or self._stopping:
+            return
+
+        def look() -> None:
+            self._finished_poll = fut = self.journal.call(self.store.row_groups, self.run_id)
+            fut.add_done_callback(self._finished_seen)
+
+        # The first look at once (a resume: row groups of earlier sessions), later ones spaced
+        # (a read of the row_groups table; the generator waits for another worker meanwhile).
+        delay = min(self.opts.poll_s, 0.1) if self._finished_rgs else 0.0
+        self._finished_poll = self._loop.call_later(delay, look)
+
+    def _finished_seen(self, fut: asyncio.Future) -> None:
+        self._finished_poll = None
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the next pump looks again
+        self._finished_rgs.update(g["row_group"] for g in fut.result() if g["state"] in ("complete", "checkpointed"))
+        self._pump()
 
     def _start(self, rg: _RowGroup, node: Any, r: int | None, counted: bool) -> None:
         if counted:
@@ -490,6 +534,8 @@ class Scheduler:
         if self._timer is None or self._timer_due > due:  # (uvloop's handles have no when())
             if self._timer is not None:
                 self._timer.cancel()
+            if isinstance(self._finished_poll, asyncio.TimerHandle):
+                self._finished_poll.cancel()
             self._timer, self._timer_due = self._loop.call_at(due, self._on_timer), due
 
     def _on_timer(self) -> None:
@@ -520,6 +566,7 @@ class Scheduler:
             return
         rg.dead = True
         del self._live[rg.id]
+        self._finished_rgs.add(rg.id)
         self._append((COMPLETE, rg.id))
         fut = self.journal.after_commit(self._checkpoint, rg)
         self._checkpoints.add(fut)
