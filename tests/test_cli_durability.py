@@ -143,30 +143,45 @@ def step(row):
     with open(log, "a") as f:
         f.write(f"end {rg} {r} {time.time():.6f} {os.getpid()}\\n")
     return rg * 100 + r
+
+
+def flaky(row):
+    # Every third record fails once with a retryable error (in whichever worker runs it).
+    if int(row["i"]) % 3 == 0:
+        try:
+            os.close(os.open(os.path.join(os.environ["PIPELINE_TEST_FLAKY_DIR"], str(row["i"])),
+                             os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return 1
+        raise TimeoutError("once")
+    return 0
 """
 
 
 def test_a_stateful_generator_runs_one_task_at_a_time_in_row_group_order_across_workers(tmp_path):
     """Three workers share the row groups; the stateful column still runs row group by row
-    group, in order, one task at a time over all processes."""
+    group, in order, one task at a time over all processes, while other tasks are retried."""
     folder = tmp_path / "p"
     folder.mkdir()
     (folder / "stateful_fns.py").write_text(STATEFUL_FNS)
     (folder / "ids.csv").write_text("i\n" + "".join(f"{i}\n" for i in range(120)))  # record i gets i
     (folder / "cfg.yaml").write_text(
         "name: ordered\nnum_records: 120\nrow_group_size: 10\n"
-        "settings: {max_concurrent_row_groups: 2}\n"
+        "settings: {max_concurrent_row_groups: 2, retry_backoff_s: 0.01}\n"
         "columns:\n"
         "  - {name: ids, type: seed_dataset, path: ids.csv, columns: [i], order: sequential}\n"
-        "  - {name: s, type: python, function: 'stateful_fns:step', requires: [i], stateful: true}\n")
+        "  - {name: s, type: python, function: 'stateful_fns:step', requires: [i], stateful: true}\n"
+        "  - {name: f, type: python, function: 'stateful_fns:flaky', requires: [i]}\n")
     home = tmp_path / "home"
     log = tmp_path / "stateful.log"
-    env = cli_env(PIPELINE_TEST_STATEFUL_LOG=str(log))
+    (tmp_path / "flaky").mkdir()  # retries (deferred tasks) go on while workers wait for each other
+    env = cli_env(PIPELINE_TEST_STATEFUL_LOG=str(log), PIPELINE_TEST_FLAKY_DIR=str(tmp_path / "flaky"))
     cli("run", str(folder / "cfg.yaml"), "--run-id", "ordered", "--create-only", home=home, check=True)
     workers = [cli_popen("worker", "ordered", "--quiet", home=home, env=env) for _ in range(3)]
     for w in workers:
-        code, err = finish(w)
+        code, err = finish(w, timeout=120)
         assert code == 0, err
+    assert len(list((tmp_path / "flaky").iterdir())) == 40
     events = sorted((float(t), kind, int(rg), int(r), pid)
                     for kind, rg, r, t, pid in (line.split() for line in log.read_text().splitlines()))
     starts = [e for e in events if e[1] == "start"]

@@ -329,6 +329,43 @@ def test_stateful_cell_generator_runs_one_task_at_a_time_in_record_order(tmp_pat
     assert status == "complete" and log == list(range(9)) and peak[0] == 1
 
 
+def test_a_stateful_generator_waiting_for_another_workers_row_group_goes_on_through_retries(tmp_path):
+    """Two workers, one row group each. The stateful column of row group 1 waits for worker
+    holding row group 0 (the store is looked at again and again) while the other column's tasks
+    keep failing once and being retried: the waiting never stops looking."""
+    from pipeline.store.memory import MemoryStore
+
+    log, failed = [], set()
+
+    async def stateful(row):
+        await asyncio.sleep(0.02)
+        log.append(row["i"])
+        return row["i"]
+
+    async def flaky(row):
+        await asyncio.sleep(0.015 * (row["i"] % 10))  # failures spread over the wait
+        if row["i"] not in failed:
+            failed.add(row["i"])
+            raise RetryableError("once")
+        return 0
+
+    def worker(store):
+        specs = [spec("i", "batch"), spec("s", deps=["i"], stateful=True), spec("f", deps=["i"])]
+        gens = {"i": index_root(), "s": AsyncFn(stateful, stateful=True), "f": AsyncFn(flaky)}
+        sched, _ = make_run(specs, gens, num_records=20, row_group_size=10, home=tmp_path, store=store,
+                            max_concurrent_row_groups=1, poll_s=0.05)
+        return sched
+
+    first = MemoryStore(owner="w1")
+    second = MemoryStore(data=first._data, owner="w2")
+
+    async def both():
+        return await asyncio.wait_for(asyncio.gather(worker(first).run(), worker(second).run()), 20)
+
+    assert asyncio.run(both()) == ["complete", "complete"]
+    assert log == list(range(20)) and len(failed) == 20
+
+
 def test_error_rate_stops_the_run_on_a_full_window_of_permanent_failures(tmp_path):
     def bad(row):
         raise ValueError("broken")

@@ -534,8 +534,6 @@ class Scheduler:
         if self._timer is None or self._timer_due > due:  # (uvloop's handles have no when())
             if self._timer is not None:
                 self._timer.cancel()
-            if isinstance(self._finished_poll, asyncio.TimerHandle):
-                self._finished_poll.cancel()
             self._timer, self._timer_due = self._loop.call_at(due, self._on_timer), due
 
     def _on_timer(self) -> None:
