@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,6 +12,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+FAKE_SERVER_SCRIPT = ROOT / "scripts" / "fake_llm_server.py"
+
+
+def fake_server_module():
+    """scripts/fake_llm_server.py as a module (it is a script, not part of the package)."""
+    if "fake_llm_server" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fake_llm_server", FAKE_SERVER_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fake_llm_server"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fake_llm_server"]
 POSTGRES_URL = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import pathlib
 import signal
 import subprocess
 import sys
@@ -15,19 +13,11 @@ import httpx
 import jsonschema
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "fake_llm_server.py"
+from tests.conftest import FAKE_SERVER_SCRIPT as SCRIPT
+from tests.conftest import fake_server_module
 
 
-def _load_fake_server():
-    if "fake_llm_server" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fake_llm_server", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fake_llm_server"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["fake_llm_server"]
-
-
-fake = _load_fake_server()
+fake = fake_server_module()
 
 
 def chat(content, *, model="m1", **extra):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import importlib.util
 import pathlib
 import pickle
 import socket
-import sys
 import time
 import traceback
 from types import SimpleNamespace
@@ -34,21 +32,13 @@ from pipeline.llm import (
     parse_retry_after,
 )
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "fake_llm_server.py"
+from tests.conftest import fake_server_module
+
 SECRET = "sk-test-5ecret-do-not-leak-0123456789"
 KEY_ENV = "PIPELINE_TEST_LLM_KEY"
 
 
-def _load_fake_server():
-    if "fake_llm_server" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fake_llm_server", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fake_llm_server"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["fake_llm_server"]
-
-
-fake = _load_fake_server()
+fake = fake_server_module()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ user would use it.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import signal
 import subprocess
@@ -28,18 +27,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.conftest import ROOT, cli, cli_env, cli_popen
-
-SERVER_SCRIPT = ROOT / "scripts" / "fake_llm_server.py"
-
-
-def _fake_module():
-    if "fake_llm_server" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fake_llm_server", SERVER_SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fake_llm_server"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["fake_llm_server"]
+from tests.conftest import FAKE_SERVER_SCRIPT as SERVER_SCRIPT
+from tests.conftest import ROOT, cli, cli_env, cli_popen, fake_server_module
 
 
 # -- the fake server ------------------------------------------------------------------------
@@ -56,7 +45,7 @@ def fake_server():
     stops = []
 
     def start(**options) -> str:
-        url, stop = _fake_module().start_server(latency_ms=options.pop("latency_ms", 10), **options)
+        url, stop = fake_server_module().start_server(latency_ms=options.pop("latency_ms", 10), **options)
         stops.append(stop)
         return url
 

@@ -8,9 +8,8 @@ Lanes of ready work:
 - the general lane, bounded by ``max_in_flight_tasks``;
 - one lane per model limit (LLM generators expose ``limit``): those tasks wait for their model's
   permit without holding a general slot, so a throttled model never starves the others;
-- one ordered queue per stateful generator: one task at a time, row groups in order (also across
-  workers: a row group waits until the store shows the earlier ones finished), and the
-  generator stays blocked while one of its tasks waits for a retry.
+- one ordered queue per stateful generator (engine/stateful.py): one task at a time, row groups
+  in order, also across workers.
 
 A retryable failure defers the task: it returns to its lane when its backoff has elapsed (a
 timer, no barrier). A task that fails for good drops its record (cell) or its row group.
@@ -33,6 +32,7 @@ from typing import Any
 from pipeline.engine.buffer import RowGroupBuffer, normalize_batch, normalize_cell, write_parquet_atomic
 from pipeline.engine.journal import Journal
 from pipeline.engine.options import RunStats, SchedulerOptions, TaskTrace
+from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan, RowGroupTracker
 from pipeline.errors import ModelRateLimitError, StoreError, is_retryable
 from pipeline.generators.base import task_usage
@@ -79,13 +79,9 @@ class Scheduler:
         self._live: dict[int, _RowGroup] = {}
         self._ready: collections.deque = collections.deque()
         self._limited: dict[Any, collections.deque] = {}
-        self._stateful: dict[int, list] = {n.index: [] for n in plan.stateful}
-        self._stateful_busy: set[int] = set()
-        # Row groups below this one have finished the stateful generator (here or elsewhere).
-        self._stateful_floor: dict[int, int] = {n.index: 0 for n in plan.stateful}
-        # Row groups known finished: here, or by other workers as the store last said.
-        self._finished_rgs: set[int] = set()
-        self._finished_poll: Any = None  # a pending look at the store (timer or future)
+        self._stateful = StatefulLanes((n.index for n in plan.stateful), poll_s=opts.poll_s, on_news=self._pump,
+                                       look=lambda: self.journal.call(self.store.row_groups, self.run_id)
+                                       ) if plan.stateful else None
         self._deferred: list = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
@@ -131,8 +127,8 @@ class Scheduler:
             await self._drain_tasks()
             if self._timer is not None:
                 self._timer.cancel()
-            if isinstance(self._finished_poll, asyncio.TimerHandle):
-                self._finished_poll.cancel()
+            if self._stateful is not None:
+                self._stateful.close()
             if self._live:  # finished row groups have left _live already
                 self.journal.call(self.store.release_row_groups, self.run_id, list(self._live))
             self.journal.call(self.store.unregister_worker, self.run_id)
@@ -257,7 +253,7 @@ class Scheduler:
         for j, r in out:
             node = nodes[j]
             if node.stateful:
-                heapq.heappush(self._stateful[j], (rg.id, -1 if r is None else r, rg, r))
+                self._stateful.push(j, rg, r)
             elif node.limit is not None:
                 self._limited[node.limit].append((rg, j, r))
             else:
@@ -282,59 +278,11 @@ class Scheduler:
                     break
                 lane.popleft()
                 start(rg, nodes[j], r, False)
-        if self._stateful:
-            self._pump_stateful()
-
-    def _pump_stateful(self) -> None:
-        for j, heap in self._stateful.items():
-            if j in self._stateful_busy:
-                continue
-            while heap and (heap[0][2].dead or (heap[0][3] is not None and heap[0][2].tracker.dropped[heap[0][3]])):
-                heapq.heappop(heap)
-            if not heap or self._in_flight >= self._max_in_flight:
-                continue
-            if not self._stateful_gate(j, heap[0][0]):
-                continue  # an earlier row group of this generator is unfinished
-            _, _, rg, r = heapq.heappop(heap)
-            self._stateful_busy.add(j)
-            self._start(rg, self._nodes[j], r, True)
-
-    def _stateful_gate(self, j: int, rg_id: int) -> bool:
-        """Whether every row group before ``rg_id`` has finished stateful generator ``j``, in
-        this process or in another worker's (then the store says so: it is looked at every
-        ``poll_s`` while that is what holds the generator up)."""
-        k, live, finished = self._stateful_floor[j], self._live, self._finished_rgs
-        while k < rg_id:
-            o = live.get(k)
-            if o is not None and not o.dead:
-                if o.tracker.left[j] > 0:
-                    break  # ours: its own completions pump again
-            elif k not in finished:
-                self._poll_finished()
-                break
-            k += 1
-        self._stateful_floor[j] = k
-        return k >= rg_id
-
-    def _poll_finished(self) -> None:
-        if self._finished_poll is not None or self._stopping:
-            return
-
-        def look() -> None:
-            self._finished_poll = fut = self.journal.call(self.store.row_groups, self.run_id)
-            fut.add_done_callback(self._finished_seen)
-
-        # The first look at once (a resume: row groups of earlier sessions), later ones spaced
-        # (a read of the row_groups table; the generator waits for another worker meanwhile).
-        delay = min(self.opts.poll_s, 0.1) if self._finished_rgs else 0.0
-        self._finished_poll = self._loop.call_later(delay, look)
-
-    def _finished_seen(self, fut: asyncio.Future) -> None:
-        self._finished_poll = None
-        if fut.cancelled() or fut.exception() is not None:
-            return  # the next pump looks again
-        self._finished_rgs.update(g["row_group"] for g in fut.result() if g["state"] in ("complete", "checkpointed"))
-        self._pump()
+        if self._stateful is not None and self._in_flight < self._max_in_flight:
+            for j, rg, r in self._stateful.take(self._live):
+                start(rg, nodes[j], r, True)
+                if self._in_flight >= self._max_in_flight:
+                    break
 
     def _start(self, rg: _RowGroup, node: Any, r: int | None, counted: bool) -> None:
         if counted:
@@ -419,7 +367,7 @@ class Scheduler:
             else:
                 node.limit.release(rate_limited=isinstance(error, ModelRateLimitError))
             if node.stateful and not deferred:  # a deferred stateful task keeps its generator
-                self._stateful_busy.discard(node.index)
+                self._stateful.release(node.index)
             self._pump()
 
     # -- results --------------------------------------------------------------------------
@@ -548,8 +496,8 @@ class Scheduler:
         for rg, j, r in reversed(due):  # retries go first: they hold their row group open
             node = nodes[j]
             if node.stateful:
-                self._stateful_busy.discard(j)
-                heapq.heappush(self._stateful[j], (rg.id, -1 if r is None else r, rg, r))
+                self._stateful.release(j)
+                self._stateful.push(j, rg, r)
             elif node.limit is not None:
                 self._limited[node.limit].appendleft((rg, j, r))
             else:
@@ -564,7 +512,8 @@ class Scheduler:
             return
         rg.dead = True
         del self._live[rg.id]
-        self._finished_rgs.add(rg.id)
+        if self._stateful is not None:
+            self._stateful.finished(rg.id)
         self._append((COMPLETE, rg.id))
         fut = self.journal.after_commit(self._checkpoint, rg)
         self._checkpoints.add(fut)

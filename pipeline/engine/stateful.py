@@ -1,0 +1,91 @@
+"""The lanes of stateful generators: one task at a time per generator, row groups in order,
+also across workers.
+
+A row group's task waits until every earlier row group has finished the generator: in this
+process (its tracker says so) or in another worker's (the store's ``row_groups`` table says
+``complete`` or ``checkpointed``; it is read again every ``poll_s`` while that is what holds the
+generator up). A generator stays busy while one of its tasks is deferred for a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from typing import Any, Callable, Iterable
+
+__all__ = ["StatefulLanes"]
+
+
+class StatefulLanes:
+    def __init__(self, generators: Iterable[int], *, look: Callable[[], asyncio.Future],
+                 on_news: Callable[[], None], poll_s: float) -> None:
+        self._heaps: dict[int, list] = {j: [] for j in generators}
+        self._busy: set[int] = set()
+        # Row groups below this one have finished the generator (here or elsewhere).
+        self._floor: dict[int, int] = {j: 0 for j in self._heaps}
+        # Row groups known finished: here, or by other workers as the store last said.
+        self._finished: set[int] = set()
+        self._look, self._on_news, self._poll_s = look, on_news, poll_s
+        self._poll: Any = None  # a pending look at the store (timer or future)
+        self._closed = False
+
+    def push(self, j: int, rg: Any, r: int | None) -> None:
+        heapq.heappush(self._heaps[j], (rg.id, -1 if r is None else r, rg, r))
+
+    def release(self, j: int) -> None:
+        """Generator ``j``'s running task is over (done, or failed for good, or due again)."""
+        self._busy.discard(j)
+
+    def finished(self, rg_id: int) -> None:
+        self._finished.add(rg_id)
+
+    def take(self, live: dict[int, Any]) -> Iterable[tuple[int, Any, int | None]]:
+        """``(generator, row group, row)`` of every generator that may start its next task;
+        each is marked busy as it is yielded (the caller stops when it runs out of slots)."""
+        for j, heap in self._heaps.items():
+            if j in self._busy:
+                continue
+            while heap and (heap[0][2].dead or (heap[0][3] is not None and heap[0][2].tracker.dropped[heap[0][3]])):
+                heapq.heappop(heap)
+            if heap and self._earlier_finished(j, heap[0][0], live):
+                _, _, rg, r = heapq.heappop(heap)
+                self._busy.add(j)
+                yield j, rg, r
+
+    def close(self) -> None:
+        self._closed = True
+        if isinstance(self._poll, asyncio.TimerHandle):
+            self._poll.cancel()
+
+    def _earlier_finished(self, j: int, rg_id: int, live: dict[int, Any]) -> bool:
+        k = self._floor[j]
+        while k < rg_id:
+            o = live.get(k)
+            if o is not None and not o.dead:
+                if o.tracker.left[j] > 0:
+                    break  # ours: its own completions pump again
+            elif k not in self._finished:
+                self._poll_store()
+                break
+            k += 1
+        self._floor[j] = k
+        return k >= rg_id
+
+    def _poll_store(self) -> None:
+        if self._poll is not None or self._closed:
+            return
+
+        def look() -> None:
+            self._poll = fut = self._look()
+            fut.add_done_callback(self._seen)
+
+        # The first look at once (a resume: row groups of earlier sessions), later ones spaced.
+        delay = min(self._poll_s, 0.1) if self._finished else 0.0
+        self._poll = asyncio.get_running_loop().call_later(delay, look)
+
+    def _seen(self, fut: asyncio.Future) -> None:
+        self._poll = None
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the next pump looks again
+        self._finished.update(g["row_group"] for g in fut.result() if g["state"] in ("complete", "checkpointed"))
+        self._on_news()
