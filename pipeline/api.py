@@ -44,6 +44,7 @@ class RunResult:
     signal: int | None = None
     stats: RunStats | None = None
     resumed: bool = False
+    reason: str | None = None  # why a 'failed' run stopped (Scheduler.stop_reason)
     extra: dict = field(default_factory=dict)
 
 
@@ -218,7 +219,8 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
         store.set_run_status(run_id, status)
     if progress is not None:
         progress(_snapshot(scheduler, cfg, final=True))
-    return RunResult(run_id, status, signal=received[0] if received else None, stats=scheduler.stats)
+    return RunResult(run_id, status, signal=received[0] if received else None, stats=scheduler.stats,
+                     reason=scheduler.stop_reason)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -97,6 +97,9 @@ class Scheduler:
         self._window: collections.deque = collections.deque()
         self._window_errors = 0
         self._stopping = False
+        #: Why the run stopped when it ends 'failed' (error rate, a model down, a checkpoint
+        #: that cannot be written): one line for the user, set before _finish("failed").
+        self.stop_reason: str | None = None
         self._out: list = []
         self._checkpoints: set[asyncio.Future] = set()
         self._pool = ThreadPoolExecutor(max_workers=opts.threads or min(32, opts.max_in_flight_tasks),
