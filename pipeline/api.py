@@ -127,13 +127,18 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
             seed=cfg.seed, config=cfg.to_json(), fingerprint=cfg.fingerprint(),
             columns=[ColumnSpec(c, graph.producer[c], graph.by_name[graph.producer[c]].strategy, i)
                      for i, c in enumerate(graph.columns)]))
-        (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
-        if on_created is not None:
-            on_created(rid)
-        if not start:
-            store.set_run_status(rid, "interrupted")
-            return RunResult(rid, "created")
-        return _execute(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph)
+        with _Signals() as signals:
+            try:
+                (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
+                if on_created is not None:
+                    on_created(rid)
+                if not start:
+                    store.set_run_status(rid, "interrupted")
+                    return RunResult(rid, "created")
+                return _execute(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph,
+                                signals=signals)
+            except _Interrupted as stop:
+                return _interrupted(store, rid, stop.signum)
     finally:
         if close_store:
             store.close()
@@ -152,10 +157,20 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
         info = store.get_run(run_id)
         cfg = config_from_json(info.config)
         if all(g["state"] == "checkpointed" for g in store.row_groups(run_id)):
+            failed = len(store.failed_tasks(run_id)) if info.status == "failed" else 0
+            if failed:  # it ended failed on its error rate: nothing to continue, but not complete
+                return RunResult(run_id, "failed", resumed=True, extra={"nothing_left": True},
+                                 reason=f"nothing is left to run, and {failed:,} task(s) failed for good; "
+                                        f"`pipeline retry {run_id}` redoes them")
             if info.status != "complete":
                 store.set_run_status(run_id, "complete")
             return RunResult(run_id, "complete", resumed=True, extra={"already_complete": True})
-        result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True)
+        with _Signals() as signals:
+            try:
+                result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True,
+                                  signals=signals)
+            except _Interrupted as stop:
+                result = _interrupted(store, run_id, stop.signum)
         result.resumed = True
         return result
     finally:
@@ -163,9 +178,75 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
             store.close()
 
 
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM before the engine runs (a generator's __init__, say): unwinds to the
+    caller, which records the run as interrupted. A BaseException, so that user code catching
+    Exception cannot swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT and SIGTERM from the moment the run exists (CONTRACT section 5): before the engine
+    runs they unwind the set-up (:class:`_Interrupted`); while it runs, the first stops
+    dispatching with a grace period and the second stops at once. Plain ``signal.signal``
+    handlers, not the loop's: they run between any two bytecodes of the main thread, so a
+    second signal stops the process even when user code blocks the event loop (then, after
+    ``HARD_EXIT_S``, the process exits: the store holds a consistent prefix at every moment,
+    exactly as after a SIGKILL). Main thread only; elsewhere signals are the caller's."""
+
+    HARD_EXIT_S = 3.0
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.scheduler: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        scheduler, loop = self.scheduler, self.loop
+        if scheduler is None or loop is None:  # still setting up: unwind
+            if len(self.received) == 1:
+                raise _Interrupted(signum)
+            return
+        if loop.is_closed():  # the engine has finished: nothing left to stop
+            return
+        immediate = len(self.received) > 1
+        loop.call_soon_threadsafe(lambda: scheduler.stop(immediate=immediate))
+        if immediate:
+            timer = threading.Timer(self.HARD_EXIT_S, _hard_exit, (self.received[0],))
+            timer.daemon = True
+            timer.start()
+
+
+def _hard_exit(signum: int) -> None:
+    sys.stderr.write("pipeline: stopped at once (second signal); finished results are recorded\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _interrupted(store: Store, run_id: str, signum: int) -> RunResult:
+    if store.live_workers(run_id) == 0:
+        store.set_run_status(run_id, "interrupted")
+    return RunResult(run_id, "interrupted", signal=signum)
+
+
 def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
              progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
-             graph: Any = None) -> RunResult:
+             graph: Any = None, signals: _Signals | None = None) -> RunResult:
     from pipeline.engine.scheduler import Scheduler, SchedulerOptions
     from pipeline.engine.tracker import Plan
     from pipeline.generators import build_generators
@@ -180,20 +261,14 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
     scheduler = Scheduler(plan, store, run_id, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
                           home=str(home), options=options)
     store.set_run_status(run_id, "running")
-    received: list[int] = []
+    signals = signals or _Signals()
+    received = signals.received
 
     async def main() -> str:
-        loop = asyncio.get_running_loop()
-
-        def on_signal(signum: int) -> None:
-            received.append(signum)
+        signals.loop = loop = asyncio.get_running_loop()
+        signals.scheduler = scheduler
+        if received:  # a signal came while the engine was being set up
             scheduler.stop(immediate=len(received) > 1)
-
-        installed = []
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, on_signal, signum)
-                installed.append(signum)
         reporter = loop.create_task(_report(scheduler, cfg, progress)) if progress else None
         try:
             return await scheduler.run()
@@ -206,8 +281,6 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
                             if isinstance(r, llm.LlmRuntime)}
                 for runtime in runtimes.values():
                     await runtime.aclose()
-            for signum in installed:
-                loop.remove_signal_handler(signum)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         status = runner.run(main())
@@ -297,7 +370,24 @@ def _status_of(store: Store, run_id: str) -> dict[str, Any]:
                        "active": sum(1 for g in groups if g["state"] in ("active", "complete"))},
         "rate_records_s": rate, "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint,
+        "failures": _failures(store, run_id),
     }
+
+
+def _failures(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """Failed tasks grouped by (column, error class), largest first, with one example message
+    each: ``[{"column", "error", "count", "example"}]`` (``column`` is the generator's name)."""
+    from pipeline.engine.failures import error_class
+
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for generator, message in store.failed_tasks(run_id):
+        kind = (generator, error_class(message))
+        group = groups.get(kind)
+        if group is None:
+            groups[kind] = {"column": generator, "error": kind[1], "count": 1, "example": message}
+        else:
+            group["count"] += 1
+    return sorted(groups.values(), key=lambda g: (-g["count"], g["column"], g["error"]))
 
 
 def status(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None) -> dict[str, Any]:

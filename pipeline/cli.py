@@ -1,7 +1,7 @@
 """The `pipeline` command. Each command is a thin layer over one function of pipeline.api.
 
-Exit codes: 0 complete; 1 stopped on its error rate (resumable); 2 bad usage, bad config,
-unknown or taken run id; 130 after SIGINT; 143 after SIGTERM.
+Exit codes: 0 complete; 1 the run ended failed (its error rate, or a model that stayed down;
+resumable); 2 bad usage, bad config, unknown or taken run id; 130 after SIGINT; 143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -80,21 +80,62 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-def _finish(result: api.RunResult) -> None:
+def _finish(result: api.RunResult, home: str | None, db: str | None) -> None:
+    """End run/resume/worker: one summary on stderr, then the exit code."""
+    rid = result.run_id
+    if result.status == "complete" and result.extra.get("already_complete"):
+        click.echo(f"run {rid} is already complete; nothing to do", err=True)
+        _exit(EXIT_OK)
+    try:
+        click.echo(_summary(api.status(rid, home=home, db=db), home), err=True)
+    except PipelineError as exc:  # the summary is a courtesy: never let it change the exit code
+        click.echo(f"(no summary: {exc})", err=True)
     if result.status == "complete":
-        if result.extra.get("already_complete"):
-            click.echo(f"run {result.run_id} is already complete; nothing to do", err=True)
         _exit(EXIT_OK)
     if result.signal is not None:
-        click.echo(f"run {result.run_id} interrupted; `pipeline resume {result.run_id}` continues it", err=True)
+        click.echo(f"run {rid} interrupted; `pipeline resume {rid}` continues it", err=True)
         _exit(SIGNAL_EXIT.get(result.signal, 128 + result.signal))
     if result.status == "failed":
-        click.echo(f"run {result.run_id} stopped: too many tasks failed (shutdown_error_rate); "
-                   f"fix the cause, then `pipeline resume {result.run_id}`", err=True)
+        reason = result.reason or "too many tasks failed for good (shutdown_error_rate)"
+        click.echo(f"run {rid} failed: {reason}", err=True)
+        if "model_down_s" not in reason:
+            click.echo(f"fix the cause, then `pipeline retry {rid}` redoes the failed tasks "
+                       f"(`pipeline resume {rid}` continues what is left)", err=True)
     else:
-        click.echo(f"run {result.run_id} stopped ({result.status}); `pipeline resume {result.run_id}` continues it",
-                   err=True)
+        click.echo(f"run {rid} stopped ({result.status}); `pipeline resume {rid}` continues it", err=True)
     _exit(EXIT_FAILED)
+
+
+def _clip(text: str | None, n: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _summary(s: dict, home: str | None) -> str:
+    """Records written and dropped, failures grouped by column and error class (one example
+    each), model usage, and the export command."""
+    lines = [f"run {s['run_id']}: {s['records_done']:,} of {s['num_records']:,} records written, "
+             f"{s['records_dropped']:,} dropped"]
+    lines += _failure_lines(s["failures"])
+    for alias, m in (s.get("models") or {}).items():
+        lines.append(f"model {alias}: {m['requests']:,} requests, {m['rate_limited']:,} rate-limited (429), "
+                     f"{m['prompt_tokens']:,} prompt + {m['completion_tokens']:,} completion tokens")
+    if s["records_done"]:
+        where = f" --home {home}" if home else ""
+        lines.append(f"export: pipeline export {s['run_id']} --output {s['run_id']}.parquet{where}")
+    return "\n".join(lines)
+
+
+def _failure_lines(failures: list[dict], most: int = 10) -> list[str]:
+    if not failures:
+        return []
+    total = sum(f["count"] for f in failures)
+    lines = [f"failed for good: {total:,} task(s)"]
+    for f in failures[:most]:
+        lines.append(f"  {f['column']}: {f['count']:,} x {f['error']}, e.g. {_clip(f['example'], 200)}")
+    if len(failures) > most:
+        lines.append(f"  ... {len(failures) - most} more kinds: `pipeline status RUN_ID --json` lists them")
+    return lines
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,7 +169,7 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
     if result.status == "created":
         click.echo(f"created run {result.run_id}; start it with `pipeline worker {result.run_id}`", err=True)
         return
-    _finish(result)
+    _finish(result, home, db)
 
 
 @main.command()
@@ -140,7 +181,7 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 def resume(run_id: str, quiet: bool, trace: bool, home: str, db: str) -> None:
     """Continue RUN_ID exactly where it stopped."""
     _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace,
-                       close_store=False))
+                       close_store=False), home, db)
 
 
 @main.command()
@@ -150,7 +191,8 @@ def resume(run_id: str, quiet: bool, trace: bool, home: str, db: str) -> None:
 @handle_errors
 def worker(run_id: str, quiet: bool, home: str, db: str) -> None:
     """Join RUN_ID as one more worker (several may run at once)."""
-    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), close_store=False))
+    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), close_store=False),
+            home, db)
 
 
 def _status_text(s: dict) -> str:
@@ -166,6 +208,7 @@ def _status_text(s: dict) -> str:
     lines.append(f"{'column':<{width}}  {'done':>10} {'failed':>8} {'deferred':>9} {'in_flight':>9}")
     for name, c in s["columns"].items():
         lines.append(f"{name:<{width}}  {c['done']:>10,} {c['failed']:>8,} {c['deferred']:>9,} {c['in_flight']:>9,}")
+    lines += _failure_lines(s.get("failures") or [])
     if s.get("models"):
         lines.append(f"{'model':<12} {'requests':>9} {'prompt tok':>11} {'compl. tok':>11} {'429s':>6} "
                      f"{'concurrency':>11} {'saved by resume':>15}")

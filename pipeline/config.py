@@ -57,6 +57,7 @@ class Settings(_Strict):
     shutdown_error_rate: float = Field(0.5, gt=0, le=1)
     shutdown_error_window: int = Field(100, gt=0)
     lease_s: float = Field(30.0, gt=0)
+    model_down_s: float = Field(120.0, gt=0)
 
 
 class ModelConfig(_Strict):

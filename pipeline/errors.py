@@ -39,6 +39,7 @@ __all__ = [
     "RunExistsError",
     "RunNotFoundError",
     "StoreError",
+    "is_outage",
     "is_retryable",
 ]
 
@@ -118,6 +119,13 @@ class LeaseLostError(Exception):
     def __init__(self, row_groups):
         super().__init__(f"lost the lease on row group(s) {sorted(row_groups)}")
         self.row_groups = frozenset(row_groups)
+
+
+def is_outage(exc: BaseException | None) -> bool:
+    """A model endpoint that may be down: it cannot be reached, did not answer in time, or
+    answered 5xx/409. The engine pauses the model's columns on a run of these (CONTRACT section 9)
+    instead of spending the tasks' attempts."""
+    return isinstance(exc, (ModelConnectionError, ModelTimeoutError, ModelServerError))
 
 
 def is_retryable(exc: BaseException) -> bool:

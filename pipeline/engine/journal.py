@@ -9,7 +9,9 @@ commit in order, so the store always holds a consistent prefix of what happened.
 Anything else the engine asks of the store (claim row groups, load one, write a checkpoint)
 goes through :meth:`Journal.call`, which queues the call behind the events already appended:
 a row group's checkpoint therefore runs only after all its events are committed. The writer
-also renews this process's leases every ``lease_s / 3``.
+also renews this process's leases every ``lease_s / 3``, but only while the event loop is
+alive: the loop ticks once a second, and a loop that has not ticked for ``lease_s / 2`` (user
+code blocking it) gets no renewal, so another worker can take its row groups over.
 """
 
 from __future__ import annotations
@@ -74,10 +76,13 @@ class Journal:
         self.error: BaseException | None = None
         self.events_written = 0
         self.batches = 0
+        self.loop_seen = time.monotonic()  # last tick of the event loop
+        self._ticker: asyncio.TimerHandle | None = None
 
     # -- event-loop side ------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._tick()
         self._thread = threading.Thread(target=self._run, name="pipeline-journal", daemon=True)
         self._thread.start()
 
@@ -99,8 +104,14 @@ class Journal:
         self._queue.append(_Call(fn, args, fut, self._loop, background=True))
         return fut
 
+    def _tick(self) -> None:
+        self.loop_seen = time.monotonic()
+        self._ticker = self._loop.call_later(1.0, self._tick)
+
     async def close(self) -> None:
         """Commit everything queued, then stop the writer."""
+        if self._ticker is not None:
+            self._ticker.cancel()
         self._stop.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
@@ -132,7 +143,12 @@ class Journal:
                 idle_s = min(idle_s * 2, _IDLE_MAX_S)
             if time.monotonic() >= next_renew:
                 next_renew = time.monotonic() + self.lease_s / 3
-                self._guard(self.store.renew_leases, self.run_id, self.lease_s, report=True)
+                stalled_s = time.monotonic() - self.loop_seen
+                if stalled_s < max(self.lease_s / 2, 2.0):
+                    self._guard(self.store.renew_leases, self.run_id, self.lease_s, report=True)
+                else:
+                    log.warning("the event loop has not run for %.0f s (user code blocking it?); leases "
+                                "are not renewed, so other workers may take the row groups over", stalled_s)
 
     def _drain(self) -> None:
         queue = self._queue

@@ -18,6 +18,7 @@ class SchedulerOptions:
     shutdown_error_rate: float = 0.5
     shutdown_error_window: int = 100
     lease_s: float = 30.0
+    model_down_s: float = 120.0  # a model answering nothing (or only 429s) this long stops the run
     # 0: the journal commits as soon as its writer is free (batches grow while a commit runs).
     # A positive value naps up to 1 ms before each commit to gather events: measured, it only
     # halved the commit rate and doubled what a kill loses, at no gain in throughput.

@@ -13,6 +13,13 @@ Lanes of ready work:
 
 A retryable failure defers the task: it returns to its lane when its backoff has elapsed (a
 timer, no barrier). A task that fails for good drops its record (cell) or its row group.
+
+Failures of a model's calls never drop a record for something transient (CONTRACT section 9):
+a 429 is not an attempt (the task waits as the server asks); an outage (connection, timeout,
+5xx) is an attempt only when the model answered something since the task's previous try, so a
+dead endpoint spends nothing while its breaker (pipeline.llm.health) pauses the lane; a model
+that answers nothing for ``model_down_s`` while it has work stops the run (``failed``, exit 1,
+resumable).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from pipeline.engine.journal import Journal
 from pipeline.engine.options import RunStats, SchedulerOptions, TaskTrace
 from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan, RowGroupTracker
-from pipeline.errors import ModelRateLimitError, StoreError, is_retryable
+from pipeline.engine.failures import FailureLog
+from pipeline.errors import ModelRateLimitError, StoreError, is_outage, is_retryable
 from pipeline.generators.base import task_usage
 from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, RowGroupClaim, Store
 
@@ -86,6 +94,11 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
         self._attempts: dict[tuple, int] = {}
+        # Model-limited tasks that failed without spending an attempt (429, unconfirmed
+        # outage): key -> [waits so far, the model's answer count at its previous try].
+        self._waits: dict[tuple, list] = {}
+        self._waiting: collections.Counter = collections.Counter()  # limit -> deferred tasks
+        self.failures = FailureLog(log)
         self._in_flight = 0
         self._max_in_flight = opts.max_in_flight_tasks
         self._running: dict[tuple, asyncio.Task] = {}
@@ -122,11 +135,15 @@ class Scheduler:
         self.journal.start()
         await self.journal.call(self.store.register_worker, self.run_id)
         admission = loop.create_task(self._admission())
+        admission.add_done_callback(self._background_ended)
+        watch = loop.create_task(self._watch_models()) if self._limited else None
         try:
             status = await self._done
         finally:
             self._stopping = True
             admission.cancel()
+            if watch is not None:
+                watch.cancel()
             await self._drain_tasks()
             if self._timer is not None:
                 self._timer.cancel()
@@ -140,7 +157,40 @@ class Scheduler:
             await asyncio.gather(admission, return_exceptions=True)
         if status == "error":
             raise StoreError(f"the state store failed: {self.journal.error}")
+        if status == "crashed":
+            raise self._crash  # type: ignore[misc]
         return status
+
+    def _background_ended(self, task: asyncio.Task) -> None:
+        """No engine coroutine dies unobserved: one that raises ends the run (its leases are
+        released on the way out) and the error reaches the caller."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self._crash = task.exception()
+        log.error("the engine failed: %s: %s", type(self._crash).__name__, self._crash)
+        self._finish("crashed")
+
+    async def _watch_models(self) -> None:
+        """Once a second: a model that has answered nothing (or only 429s) for model_down_s
+        while it still has work stops the run; nothing is dropped for it."""
+        limits = [limit for limit in self._limited if getattr(limit, "health", None) is not None]
+        while not self._stopping:
+            await asyncio.sleep(min(1.0, self.opts.model_down_s / 4))
+            now = time.monotonic()
+            for limit in limits:
+                health = limit.health
+                since = health.failing_since
+                if since is None or now - since < self.opts.model_down_s:
+                    continue
+                if not (self._limited[limit] or self._waiting[limit] or limit.in_use):
+                    continue
+                what = "answered only 429s" if not health.down else f"was unreachable ({health.last_error})"
+                self.stop_reason = (f"{health.where} {what} for {now - since:.0f} s (model_down_s "
+                                    f"{self.opts.model_down_s:g}); no record was dropped for it: "
+                                    f"`pipeline resume {self.run_id}` continues once it answers")
+                log.error("stopping: %s", self.stop_reason)
+                self._finish("failed")
+                return
 
     @property
     def tasks_running(self) -> int:
@@ -159,6 +209,16 @@ class Scheduler:
             for t in list(self._running.values()):
                 t.cancel()
         self._finish("interrupted")
+
+    def _final_status(self) -> str:
+        """The error rate judged once more at the end over the last finished tasks, up to
+        shutdown_error_window of them, even when fewer (CONTRACT section 5)."""
+        window, errors = len(self._window), self._window_errors
+        if window and errors >= self.opts.shutdown_error_rate * window:
+            self.stop_reason = (f"{errors} of the last {window} finished tasks failed for good "
+                                f"(shutdown_error_rate {self.opts.shutdown_error_rate:g})")
+            return "failed"
+        return "complete"
 
     def _finish(self, status: str) -> None:
         self._stopping = True
@@ -198,7 +258,7 @@ class Scheduler:
                     await asyncio.wait(list(self._checkpoints))
                 groups = await self.journal.call(self.store.row_groups, self.run_id)
                 if all(g["state"] == "checkpointed" for g in groups):
-                    self._finish("complete")
+                    self._finish(self._final_status())
                     return
                 await asyncio.sleep(opts.poll_s)  # the rest is leased by other workers
                 continue
@@ -324,6 +384,8 @@ class Scheduler:
         if not counted:  # a model-limited task: count its calls and tokens
             usage = [0, 0, 0]
             task_usage.set(usage)
+            if node.limit.health is not None and key not in self._waits:  # else: marked at its last failure
+                self._waits[key] = [0, node.limit.health.answers]
         try:
             if r is not None:
                 data = rg.buffer.row(r, node.depends_on)
@@ -368,7 +430,9 @@ class Scheduler:
             if counted:
                 self._in_flight -= 1
             else:
-                node.limit.release(rate_limited=isinstance(error, ModelRateLimitError))
+                node.limit.release(rate_limited=isinstance(error, ModelRateLimitError), outage=is_outage(error),
+                                   answered=error is None or usage[0] > 0,
+                                   error=None if error is None else _describe(error))
             if node.stateful and not deferred:  # a deferred stateful task keeps its generator
                 self._stateful.release(node.index)
             self._pump()
@@ -415,6 +479,8 @@ class Scheduler:
         self.stats.tasks_done += 1
         if self._attempts:
             self._attempts.pop((rg.id, j, r), None)
+        if self._waits:
+            self._waits.pop((rg.id, j, r), None)
         self._count(False)
         if rg.tracker.outstanding == 0:
             self._finish_row_group(rg)
@@ -426,6 +492,8 @@ class Scheduler:
             return False
         extra = () if usage is None else (self._usage(node, usage, exc),)
         key = (rg.id, node.index, r)
+        if node.limit is not None and self._waits_instead(rg, node, r, key, exc, extra):
+            return True
         attempts = self._attempts.get(key, 0) + 1
         retryable = is_retryable(exc)
         if retryable and attempts <= self.opts.salvage_max_rounds:
@@ -440,12 +508,10 @@ class Scheduler:
             self._defer(rg, node.index, r, self._loop.time() + delay)
             return True
         self._attempts.pop(key, None)
+        self._waits.pop(key, None)
         self.stats.tasks_failed += 1
         self._append((FAILED, rg.id, node.name, r, node.task_type, (attempts, _describe(exc))) + extra)
-        where = f"row {r}" if r is not None else "the whole row group"
-        log.warning("%s[rg=%d, %s] failed for good after %d attempt(s), dropping %s: %s",
-                    node.name, rg.id, "row=%s" % r if r is not None else node.task_type, attempts,
-                    where, _describe(exc))
+        self.failures.failed(node.name, rg.id, r, node.task_type, attempts, exc)
         tracker = rg.tracker
         if r is not None:
             out = self._out
@@ -465,6 +531,35 @@ class Scheduler:
             self._finish_row_group(rg)
         return False
 
+    def _waits_instead(self, rg: _RowGroup, node: Any, r: int | None, key: tuple, exc: BaseException,
+                       extra: tuple) -> bool:
+        """A model-limited task that failed for a transient reason of its model waits without
+        spending an attempt (True): a 429 always; an outage when the model has answered nothing
+        since the task's previous try (then it is the endpoint, not the task)."""
+        rate_limited = isinstance(exc, ModelRateLimitError)
+        health = node.limit.health
+        entry = self._waits.get(key)
+        if not rate_limited:
+            if health is None or not is_outage(exc) or entry is None:
+                return False
+            if health.answers > entry[1]:  # the endpoint answered meanwhile: this task's fault
+                entry[1] = health.answers
+                return False
+            health.suspect()
+        if entry is None:
+            entry = self._waits[key] = [0, health.answers if health is not None else 0]
+        entry[0] += 1
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is None:
+            # Exponential in the waits of this task, capped: a paused lane does not send
+            # anyway, so the backoff only spaces the checks.
+            retry_after = min(60.0, self.opts.retry_backoff_s * (2 ** min(entry[0] - 1, 7))) * (0.5 + random.random())
+        self.stats.tasks_deferred += 1
+        self._append((DEFERRED, rg.id, node.name, r, node.task_type,
+                      (self._attempts.get(key, 0), time.time() + retry_after, _describe(exc))) + extra)
+        self._defer(rg, node.index, r, self._loop.time() + retry_after)
+        return True
+
     def _count(self, error: bool) -> None:
         """Sliding window of finished tasks; trips the run when the share of non-retryable
         failures in a full window reaches shutdown_error_rate."""
@@ -473,15 +568,19 @@ class Scheduler:
         self._window_errors += error
         if len(window) > self.opts.shutdown_error_window:
             self._window_errors -= window.popleft()
-        if (error and len(window) == self.opts.shutdown_error_window
+        if (error and not self._stopping and len(window) == self.opts.shutdown_error_window
                 and self._window_errors >= self.opts.shutdown_error_rate * len(window)):
-            log.error("stopping: %d of the last %d tasks failed for good (shutdown_error_rate %.2f)",
-                      self._window_errors, len(window), self.opts.shutdown_error_rate)
+            self.stop_reason = (f"{self._window_errors} of the last {len(window)} finished tasks failed for "
+                                f"good (shutdown_error_rate {self.opts.shutdown_error_rate:g})")
+            log.error("stopping: %s", self.stop_reason)
             self._finish("failed")
 
     # -- retries --------------------------------------------------------------------------
     def _defer(self, rg: _RowGroup, j: int, r: int | None, due: float) -> None:
         heapq.heappush(self._deferred, (due, next(self._seq), rg, j, r))
+        limit = self._nodes[j].limit
+        if limit is not None:
+            self._waiting[limit] += 1
         if self._timer is None or self._timer_due > due:  # (uvloop's handles have no when())
             if self._timer is not None:
                 self._timer.cancel()
@@ -494,6 +593,9 @@ class Scheduler:
         due = []
         while heap and heap[0][0] <= now:
             _, _, rg, j, r = heapq.heappop(heap)
+            limit = nodes[j].limit
+            if limit is not None:
+                self._waiting[limit] -= 1
             if not rg.dead and not (r is not None and rg.tracker.dropped[r]):
                 due.append((rg, j, r))
         for rg, j, r in reversed(due):  # retries go first: they hold their row group open

@@ -14,6 +14,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Mapping
 
+from pipeline.errors import ModelRateLimitError, is_outage
 from pipeline.llm.client import (
     Completion,
     LlmClient,
@@ -22,6 +23,7 @@ from pipeline.llm.client import (
     ModelRequestError,
     parse_retry_after,
 )
+from pipeline.llm.health import ANSWERED, OUTAGE, RATE_LIMITED, ModelHealth
 from pipeline.llm.throttle import AdaptiveLimit
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "Completion",
     "LlmClient",
     "LlmRuntime",
+    "ModelHealth",
     "ModelEndpoint",
     "ModelOutputError",
     "ModelRequestError",
@@ -51,6 +54,20 @@ class LlmRuntime:
         # Every permit can hold a connection; more would only sit idle.
         pool = sum(limit.max_limit for limit in self.limits.values())
         self.client = LlmClient(max_connections=max(1, pool))
+        for alias, limit in self.limits.items():
+            endpoint = self.endpoints[alias]
+            limit.attach_health(ModelHealth(endpoint.where, probe=lambda e=endpoint: self.probe(e)))
+
+    async def probe(self, endpoint: ModelEndpoint) -> str:
+        """One cheap request (a one-token chat completion naming the model): ``ANSWERED`` when
+        the endpoint answers anything but 429 or an outage, else ``RATE_LIMITED`` / ``OUTAGE``."""
+        try:
+            await self.client.complete(endpoint, [{"role": "user", "content": "ping"}], max_tokens=1)
+        except ModelRateLimitError:
+            return RATE_LIMITED
+        except Exception as exc:  # a 4xx or an unusable answer: it answered
+            return OUTAGE if is_outage(exc) else ANSWERED
+        return ANSWERED
 
     def __repr__(self) -> str:
         return f"LlmRuntime(models={sorted(self.endpoints)})"
@@ -66,7 +83,11 @@ class LlmRuntime:
         return {alias: limit.stats() for alias, limit in self.limits.items()}
 
     async def aclose(self) -> None:
-        """Close the HTTP pool (the runtime stays usable; limits keep what they learned)."""
+        """Stop probing and close the HTTP pool (the runtime stays usable; limits keep what
+        they learned)."""
+        for limit in self.limits.values():
+            if limit.health is not None:
+                limit.health.close()
         await self.client.aclose()
 
 

@@ -3,7 +3,7 @@
 Every failure is translated once, here, into the error the engine acts on::
 
     RetryableError (pipeline.errors)      the task is deferred and tried again
-    ├── ModelRateLimitError               HTTP 429 (``retry_after_s`` from Retry-After)
+    ├── ModelRateLimitError               HTTP 429 (``retry_after_s`` from retry-after-ms or Retry-After)
     ├── ModelTimeoutError                 HTTP 408, or no answer within ``timeout_s``
     ├── ModelServerError                  HTTP 409, 5xx, or a 200 that is not a chat completion
     └── ModelConnectionError              the endpoint cannot be reached, or the exchange broke
@@ -116,6 +116,20 @@ class ModelEndpoint:
     def where(self) -> str:
         """How messages name the endpoint: alias and URL without credentials or query."""
         return f"model '{self.alias}' at {_public_url(self.base_url)}"
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds a 429 asks us to wait: ``retry-after-ms`` (Azure OpenAI, OpenAI's own clients
+    prefer it), else ``Retry-After`` (seconds or an HTTP date), else None (the engine backs off)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            seconds = float(millis) / 1000.0
+        except ValueError:
+            seconds = math.nan
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
+    return parse_retry_after(headers.get("Retry-After"))
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -313,7 +327,7 @@ def _status_error(endpoint: ModelEndpoint, response: _Answer) -> Exception:
     status = response.status_code
     where = f"{endpoint.where}: HTTP {status}"
     if status == 429:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        retry_after = _retry_after(response.headers)
         hint = f", retry after {retry_after:g} s" if retry_after is not None else ""
         return ModelRateLimitError(f"{where} (rate limited{hint})", retry_after_s=retry_after)
     body = _scrub(response.text, endpoint)[:_BODY_SNIPPET_CHARS]

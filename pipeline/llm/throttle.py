@@ -30,6 +30,10 @@ here:
 
 All methods are synchronous and must be called from the event loop's thread; the engine
 acquires a permit before it runs an LLM task and releases it when the task ends.
+
+A limit may carry a :class:`~pipeline.llm.health.ModelHealth` (``health``): while it says the
+endpoint is down, no permit is handed out, and :meth:`AdaptiveLimit.release` reports each
+call's outcome to it.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ import contextlib
 import math
 from typing import AsyncIterator, Callable
 
-from pipeline.errors import ModelRateLimitError
+from pipeline.errors import ModelRateLimitError, is_outage
+from pipeline.llm.health import ANSWERED, OUTAGE, RATE_LIMITED, ModelHealth
 
 __all__ = ["AdaptiveLimit"]
 
@@ -102,6 +107,13 @@ class AdaptiveLimit:
         self._rate_limited = 0
         self._cuts = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: The endpoint's circuit breaker (set by the runtime); None: always up.
+        self.health: ModelHealth | None = None
+
+    def attach_health(self, health: ModelHealth) -> None:
+        """Gate permits on ``health`` and reopen when the endpoint answers again."""
+        self.health = health
+        health.on_up = self._hand_over
 
     def __repr__(self) -> str:
         return f"AdaptiveLimit(limit={self.limit}, in_use={self.in_use}, max_limit={self.max_limit})"
@@ -109,7 +121,7 @@ class AdaptiveLimit:
     def try_acquire(self) -> bool:
         """Take a permit if one is free now. Never waits."""
         # Waiters of acquire() come first, so a busy dispatcher cannot starve them.
-        if self.in_use < self.limit and not self._waiters:
+        if self.in_use < self.limit and not self._waiters and not (self.health is not None and self.health.down):
             self.in_use += 1
             return True
         return False
@@ -131,11 +143,23 @@ class AdaptiveLimit:
                     self._waiters.remove(future)
             raise
 
-    def release(self, *, rate_limited: bool = False) -> None:
-        """Give a permit back; ``rate_limited`` says the request ended with HTTP 429."""
+    def release(self, *, rate_limited: bool = False, outage: bool = False, answered: bool = True,
+                error: str | None = None) -> None:
+        """Give a permit back; ``rate_limited`` says the request ended with HTTP 429, ``outage``
+        that the endpoint failed (:func:`pipeline.errors.is_outage`), ``answered`` (when neither)
+        that it answered at least once (false: no request was made). ``error`` describes an
+        outage for the health log."""
         if self.in_use <= 0:
             raise RuntimeError("AdaptiveLimit.release() without a matching acquire")
         self.in_use -= 1
+        health = self.health
+        if health is not None:
+            if rate_limited:
+                health.record(RATE_LIMITED)
+            elif outage:
+                health.record(OUTAGE, error)
+            elif answered:
+                health.record(ANSWERED)
         self._requests += 1
         if rate_limited:
             self._rate_limited += 1
@@ -161,17 +185,20 @@ class AdaptiveLimit:
 
     @contextlib.asynccontextmanager
     async def permit(self) -> AsyncIterator[None]:
-        """``async with limit.permit():`` acquires, and releases with ``rate_limited`` set
-        when the body raised :class:`~pipeline.errors.ModelRateLimitError`."""
+        """``async with limit.permit():`` acquires, and releases with the outcome of the body
+        (a :class:`~pipeline.errors.ModelRateLimitError`, an outage, or an answer)."""
         await self.acquire()
-        rate_limited = False
+        rate_limited = outage = False
         try:
             yield
         except ModelRateLimitError:
             rate_limited = True
             raise
+        except Exception as exc:
+            outage = is_outage(exc)
+            raise
         finally:
-            self.release(rate_limited=rate_limited)
+            self.release(rate_limited=rate_limited, outage=outage)
 
     def stats(self) -> dict[str, int]:
         """Counters for progress displays and benchmarks."""
@@ -196,6 +223,8 @@ class AdaptiveLimit:
         self._cooldown = max(self.in_use, self.limit)
 
     def _hand_over(self) -> None:
+        if self.health is not None and self.health.down:
+            return
         while self._waiters and self.in_use < self.limit:
             future = self._waiters.popleft()
             if future.done():  # cancelled while queued

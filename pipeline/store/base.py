@@ -201,6 +201,10 @@ class Store(Protocol):
         """``{model alias: {"requests", "prompt_tokens", "completion_tokens", "rate_limited",
         "concurrency", "calls_saved"}}`` summed over the run's generators."""
 
+    def failed_tasks(self, run_id: str) -> list[tuple[str, str | None]]:
+        """``(generator, last_error)`` of every ``failed`` task of the run (kept after
+        compaction), for the failure summary (``pipeline.engine.failures``)."""
+
     def add_calls_saved(self, run_id: str, saved: dict[tuple[str, str], int]) -> None:
         """On resume: finished model calls, per (model alias, generator), not made again."""
 

@@ -249,6 +249,11 @@ class MemoryStore:
                 out[col.column_name] = c
             return out
 
+    def failed_tasks(self, run_id: str) -> list[tuple[str, str | None]]:
+        with self._lock:
+            return [(gen, t["last_error"]) for (_, gen, _), t in self._run(run_id)["tasks"].items()
+                    if t["state"] == "failed"]
+
     @staticmethod
     def _usage_row(run: dict, model: str, generator: str) -> dict:
         return run["usage"].setdefault((model, generator), {

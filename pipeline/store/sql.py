@@ -564,6 +564,13 @@ class SqlStore:
             for name, done, failed, deferred, in_flight in rows
         }
 
+    @_translate_errors
+    def failed_tasks(self, run_id: str) -> list[tuple[str, str | None]]:
+        t = schema.tasks
+        with self._reader.connect() as conn:
+            return [tuple(row) for row in conn.execute(
+                sa.select(t.c.column_name, t.c.last_error).where(t.c.run_id == run_id, t.c.state == "failed"))]
+
     def read_query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Run one statement on a connection that cannot write (for `pipeline sql`); return the
         column names and the rows. ReadOnlyQueryError if the statement would write, StoreError
