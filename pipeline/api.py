@@ -226,7 +226,10 @@ class _Signals:
             return
         immediate = len(self.received) > 1
         loop.call_soon_threadsafe(lambda: scheduler.stop(immediate=immediate))
-        if immediate:
+        if not immediate:  # os.write: safe inside a signal handler, and shown at once
+            os.write(2, f"\npipeline: stopping; in-flight tasks get {scheduler.opts.grace_s:g} s to finish "
+                        f"(press Ctrl-C again to stop at once)\n".encode())
+        else:
             timer = threading.Timer(self.HARD_EXIT_S, _hard_exit, (self.received[0],))
             timer.daemon = True
             timer.start()

@@ -30,8 +30,9 @@ Faults, deterministic per (model, messages, attempt number):
 - As OpenAI, a ``json_schema`` with ``strict: true`` whose objects are not closed
   (``additionalProperties: false``) with every property required gets 400.
 - Markers in a message, for tests of single responses: ``[[status:NNN]]`` answers with that
-  status, ``[[retry-after:VALUE]]`` adds that Retry-After header, ``[[sleep-ms:N]]`` replaces
-  the latency.
+  status, ``[[retry-after:VALUE]]`` adds that Retry-After header, ``[[retry-after-ms:VALUE]]``
+  a retry-after-ms header (as Azure OpenAI sends), ``[[status-attempts:N]]`` limits the status
+  marker to the first N attempts of that prompt, ``[[sleep-ms:N]]`` replaces the latency.
 
 Every answer, faults included, comes after the latency. ``GET /stats`` returns, per model,
 requests, 429s, 5xx and the highest number of requests in flight at once. Nothing is logged:
@@ -58,7 +59,7 @@ from typing import Any, Callable, Iterable
 
 __all__ = ["Burst", "FakeLlmServer", "FakeOptions", "main", "sample_from_schema", "start_server"]
 
-_MARKER = re.compile(r"\[\[(status|retry-after|sleep-ms):([^\]]*)\]\]")
+_MARKER = re.compile(r"\[\[(status|retry-after|retry-after-ms|status-attempts|sleep-ms):([^\]]*)\]\]")
 
 
 @dataclass(frozen=True)
@@ -210,8 +211,9 @@ class FakeLlmServer:
         options = self.options
         if any(burst.covers(model, elapsed) for burst in options.burst_429):
             return 429, {"Retry-After": "0"}
-        if "status" in markers:
-            extra = {"Retry-After": markers["retry-after"]} if "retry-after" in markers else {}
+        if "status" in markers and attempt <= int(markers.get("status-attempts", "1000000000")):
+            extra = {header: markers[marker] for marker, header in
+                     (("retry-after", "Retry-After"), ("retry-after-ms", "retry-after-ms")) if marker in markers}
             return int(markers["status"]), extra
         if attempt == 1 or options.faults_every_attempt:
             draw = _unit(f"{key}:{attempt}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,46 @@ def fake_server_module():
         sys.modules["fake_llm_server"] = module
         spec.loader.exec_module(module)
     return sys.modules["fake_llm_server"]
+
+
+@pytest.fixture
+def fake_server():
+    """``start(**options) -> url``: the fake server on a background thread of this process
+    (the pipeline runs in a CLI subprocess); every server is stopped at the end."""
+    stops = []
+
+    def start(**options) -> str:
+        url, stop = fake_server_module().start_server(latency_ms=options.pop("latency_ms", 10), **options)
+        stops.append(stop)
+        return url
+
+    yield start
+    for stop in stops:
+        stop()
+
+
+class ServerProcess:
+    """The fake server in its own process (its own GIL), for runs inside this process."""
+
+    def __init__(self, *flags: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(FAKE_SERVER_SCRIPT), "--port", "0", *flags],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            self.stop()
+            raise AssertionError(f"the fake server did not start: {line!r}")
+        self.url = line.removeprefix("listening on ")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
 POSTGRES_URL = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
 
 

@@ -28,7 +28,7 @@ import jsonschema
 import pytest
 
 from tests.conftest import FAKE_SERVER_SCRIPT as SERVER_SCRIPT
-from tests.conftest import ROOT, cli, cli_env, cli_popen, fake_server_module
+from tests.conftest import ROOT, ServerProcess, cli, cli_env, cli_popen, fake_server_module
 
 
 # -- the fake server ------------------------------------------------------------------------
@@ -36,44 +36,6 @@ def server_stats(url: str) -> dict:
     """GET /stats: {model: {requests, rate_limited, server_errors, in_flight, max_in_flight}} and uptime_s."""
     with urllib.request.urlopen(url.removesuffix("/v1") + "/stats", timeout=10) as response:
         return json.loads(response.read())
-
-
-@pytest.fixture
-def fake_server():
-    """``start(**options) -> url``: the fake server on a background thread of this process
-    (the pipeline runs in a CLI subprocess); every server is stopped at the end."""
-    stops = []
-
-    def start(**options) -> str:
-        url, stop = fake_server_module().start_server(latency_ms=options.pop("latency_ms", 10), **options)
-        stops.append(stop)
-        return url
-
-    yield start
-    for stop in stops:
-        stop()
-
-
-class ServerProcess:
-    """The fake server in its own process (its own GIL), for runs inside this process."""
-
-    def __init__(self, *flags: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "--port", "0", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline().strip()
-        if not line.startswith("listening on "):
-            self.stop()
-            raise AssertionError(f"the fake server did not start: {line!r}")
-        self.url = line.removeprefix("listening on ")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
 
 
 # -- helpers --------------------------------------------------------------------------------

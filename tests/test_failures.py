@@ -1,0 +1,268 @@
+"""Failures never lose work silently (CONTRACT sections 5, 7 and 9), through the real CLI with
+real HTTP servers on 127.0.0.1: 429s wait, outages pause, the end is judged honestly, stderr
+tells one summary, signals work from the first moment."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAKE_SERVER_SCRIPT, cli, cli_popen
+from tests.test_llm_pipeline import ServerProcess, assert_ran, export_jsonl, status_json, write_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, *flags: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(FAKE_SERVER_SCRIPT), "--port", str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    assert line.startswith("listening on "), line
+    return proc
+
+
+def wait_until(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def llm_config(folder: Path, url: str, *, records: int, settings: str = "", parallel: int = 4,
+               prompt: str = "Say something about item {{ id }}.") -> Path:
+    return write_config(folder, f"""\
+        name: failing
+        num_records: {records}
+        row_group_size: 10
+        seed: 5
+        settings: {{retry_backoff_s: 0.05{settings}}}
+        models:
+          writer: {{base_url: "{url}", model: writer-model, max_parallel_requests: {parallel}, timeout_s: 5}}
+        columns:
+          - {{name: id, type: sampler, sampler: uuid}}
+          - {{name: k, type: sampler, sampler: integer, params: {{low: 1, high: 10}}}}
+          - name: text
+            type: llm_text
+            model: writer
+            prompt: "{prompt}"
+        """)
+
+
+def test_a_429_that_asks_for_retry_after_ms_waits_that_long_and_is_never_an_attempt(tmp_path, fake_server):
+    # salvage_max_rounds 0: before, the first 429 dropped the record.
+    url = fake_server(latency_ms=1)
+    cfg = llm_config(tmp_path, url, records=1, settings=", salvage_max_rounds: 0",
+                     prompt="[[status:429]][[status-attempts:3]][[retry-after-ms:1500]] item {{ id }}")
+    home = tmp_path / "home"
+    proc = cli("run", str(cfg), "--run-id", "r", "--trace", "--quiet", home=home)
+    assert_ran(proc)
+    rows = export_jsonl("r", home, tmp_path / "out.jsonl")
+    assert len(rows) == 1 and rows[0]["text"].startswith("echo:")
+    attempts = [json.loads(line) for line in (home / "runs" / "r" / "traces.jsonl").read_text().splitlines()]
+    starts = sorted(t["started_at"] for t in attempts if t["column"] == "text")
+    assert len(starts) == 4, attempts  # three 429s, then the answer
+    assert all(b - a >= 1.4 for a, b in zip(starts, starts[1:])), starts  # waited as asked (a lower bound)
+    assert status_json("r", home)["models"]["writer"]["rate_limited"] == 3
+
+
+def test_a_storm_of_429s_drops_no_record(tmp_path):
+    server = ServerProcess("--latency-ms", "5", "--burst-429", "*:0:4")  # every request 429 for 4 s
+    try:
+        cfg = llm_config(tmp_path, server.url, records=20, settings=", salvage_max_rounds: 1")
+        home = tmp_path / "home"
+        proc = cli("run", str(cfg), "--run-id", "storm", "--quiet", home=home)
+        assert_ran(proc)
+        status = status_json("storm", home)
+        assert status["records_done"] == 20 and status["records_dropped"] == 0
+        assert status["models"]["writer"]["rate_limited"] > 0, "the run met the storm"
+    finally:
+        server.stop()
+
+
+def test_a_server_killed_mid_run_pauses_the_run_and_resume_finishes_it_as_if_nothing_happened(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    server = start_server(port, "--latency-ms", "30")
+    home = tmp_path / "home"
+    cfg = llm_config(tmp_path / "p", url, records=60, settings=", model_down_s: 3", parallel=2)
+    run = cli_popen("run", str(cfg), "--run-id", "down", home=home)
+    try:
+        def some_done():
+            rows = json.loads(cli("sql", "select count(*) as n from tasks where column_name = 'text' and state = 'done'",
+                                  "--json", home=home).stdout or "[]")
+            return rows and rows[0]["n"] >= 5
+        wait_until(some_done, what="some cells done")
+        server.kill()
+        server.communicate()
+        _, err = run.communicate(timeout=90)
+        assert run.returncode == 1, err
+        assert "writer" in err and "model_down_s" in err and "resume" in err
+        status = status_json("down", home)
+        assert status["status"] == "failed" and status["records_dropped"] == 0
+        assert status["columns"]["text"]["failed"] == 0 and status["failures"] == []
+
+        server = start_server(port, "--latency-ms", "1")
+        assert_ran(cli("resume", "down", "--quiet", home=home))
+        resumed = export_jsonl("down", home, tmp_path / "resumed.jsonl")
+        assert_ran(cli("run", str(cfg), "--run-id", "clean", "--quiet", home=tmp_path / "clean"))
+        clean = export_jsonl("clean", tmp_path / "clean", tmp_path / "clean.jsonl")
+        assert resumed == clean and len(clean) == 60
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if server.poll() is None:
+            server.kill()
+        server.communicate()
+
+
+def test_one_prompt_that_always_gets_500_fails_alone_while_the_model_serves_the_rest(tmp_path, fake_server):
+    url = fake_server(latency_ms=5)
+    cfg = llm_config(tmp_path, url, records=40, settings=", model_down_s: 30",
+                     prompt="{% if k == 1 %}[[status:500]]{% endif %}Say something about {{ id }}.")
+    home = tmp_path / "home"
+    proc = cli("run", str(cfg), "--run-id", "one", home=home)
+    assert_ran(proc)
+    status = status_json("one", home)
+    bad = status["records_dropped"]
+    assert 0 < bad < 40 and status["records_done"] == 40 - bad
+    assert status["failures"] == [{"column": "text", "error": "ModelServerError", "count": bad,
+                                   "example": status["failures"][0]["example"]}]
+    assert "HTTP 500" in status["failures"][0]["example"]
+    assert "text: " in proc.stderr and "ModelServerError" in proc.stderr  # the summary
+
+
+def test_a_run_whose_every_record_fails_ends_failed_with_one_summary(tmp_path):
+    cfg = write_config(tmp_path, """\
+        name: allbad
+        num_records: 50
+        row_group_size: 25
+        columns:
+          - {name: word, type: sampler, sampler: category, params: {values: [ant, bee]}}
+          - {name: n, type: expression, expr: "{{ word }}", dtype: int}
+        """)
+    home = tmp_path / "home"
+    proc = cli("run", str(cfg), "--run-id", "bad", home=home)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) < 30, proc.stderr
+    assert sum("stopping" in line for line in lines) <= 1
+    assert "failed for good: 50 task(s)" in proc.stderr and "n: 50 x" in proc.stderr
+    assert "pipeline retry bad" in proc.stderr
+    status = status_json("bad", home)
+    assert status["status"] == "failed"
+    assert [(f["column"], f["count"]) for f in status["failures"]] == [("n", 50)]
+    again = cli("resume", "bad", home=home)
+    assert again.returncode == 1 and "pipeline retry bad" in again.stderr
+
+
+def test_a_run_against_a_dead_endpoint_stops_quietly_and_drops_nothing(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    cfg = llm_config(tmp_path, url, records=2000, settings=", model_down_s: 2", parallel=16)
+    home = tmp_path / "home"
+    proc = cli("run", str(cfg), "--run-id", "dead", *_skip_preflight(), home=home)
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.splitlines()) < 30, proc.stderr
+    status = status_json("dead", home)
+    assert status["status"] == "failed" and status["records_dropped"] == 0 and status["failures"] == []
+
+
+def _skip_preflight() -> list[str]:
+    proc = cli("run", "--help")
+    return ["--no-check-models"] if "--no-check-models" in proc.stdout else []
+
+
+SLOW_INIT = '''
+import os, time
+import pipeline
+
+class Slow(pipeline.Generator):
+    strategy = "cell"
+    def __init__(self, *args, **kwargs):
+        open(os.environ["INIT_FLAG"], "w").close()
+        time.sleep(60)
+    def generate(self, row):
+        return 1
+'''
+
+BLOCKING = '''
+import os, time
+
+async def block(row):
+    open(os.environ["BLOCK_FLAG"], "w").close()
+    time.sleep(60)  # blocks the event loop
+    return 1
+'''
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_a_generator_is_being_built_interrupts_the_run(tmp_path, signum, code):
+    (tmp_path / "slowmod.py").write_text(SLOW_INIT)
+    cfg = write_config(tmp_path, """\
+        name: slow
+        num_records: 5
+        columns:
+          - {name: a, type: sampler, sampler: uuid}
+          - {name: b, type: python, function: "slowmod:Slow", requires: [a]}
+        """)
+    home, flag = tmp_path / "home", tmp_path / "init.flag"
+    env = {**__import__("tests.conftest", fromlist=["cli_env"]).cli_env(), "INIT_FLAG": str(flag)}
+    proc = cli_popen("run", str(cfg), "--run-id", "s", home=home, env=env)
+    try:
+        wait_until(flag.exists, what="the generator's __init__")
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == code, err
+        assert "Traceback" not in err and "Aborted" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status_json("s", home)["status"] == "interrupted"
+
+
+def test_a_second_sigint_stops_a_run_whose_event_loop_is_blocked(tmp_path):
+    (tmp_path / "blockmod.py").write_text(BLOCKING)
+    cfg = write_config(tmp_path, """\
+        name: blocked
+        num_records: 5
+        columns:
+          - {name: a, type: sampler, sampler: uuid}
+          - {name: b, type: python, function: "blockmod:block", requires: [a]}
+        """)
+    home, flag = tmp_path / "home", tmp_path / "block.flag"
+    env = {**__import__("tests.conftest", fromlist=["cli_env"]).cli_env(), "BLOCK_FLAG": str(flag)}
+    proc = cli_popen("run", str(cfg), "--run-id", "b", "--quiet", home=home, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_until(flag.exists, what="the blocking cell")
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: any("press Ctrl-C again" in line for line in lines), what="the first SIGINT's notice")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)  # the cell sleeps 60 s: only the second SIGINT ends it
+        reader.join(timeout=10)
+        assert proc.returncode == 130, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        reader.join(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert status_json("b", home)["status"] == "interrupted"
+    assert_ran(cli("runs", home=home))
