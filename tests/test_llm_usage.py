@@ -8,7 +8,7 @@ import signal
 import time
 
 from tests.conftest import cli, cli_popen
-from tests.test_llm_pipeline import fake_server, server_stats, write_config  # noqa: F401  (fixture)
+from tests.test_llm_pipeline import server_stats, write_config
 
 
 def config(folder, url, records=120):
