@@ -11,6 +11,8 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
     ├── ReadOnlyQueryError             `pipeline sql` refused a statement that writes
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
+    ├── EngineError                    exit 1: the engine failed while running (a bug, or a
+    │                                  recorded value it cannot read); finished work is kept
     └── GenerationError                a generator failed; carries the original as __cause__
 
     RetryableError                     raise it (or TimeoutError / ConnectionError) from a
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "EngineError",
     "GenerationError",
     "InvalidRunIdError",
     "LeaseLostError",
@@ -83,6 +86,12 @@ class ReadOnlyQueryError(PipelineError):
 
 class StoreError(PipelineError):
     """The state store cannot be used as it is."""
+
+
+class EngineError(PipelineError):
+    """The engine failed while running; what finished is recorded and the run is resumable."""
+
+    exit_code = 1
 
 
 class GenerationError(PipelineError):

@@ -4,6 +4,7 @@ tells one summary, signals work from the first moment."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -266,3 +267,58 @@ def test_a_second_sigint_stops_a_run_whose_event_loop_is_blocked(tmp_path):
         proc.stderr.close()
     assert status_json("b", home)["status"] == "interrupted"
     assert_ran(cli("runs", home=home))
+
+
+STUCK = '''
+import asyncio, os
+
+def short(row):
+    return row["a"][:4]
+
+async def wait_for_flag(row):
+    while not os.path.exists(os.environ["GO_FLAG"]):
+        await asyncio.sleep(0.05)
+    return row["b"] + "!"
+'''
+
+
+def test_a_row_group_that_cannot_be_loaded_ends_the_resume_with_a_message_not_a_hang(tmp_path):
+    import sqlite3
+
+    (tmp_path / "stuckmod.py").write_text(STUCK)
+    cfg = write_config(tmp_path, """\
+        name: stuck
+        num_records: 10
+        row_group_size: 5
+        columns:
+          - {name: a, type: sampler, sampler: uuid}
+          - {name: b, type: python, function: "stuckmod:short", requires: [a]}
+          - {name: c, type: python, function: "stuckmod:wait_for_flag", requires: [b]}
+        """)
+    home, flag = tmp_path / "home", tmp_path / "go.flag"
+    env = {**__import__("tests.conftest", fromlist=["cli_env"]).cli_env(), "GO_FLAG": str(flag)}
+    proc = cli_popen("run", str(cfg), "--run-id", "st", "--quiet", home=home, env=env)
+    db = home / "state.db"
+    try:
+        def b_recorded():
+            if not db.exists():
+                return False
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                try:
+                    return conn.execute("select count(*) from tasks where column_name = 'b' and state = 'done'"
+                                        ).fetchone()[0] == 10
+                except sqlite3.OperationalError:  # the schema is not there yet
+                    return False
+        wait_until(b_recorded, what="column b recorded")
+    finally:
+        proc.kill()
+        proc.communicate()
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # a recorded value that no longer decodes
+        conn.execute("update tasks set value = '{broken' where column_name = 'b' and row_group = 0 and row_index = 0")
+        conn.commit()
+    flag.touch()
+    resumed = cli("resume", "st", "--quiet", home=home, env=env, timeout=90)
+    assert resumed.returncode == 1, resumed.stderr
+    assert "engine failed" in resumed.stderr and "Traceback" not in resumed.stderr
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("select count(*) from row_groups where lease_owner is not null").fetchone()[0] == 0

@@ -42,7 +42,7 @@ from pipeline.engine.options import RunStats, SchedulerOptions, TaskTrace
 from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan, RowGroupTracker
 from pipeline.engine.failures import FailureLog
-from pipeline.errors import ModelRateLimitError, StoreError, is_outage, is_retryable
+from pipeline.errors import EngineError, ModelRateLimitError, StoreError, is_outage, is_retryable
 from pipeline.generators.base import task_usage
 from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, RowGroupClaim, Store
 
@@ -158,7 +158,9 @@ class Scheduler:
         if status == "error":
             raise StoreError(f"the state store failed: {self.journal.error}")
         if status == "crashed":
-            raise self._crash  # type: ignore[misc]
+            exc = self._crash
+            raise EngineError(f"run {self.run_id}: the engine failed ({type(exc).__name__}: {exc}); finished work "
+                              f"is recorded, and its leases were given back") from exc
         return status
 
     def _background_ended(self, task: asyncio.Task) -> None:
@@ -245,13 +247,19 @@ class Scheduler:
             claims: list[RowGroupClaim] = []
             if need > 0:
                 claims = await self.journal.call(self.store.claim_row_groups, self.run_id, need, opts.lease_s)
-                for claim in claims:
-                    loaded = None
-                    if claim.state != "pending":
-                        loaded = await self.journal.call(self.store.load_row_group, self.run_id, claim.row_group)
-                    if self._stopping:
-                        break
-                    self._admit(claim, loaded)
+                waiting = [c.row_group for c in claims]
+                try:
+                    for claim in claims:
+                        loaded = None
+                        if claim.state != "pending":
+                            loaded = await self.journal.call(self.store.load_row_group, self.run_id, claim.row_group)
+                        if self._stopping:
+                            break
+                        waiting.remove(claim.row_group)
+                        self._admit(claim, loaded)
+                finally:  # claimed, never admitted (a stop, or a row group that cannot be loaded)
+                    if waiting:
+                        self.journal.call(self.store.release_row_groups, self.run_id, waiting)
                 self._pump()
             if not self._live and not claims and not backlog:
                 if self._checkpoints:
