@@ -95,6 +95,20 @@ def test_a_storm_of_429s_drops_no_record(tmp_path):
         server.stop()
 
 
+def test_a_model_that_answers_only_429s_for_model_down_s_stops_the_run_with_nothing_dropped(tmp_path):
+    server = ServerProcess("--latency-ms", "5", "--burst-429", "*:0:600")
+    try:
+        cfg = llm_config(tmp_path, server.url, records=20, settings=", model_down_s: 2")
+        home = tmp_path / "home"
+        proc = cli("run", str(cfg), "--run-id", "only429", "--quiet", home=home)
+        assert proc.returncode == 1, proc.stderr
+        assert "answered only 429s" in proc.stderr
+        status = status_json("only429", home)
+        assert status["status"] == "failed" and status["records_dropped"] == 0 and status["failures"] == []
+    finally:
+        server.stop()
+
+
 def test_a_server_killed_mid_run_pauses_the_run_and_resume_finishes_it_as_if_nothing_happened(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
