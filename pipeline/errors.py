@@ -11,6 +11,7 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
     ├── ReadOnlyQueryError             `pipeline sql` refused a statement that writes
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
+    ├── UnknownColumnError             a column name the run does not have (`retry --column`)
     └── GenerationError                a generator failed; carries the original as __cause__
 
     RetryableError                     raise it (or TimeoutError / ConnectionError) from a
@@ -39,6 +40,7 @@ __all__ = [
     "RunExistsError",
     "RunNotFoundError",
     "StoreError",
+    "UnknownColumnError",
     "is_retryable",
 ]
 
@@ -82,6 +84,10 @@ class ReadOnlyQueryError(PipelineError):
 
 class StoreError(PipelineError):
     """The state store cannot be used as it is."""
+
+
+class UnknownColumnError(PipelineError):
+    """A column or generator name that the run does not have."""
 
 
 class GenerationError(PipelineError):
