@@ -9,6 +9,7 @@ import contextlib
 import sqlite3
 import textwrap
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 
 from pipeline import api
-from pipeline.errors import RunNotFoundError
+from pipeline.errors import RunNotFoundError, StoreError
 from pipeline.store import open_store
 from pipeline.store.base import COMPLETE, DONE, DROPPED, FAILED, ColumnSpec, Lineage, NewRun
 from pipeline.store.memory import MemoryStore
@@ -295,6 +296,49 @@ def test_retry_with_a_worker_joining_finishes_with_the_same_export(tmp_path):
     assert set(cell_calls(runs.calls("first"))) & set(again) <= {("both", k) for c, k in again if c == "up"}
 
 
+# -- the engine on the in-memory store -------------------------------------------------------
+
+
+def test_the_engine_finishes_a_reopened_run_on_the_memory_store(tmp_path):
+    from pipeline.dataset import read_row_group
+    from pipeline.generators.base import Generator
+    from pipeline.graph import build_graph
+    from tests.engine_helpers import dataset, run_engine, spec
+
+    class Fn(Generator):
+        def __init__(self, fn, strategy="cell"):
+            self.fn, self.strategy = fn, strategy
+
+        async def agenerate(self, data):
+            return self.fn(data)
+
+    bug, calls = [True], collections.Counter()
+
+    def v(row):
+        if bug[0] and row["i"] % 4 == 1:
+            raise ValueError("bug")
+        calls["v", row["i"]] += 1
+        return row["i"] * 10
+
+    def make():
+        return {"i": Fn(lambda df: list(df.index), "batch"), "v": Fn(v), "w": Fn(lambda row: row["v"] + 1),
+                "t": Fn(lambda df: (df["w"] * len(df)).tolist(), "batch")}
+
+    specs = [spec("i", "batch"), spec("v", deps=["i"]), spec("w", deps=["v"]), spec("t", "batch", deps=["w"])]
+    status, _, store = run_engine(specs, make(), num_records=40, row_group_size=10, home=tmp_path / "a",
+                                  shutdown_error_rate=1.0)
+    assert status == "complete" and len(dataset(store, tmp_path / "a")) == 30
+    bug[0] = False
+    lineage = api._lineage(build_graph(types.SimpleNamespace(columns=specs, source=None)))
+    got = store.reopen_failed("r1", lineage, read_file=lambda path: read_row_group(tmp_path / "a" / path))
+    assert (got.tasks, got.records, got.row_groups) == ({"v": 10}, 10, [0, 1, 2, 3])
+    status, _, store = run_engine(specs, make(), num_records=40, row_group_size=10, home=tmp_path / "a",
+                                  store=store)
+    assert status == "complete" and max(calls.values()) == 1 and len(calls) == 40
+    _, _, clean = run_engine(specs, make(), num_records=40, row_group_size=10, home=tmp_path / "b")
+    pd.testing.assert_frame_equal(dataset(store, tmp_path / "a"), dataset(clean, tmp_path / "b"))
+
+
 # -- the store method ------------------------------------------------------------------------
 
 COLUMNS = [ColumnSpec("s", "s", "batch", 0), ColumnSpec("x", "x", "cell", 1), ColumnSpec("y", "y", "cell", 2),
@@ -412,3 +456,33 @@ def test_checkpoint_keeps_dropped_records_cells_only_in_row_groups_with_drops(an
     assert loaded.dropped == {1} and loaded.attempts == {("y", 1): 1}
     assert set(loaded.done) == {("s", None), ("t", None), ("x", 1)}
     assert {c: v["done"] for c, v in store.column_counts(run_id).items()} == {"s": 7, "x": 7, "y": 7, "t": 7}
+
+
+def test_reopen_failed_works_on_row_groups_compacted_before_retry_existed(any_store):
+    """Older stores deleted every done row and the dropped_records at checkpoint: the dropped
+    records come from the failed rows; the file lacks the batch values of the records that come
+    back, so the row group's batch tasks and all that reads them are computed again."""
+    store, run_id = any_store, f"r-{uuid.uuid4().hex[:8]}"
+    file_columns = finished_run(store, run_id)
+    if isinstance(store, MemoryStore):
+        run = store._data["runs"][run_id]
+        run["dropped"].pop(0)
+        for key in [k for k, t in run["tasks"].items() if k[0] == 0 and t["state"] == "done"]:
+            del run["tasks"][key]
+            run["by_rg"][0].discard(key)
+    else:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"DELETE FROM tasks WHERE run_id = '{run_id}' AND row_group = 0 AND state = 'done'")
+            conn.exec_driver_sql(f"DELETE FROM dropped_records WHERE run_id = '{run_id}'")
+    got = store.reopen_failed(run_id, LINEAGE, read_file=lambda path: file_columns)
+    assert (got.tasks, got.records, got.reset) == ({"y": 1}, 1, 0)
+    loaded = store.load_row_group(run_id, 0)
+    assert loaded.dropped == set() and loaded.done == {}
+    assert store.row_groups(run_id)[0]["state"] == "active"
+    bad = {**file_columns, "x": ["x0"]}
+    store.record(run_id, [])  # a file that does not match the store is refused, nothing changed
+    with pytest.raises(StoreError, match="holds 1 values of column 'x'"):
+        finished = f"r-{uuid.uuid4().hex[:8]}"
+        finished_run(store, finished)
+        store.reopen_failed(finished, LINEAGE, read_file=lambda path: bad)
+    assert store.load_row_group(finished, 0).dropped == {1}

@@ -22,9 +22,10 @@ The rules, and why:
   they come back as ``done`` rows with the file's exact values (:func:`pipeline.dataset.read_row_group`),
   and its ``done`` rows kept at compaction (cells of dropped records, batch tasks) stay. A
   store compacted before retry existed has neither those rows nor its ``dropped_records``: the
-  dropped records are then the failed tasks' records, batch values come from the file (``None``
-  at dropped records, so computed again when a record comes back), and the cells of the records
-  that come back are computed again. Correct either way; only the amount of work differs.
+  dropped records are then the failed tasks' records, and the file lacks the batch values of the
+  records that come back, so every batch/from_scratch task of the row group, and all that reads
+  them, is computed again (samplers give the same values). Correct either way; only the amount
+  of work differs.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def plan_group(group: GroupState, lineage: Lineage, selected: Callable[[str, str
     change = GroupChange(group.row_group, reopen, revived, dropped_before - revived, [])
 
     batch_values = dict(group.batch_values)
+    from_file: set[str] = set()  # values rebuilt from the file: they lack the dropped records
     file_columns: Mapping[str, list] = {}
     live = [r for r in range(n) if r not in dropped_before]
     if group.state == "checkpointed":
@@ -107,12 +109,16 @@ def plan_group(group: GroupState, lineage: Lineage, selected: Callable[[str, str
                         f"of the row group are not dropped; it cannot be reopened")
             if lineage.task_types[gen] != "cell" and gen not in batch_values:
                 batch_values[gen] = _spread(outputs, file_columns, live, n)
+                from_file.add(gen)
 
     # Batch/from_scratch tasks computed without a record now back, and what reads them.
     cell_failure = {r: gen for gen, r in reopen if r is not None}
     batch_failure = next((gen for gen, r in reopen if r is None), None)
     stale = set()
     for gen, value in batch_values.items():
+        if gen in from_file:
+            stale.add(gen)
+            continue
         for r in revived:
             dropper = cell_failure.get(r, batch_failure)
             if gen in lineage.upstream.get(dropper, ()):
