@@ -161,6 +161,14 @@ class Reopened:
     row_groups: list[int] = field(default_factory=list)  # row groups that became active again
     reset: int = 0  # done tasks to compute again (computed without the records now back)
 
+    def add(self, change: Any) -> None:
+        """Count one row group's :class:`pipeline.store.reopen.GroupChange`."""
+        for gen, _ in change.reopen:
+            self.tasks[gen] = self.tasks.get(gen, 0) + 1
+        self.records += len(change.revived)
+        self.reset += len(change.reset)
+        self.row_groups.append(change.row_group)
+
 
 class Store(Protocol):
     """The state store. Implementations: :class:`pipeline.store.memory.MemoryStore`,

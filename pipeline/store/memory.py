@@ -14,7 +14,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 from pipeline.errors import RunExistsError, RunNotFoundError
 from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, Lineage, LoadedRowGroup,
                                  NewRun, Reopened, RowGroupClaim, RunInfo)
-from pipeline.store.reopen import GroupState, plan_group
+from pipeline.store.reopen import GroupState, plan_group, task_filter
 from pipeline.workers import make_owner_id, owner_is_gone
 
 __all__ = ["MemoryStore"]
@@ -229,12 +229,7 @@ class MemoryStore:
 
     def reopen_failed(self, run_id: str, lineage: Lineage, *, generators: Collection[str] | None = None,
                       error: str | None = None, read_file: Callable[[str], Mapping[str, list]]) -> Reopened:
-        wanted = None if generators is None else set(generators)
-
-        def selected(generator: str, last_error: str | None) -> bool:
-            return ((wanted is None or generator in wanted)
-                    and (error is None or (last_error is not None and error in last_error)))
-
+        selected = task_filter(generators, error)
         out = Reopened()
         now = time.time()
         with self._lock:
@@ -268,11 +263,7 @@ class MemoryStore:
                 run["dropped"][rg] = set(change.dropped)
                 g.update(state="active", rows_dropped=len(change.dropped), lease_owner=None, lease_expires_at=None,
                          lease_epoch=g["lease_epoch"] + 1)
-                for gen, _ in change.reopen:
-                    out.tasks[gen] = out.tasks.get(gen, 0) + 1
-                out.records += len(change.revived)
-                out.reset += len(change.reset)
-                out.row_groups.append(rg)
+                out.add(change)
                 self._epochs.pop((run_id, rg), None)
             if out.row_groups:
                 run["info"].update(status="running", updated_at=now, finished_at=None)

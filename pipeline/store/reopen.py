@@ -19,24 +19,24 @@ The rules, and why:
   tasks downstream of such a task (cells too: a batch function may read the whole row group),
   in that row group only. Root samplers, which run first, keep their values.
 - A checkpointed row group holds no rows for its live records (they are in its Parquet file):
-  they come back as ``done`` rows with the file's exact values (:func:`pipeline.dataset.read_row_group`),
-  and its ``done`` rows kept at compaction (cells of dropped records, batch tasks) stay. A
-  store compacted before retry existed has neither those rows nor its ``dropped_records``: the
-  dropped records are then the failed tasks' records, and the file lacks the batch values of the
-  records that come back, so every batch/from_scratch task of the row group, and all that reads
-  them, is computed again (samplers give the same values). Correct either way; only the amount
-  of work differs.
+  their cells come back as ``done`` rows with the file's exact values
+  (:func:`pipeline.dataset.read_row_group`); the ``done`` rows kept at compaction (cells of
+  dropped records, batch tasks) stay. A store compacted before retry existed kept neither those
+  rows nor its ``dropped_records``: the dropped records are then the failed tasks' records, and
+  with no recorded batch values (the file lacks the records coming back) every batch/from_scratch
+  task of the row group, and all that reads them, is computed again (samplers give the same
+  values). Correct either way; only the amount of work differs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from pipeline.errors import StoreError
 from pipeline.store.base import Lineage
 
-__all__ = ["GroupChange", "GroupState", "plan_group"]
+__all__ = ["GroupChange", "GroupState", "plan_group", "task_filter"]
 
 TaskKey = tuple[str, "int | None"]  # (generator, row_index); row_index None: batch/from_scratch
 
@@ -67,6 +67,18 @@ class GroupChange:
     insert: dict[TaskKey, tuple[str, Any]] = field(default_factory=dict)  # done rows to add: (task_type, value)
 
 
+def task_filter(generators: Collection[str] | None, error: str | None) -> Callable[[str, str | None], bool]:
+    """``selected(generator, last_error)``: the retry's filter (``error``: a substring, case
+    sensitive, the same on every database)."""
+    wanted = None if generators is None else set(generators)
+
+    def selected(generator: str, last_error: str | None) -> bool:
+        return ((wanted is None or generator in wanted)
+                and (error is None or (last_error is not None and error in last_error)))
+
+    return selected
+
+
 def plan_group(group: GroupState, lineage: Lineage, selected: Callable[[str, str | None], bool],
                read_file: Callable[[str], Mapping[str, list]]) -> GroupChange | None:
     """The change of one row group, or None when none of its failed tasks is reopened.
@@ -94,39 +106,38 @@ def plan_group(group: GroupState, lineage: Lineage, selected: Callable[[str, str
     dropped_before = group.dropped | cover(group.failed)
     change = GroupChange(group.row_group, reopen, revived, dropped_before - revived, [])
 
-    batch_values = dict(group.batch_values)
-    from_file: set[str] = set()  # values rebuilt from the file: they lack the dropped records
     file_columns: Mapping[str, list] = {}
     live = [r for r in range(n) if r not in dropped_before]
     if group.state == "checkpointed":
         file_columns = read_file(group.path or "")
-        for gen, outputs in lineage.outputs.items():
-            for c in outputs:
-                if len(file_columns.get(c, ())) != len(live):
-                    raise StoreError(
-                        f"row group {group.row_group}'s file {group.path} holds "
-                        f"{len(file_columns.get(c, ()))} values of column '{c}', but {len(live)} records "
-                        f"of the row group are not dropped; it cannot be reopened")
-            if lineage.task_types[gen] != "cell" and gen not in batch_values:
-                batch_values[gen] = _spread(outputs, file_columns, live, n)
-                from_file.add(gen)
+        for c in (c for outputs in lineage.outputs.values() for c in outputs):
+            if len(file_columns.get(c, ())) != len(live):
+                raise StoreError(
+                    f"row group {group.row_group}'s file {group.path} holds {len(file_columns.get(c, ()))} "
+                    f"values of column '{c}', but {len(live)} records of the row group are not dropped; "
+                    f"it cannot be reopened")
 
-    # Batch/from_scratch tasks computed without a record now back, and what reads them.
+    # Batch/from_scratch tasks computed without a record now back, and what reads them. One with
+    # no recorded value has not run, or was compacted by an older version (its file lacks the
+    # records coming back): computed again too.
     cell_failure = {r: gen for gen, r in reopen if r is not None}
     batch_failure = next((gen for gen, r in reopen if r is None), None)
     stale = set()
-    for gen, value in batch_values.items():
-        if gen in from_file:
-            stale.add(gen)
+    for gen, task_type in lineage.task_types.items():
+        if task_type == "cell":
             continue
+        value = group.batch_values.get(gen)
         for r in revived:
-            dropper = cell_failure.get(r, batch_failure)
-            if gen in lineage.upstream.get(dropper, ()):
-                continue
-            if any(_at(value, c, r) is not None for c in lineage.outputs.get(gen, ())):
-                continue
-            stale.add(gen)
+            if value is None:
+                break
+            if gen in lineage.upstream.get(cell_failure.get(r, batch_failure), ()):
+                continue  # the failed task started after it was done: it saw the record
+            if any(_at(value, c, r) is not None for c in lineage.outputs[gen]):
+                continue  # it holds a value for the record: it saw it
             break
+        else:
+            continue
+        stale.add(gen)
     reset = set(stale)
     for gen in stale:
         reset |= lineage.downstream.get(gen, frozenset())
@@ -138,9 +149,7 @@ def plan_group(group: GroupState, lineage: Lineage, selected: Callable[[str, str
                 continue
             task_type = lineage.task_types[gen]
             if task_type != "cell":
-                if (gen, None) not in group.done:
-                    change.insert[(gen, None)] = (task_type, batch_values[gen])
-                continue
+                continue  # its done row was kept at compaction (else it is in `reset`)
             for i, r in enumerate(live):
                 if (gen, r) in group.done:
                     continue
@@ -148,17 +157,6 @@ def plan_group(group: GroupState, lineage: Lineage, selected: Callable[[str, str
                          else {c: file_columns[c][i] for c in outputs})
                 change.insert[(gen, r)] = (task_type, value)
     return change
-
-
-def _spread(outputs, columns: Mapping[str, list], live: list[int], n: int) -> dict[str, list]:
-    """A batch task's recorded value: ``{column: [value per row]}`` with None at dropped rows."""
-    value = {}
-    for c in outputs:
-        full: list = [None] * n
-        for i, r in enumerate(live):
-            full[r] = columns[c][i]
-        value[c] = full
-    return value
 
 
 def _at(value: Any, column: str, r: int) -> Any:

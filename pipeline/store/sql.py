@@ -40,8 +40,9 @@ from pipeline.store.base import (
     RowGroupClaim,
     RunInfo,
 )
-from pipeline.store.reopen import GroupChange, GroupState, plan_group
+from pipeline.store import reopen_sql
 from pipeline.store import usage as usage_sql
+from pipeline.store.reopen import task_filter
 from pipeline.workers import HOST, make_owner_id, owner_is_gone
 
 __all__ = ["SqlStore", "make_engine", "WORKER_HEARTBEAT_FRESH_S"]
@@ -546,87 +547,12 @@ class SqlStore:
     @_translate_errors
     def reopen_failed(self, run_id: str, lineage: Lineage, *, generators: Collection[str] | None = None,
                       error: str | None = None, read_file: Callable[[str], Mapping[str, list]]) -> Reopened:
-        t, g = schema.tasks, schema.row_groups
-        wanted = None if generators is None else set(generators)
-
-        def selected(generator: str, last_error: str | None) -> bool:
-            return ((wanted is None or generator in wanted)
-                    and (error is None or (last_error is not None and error in last_error)))
-
-        out = Reopened()
         with self._engine.begin() as conn:
             if not self._has_run(conn, run_id):
                 raise RunNotFoundError(f"no run with id {run_id!r} in {self.url_text}; `pipeline runs` lists them")
-            failed = conn.execute(
-                sa.select(t.c.row_group, t.c.column_name, t.c.last_error).where(t.c.run_id == run_id, t.c.state == "failed")
-            ).all()
-            now = time.time()
-            # Row groups in order, locked (PostgreSQL) as _fence locks them: no deadlock.
-            for rg in sorted({rg for rg, gen, err in failed if selected(gen, err)}):
-                row = conn.execute(
-                    sa.select(g.c.num_rows, g.c.state, g.c.path)
-                    .where(g.c.run_id == run_id, g.c.row_group == rg).with_for_update()
-                ).one()
-                change = plan_group(self._group_state(conn, run_id, rg, *row), lineage, selected, read_file)
-                if change is None:
-                    continue
-                self._apply_reopen(conn, run_id, change, now)
-                for gen, _ in change.reopen:
-                    out.tasks[gen] = out.tasks.get(gen, 0) + 1
-                out.records += len(change.revived)
-                out.reset += len(change.reset)
-                out.row_groups.append(rg)
-            if out.row_groups:
-                runs = schema.runs
-                conn.execute(runs.update().where(runs.c.run_id == run_id)
-                             .values(status="running", updated_at=now, finished_at=None))
+            out = reopen_sql.reopen(conn, run_id, lineage, task_filter(generators, error), read_file)
         self._forget(run_id, out.row_groups)
         return out
-
-    @staticmethod
-    def _group_state(conn: Connection, run_id: str, rg: int, num_rows: int, state: str, path: str | None) -> GroupState:
-        t, d = schema.tasks, schema.dropped_records
-        group = GroupState(rg, num_rows, state, path, {}, set(), set(), {})
-        group.dropped.update(conn.execute(
-            sa.select(d.c.row_index).where(d.c.run_id == run_id, d.c.row_group == rg)).scalars())
-        rows = conn.execute(
-            sa.select(t.c.column_name, t.c.row_index, t.c.state, t.c.last_error,
-                      sa.case((t.c.row_index.is_(None), t.c.value), else_=sa.null()))
-            .where(t.c.run_id == run_id, t.c.row_group == rg, t.c.state.in_(("done", "failed")))
-        )
-        for gen, r, state, last_error, value in rows:
-            if state == "failed":
-                group.failed[(gen, r)] = last_error
-                continue
-            group.done.add((gen, r))
-            if r is None:
-                group.batch_values[gen] = values.decode(value)
-        return group
-
-    @staticmethod
-    def _apply_reopen(conn: Connection, run_id: str, change: GroupChange, now: float) -> None:
-        t, d, g = schema.tasks, schema.dropped_records, schema.row_groups
-        rg = change.row_group
-        key = sa.and_(t.c.run_id == run_id, t.c.row_group == rg, t.c.column_name == sa.bindparam("gen"),
-                      t.c.slot == sa.bindparam("slot"))
-        for keys in (change.reopen, change.reset):
-            if keys:
-                conn.execute(t.delete().where(key),
-                             [{"gen": gen, "slot": -1 if r is None else r} for gen, r in keys])
-        if change.insert:
-            conn.execute(t.insert(), [
-                {"run_id": run_id, "row_group": rg, "column_name": gen, "slot": -1 if r is None else r,
-                 "row_index": r, "task_type": task_type, "state": "done", "attempts": 0,
-                 "value": values.encode(value), "updated_at": now}
-                for (gen, r), (task_type, value) in change.insert.items()])
-        conn.execute(d.delete().where(d.c.run_id == run_id, d.c.row_group == rg))
-        if change.dropped:
-            conn.execute(_INSERT_DROPPED, [{"r": run_id, "rg": rg, "i": i} for i in sorted(change.dropped)])
-        # Active again with no lease: the next claim loads it like any live row group; the new
-        # epoch fences off a worker that still holds it (its next commit abandons it).
-        conn.execute(g.update().where(g.c.run_id == run_id, g.c.row_group == rg).values(
-            state="active", rows_dropped=len(change.dropped), lease_owner=None, lease_expires_at=None,
-            lease_epoch=g.c.lease_epoch + 1))
 
     # -- reading ---------------------------------------------------------------------------
 
