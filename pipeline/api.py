@@ -1,4 +1,4 @@
-"""The Python API: run, resume, status, export, load_dataset. The command line calls these.
+"""The Python API: run, resume, retry, status, export, load_dataset. The command line calls these.
 
 ``home`` (default ``$PIPELINE_HOME`` or ``./.pipeline``) holds the run folders; ``db`` (default
 ``$PIPELINE_DB`` or ``sqlite:///<home>/state.db``) is the state store, any SQLAlchemy URL of
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pipeline.errors import InvalidRunIdError, PipelineError, RunNotFoundError, StoreError
-from pipeline.store.base import ColumnSpec, NewRun, Store
+from pipeline.errors import InvalidRunIdError, PipelineError, RunNotFoundError, StoreError, UnknownColumnError
+from pipeline.store.base import ColumnSpec, Lineage, NewRun, Reopened, Store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # The engine, the config models, pandas and pyarrow are imported by the functions that run or
 # export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them.
 
-__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "resume", "run", "status",
+__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "resume", "retry", "run", "status",
            "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -148,6 +148,14 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
            progress: Callable[[dict], None] | None = None, trace: bool = False,
            close_store: bool = True) -> RunResult:
     """Continue a run exactly where it stopped (also: join it as one more worker)."""
+    return _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store)
+
+
+def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
+            progress: Callable[[dict], None] | None, trace: bool, close_store: bool,
+            before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None = None) -> RunResult:
+    """resume, and retry: ``before(store, run info, config, home)`` runs first and may end it
+    with its own result."""
     from pipeline.config import config_from_json
 
     validate_run_id(run_id)
@@ -156,6 +164,10 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
     try:
         info = store.get_run(run_id)
         cfg = config_from_json(info.config)
+        if before is not None:
+            early = before(store, info, cfg, home_path)
+            if early is not None:
+                return early
         if all(g["state"] == "checkpointed" for g in store.row_groups(run_id)):
             failed = len(store.failed_tasks(run_id)) if info.status == "failed" else 0
             if failed:  # it ended failed on its error rate: nothing to continue, but not complete
@@ -245,6 +257,76 @@ def _interrupted(store: Store, run_id: str, signum: int) -> RunResult:
     if store.live_workers(run_id) == 0:
         store.set_run_status(run_id, "interrupted")
     return RunResult(run_id, "interrupted", signal=signum)
+
+
+def retry(run_id: str, *, columns: str | list[str] | None = None, error: str | None = None,
+          home: str | os.PathLike | None = None, db: str | None = None,
+          progress: Callable[[dict], None] | None = None, trace: bool = False, close_store: bool = True,
+          on_reopened: Callable[[Reopened], None] | None = None) -> RunResult:
+    """Reopen the failed tasks of a run, with the records and row groups they dropped, and
+    continue it as :func:`resume` does (contract section 9). ``columns``: only the failed tasks
+    of these generators (a generator's name or one of its output columns); ``error``: only those
+    whose ``last_error`` contains this text. ``on_reopened(Reopened)`` is called before the run
+    goes on. When nothing matches, nothing changes: the result has
+    ``extra["nothing_to_retry"]``. ``result.extra["reopened"]`` is the
+    :class:`~pipeline.store.base.Reopened` summary. UnknownColumnError for a name the run does
+    not have; RunNotFoundError for an unknown run."""
+    names = [columns] if isinstance(columns, str) else columns
+    extra: dict = {}
+
+    def reopen(store: Store, info: Any, cfg: PipelineConfig, home_path: Path) -> RunResult | None:
+        from pipeline.dataset import read_row_group
+        from pipeline.graph import build_graph
+
+        graph = build_graph(cfg)
+        generators = None if names is None else _generators_named(graph, names, run_id)
+
+        def read_file(path: str) -> dict[str, list]:
+            try:
+                return read_row_group(home_path / path)
+            except (OSError, ValueError) as exc:  # pyarrow's errors are OSError/ArrowInvalid (ValueError)
+                raise StoreError(f"cannot reopen run {run_id}: its row-group file {home_path / path} "
+                                 f"cannot be read ({exc})") from exc
+
+        reopened = store.reopen_failed(run_id, _lineage(graph), generators=generators, error=error,
+                                       read_file=read_file)
+        extra["reopened"] = reopened
+        if on_reopened is not None:
+            on_reopened(reopened)
+        if not reopened.tasks:
+            return RunResult(run_id, info.status, extra={"reopened": reopened, "nothing_to_retry": True})
+        return None
+
+    result = _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
+                     before=reopen)
+    result.extra.update(extra)
+    return result
+
+
+def _generators_named(graph: Any, names: list[str], run_id: str) -> set[str]:
+    """Generators named by generator or output column name; UnknownColumnError otherwise."""
+    out = set()
+    for name in names:
+        generator = name if name in graph.by_name else graph.producer.get(name)
+        if generator is None:
+            raise UnknownColumnError(f"run {run_id} has no column or generator {name!r}; its generators: "
+                                     f"{', '.join(graph.order)}")
+        out.add(generator)
+    return out
+
+
+def _lineage(graph: Any) -> Lineage:
+    """The DAG as Store.reopen_failed needs it: transitive upstream and downstream per generator."""
+    upstream: dict[str, frozenset[str]] = {}
+    for node in graph.nodes:  # topological order: upstreams first
+        ups = set(node.upstream)
+        for u in node.upstream:
+            ups |= upstream[u]
+        upstream[node.name] = frozenset(ups)
+    downstream = {n.name: frozenset(m for m, ups in upstream.items() if n.name in ups) for n in graph.nodes}
+    return Lineage(outputs={n.name: n.outputs for n in graph.nodes},
+                   task_types={n.name: n.task_type for n in graph.nodes},
+                   upstream=upstream, downstream=downstream)
 
 
 def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,

@@ -195,6 +195,34 @@ def worker(run_id: str, quiet: bool, home: str, db: str) -> None:
             home, db)
 
 
+@main.command()
+@click.argument("run_id")
+@click.option("--column", "columns", multiple=True, metavar="NAME",
+              help="Only the failed tasks of this column or generator (repeatable).")
+@click.option("--error", default=None, metavar="TEXT", help="Only the failed tasks whose last error contains TEXT.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--trace", is_flag=True, help="Append per-task timings to <home>/runs/<id>/traces.jsonl.")
+@state_options
+@handle_errors
+def retry(run_id: str, columns: tuple[str, ...], error: str | None, quiet: bool, trace: bool, home: str,
+          db: str) -> None:
+    """Reopen the failed tasks of RUN_ID (all, or those matching --column/--error) with the
+    records they dropped, then continue the run as `resume` does."""
+    def reopened(r: api.Reopened) -> None:
+        if r.tasks:
+            per = ", ".join(f"{name}: {n:,}" for name, n in r.tasks.items())
+            click.echo(f"reopened {sum(r.tasks.values()):,} failed task(s) ({per}), "
+                       f"{r.records:,} record(s) back in the run", err=True)
+
+    result = api.retry(run_id, columns=list(columns) or None, error=error, home=home, db=db, trace=trace,
+                       progress=None if quiet else Progress(), close_store=False, on_reopened=reopened)
+    if result.extra.get("nothing_to_retry"):
+        click.echo(f"run {run_id} has no failed task{' matching' if columns or error else ''} to retry; "
+                   "nothing changed", err=True)
+        _exit(EXIT_OK)
+    _finish(result, home, db)
+
+
 def _status_text(s: dict) -> str:
     lines = [f"run {s['run_id']} ({s['name']}): {s['status']}",
              f"records: {s['records_done']:,} of {s['num_records']:,} written, {s['records_dropped']:,} dropped",

@@ -30,7 +30,7 @@ from pipeline.engine.buffer import JSON_FIELD
 from pipeline.store.base import Store
 from pipeline.values import decode, encode
 
-__all__ = ["Dataset", "FORMATS", "read_dataset"]
+__all__ = ["Dataset", "FORMATS", "read_dataset", "read_row_group"]
 
 FORMATS = ("parquet", "csv", "jsonl")
 _FLAG = next(iter(JSON_FIELD))
@@ -70,11 +70,7 @@ class Dataset:
         """The column's exact Python values."""
         out: list = []
         for part in self.parts:
-            field = part.schema.field(column)
-            data = part.column(column).to_pylist()
-            if field.metadata and _FLAG in field.metadata:
-                data = [None if v is None else decode(v) for v in data]
-            out.extend(data)
+            out.extend(_part_values(part, column))
         return out
 
     def arrow_column(self, column: str) -> pa.ChunkedArray | pa.Array:
@@ -131,6 +127,21 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
     if not parts:
         parts = [pa.table({c: pa.array([], type=pa.null()) for c in columns})]
     return Dataset(columns, [p.select(columns) for p in parts], complete)
+
+
+def read_row_group(path: Path) -> dict[str, list]:
+    """One row-group file as ``{column: [exact Python value per record in the file]}``, decoded
+    as exports decode it (what `pipeline retry` puts back in the state store)."""
+    table = pq.read_table(path)
+    return {c: _part_values(table, c) for c in table.column_names}
+
+
+def _part_values(part: pa.Table, column: str) -> list:
+    field = part.schema.field(column)
+    data = part.column(column).to_pylist()
+    if field.metadata and _FLAG in field.metadata:
+        data = [None if v is None else decode(v) for v in data]
+    return data
 
 
 def _json_default(value: Any) -> Any:

@@ -13,6 +13,7 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
     ├── EngineError                    exit 1: the engine failed while running (a bug, or a
     │                                  recorded value it cannot read); finished work is kept
+    ├── UnknownColumnError             a column name the run does not have (`retry --column`)
     └── GenerationError                a generator failed; carries the original as __cause__
 
     RetryableError                     raise it (or TimeoutError / ConnectionError) from a
@@ -42,6 +43,7 @@ __all__ = [
     "RunExistsError",
     "RunNotFoundError",
     "StoreError",
+    "UnknownColumnError",
     "is_outage",
     "is_retryable",
 ]
@@ -92,6 +94,10 @@ class EngineError(PipelineError):
     """The engine failed while running; what finished is recorded and the run is resumable."""
 
     exit_code = 1
+
+
+class UnknownColumnError(PipelineError):
+    """A column or generator name that the run does not have."""
 
 
 class GenerationError(PipelineError):

@@ -283,10 +283,12 @@ def test_column_progress_counts_records_at_every_stage(store):
     assert counts(store, run_id) == {"x": (8, 1, 0, 0), "y": (8, 0, 0, 0), "z": (8, 0, 0, 0), "w": (8, 1, 0, 0)}
     assert store.row_groups(run_id)[0]["state"] == "complete"
 
-    # Checkpoint compacts the row group's rows but its failed ones; the counts do not move.
+    # Checkpoint compacts the row group's rows but its failed ones, and (for `pipeline retry`)
+    # the done cells of its dropped records and its batch tasks; the counts do not move.
     assert store.checkpoint_row_group(run_id, 0, f"runs/{run_id}/rg-00000.parquet", 2)
     assert counts(store, run_id) == {"x": (8, 1, 0, 0), "y": (8, 0, 0, 0), "z": (8, 0, 0, 0), "w": (8, 1, 0, 0)}
-    assert [(r[0], r[1], r[5]) for r in task_rows(store, run_id)] == [(0, "w", "failed"), (0, "x", "failed")]
+    assert [(r[0], r[1], r[3], r[5]) for r in task_rows(store, run_id)] == [
+        (0, "w", 3, "failed"), (0, "x", 3, "done"), (0, "x", 9, "failed"), (0, "yz", None, "done")]
     group = store.row_groups(run_id)[0]
     assert (group["state"], group["rows_dropped"], group["path"], group["lease_owner"]) == (
         "checkpointed",

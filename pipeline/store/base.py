@@ -35,12 +35,17 @@ takes row groups with a fresh epoch; ``record`` and ``checkpoint_row_group`` che
 transaction, that this owner and epoch still hold each row group they touch. Events of a row
 group whose lease was lost are discarded, and the row group is reported back so that the engine
 abandons it.
+
+Retry (:meth:`Store.reopen_failed`): checkpoint compaction keeps, in a row group with dropped
+records, the ``done`` rows of those records and of its batch/from_scratch tasks, and its
+``dropped_records``; reopening puts the row group back to ``active`` with ``done`` rows for the
+records its Parquet file holds, so that resume rebuilds it like any other live row group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
 
 __all__ = [
     "COMPLETE",
@@ -50,8 +55,10 @@ __all__ = [
     "FAILED",
     "STARTED",
     "ColumnSpec",
+    "Lineage",
     "LoadedRowGroup",
     "NewRun",
+    "Reopened",
     "RowGroupClaim",
     "RunInfo",
     "Store",
@@ -134,6 +141,35 @@ class LoadedRowGroup:
     attempts: dict[tuple[str, int | None], int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """The run's DAG as :meth:`Store.reopen_failed` needs it (the API builds it from the run's
+    stored config with :mod:`pipeline.graph`), by generator name."""
+
+    outputs: Mapping[str, tuple[str, ...]]  # output columns, in config order
+    task_types: Mapping[str, str]  # "cell", "batch" or "from_scratch"
+    upstream: Mapping[str, frozenset[str]]  # generators it reads, directly or not
+    downstream: Mapping[str, frozenset[str]]  # generators that read it, directly or not
+
+
+@dataclass
+class Reopened:
+    """What :meth:`Store.reopen_failed` reopened."""
+
+    tasks: dict[str, int] = field(default_factory=dict)  # generator -> failed tasks reopened
+    records: int = 0  # dropped records back in the run
+    row_groups: list[int] = field(default_factory=list)  # row groups that became active again
+    reset: int = 0  # done tasks to compute again (computed without the records now back)
+
+    def add(self, change: Any) -> None:
+        """Count one row group's :class:`pipeline.store.reopen.GroupChange`."""
+        for gen, _ in change.reopen:
+            self.tasks[gen] = self.tasks.get(gen, 0) + 1
+        self.records += len(change.revived)
+        self.reset += len(change.reset)
+        self.row_groups.append(change.row_group)
+
+
 class Store(Protocol):
     """The state store. Implementations: :class:`pipeline.store.memory.MemoryStore`,
     :class:`pipeline.store.sql.SqlStore` (SQLite and PostgreSQL)."""
@@ -186,7 +222,24 @@ class Store(Protocol):
     def checkpoint_row_group(self, run_id: str, row_group: int, path: str, rows_dropped: int) -> bool:
         """After the row group's Parquet file is durable at ``path`` (relative to home): mark
         it ``checkpointed``, store ``path`` and ``rows_dropped``, release its lease and compact
-        its task rows (all but ``failed`` ones), in one transaction. False if the lease was lost."""
+        its task rows, in one transaction. False if the lease was lost. Compaction deletes every
+        task row but ``failed`` ones; in a row group with dropped records it also keeps the
+        ``done`` rows of those records and of batch/from_scratch tasks, and the
+        ``dropped_records`` (what :meth:`reopen_failed` needs to bring them back)."""
+
+    def reopen_failed(self, run_id: str, lineage: Lineage, *, generators: Collection[str] | None = None,
+                      error: str | None = None, read_file: Callable[[str], Mapping[str, list]]) -> Reopened:
+        """`pipeline retry`, in one transaction: delete the ``failed`` tasks of the run (of
+        ``generators`` only, and/or whose ``last_error`` contains ``error``) so that they are
+        ready again with 0 attempts, and bring back the records they dropped. In each row group
+        touched (see :func:`pipeline.store.reopen.plan_group`): its dropped records and
+        ``rows_dropped`` are recounted; ``done`` batch/from_scratch tasks that were computed
+        without a record now back, and every task downstream of them, are deleted (computed
+        again); a checkpointed row group gets ``done`` rows for the records of its Parquet
+        file (``read_file(path)`` -> ``{column: [value per record in the file]}``); it becomes
+        ``active`` with no lease and a new epoch (a worker holding it is fenced off). The run's
+        status becomes ``running``. Nothing matching: nothing changes. A failed task whose
+        record stays dropped by another failure that is not reopened is left as it is."""
 
     # -- reading --------------------------------------------------------------------------
     def row_groups(self, run_id: str) -> list[dict]:

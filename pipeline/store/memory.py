@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from pipeline.errors import RunExistsError, RunNotFoundError
-from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, LoadedRowGroup, NewRun,
-                                 RowGroupClaim, RunInfo)
+from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, Lineage, LoadedRowGroup,
+                                 NewRun, Reopened, RowGroupClaim, RunInfo)
+from pipeline.store.reopen import GroupState, plan_group, task_filter
 from pipeline.workers import make_owner_id, owner_is_gone
 
 __all__ = ["MemoryStore"]
@@ -211,13 +212,62 @@ class MemoryStore:
                 return False
             run["groups"][row_group].update(state="checkpointed", path=path, rows_dropped=rows_dropped,
                                             lease_owner=None, lease_expires_at=None)
-            tasks = run["tasks"]
+            # Compaction, as in the SQL store: failed rows stay; with dropped records, so do
+            # those records, their done cells and the batch tasks' values (for retry).
+            tasks, dropped = run["tasks"], run["dropped"].get(row_group, ())
+            kept = set()
             for key in run["by_rg"].pop(row_group, ()):
-                if tasks[key]["state"] != "failed":
+                t = tasks[key]
+                if t["state"] == "failed" or (dropped and t["state"] == "done" and (key[2] is None or key[2] in dropped)):
+                    kept.add(key)
+                else:
                     del tasks[key]
-            run["dropped"].pop(row_group, None)
+            if kept:
+                run["by_rg"][row_group] = kept
             self._epochs.pop((run_id, row_group), None)
             return True
+
+    def reopen_failed(self, run_id: str, lineage: Lineage, *, generators: Collection[str] | None = None,
+                      error: str | None = None, read_file: Callable[[str], Mapping[str, list]]) -> Reopened:
+        selected = task_filter(generators, error)
+        out = Reopened()
+        now = time.time()
+        with self._lock:
+            run = self._run(run_id)
+            tasks, groups = run["tasks"], run["groups"]
+            candidates = sorted({rg for (rg, gen, _), t in tasks.items()
+                                 if t["state"] == "failed" and selected(gen, t["last_error"])})
+            for rg in candidates:
+                g = groups[rg]
+                group = GroupState(rg, g["num_rows"], g["state"], g["path"], {}, set(run["dropped"].get(rg, ())),
+                                   set(), {})
+                for key in run["by_rg"].get(rg, ()):
+                    t = tasks[key]
+                    if t["state"] == "failed":
+                        group.failed[key[1:]] = t["last_error"]
+                    elif t["state"] == "done":
+                        group.done.add(key[1:])
+                        if key[2] is None:
+                            group.batch_values[key[1]] = t["value"]
+                change = plan_group(group, lineage, selected, read_file)
+                if change is None:
+                    continue
+                keys = run["by_rg"].setdefault(rg, set())
+                for gen, r in change.reopen + change.reset:
+                    del tasks[(rg, gen, r)]
+                    keys.discard((rg, gen, r))
+                for (gen, r), (task_type, value) in change.insert.items():
+                    tasks[(rg, gen, r)] = dict(task_type=task_type, state="done", attempts=0, next_eligible_at=None,
+                                               last_error=None, value=value, updated_at=now)
+                    keys.add((rg, gen, r))
+                run["dropped"][rg] = set(change.dropped)
+                g.update(state="active", rows_dropped=len(change.dropped), lease_owner=None, lease_expires_at=None,
+                         lease_epoch=g["lease_epoch"] + 1)
+                out.add(change)
+                self._epochs.pop((run_id, rg), None)
+            if out.row_groups:
+                run["info"].update(status="running", updated_at=now, finished_at=None)
+        return out
 
     # -- reading --------------------------------------------------------------------------
     def row_groups(self, run_id: str) -> list[dict]:

@@ -21,10 +21,11 @@ Times are Unix seconds stored as floating point numbers (``time.time()``). To re
     One row per task that has started, keyed by ``slot`` = ``row_index`` for cell tasks and -1
     for from_scratch and batch tasks (whose ``row_index`` is NULL). ``column_name`` holds the
     generator's name. ``value`` is the JSON of the result (:mod:`pipeline.values`). Rows of a
-    checkpointed row group are deleted (compaction), except ``failed`` ones.
+    checkpointed row group are deleted (compaction), except ``failed`` ones and, in a row group
+    with dropped records, the ``done`` rows of those records and of batch/from_scratch tasks
+    (what `pipeline retry` needs to bring the records back; the view does not count them).
 ``dropped_records``
-    Records of live row groups that were dropped; deleted at checkpoint (``rows_dropped``
-    keeps the count).
+    Dropped records, kept after the checkpoint; ``rows_dropped`` counts them per row group.
 ``workers``
     Processes working on a run, with their heartbeat.
 view ``column_progress``

@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from dataclasses import asdict, fields
-from typing import Iterable, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -33,12 +33,16 @@ from pipeline.store.base import (
     FAILED,
     RUN_STATES,
     STARTED,
+    Lineage,
     LoadedRowGroup,
     NewRun,
+    Reopened,
     RowGroupClaim,
     RunInfo,
 )
+from pipeline.store import reopen_sql
 from pipeline.store import usage as usage_sql
+from pipeline.store.reopen import task_filter
 from pipeline.workers import HOST, make_owner_id, owner_is_gone
 
 __all__ = ["SqlStore", "make_engine", "WORKER_HEARTBEAT_FRESH_S"]
@@ -527,11 +531,28 @@ class SqlStore:
                 lease_owner=None, lease_expires_at=None,
             )
             # Compaction: the Parquet file holds the values now. Failed rows stay, for the
-            # failure report and rows_failed in column_progress; rows_dropped keeps the count.
-            conn.execute(t.delete().where(t.c.run_id == run_id, t.c.row_group == row_group, t.c.state != "failed"))
-            conn.execute(d.delete().where(d.c.run_id == run_id, d.c.row_group == row_group))
+            # failure report and rows_failed in column_progress. With dropped records, so do
+            # those records, their done cells and the batch tasks' values: `pipeline retry`
+            # brings them back without computing them again (column_progress does not count
+            # done rows of a checkpointed row group). Without drops, nothing else stays.
+            rows = t.delete().where(t.c.run_id == run_id, t.c.row_group == row_group, t.c.state != "failed")
+            if rows_dropped:
+                dropped = sa.select(d.c.row_index).where(d.c.run_id == run_id, d.c.row_group == row_group)
+                rows = rows.where(sa.not_(sa.and_(
+                    t.c.state == "done", sa.or_(t.c.row_index.is_(None), t.c.row_index.in_(dropped)))))
+            conn.execute(rows)
         self._forget(run_id, [row_group])
         return True
+
+    @_translate_errors
+    def reopen_failed(self, run_id: str, lineage: Lineage, *, generators: Collection[str] | None = None,
+                      error: str | None = None, read_file: Callable[[str], Mapping[str, list]]) -> Reopened:
+        with self._engine.begin() as conn:
+            if not self._has_run(conn, run_id):
+                raise RunNotFoundError(f"no run with id {run_id!r} in {self.url_text}; `pipeline runs` lists them")
+            out = reopen_sql.reopen(conn, run_id, lineage, task_filter(generators, error), read_file)
+        self._forget(run_id, out.row_groups)
+        return out
 
     # -- reading ---------------------------------------------------------------------------
 

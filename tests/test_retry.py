@@ -1,0 +1,488 @@
+"""`pipeline retry`: failed tasks reopened with the records and row groups they dropped, through
+the real command line (SQLite file, PostgreSQL, a worker joining), and the store method itself
+on the memory, SQLite and PostgreSQL stores."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import sqlite3
+import textwrap
+import time
+import types
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import api
+from pipeline.errors import RunNotFoundError, StoreError
+from pipeline.store import open_store
+from pipeline.store.base import COMPLETE, DONE, DROPPED, FAILED, ColumnSpec, Lineage, NewRun
+from pipeline.store.memory import MemoryStore
+from tests.conftest import POSTGRES_URL, cli, cli_env, cli_popen
+from tests.conftest_store import postgres_schema_url, sqlite_url
+
+# A pipeline whose python columns log each successful call ("column,key,pid") and fail, while an
+# env var is set, for a fixed share of records (no module edit: the bug is in the environment).
+FNS = '''
+import asyncio, os, time, zlib
+
+def _log(col, key):
+    fd = os.open(os.environ["PIPELINE_TEST_CALLS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{col},{key},{os.getpid()}\\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _bucket(key):
+    return zlib.crc32(key.encode()) % 10
+
+
+async def upper(row):
+    gate = os.environ.get("GATE")  # wait until the test opens it
+    while gate and not os.path.exists(gate):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(float(os.environ.get("SLOW", "0")))
+    if os.environ.get("BUGGY_UP") and _bucket(row["id"]) in (0, 1):  # about 20% of the records
+        raise ValueError(f"bug in up at {row['id'][:8]}")
+    _log("up", row["id"])
+    return row["word"].upper() + "-" + row["id"][:4]
+
+
+async def length(row):
+    await asyncio.sleep(float(os.environ.get("SLOW", "0")))
+    _log("len", row["id"])
+    return len(row["up"]) + row["n"]
+
+
+def both(row):
+    if os.environ.get("BUGGY_PAIR") and _bucket(row["id"]) == 2:
+        raise KeyError(f"pair broke at {row['id'][:8]}")
+    _log("both", row["id"])
+    return {"left": row["n"] * 2, "right": str(row["n"])}
+
+
+def total(df):
+    if str(df.index[0]) == os.environ.get("BUGGY_TOTAL"):
+        raise RuntimeError(f"total broke at {df.index[0]}")
+    _log("total", df.index[0])
+    return (df["len"] + df["left"] + len(df)).tolist()  # reads the whole row group
+'''
+
+
+def pipeline_config(folder: Path, *, records: int = 200, rg: int = 50, in_flight: int = 32,
+                    concurrent: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "retry_fns.py").write_text(FNS)
+    (folder / "cfg.yaml").write_text(textwrap.dedent(f"""\
+        name: buggy
+        num_records: {records}
+        row_group_size: {rg}
+        seed: 5
+        settings: {{max_in_flight_tasks: {in_flight}, max_concurrent_row_groups: {concurrent}, shutdown_error_rate: 0.95}}
+        columns:
+          - {{name: id, type: sampler, sampler: uuid}}
+          - {{name: n, type: sampler, sampler: integer, params: {{low: 0, high: 100}}}}
+          - {{name: word, type: sampler, sampler: category, params: {{values: [ant, bee, cat, dog]}}}}
+          - {{name: up, type: python, function: "retry_fns:upper", requires: [word, id]}}
+          - {{name: len, type: python, function: "retry_fns:length", requires: [up, n, id]}}
+          - {{name: pair, type: python, function: "retry_fns:both", requires: [n, id], outputs: [left, right]}}
+          - {{name: total, type: python, function: "retry_fns:total", mode: batch, requires: [len, left]}}
+          - {{name: label, type: expression, expr: "{{{{ word }}}}:{{{{ total }}}}"}}
+        """))
+    return folder / "cfg.yaml"
+
+
+def calls_of(path: Path) -> list[tuple[str, str, str]]:
+    if not path.exists():
+        return []
+    return [tuple(line.split(",")) for line in path.read_text().splitlines() if line]
+
+
+class Runs:
+    """One home, one store, the same config; each command logs its calls to its own file."""
+
+    def __init__(self, tmp_path: Path, db: str | None = None, **config):
+        self.tmp, self.db = tmp_path, db
+        self.home = tmp_path / "home"
+        self.cfg = pipeline_config(tmp_path / "p", **config)
+        self.prefix = uuid.uuid4().hex[:6]  # run ids unique in a shared PostgreSQL schema
+
+    def rid(self, name: str) -> str:
+        return f"{name}-{self.prefix}"
+
+    def env(self, log: str, **extra: str) -> dict:
+        return cli_env(PIPELINE_TEST_CALLS=str(self.tmp / log), **extra)
+
+    def cli(self, *args: str, log: str = "other", env: dict | None = None, **extra: str):
+        return cli(*args, home=self.home, db=self.db, env=env or self.env(log, **extra))
+
+    def popen(self, *args: str, log: str, **extra: str):
+        return cli_popen(*args, home=self.home, db=self.db, env=self.env(log, **extra))
+
+    def run(self, name: str, log: str, **extra: str):
+        return self.cli("run", str(self.cfg), "--run-id", self.rid(name), "--quiet", log=log, **extra)
+
+    def calls(self, log: str) -> list[tuple[str, str, str]]:
+        return calls_of(self.tmp / log)
+
+    # Status and export read the store in this process (the same code as the commands).
+    def status(self, name: str) -> dict:
+        return api.status(self.rid(name), home=self.home, db=self.db)
+
+    def export(self, name: str, fmt: str = "jsonl") -> str | Path:
+        out = self.tmp / f"{name}.{fmt}"
+        assert api.export(self.rid(name), out, home=self.home, db=self.db)["complete"]
+        return out.read_text() if fmt == "jsonl" else out
+
+    def assert_same_export(self, name: str, reference: str) -> None:
+        assert self.export(name) == self.export(reference)
+        pd.testing.assert_frame_equal(pd.read_parquet(self.export(name, "parquet")),
+                                      pd.read_parquet(self.export(reference, "parquet")))
+
+
+def cell_calls(calls) -> collections.Counter:
+    return collections.Counter((col, key) for col, key, _ in calls if col != "total")
+
+
+# -- the bug-fix story -----------------------------------------------------------------------
+
+
+def test_retry_after_the_bug_is_fixed_exports_what_a_clean_run_does_without_redoing_done_cells(tmp_path):
+    runs = Runs(tmp_path)
+    buggy = runs.run("buggy", "first", BUGGY_UP="1")
+    assert buggy.returncode == 0, buggy.stderr
+    s = runs.status("buggy")
+    failed = s["columns"]["up"]["failed"]
+    assert 20 <= failed <= 70 and s["records_dropped"] == failed and s["records_done"] == 200 - failed
+
+    retry = runs.cli("retry", runs.rid("buggy"), "--quiet", log="retry")
+    assert retry.returncode == 0, retry.stderr
+    assert f"reopened {failed} failed task(s) (up: {failed}), {failed} record(s) back in the run" in retry.stderr
+    s = runs.status("buggy")
+    assert (s["status"], s["records_done"], s["records_dropped"]) == ("complete", 200, 0)
+    assert all(c["failed"] == 0 and c["done"] == 200 for c in s["columns"].values())
+
+    assert runs.run("clean", "clean").returncode == 0
+    runs.assert_same_export("buggy", "clean")
+
+    # No cell done before the failure was computed again. (A cell of a record still running
+    # when its record was dropped finished unrecorded: only such cells may run twice.)
+    first, again = cell_calls(runs.calls("first")), cell_calls(runs.calls("retry"))
+    revived = {key for col, key in again if col == "up"}
+    assert len(revived) == failed and max(first.values()) == max(again.values()) == 1
+    assert set(first) & set(again) <= {("both", key) for key in revived}
+    assert set(first) | set(again) == set(cell_calls(runs.calls("clean")))
+    # The batch column was computed again in the row groups that got records back, only.
+    assert len([c for c in runs.calls("retry") if c[0] == "total"]) == 4
+
+
+def test_retry_reopens_a_failed_batch_task_and_its_whole_row_group(tmp_path):
+    runs = Runs(tmp_path)
+    assert runs.run("buggy", "first", BUGGY_TOTAL="50").returncode == 0
+    s = runs.status("buggy")
+    assert (s["records_done"], s["records_dropped"], s["columns"]["total"]["failed"]) == (150, 50, 50)
+
+    retry = runs.cli("retry", runs.rid("buggy"), "--quiet", log="retry")
+    assert retry.returncode == 0, retry.stderr
+    assert "reopened 1 failed task(s) (total: 1), 50 record(s) back in the run" in retry.stderr
+    assert runs.run("clean", "clean").returncode == 0
+    runs.assert_same_export("buggy", "clean")
+    assert cell_calls(runs.calls("retry")) == collections.Counter()  # the cells of row group 1 were kept
+    assert [(c[0], c[1]) for c in runs.calls("retry")] == [("total", "50")]
+
+
+def test_retry_filters_by_column_then_by_error_text(tmp_path):
+    runs = Runs(tmp_path)
+    assert runs.run("buggy", "first", BUGGY_UP="1", BUGGY_PAIR="1").returncode == 0
+    s = runs.status("buggy")
+    up_failed, pair_failed = s["columns"]["up"]["failed"], s["columns"]["left"]["failed"]
+    assert up_failed and pair_failed and s["records_dropped"] == up_failed + pair_failed
+
+    # --column takes a generator's output column too: `left` is one of pair's.
+    proc = runs.cli("retry", runs.rid("buggy"), "--column", "left", "--quiet", log="retry1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"reopened {pair_failed} failed task(s) (pair: {pair_failed})" in proc.stderr
+    s = runs.status("buggy")
+    assert (s["records_dropped"], s["columns"]["up"]["failed"], s["columns"]["left"]["failed"]) == (up_failed, up_failed, 0)
+    # Only the records pair dropped were computed (their other cells, where not done before).
+    keys = {key for col, key, _ in runs.calls("retry1") if col != "total"}
+    assert keys == {key for col, key, _ in runs.calls("retry1") if col == "both"} and len(keys) == pair_failed
+
+    proc = runs.cli("retry", runs.rid("buggy"), "--error", "no such text", log="retry2")
+    assert proc.returncode == 0 and "no failed task matching" in proc.stderr and "nothing changed" in proc.stderr
+    assert runs.calls("retry2") == []
+
+    proc = runs.cli("retry", runs.rid("buggy"), "--error", "ValueError: bug in up", "--quiet", log="retry3")
+    assert proc.returncode == 0, proc.stderr
+    assert f"reopened {up_failed} failed task(s) (up: {up_failed})" in proc.stderr
+    assert runs.run("clean", "clean").returncode == 0
+    runs.assert_same_export("buggy", "clean")
+
+
+def test_retry_of_an_unknown_column_exits_2_and_of_nothing_failed_exits_0_changing_nothing(tmp_path):
+    runs = Runs(tmp_path, records=20, rg=10)
+    assert runs.run("clean", "clean").returncode == 0
+    before = runs.status("clean")
+
+    proc = runs.cli("retry", runs.rid("clean"), "--column", "nope")
+    assert proc.returncode == 2
+    assert "'nope'" in proc.stderr and "generators: id, n, word, up, len, pair, total, label" in proc.stderr
+
+    proc = runs.cli("retry", runs.rid("clean"))
+    assert proc.returncode == 0 and "has no failed task to retry; nothing changed" in proc.stderr
+    after = runs.status("clean")
+    assert (after["status"], after["updated_at"]) == (before["status"], before["updated_at"])
+
+    assert runs.cli("retry", "no-such-run").returncode == 2
+
+
+# -- PostgreSQL and workers ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="PIPELINE_TEST_POSTGRES_URL is not set")
+def test_retry_on_postgres_exports_what_a_clean_run_does(tmp_path):
+    runs = Runs(tmp_path, db=POSTGRES_URL)
+    assert runs.run("buggy", "first", BUGGY_UP="1").returncode == 0
+    failed = runs.status("buggy")["records_dropped"]
+    assert failed > 0
+    proc = runs.cli("retry", runs.rid("buggy"), "--quiet", log="retry")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{failed} record(s) back in the run" in proc.stderr
+    assert runs.run("clean", "clean").returncode == 0
+    runs.assert_same_export("buggy", "clean")
+    again = cell_calls(runs.calls("retry"))
+    assert set(cell_calls(runs.calls("first"))) & set(again) <= {("both", k) for c, k in again if c == "up"}
+
+
+def test_retry_with_a_worker_joining_finishes_with_the_same_export(tmp_path):
+    # One row group at a time per process; the reopened cells wait for a gate that opens once
+    # the worker has joined, so both processes take reopened row groups.
+    runs = Runs(tmp_path, records=200, rg=20, in_flight=2, concurrent=1)
+    assert runs.run("buggy", "first", BUGGY_UP="1").returncode == 0
+    assert runs.status("buggy")["records_dropped"] > 0
+    gate = tmp_path / "gate"
+    slow = {"SLOW": "0.01", "GATE": str(gate)}
+
+    def wait_for_workers(n: int, procs) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            with sqlite3.connect(runs.home / "state.db") as conn:
+                (live,) = conn.execute("select count(*) from workers where run_id = ?", (runs.rid("buggy"),)).fetchone()
+            if live >= n:
+                return
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, f"{n} worker(s) never joined"
+            time.sleep(0.05)
+
+    retry = runs.popen("retry", runs.rid("buggy"), "--quiet", log="retry", **slow)
+    wait_for_workers(1, [retry])
+    worker = runs.popen("worker", runs.rid("buggy"), "--quiet", log="retry", **slow)
+    wait_for_workers(2, [retry, worker])
+    gate.touch()
+    for proc in (retry, worker):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert runs.status("buggy")["status"] == "complete"
+    assert runs.run("clean", "clean").returncode == 0
+    runs.assert_same_export("buggy", "clean")
+    calls = runs.calls("retry")
+    assert {pid for _, _, pid in calls} == {str(retry.pid), str(worker.pid)}
+    again = cell_calls(calls)
+    assert max(again.values()) == 1  # no cell twice across the two processes
+    assert set(cell_calls(runs.calls("first"))) & set(again) <= {("both", k) for c, k in again if c == "up"}
+
+
+# -- the engine on the in-memory store -------------------------------------------------------
+
+
+def test_the_engine_finishes_a_reopened_run_on_the_memory_store(tmp_path):
+    from pipeline.dataset import read_row_group
+    from pipeline.generators.base import Generator
+    from pipeline.graph import build_graph
+    from tests.engine_helpers import dataset, run_engine, spec
+
+    class Fn(Generator):
+        def __init__(self, fn, strategy="cell"):
+            self.fn, self.strategy = fn, strategy
+
+        async def agenerate(self, data):
+            return self.fn(data)
+
+    bug, calls = [True], collections.Counter()
+
+    def v(row):
+        if bug[0] and row["i"] % 4 == 1:
+            raise ValueError("bug")
+        calls["v", row["i"]] += 1
+        return row["i"] * 10
+
+    def make():
+        return {"i": Fn(lambda df: list(df.index), "batch"), "v": Fn(v), "w": Fn(lambda row: row["v"] + 1),
+                "t": Fn(lambda df: (df["w"] * len(df)).tolist(), "batch")}
+
+    specs = [spec("i", "batch"), spec("v", deps=["i"]), spec("w", deps=["v"]), spec("t", "batch", deps=["w"])]
+    status, _, store = run_engine(specs, make(), num_records=40, row_group_size=10, home=tmp_path / "a",
+                                  shutdown_error_rate=1.0)
+    assert status == "complete" and len(dataset(store, tmp_path / "a")) == 30
+    bug[0] = False
+    lineage = api._lineage(build_graph(types.SimpleNamespace(columns=specs, source=None)))
+    got = store.reopen_failed("r1", lineage, read_file=lambda path: read_row_group(tmp_path / "a" / path))
+    assert (got.tasks, got.records, got.row_groups) == ({"v": 10}, 10, [0, 1, 2, 3])
+    status, _, store = run_engine(specs, make(), num_records=40, row_group_size=10, home=tmp_path / "a",
+                                  store=store)
+    assert status == "complete" and max(calls.values()) == 1 and len(calls) == 40
+    _, _, clean = run_engine(specs, make(), num_records=40, row_group_size=10, home=tmp_path / "b")
+    pd.testing.assert_frame_equal(dataset(store, tmp_path / "a"), dataset(clean, tmp_path / "b"))
+
+
+# -- the store method ------------------------------------------------------------------------
+
+COLUMNS = [ColumnSpec("s", "s", "batch", 0), ColumnSpec("x", "x", "cell", 1), ColumnSpec("y", "y", "cell", 2),
+           ColumnSpec("t", "t", "batch", 3)]
+# s (from_scratch) -> x (cell) -> y (cell, fails) -> t (batch)
+LINEAGE = Lineage(
+    outputs={"s": ("s",), "x": ("x",), "y": ("y",), "t": ("t",)},
+    task_types={"s": "from_scratch", "x": "cell", "y": "cell", "t": "batch"},
+    upstream={"s": frozenset(), "x": frozenset("s"), "y": frozenset("sx"), "t": frozenset("sxy")},
+    downstream={"s": frozenset("xyt"), "x": frozenset("yt"), "y": frozenset("t"), "t": frozenset()},
+)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def stores(request, tmp_path):
+    """Two stores (two workers: two owner ids) on one memory, SQLite or PostgreSQL database."""
+    if request.param == "memory":
+        data = MemoryStore()._data
+        yield MemoryStore(data), MemoryStore(data)
+        return
+    with contextlib.ExitStack() as stack:
+        url = sqlite_url(tmp_path) if request.param == "sqlite" else stack.enter_context(postgres_schema_url())
+        yield stack.enter_context(open_store(url)), stack.enter_context(open_store(url))
+
+
+@pytest.fixture
+def any_store(stores):
+    return stores[0]
+
+
+def finished_run(store, run_id: str) -> dict[str, list]:
+    """Two row groups of 4: in row group 0, y fails at record 1 (dropped) after x and y were
+    done elsewhere; row group 1 is clean and stays live. Returns row group 0's file columns."""
+    store.create_run(NewRun(run_id, "t", 8, 4, 0, "{}", "fp", COLUMNS))
+    store.claim_row_groups(run_id, 2, 60)
+    store.record(run_id, [
+        (DONE, 0, "s", None, "from_scratch", {"s": [10, 11, 12, 13]}),
+        *[(DONE, 0, "x", r, "cell", f"x{r}") for r in range(4)],
+        (FAILED, 0, "y", 1, "cell", (1, "ValueError: boom")), (DROPPED, 0, None, 1),
+        *[(DONE, 0, "y", r, "cell", {"deep": [r]}) for r in (0, 2, 3)],
+        (DONE, 0, "t", None, "batch", {"t": [0, None, 2, 3]}),
+        (COMPLETE, 0),
+        (DONE, 1, "s", None, "from_scratch", {"s": [14, 15, 16, 17]}),
+    ])
+    assert store.checkpoint_row_group(run_id, 0, "rg-0.parquet", 1)
+    return {"s": [10, 12, 13], "x": ["x0", "x2", "x3"], "y": [{"deep": [0]}, {"deep": [2]}, {"deep": [3]}],
+            "t": [0, 2, 3]}
+
+
+def test_reopen_failed_brings_a_checkpointed_row_group_back_with_its_values(any_store):
+    store, run_id = any_store, f"r-{uuid.uuid4().hex[:8]}"
+    file_columns = finished_run(store, run_id)
+    store.set_run_status(run_id, "complete")
+    read = []
+
+    def read_file(path):
+        read.append(path)
+        return file_columns
+
+    assert store.reopen_failed(run_id, LINEAGE, generators={"x"}, read_file=read_file).tasks == {}
+    assert store.reopen_failed(run_id, LINEAGE, error="nope", read_file=read_file).tasks == {}
+    assert read == [] and store.get_run(run_id).status == "complete"
+
+    got = store.reopen_failed(run_id, LINEAGE, generators={"y"}, error="boom", read_file=read_file)
+    assert (got.tasks, got.records, got.row_groups, got.reset) == ({"y": 1}, 1, [0], 1)
+    assert read == ["rg-0.parquet"]
+    assert store.get_run(run_id).status == "running" and store.get_run(run_id).finished_at is None
+    group = store.row_groups(run_id)[0]
+    assert (group["state"], group["rows_dropped"], group["lease_owner"]) == ("active", 0, None)
+
+    loaded = store.load_row_group(run_id, 0)
+    assert loaded.dropped == set() and loaded.attempts == {} and loaded.deferred == {}
+    # x at record 1 was done before y failed there: kept through the checkpoint. t was computed
+    # without record 1: it is computed again; s (upstream of y) keeps its value.
+    assert loaded.done == {
+        ("s", None): {"s": [10, 11, 12, 13]},
+        **{("x", r): f"x{r}" for r in range(4)},
+        **{("y", r): {"deep": [r]} for r in (0, 2, 3)},
+    }
+    counts = store.column_counts(run_id)
+    assert {c: v["done"] for c, v in counts.items()} == {"s": 8, "x": 4, "y": 3, "t": 0}  # rg 1 has s only
+    assert all(v["failed"] == 0 for v in counts.values())
+    assert store.reopen_failed(run_id, LINEAGE, read_file=read_file).tasks == {}
+
+
+def test_reopen_failed_fences_off_a_worker_holding_the_row_group(stores):
+    holder, retrier = stores
+    run_id = f"r-{uuid.uuid4().hex[:8]}"
+    holder.create_run(NewRun(run_id, "t", 4, 4, 0, "{}", "fp", COLUMNS))
+    holder.claim_row_groups(run_id, 1, 60)
+    holder.record(run_id, [(DONE, 0, "s", None, "from_scratch", {"s": [1, 2, 3, 4]}),
+                           (FAILED, 0, "x", 2, "cell", (3, "TimeoutError: slow")), (DROPPED, 0, None, 2),
+                           (DONE, 0, "t", None, "batch", {"t": [5, 6, None, 8]})])  # t ran without record 2
+    got = retrier.reopen_failed(run_id, LINEAGE, error="slow", read_file=lambda path: pytest.fail("no file"))
+    assert (got.tasks, got.records, got.reset) == ({"x": 1}, 1, 1)
+    assert holder.record(run_id, [(DONE, 0, "x", 0, "cell", "late")]) == {0}  # the holder lost it
+    claim = retrier.claim_row_groups(run_id, 1, 60)
+    assert [(c.row_group, c.state) for c in claim] == [(0, "active")]
+    loaded = retrier.load_row_group(run_id, 0)
+    assert loaded.dropped == set() and set(loaded.done) == {("s", None)}
+
+
+def test_reopen_failed_of_an_unknown_run_raises(any_store):
+    with pytest.raises(RunNotFoundError):
+        any_store.reopen_failed("nope", LINEAGE, read_file=dict)
+
+
+def test_checkpoint_keeps_dropped_records_cells_only_in_row_groups_with_drops(any_store):
+    store, run_id = any_store, f"r-{uuid.uuid4().hex[:8]}"
+    finished_run(store, run_id)
+    store.record(run_id, [*[(DONE, 1, "x", r, "cell", r) for r in range(4)], (COMPLETE, 1)])
+    assert store.checkpoint_row_group(run_id, 1, "rg-1.parquet", 0)
+    assert store.load_row_group(run_id, 1).done == {}
+    loaded = store.load_row_group(run_id, 0)
+    assert loaded.dropped == {1} and loaded.attempts == {("y", 1): 1}
+    assert set(loaded.done) == {("s", None), ("t", None), ("x", 1)}
+    assert {c: v["done"] for c, v in store.column_counts(run_id).items()} == {"s": 7, "x": 7, "y": 7, "t": 7}
+
+
+def test_reopen_failed_works_on_row_groups_compacted_before_retry_existed(any_store):
+    """Older stores deleted every done row and the dropped_records at checkpoint: the dropped
+    records come from the failed rows; the file lacks the batch values of the records that come
+    back, so the row group's batch tasks and all that reads them are computed again."""
+    store, run_id = any_store, f"r-{uuid.uuid4().hex[:8]}"
+    file_columns = finished_run(store, run_id)
+    if isinstance(store, MemoryStore):
+        run = store._data["runs"][run_id]
+        run["dropped"].pop(0)
+        for key in [k for k, t in run["tasks"].items() if k[0] == 0 and t["state"] == "done"]:
+            del run["tasks"][key]
+            run["by_rg"][0].discard(key)
+    else:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"DELETE FROM tasks WHERE run_id = '{run_id}' AND row_group = 0 AND state = 'done'")
+            conn.exec_driver_sql(f"DELETE FROM dropped_records WHERE run_id = '{run_id}'")
+    got = store.reopen_failed(run_id, LINEAGE, read_file=lambda path: file_columns)
+    assert (got.tasks, got.records, got.reset) == ({"y": 1}, 1, 0)
+    loaded = store.load_row_group(run_id, 0)
+    assert loaded.dropped == set() and loaded.done == {}
+    assert store.row_groups(run_id)[0]["state"] == "active"
+    bad = {**file_columns, "x": ["x0"]}
+    store.record(run_id, [])  # a file that does not match the store is refused, nothing changed
+    with pytest.raises(StoreError, match="holds 1 values of column 'x'"):
+        finished = f"r-{uuid.uuid4().hex[:8]}"
+        finished_run(store, finished)
+        store.reopen_failed(finished, LINEAGE, read_file=lambda path: bad)
+    assert store.load_row_group(finished, 0).dropped == {1}
