@@ -8,8 +8,8 @@ limit would also stop every other cell of the run, so the bounds live here, in t
 render, and a template that exceeds one raises :class:`TemplateLimitError` (not retryable: the
 same record would exceed it again):
 
-- steps: every loop iteration, every call (functions, methods, macros, filters called as
-  functions) and every intercepted operator counts one; at most :data:`MAX_STEPS` per render.
+- steps: every loop iteration, every call (functions, methods, filters) and every intercepted
+  operator counts one, a macro call :data:`MACRO_STEPS`; at most :data:`MAX_STEPS` per render.
   ``{% for i in range(100000) %}{% for j in range(100000) %}`` stops after 1,000,000 steps.
 - time: a render ends after ``timeout_s`` (``settings.render_timeout_s``), checked every few
   steps: the backstop for steps that are each slow.
@@ -42,6 +42,7 @@ from typing import Any, Callable
 import jinja2
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
+from jinja2.runtime import Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import generate_lorem_ipsum
 from markupsafe import Markup, soft_str
@@ -49,6 +50,7 @@ from markupsafe import Markup, soft_str
 from pipeline.errors import GenerationError
 
 __all__ = [
+    "MACRO_STEPS",
     "MAX_INT_BITS",
     "MAX_OUTPUT",
     "MAX_SIZE",
@@ -65,10 +67,11 @@ MAX_STEPS = 1_000_000
 MAX_SIZE = 10_000_000
 #: Characters a render may output, its ``{% set %}`` blocks and macros included.
 MAX_OUTPUT = 50_000_000
+#: Steps a macro call counts for (a call renders the macro's body into a buffer of its own).
+MACRO_STEPS = 10
 #: Bits of an integer a template may compute (10**30000 has about 100,000).
 MAX_INT_BITS = 100_000
-#: Time is looked at every this many steps (a power of two minus one).
-_CLOCK_MASK = 15
+_clock = time.monotonic
 
 
 class TemplateLimitError(GenerationError):
@@ -83,7 +86,7 @@ class Budget:
     """What one render may still spend: steps, output characters, time. Not thread-safe: one
     render, one thread."""
 
-    __slots__ = ("steps", "output", "deadline", "timeout_s", "slice", "cancelled")
+    __slots__ = ("steps", "output", "deadline", "timeout_s", "slice", "cancelled", "_span_s")
 
     def __init__(self, timeout_s: float, *, slice_s: float | None = None) -> None:
         self.steps = MAX_STEPS
@@ -91,12 +94,18 @@ class Budget:
         self.timeout_s = timeout_s
         #: a slice ends with SliceSpent (the render goes on elsewhere), a timeout with an error
         self.slice = slice_s is not None
-        self.deadline = time.monotonic() + (slice_s if slice_s is not None else timeout_s)
+        self._span_s = slice_s if slice_s is not None else timeout_s
+        self.deadline = float("inf")  # set by start(): time spent waiting for a thread is free
         self.cancelled = False  # set from another thread: the render's caller is gone
 
+    def start(self) -> None:
+        """Start the clock (when the render starts, not when it is queued for a thread)."""
+        self.deadline = _clock() + self._span_s
+
     def tick(self) -> None:
+        # The clock is read on every step (~50 ns): one step may be slow (a sort of a long list).
         self.steps -= 1
-        if self.steps & _CLOCK_MASK == 0 or self.steps < 0:
+        if self.steps < 0 or self.cancelled or _clock() > self.deadline:
             self.check()
 
     def check(self) -> None:
@@ -385,6 +394,7 @@ class BoundedTemplate(jinja2.Template):
     def render_within(self, data: Any, budget: Budget) -> str:
         """Render ``data`` spending ``budget``; raises TemplateLimitError (or SliceSpent)."""
         token = CURRENT.set(budget)
+        budget.start()
         try:
             context = self.new_context(dict(data))
             try:
@@ -441,7 +451,11 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        _tick()
+        budget = CURRENT.get()
+        if budget is not None:
+            if isinstance(__obj, Macro):  # a macro renders a body: ~40 times a loop step's work
+                budget.steps -= MACRO_STEPS - 1
+            budget.tick()
         if isinstance(__obj, types.BuiltinMethodType) and isinstance(getattr(__obj, "__self__", None), str):
             check = _STR_METHOD_CHECKS.get(__obj.__name__)
             if check is not None:
