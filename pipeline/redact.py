@@ -137,11 +137,14 @@ _KEY_PREFIXES = ("sk-", "sk_", "rk-", "pk-", "nvapi-", "xai-", "gsk_", "hf_", "g
 def looks_like_secret(name: str) -> bool:
     """Whether a value given as an environment variable's NAME is rather a key pasted in: not
     a name at all (``[A-Za-z_][A-Za-z0-9_]*``), a provider's key shape, or a long run of letters
-    and digits (a hex or base62 key) where names are words."""
+    and digits (a hex or base62 key) where names are words (``OPENAI_API_KEY``)."""
     if not _NAME.fullmatch(name) or name.startswith(_KEY_PREFIXES):
         return True
+    if len(name) < 20:
+        return False
     digits = sum(ch.isdigit() for ch in name)
-    return len(name) >= 24 and digits * 4 >= len(name)
+    mixed_case = any(ch.islower() for ch in name) and any(ch.isupper() for ch in name)
+    return digits * 4 >= len(name) or (mixed_case and digits >= 2 and "_" not in name)
 
 
 # -- where messages leave the process ----------------------------------------------------------

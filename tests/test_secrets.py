@@ -185,7 +185,8 @@ def test_a_key_pasted_into_api_key_env_is_refused_without_echoing_it(tmp_path):
     assert not (home / "runs").exists()
 
 
-@pytest.mark.parametrize("value", ["hf_" + "a1B2" * 8, "nvapi-" + "x" * 30, "my-secret-value", "a1b2c3d4e5f60718293a4b5c6d7e8f90"])
+@pytest.mark.parametrize("value", ["hf_" + "a1B2" * 8, "nvapi-" + "x" * 30, "my-secret-value",
+                                   "a1b2c3d4e5f60718293a4b5c6d7e8f90", "AbCdEfGhIjKlMnOpQrStUvWx0123"])
 def test_values_that_look_like_keys_are_refused_as_api_key_env(value, tmp_path):
     from pipeline.config import load_config
     from pipeline.errors import ConfigError
@@ -196,6 +197,14 @@ def test_values_that_look_like_keys_are_refused_as_api_key_env(value, tmp_path):
     with pytest.raises(ConfigError, match="must be the NAME") as caught:
         load_config(cfg)
     assert value[3:] not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "PIPELINE_TEST_LLM_KEY", "my_key", "NVIDIA_API_KEY_2024",
+                                  "_PRIVATE", "OpenRouterKey"])
+def test_names_of_environment_variables_are_accepted_as_api_key_env(name):
+    from pipeline.redact import looks_like_secret
+
+    assert not looks_like_secret(name)
 
 
 def test_redact_blanks_registered_keys_and_credential_shapes():
