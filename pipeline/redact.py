@@ -70,7 +70,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], Any], ...] = (
      _field),
     (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/]{8,}=*"), r"\1 " + MASK),
     (re.compile(r"\b(?:sk|rk|pk)-[A-Za-z0-9_\-]{16,}"), MASK),
-    (re.compile(r"\b(?:nvapi|xai|gsk|hf|ghp|gho|ghs|github_pat|glpat)[-_][A-Za-z0-9_\-]{16,}"), MASK),
+    (re.compile(r"\b(?:hf|gsk|ghp|gho|ghs)_[A-Za-z0-9]{30,}"), MASK),  # not hf_some_long_column_name
+    (re.compile(r"\b(?:nvapi|xai|glpat)-[A-Za-z0-9_\-]{20,}|\bgithub_pat_[A-Za-z0-9_]{40,}"), MASK),
     (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), MASK),
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]+:)[^/\s@]+@"), r"\1" + MASK + "@"),
 )

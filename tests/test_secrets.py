@@ -220,7 +220,9 @@ def test_redact_blanks_registered_keys_and_credential_shapes():
         "https://bob:hunter2@host/v1?api_key=abc123&y=1": "https://bob:***@host/v1?api_key=***&y=1",
         "key sk-proj-ABCDEFGHIJKLMNOPQRST end": "key *** end",
         "Bearer tokentokentoken": "Bearer ***",
-        "model 'w' at http://host/v1: HTTP 500": "model 'w' at http://host/v1: HTTP 500",
+        "model 'w' at http://host:8000/v1: HTTP 500": "model 'w' at http://host:8000/v1: HTTP 500",
+        "column 'hf_embedding_vector_large' on task-0123456789abcdefghij": (
+            "column 'hf_embedding_vector_large' on task-0123456789abcdefghij"),
     }
     for text, expected in cases.items():
         assert redact.redact(text) == expected
