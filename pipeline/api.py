@@ -399,10 +399,14 @@ def _write_traces(path: Path, traces: list) -> None:
     import dataclasses
     import json
 
+    from pipeline.redact import redact
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for t in traces:
-            f.write(json.dumps(dataclasses.asdict(t)) + "\n")
+            entry = dataclasses.asdict(t)
+            entry["error"] = redact(entry.get("error"))  # the raw message: it may quote a server
+            f.write(json.dumps(entry) + "\n")
 
 
 def _snapshot(scheduler: Scheduler, cfg: PipelineConfig, final: bool = False) -> dict:

@@ -18,6 +18,9 @@ import click
 
 from pipeline import api
 from pipeline.errors import PipelineError
+from pipeline.redact import excepthook, redact
+
+sys.excepthook = excepthook  # a traceback that escapes is printed redacted too
 
 EXIT_OK, EXIT_FAILED = 0, 1  # 2 comes from PipelineError.exit_code
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -39,7 +42,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except PipelineError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {redact(str(exc))}", err=True)
             sys.exit(exc.exit_code)
     return wrapper
 

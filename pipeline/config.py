@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import templates
+from pipeline import redact, templates
 from pipeline.errors import ConfigError
 from pipeline.generators.python import import_callable, is_generator_class, module_source_file
 from pipeline.generators.samplers import SAMPLER_PARAMS
@@ -58,6 +58,7 @@ class Settings(_Strict):
     shutdown_error_window: int = Field(100, gt=0)
     lease_s: float = Field(30.0, gt=0)
     model_down_s: float = Field(120.0, gt=0)
+    render_timeout_s: float = Field(10.0, gt=0)  # a template renders within this, or fails its cell
 
 
 class ModelConfig(_Strict):
@@ -66,6 +67,20 @@ class ModelConfig(_Strict):
     api_key_env: str | None = None
     max_parallel_requests: int = Field(16, gt=0)
     timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _a_name_not_a_key(cls, value: Any) -> Any:
+        # A key pasted here would be stored with the config and echoed by every message: refuse
+        # it, showing no more of it than its first 3 characters.
+        if value is not None and (not isinstance(value, str) or redact.looks_like_secret(value)):
+            value = str(value)
+            raise ValueError(
+                f"api_key_env must be the NAME of an environment variable (like OPENAI_API_KEY), not "
+                f"the key itself (this value starts with {value[:3]!r}); export NAME=<your key> and put "
+                "NAME here: keys never go in the file"
+            )
+        return value
 
 
 # Columns.
@@ -382,6 +397,7 @@ def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None) -> Pipeli
         raise _translate(exc, raw, where) from None
     _check_names(config, where)
     _check_models(config, where)
+    redact.register_config(config)  # its keys are blanked out of every message from now on
     for column in config.columns:
         if column.type == "python":
             _check_python(column, config, where)

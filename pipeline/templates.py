@@ -2,12 +2,18 @@
 
 Config validation, the ``expression`` generator and the ``llm_*`` generators all go through this
 module, so a template means the same thing everywhere: sandboxed (a config file is not trusted
-code), strict about undefined names (a typo must fail the cell, not render an empty string), no
-HTML autoescaping (the output is data and prompts, not web pages).
+code) and bounded in steps, time and size (:mod:`pipeline.sandbox`), strict about undefined
+names (a typo must fail the cell, not render an empty string), no HTML autoescaping (the output
+is data and prompts, not web pages).
+
+Generators render with :func:`render` (in a worker thread) or :func:`arender` (on the event
+loop): both bound the render by ``settings.render_timeout_s``; ``arender`` moves a render that
+takes more than a few milliseconds off the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import json
@@ -15,18 +21,28 @@ from typing import Any
 
 import jinja2
 from jinja2 import meta
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipeline.errors import ConfigError
+from pipeline.sandbox import BoundedEnvironment, Budget, SliceSpent, TemplateLimitError
 from pipeline.values import to_python
 
 __all__ = [
+    "DEFAULT_RENDER_TIMEOUT_S",
     "ENVIRONMENT",
+    "TemplateLimitError",
+    "arender",
     "compile_template",
     "referenced_names",
+    "render",
     "syntax_problem",
     "template_config_error",
 ]
+
+#: The default of ``settings.render_timeout_s``.
+DEFAULT_RENDER_TIMEOUT_S = 10.0
+# A render on the event loop that takes longer than this starts over in a worker thread. Renders
+# take microseconds; a thread hop costs ~50 us, so only slow templates pay it.
+_ON_LOOP_SLICE_S = 0.005
 
 
 def _json_default(value: Any) -> Any:
@@ -43,14 +59,17 @@ def _json_default(value: Any) -> Any:
 
 def _tojson(value: Any, indent: int | None = None) -> str:
     # Jinja's own tojson escapes <, >, & and ' for HTML; prompts and data want the plain JSON.
+    if isinstance(indent, int) and indent > 64:
+        raise TemplateLimitError(f"tojson(indent={indent}) is too wide; the limit is 64")
     return json.dumps(value, ensure_ascii=False, indent=indent, default=_json_default)
 
 
-def _make_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+def _make_environment() -> BoundedEnvironment:
+    env = BoundedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
+        timeout_s=DEFAULT_RENDER_TIMEOUT_S,
     )
     env.filters["tojson"] = _tojson
     return env
@@ -73,6 +92,31 @@ def compile_template(text: str) -> jinja2.Template:
 @functools.lru_cache(maxsize=4096)
 def _referenced(text: str) -> frozenset[str]:
     return frozenset(meta.find_undeclared_variables(ENVIRONMENT.parse(text))) - _GLOBALS
+
+
+def render(template: jinja2.Template, data: Any, *, timeout_s: float = DEFAULT_RENDER_TIMEOUT_S) -> str:
+    """``template`` rendered with ``data`` (a mapping) in this thread, within the bounds of
+    :mod:`pipeline.sandbox` and ``timeout_s`` seconds. Raises TemplateLimitError past a bound,
+    or what the template raised (UndefinedError, SecurityError, ...)."""
+    return template.render_within(data, Budget(timeout_s))
+
+
+async def arender(template: jinja2.Template, data: Any, *, timeout_s: float = DEFAULT_RENDER_TIMEOUT_S) -> str:
+    """As :func:`render`, from the event loop, which it never holds for long: a render that
+    outlasts a few milliseconds starts over in a worker thread (rendering is a pure function
+    of ``data``, so the second start gives what the first would have). A cancelled caller
+    stops the thread's render at its next step."""
+    try:
+        return template.render_within(data, Budget(timeout_s, slice_s=min(_ON_LOOP_SLICE_S, timeout_s)))
+    except SliceSpent:
+        pass
+    budget = Budget(timeout_s)
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(None, template.render_within, data, budget)
+    except asyncio.CancelledError:
+        budget.cancelled = True
+        raise
 
 
 def referenced_names(text: str) -> set[str]:

@@ -32,11 +32,14 @@ Faults, deterministic per (model, messages, attempt number):
 - Markers in a message, for tests of single responses: ``[[status:NNN]]`` answers with that
   status, ``[[retry-after:VALUE]]`` adds that Retry-After header, ``[[retry-after-ms:VALUE]]``
   a retry-after-ms header (as Azure OpenAI sends), ``[[status-attempts:N]]`` limits the status
-  marker to the first N attempts of that prompt, ``[[sleep-ms:N]]`` replaces the latency.
+  marker to the first N attempts of that prompt, ``[[sleep-ms:N]]`` replaces the latency,
+  ``[[echo-auth]]`` puts the request's Authorization header into the answer (its text, which is
+  then no JSON, or its error body), as a careless server might.
+- ``echo_auth``: every error body quotes the request's Authorization header.
 
 Every answer, faults included, comes after the latency. ``GET /stats`` returns, per model,
 requests, 429s, 5xx and the highest number of requests in flight at once. Nothing is logged:
-least of all the Authorization header.
+least of all the Authorization header (only echoed back to its sender, when asked to).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class FakeOptions:
     malformed_marker: str | None = None
     burst_429: tuple[Burst, ...] = ()
     require_key: str | None = None
+    echo_auth: bool = False
 
     def __post_init__(self) -> None:
         self.burst_429 = tuple(b if isinstance(b, Burst) else Burst.parse(b) for b in self.burst_429)
@@ -162,10 +166,10 @@ class FakeLlmServer:
 
     def _chat(self, headers: dict, body: bytes) -> tuple[float, int, dict, Any, Callable | None]:
         options = self.options
-        if options.require_key and not hmac.compare_digest(
-            headers.get("authorization", "").encode(), f"Bearer {options.require_key}".encode()
-        ):
-            return 0.0, 401, {}, _error("missing or wrong API key", "invalid_api_key"), None
+        auth = headers.get("authorization", "")
+        echo = f"; you sent Authorization: {auth}" if options.echo_auth else ""
+        if options.require_key and not hmac.compare_digest(auth.encode(), f"Bearer {options.require_key}".encode()):
+            return 0.0, 401, {}, _error("missing or wrong API key" + echo, "invalid_api_key"), None
         try:
             request = json.loads(body)
             model = str(request["model"])
@@ -192,6 +196,8 @@ class FakeLlmServer:
 
         joined = "\n".join(texts)
         markers = dict(_MARKER.findall(joined)) if "[[" in joined else {}
+        if "[[echo-auth]]" in joined:
+            echo = f"; you sent Authorization: {auth}"
         delay_ms = float(markers["sleep-ms"]) if "sleep-ms" in markers else options.latency_ms
         delay_s = max(delay_ms, 0.0) / 1000
         key = hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
@@ -204,8 +210,9 @@ class FakeLlmServer:
         elif status >= 500:
             stats.server_errors += 1
         if status != 200:
-            return delay_s, status, extra, _error(f"injected HTTP {status}", "injected"), sent
-        return delay_s, 200, {}, self._completion(request, model, texts, key), sent
+            return delay_s, status, extra, _error(f"injected HTTP {status}{echo}", "injected"), sent
+        echoed = f"Here is what you sent: Authorization: {auth}" if "[[echo-auth]]" in joined else None
+        return delay_s, 200, {}, self._completion(request, model, texts, key, echoed), sent
 
     def _fault(self, model: str, key: str, attempt: int, markers: dict, elapsed: float) -> tuple[int, dict]:
         options = self.options
@@ -223,7 +230,7 @@ class FakeLlmServer:
                 return 503, {}
         return 200, {}
 
-    def _completion(self, request: dict, model: str, texts: list[str], key: str) -> dict:
+    def _completion(self, request: dict, model: str, texts: list[str], key: str, echoed: str | None = None) -> dict:
         user = next(
             (str(m.get("content") or "") for m in reversed(request["messages"]) if m.get("role") == "user"), ""
         )
@@ -233,7 +240,9 @@ class FakeLlmServer:
         schema = (response_format.get("json_schema") or {}).get("schema", {}) if wants_json else None
         finish = "stop"
         marker = self.options.malformed_marker
-        if marker and any(marker in text for text in texts):
+        if echoed is not None:
+            text = echoed
+        elif marker and any(marker in text for text in texts):
             # Both kinds of unusable, chosen by the request so that re-asks see both.
             if wants_json and _hash(key) % 2 == 0:
                 wrong = ["not", "an", "object"] if (schema or {}).get("type") == "object" else {"malformed": True}
@@ -552,6 +561,7 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
         "--burst-429", metavar="MODEL:START_S:DURATION_S", action="append", default=[], help="429 window (repeatable)"
     )
     parser.add_argument("--require-key", metavar="KEY", help="answer 401 without 'Authorization: Bearer KEY'")
+    parser.add_argument("--echo-auth", action="store_true", help="quote the Authorization header in error bodies")
     return parser.parse_args(list(argv) if argv is not None else None)
 
 
@@ -566,6 +576,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         malformed_marker=args.malformed_marker,
         burst_429=tuple(args.burst_429),
         require_key=args.require_key,
+        echo_auth=args.echo_auth,
     )
 
     async def serve() -> None:

@@ -62,7 +62,9 @@ class _RowGroup:
 
 
 def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    from pipeline.redact import redact  # every stored error passes here (CONTRACT section 8)
+
+    text = redact(f"{type(exc).__name__}: {exc}")  # before the cut: a cut key is not recognised
     return text if len(text) <= 1000 else text[:997] + "..."
 
 

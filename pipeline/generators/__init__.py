@@ -58,7 +58,7 @@ def build_generators(config: PipelineConfig) -> dict[str, Generator]:
         if kind == "sampler":
             generator: Generator = SamplerGenerator(column, config)
         elif kind == "expression":
-            generator = ExpressionGenerator(column)
+            generator = ExpressionGenerator(column, render_timeout_s=config.settings.render_timeout_s)
         elif kind == "python":
             generator = make_python_generator(column, config)
         elif kind == "seed_dataset":

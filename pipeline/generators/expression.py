@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.errors import GenerationError
 from pipeline.generators.base import Generator
-from pipeline.templates import compile_template
+from pipeline.templates import DEFAULT_RENDER_TIMEOUT_S, arender, compile_template, render
 
 if TYPE_CHECKING:
     from pipeline.config import ExpressionColumn
@@ -57,23 +57,40 @@ def cast_text(text: str, dtype: str) -> Any:
 class ExpressionGenerator(Generator):
     """Cell generator: ``generate(row)`` renders the template with the row's values.
 
-    Every failure (an undefined name, a sandbox violation, a value that does not cast) raises
+    Every failure (an undefined name, a sandbox violation, a bound of :mod:`pipeline.sandbox`
+    exceeded: steps, size, ``render_timeout_s``; a value that does not cast) raises
     :class:`GenerationError`, which is not retryable: the same record would fail the same way.
     """
 
     strategy = "cell"
 
-    def __init__(self, column: ExpressionColumn):
+    def __init__(self, column: ExpressionColumn, *, render_timeout_s: float = DEFAULT_RENDER_TIMEOUT_S):
         self.name = column.name
         self.outputs = column.outputs
         self.dtype = column.dtype
         self.template = compile_template(column.expr)
+        self.render_timeout_s = render_timeout_s
 
     def generate(self, data: Any) -> Any:
         try:
-            text = self.template.render(data)
+            text = render(self.template, data, timeout_s=self.render_timeout_s)
         except Exception as exc:
-            raise GenerationError(f"column '{self.name}': the expression failed: {exc}") from exc
+            raise self._failed(exc) from exc
+        return self._cast(text)
+
+    async def agenerate(self, data: Any) -> Any:
+        # Rendering takes microseconds: on the loop it costs less than a thread hop. A slow
+        # template moves to a thread by itself (see pipeline.templates.arender).
+        try:
+            text = await arender(self.template, data, timeout_s=self.render_timeout_s)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        return self._cast(text)
+
+    def _failed(self, exc: Exception) -> GenerationError:
+        return GenerationError(f"column '{self.name}': the expression failed: {exc}")
+
+    def _cast(self, text: str) -> Any:
         try:
             return cast_text(text, self.dtype)
         except ValueError as exc:
@@ -81,10 +98,6 @@ class ExpressionGenerator(Generator):
             raise GenerationError(
                 f"column '{self.name}': the expression gave {shown!r}, which is not a valid {self.dtype}"
             ) from exc
-
-    async def agenerate(self, data: Any) -> Any:
-        # Rendering takes microseconds; on the loop it costs less than a thread hop.
-        return self.generate(data)
 
     def __repr__(self) -> str:
         return f"ExpressionGenerator({self.name!r}, {self.dtype})"

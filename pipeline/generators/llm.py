@@ -29,10 +29,11 @@ from typing import Any, Mapping
 import jsonschema
 import jsonschema.exceptions
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, GenerationError
 from pipeline.generators.base import Generator, task_usage
 from pipeline.llm import LlmClient, LlmRuntime, ModelOutputError, get_runtime
-from pipeline.templates import compile_template
+from pipeline.redact import redact
+from pipeline.templates import DEFAULT_RENDER_TIMEOUT_S, TemplateLimitError, arender, compile_template
 
 __all__ = ["LLM_COLUMN_TYPES", "LlmGenerator", "REASKS", "judge_schema", "make_llm_generator", "strict_compatible"]
 
@@ -128,6 +129,8 @@ class LlmGenerator(Generator):
         self.max_tokens = getattr(column, "max_tokens", None)
 
         self._prompt = compile_template(column.prompt)
+        settings = getattr(config, "settings", None)
+        self.render_timeout_s = float(getattr(settings, "render_timeout_s", DEFAULT_RENDER_TIMEOUT_S))
         system_prompt = getattr(column, "system_prompt", None)
         self._system = compile_template(system_prompt) if system_prompt else None
         self._suffix = ""
@@ -171,11 +174,18 @@ class LlmGenerator(Generator):
     async def _run(self, row: Mapping[str, Any], client: LlmClient) -> Any:
         messages = []
         if self._system is not None:
-            messages.append({"role": "system", "content": self._system.render(row)})
-        messages.append({"role": "user", "content": self._prompt.render(row) + self._suffix})
+            messages.append({"role": "system", "content": await self._render(self._system, row, "system_prompt")})
+        messages.append({"role": "user", "content": await self._render(self._prompt, row, "prompt") + self._suffix})
         if self._schema is None:
             return await self._ask(client, messages)
         return await self._ask_json(client, messages)
+
+    async def _render(self, template: Any, row: Mapping[str, Any], field: str) -> str:
+        # The same bounds as expression columns (pipeline.sandbox), naming the column.
+        try:
+            return await arender(template, row, timeout_s=self.render_timeout_s)
+        except TemplateLimitError as exc:
+            raise GenerationError(f"column '{self.column_name}': {field}: {exc}") from exc
 
     async def _ask(self, client: LlmClient, messages: list[dict[str, str]], **extra: Any) -> str:
         self.usage["requests"] += 1
@@ -213,7 +223,7 @@ class LlmGenerator(Generator):
             ]
         raise ModelOutputError(
             f"column '{self.column_name}': {self.endpoint.where} gave no usable JSON in "
-            f"{1 + REASKS} requests; last problem: {last_problem}; last answer starts {last_text[:200]!r}"
+            f"{1 + REASKS} requests; last problem: {redact(last_problem)}; last answer starts {_start(last_text)!r}"
         )
 
     def _parse(self, text: str) -> Any:
@@ -221,7 +231,7 @@ class LlmGenerator(Generator):
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
         if error is not None:
             where = "/".join(str(part) for part in error.absolute_path) or "(root)"
-            raise _InvalidAnswer(f"it does not match the schema at {where}: {error.message[:300]}")
+            raise _InvalidAnswer(f"it does not match the schema at {where}: {_start(error.message, 300)}")
         return value
 
 
@@ -240,6 +250,12 @@ def _loads_lenient(text: str) -> Any:
         except json.JSONDecodeError as exc:
             problem = f"it is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
     raise _InvalidAnswer(problem)
+
+
+def _start(text: str, chars: int = 200) -> str:
+    """The start of an answer for a message: redacted BEFORE it is cut, since a secret cut in
+    two is no longer recognised (a server may echo the Authorization header into its answer)."""
+    return redact(text[:chars + 4096])[:chars]
 
 
 def _schema_name(column_name: str) -> str:

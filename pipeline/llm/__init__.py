@@ -25,6 +25,7 @@ from pipeline.llm.client import (
 )
 from pipeline.llm.health import ANSWERED, OUTAGE, RATE_LIMITED, ModelHealth
 from pipeline.llm.throttle import AdaptiveLimit
+from pipeline.redact import register_env
 
 __all__ = [
     "AdaptiveLimit",
@@ -48,6 +49,8 @@ class LlmRuntime:
         self.endpoints: dict[str, ModelEndpoint] = {
             alias: ModelEndpoint.from_config(alias, model) for alias, model in (models or {}).items()
         }
+        for endpoint in self.endpoints.values():  # their keys are blanked out of every message
+            register_env(endpoint.api_key_env)
         self.limits: dict[str, AdaptiveLimit] = {
             alias: AdaptiveLimit(max(1, endpoint.max_parallel_requests)) for alias, endpoint in self.endpoints.items()
         }

@@ -18,7 +18,8 @@ loop, created lazily on the loop of the first request. Proxies come from the env
 (``HTTP(S)_PROXY``, ``NO_PROXY``), resolved once per URL and session; ``.netrc`` is not read.
 
 Secrets: the API key is read from the environment at the moment of each request and lives only
-in that request's headers. It is never stored on an object, never put in a message, and the
+in that request's headers (and in :mod:`pipeline.redact`'s registry, which blanks it out of every
+message and answer). It is never stored on an object, never put in a message, and the
 frames that hold it are never part of a raised exception's traceback (errors are built there
 and raised by the caller). aiohttp exceptions, which carry the request and its headers, are
 never chained onto ours, and what is returned to the caller holds only the response's status,
@@ -48,6 +49,7 @@ from pipeline.errors import (
     ModelServerError,
     ModelTimeoutError,
 )
+from pipeline.redact import redact, redact_secrets, register_secret
 
 __all__ = [
     "Completion",
@@ -217,6 +219,7 @@ class LlmClient:
                     f"{endpoint.where}: the environment variable {endpoint.api_key_env} "
                     "(its api_key_env) is not set; export it and resume the run"
                 )
+            register_secret(key)  # a server may echo it: every message it could reach is redacted
             headers["Authorization"] = f"Bearer {key}"
             del key
         session, one_off = await self._session_for_running_loop()
@@ -235,15 +238,15 @@ class LlmClient:
             return ModelRequestError(f"{endpoint.where}: bad base_url ({type(exc).__name__})")
         except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
             # An answer that is not HTTP, or a body cut short or badly encoded.
-            detail = _scrub(getattr(exc, "message", None) or str(exc), endpoint)[:_BODY_SNIPPET_CHARS]
+            detail = _snippet(getattr(exc, "message", None) or str(exc))
             return ModelConnectionError(f"{endpoint.where}: broken answer ({type(exc).__name__}: {detail})")
         except (aiohttp.ClientError, OSError) as exc:
-            detail = _scrub(str(exc), endpoint)[:_BODY_SNIPPET_CHARS]
+            detail = _snippet(str(exc))
             return ModelConnectionError(f"{endpoint.where}: cannot connect ({type(exc).__name__}: {detail})")
         except ValueError as exc:  # a header aiohttp refuses, say: the same request would fail again
             return ModelRequestError(f"{endpoint.where}: the request cannot be sent ({type(exc).__name__})")
         except Exception as exc:  # anything else the HTTP layer raises; retryable, and key-free
-            detail = _scrub(str(exc), endpoint)[:_BODY_SNIPPET_CHARS]
+            detail = _snippet(str(exc))
             return ModelConnectionError(f"{endpoint.where}: HTTP client error ({type(exc).__name__}: {detail})")
         finally:
             headers.clear()  # nothing of the key stays in this frame's locals
@@ -330,7 +333,7 @@ def _status_error(endpoint: ModelEndpoint, response: _Answer) -> Exception:
         retry_after = _retry_after(response.headers)
         hint = f", retry after {retry_after:g} s" if retry_after is not None else ""
         return ModelRateLimitError(f"{where} (rate limited{hint})", retry_after_s=retry_after)
-    body = _scrub(response.text, endpoint)[:_BODY_SNIPPET_CHARS]
+    body = _snippet(response.text)
     if status == 408:
         return ModelTimeoutError(f"{where}: {body}")
     if status == 409 or status >= 500:
@@ -347,23 +350,21 @@ def _parse_completion(endpoint: ModelEndpoint, response: _Answer) -> Completion:
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         completion_tokens = int(usage.get("completion_tokens") or 0)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        snippet = _scrub(response.text, endpoint)[:_BODY_SNIPPET_CHARS]
+        snippet = _snippet(response.text)
         raise ModelServerError(f"{endpoint.where}: a 200 answer that is not a chat completion: {snippet}") from None
     if isinstance(content, list):  # some servers send content parts
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     if not isinstance(content, str):
         reason = choice.get("finish_reason")
         raise ModelOutputError(f"{endpoint.where}: the answer has no text (finish_reason={reason!r})")
-    return Completion(text=content, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    # A server that echoes our key into its answer must not put it into the dataset.
+    return Completion(text=redact_secrets(content), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
 
-def _scrub(text: str, endpoint: ModelEndpoint) -> str:
-    """Blank the key out of server-provided text: a misbehaving server may echo it."""
-    if endpoint.api_key_env:
-        key = os.environ.get(endpoint.api_key_env)
-        if key and len(key) >= 4:
-            text = text.replace(key, "***")
-    return text
+def _snippet(text: str) -> str:
+    """The start of server-provided text for a message, redacted before it is cut (a key cut in
+    two would not be recognised); a server may echo the key or the Authorization header."""
+    return redact(text[:_BODY_SNIPPET_CHARS + 4096])[:_BODY_SNIPPET_CHARS]
 
 
 def _public_url(url: str) -> str:
