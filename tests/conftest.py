@@ -67,6 +67,17 @@ class ServerProcess:
 POSTGRES_URL = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
 
 
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL URL on a fresh schema of this test's own (dropped afterwards): tests never
+    share tables, so runs of different versions on one server cannot meet (skipped without
+    PIPELINE_TEST_POSTGRES_URL)."""
+    from tests.conftest_store import postgres_schema_url
+
+    with postgres_schema_url() as url:
+        yield url
+
+
 def cli_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     env["PYTHONPATH"] = str(ROOT)

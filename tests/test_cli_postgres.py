@@ -20,34 +20,34 @@ def export(run_id, home, tmp_path, db):
     return pd.read_parquet(out)
 
 
-def test_a_run_on_postgres_exports_what_the_same_run_on_sqlite_does(tmp_path):
+def test_a_run_on_postgres_exports_what_the_same_run_on_sqlite_does(tmp_path, postgres_url):
     cfg = logged_pipeline(tmp_path / "p", records=200, rg=50)
     env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"))
     rid = f"pg-{uuid.uuid4().hex[:8]}"
     home = tmp_path / "home"
-    proc = cli("run", str(cfg), "--run-id", rid, "--quiet", home=home, db=POSTGRES_URL, env=env)
+    proc = cli("run", str(cfg), "--run-id", rid, "--quiet", home=home, db=postgres_url, env=env)
     assert proc.returncode == 0, proc.stderr
     cli("run", str(cfg), "--run-id", "lite", "--quiet", home=home, env=env, check=True)
-    pd.testing.assert_frame_equal(export(rid, home, tmp_path, POSTGRES_URL), export("lite", home, tmp_path, None))
-    status = cli("status", rid, "--json", home=home, db=POSTGRES_URL, check=True).stdout
+    pd.testing.assert_frame_equal(export(rid, home, tmp_path, postgres_url), export("lite", home, tmp_path, None))
+    status = cli("status", rid, "--json", home=home, db=postgres_url, check=True).stdout
     assert '"status": "complete"' in status
     rows = cli("sql", f"select rows_done from column_progress where run_id = '{rid}'", "--json",
-               home=home, db=POSTGRES_URL, check=True).stdout
+               home=home, db=postgres_url, check=True).stdout
     assert rows.count('"rows_done": 200') == 9
-    assert cli("sql", "delete from runs", home=home, db=POSTGRES_URL).returncode == 2
+    assert cli("sql", "delete from runs", home=home, db=postgres_url).returncode == 2
 
 
-def test_two_workers_share_a_postgres_run_with_no_task_executed_twice(tmp_path):
+def test_two_workers_share_a_postgres_run_with_no_task_executed_twice(tmp_path, postgres_url):
     cfg = logged_pipeline(tmp_path / "p", records=800, rg=50, in_flight=16)
     calls = tmp_path / "calls"
     env = cli_env(PIPELINE_TEST_CALLS=str(calls))
     rid = f"pgw-{uuid.uuid4().hex[:8]}"
     home = tmp_path / "home"
-    cli("run", str(cfg), "--run-id", rid, "--create-only", home=home, db=POSTGRES_URL, check=True)
-    workers = [cli_popen("worker", rid, "--quiet", home=home, db=POSTGRES_URL, env=env) for _ in range(2)]
+    cli("run", str(cfg), "--run-id", rid, "--create-only", home=home, db=postgres_url, check=True)
+    workers = [cli_popen("worker", rid, "--quiet", home=home, db=postgres_url, env=env) for _ in range(2)]
     for w in workers:
         _, err = w.communicate(timeout=120)
         assert w.returncode == 0, err
     counts = collections.Counter(read_calls(calls))
     assert counts and max(counts.values()) == 1
-    assert len(export(rid, home, tmp_path, POSTGRES_URL)) == 800
+    assert len(export(rid, home, tmp_path, postgres_url)) == 800

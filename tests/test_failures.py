@@ -112,9 +112,9 @@ def test_a_model_that_answers_only_429s_for_model_down_s_stops_the_run_with_noth
 def test_a_server_killed_mid_run_pauses_the_run_and_resume_finishes_it_as_if_nothing_happened(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    server = start_server(port, "--latency-ms", "30")
+    server = start_server(port, "--latency-ms", "100")  # 200 records, 2 at a time: at least 10 s
     home = tmp_path / "home"
-    cfg = llm_config(tmp_path / "p", url, records=60, settings=", model_down_s: 3", parallel=2)
+    cfg = llm_config(tmp_path / "p", url, records=200, settings=", model_down_s: 3", parallel=2)
     run = cli_popen("run", str(cfg), "--run-id", "down", home=home)
     try:
         def some_done():
@@ -136,7 +136,7 @@ def test_a_server_killed_mid_run_pauses_the_run_and_resume_finishes_it_as_if_not
         resumed = export_jsonl("down", home, tmp_path / "resumed.jsonl")
         assert_ran(cli("run", str(cfg), "--run-id", "clean", "--quiet", home=tmp_path / "clean"))
         clean = export_jsonl("clean", tmp_path / "clean", tmp_path / "clean.jsonl")
-        assert resumed == clean and len(clean) == 60
+        assert resumed == clean and len(clean) == 200
     finally:
         if run.poll() is None:
             run.kill()

@@ -244,8 +244,8 @@ def test_retry_of_an_unknown_column_exits_2_and_of_nothing_failed_exits_0_changi
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="PIPELINE_TEST_POSTGRES_URL is not set")
-def test_retry_on_postgres_exports_what_a_clean_run_does(tmp_path):
-    runs = Runs(tmp_path, db=POSTGRES_URL)
+def test_retry_on_postgres_exports_what_a_clean_run_does(tmp_path, postgres_url):
+    runs = Runs(tmp_path, db=postgres_url)
     assert runs.run("buggy", "first", BUGGY_UP="1").returncode == 0
     failed = runs.status("buggy")["records_dropped"]
     assert failed > 0
