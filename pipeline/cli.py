@@ -89,8 +89,9 @@ def _finish(result: api.RunResult) -> None:
         click.echo(f"run {result.run_id} interrupted; `pipeline resume {result.run_id}` continues it", err=True)
         _exit(SIGNAL_EXIT.get(result.signal, 128 + result.signal))
     if result.status == "failed":
-        click.echo(f"run {result.run_id} stopped: too many tasks failed (shutdown_error_rate); "
-                   f"fix the cause, then `pipeline resume {result.run_id}`", err=True)
+        reason = result.reason or "too many tasks failed (shutdown_error_rate)"
+        click.echo(f"run {result.run_id} stopped: {reason}; fix the cause, then `pipeline resume {result.run_id}`",
+                   err=True)
     else:
         click.echo(f"run {result.run_id} stopped ({result.status}); `pipeline resume {result.run_id}` continues it",
                    err=True)
@@ -135,12 +136,21 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 @click.argument("run_id")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--trace", is_flag=True, help="Append per-task timings to <home>/runs/<id>/traces.jsonl.")
+@click.option("--repair", is_flag=True,
+              help="Check every row-group file (size, SHA-256) and compute again those missing or damaged.")
 @state_options
 @handle_errors
-def resume(run_id: str, quiet: bool, trace: bool, home: str, db: str) -> None:
+def resume(run_id: str, quiet: bool, trace: bool, repair: bool, home: str, db: str) -> None:
     """Continue RUN_ID exactly where it stopped."""
-    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace,
-                       close_store=False))
+    result = api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace,
+                        close_store=False, repair=repair)
+    if repair:
+        repaired = result.extra.get("repaired", [])
+        for d in repaired:
+            click.echo(f"recomputed row group {d['row_group']} ({d['path']}: {d['problem']})", err=True)
+        if not repaired:
+            click.echo(f"every row-group file of run {run_id} matches its checkpoint", err=True)
+    _finish(result)
 
 
 @main.command()
@@ -166,6 +176,9 @@ def _status_text(s: dict) -> str:
     lines.append(f"{'column':<{width}}  {'done':>10} {'failed':>8} {'deferred':>9} {'in_flight':>9}")
     for name, c in s["columns"].items():
         lines.append(f"{name:<{width}}  {c['done']:>10,} {c['failed']:>8,} {c['deferred']:>9,} {c['in_flight']:>9,}")
+    for d in s.get("damaged_files", []):
+        lines.append(f"damaged file: row group {d['row_group']}: {d['path']} ({d['problem']}); "
+                     f"`pipeline resume {s['run_id']} --repair` computes it again")
     if s.get("models"):
         lines.append(f"{'model':<12} {'requests':>9} {'prompt tok':>11} {'compl. tok':>11} {'429s':>6} "
                      f"{'concurrency':>11} {'saved by resume':>15}")

@@ -11,6 +11,8 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
     ├── ReadOnlyQueryError             `pipeline sql` refused a statement that writes
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
+    ├── DamagedFileError               a checkpointed row-group file is missing or damaged
+    ├── ExportError                    the export file could not be written (the target is unchanged)
     └── GenerationError                a generator failed; carries the original as __cause__
 
     RetryableError                     raise it (or TimeoutError / ConnectionError) from a
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DamagedFileError",
+    "ExportError",
     "GenerationError",
     "InvalidRunIdError",
     "LeaseLostError",
@@ -82,6 +86,15 @@ class ReadOnlyQueryError(PipelineError):
 
 class StoreError(PipelineError):
     """The state store cannot be used as it is."""
+
+
+class DamagedFileError(PipelineError):
+    """A checkpointed row group's file is missing, or its size or digest differs from what its
+    checkpoint recorded. ``pipeline resume RUN_ID --repair`` computes those row groups again."""
+
+
+class ExportError(PipelineError):
+    """The export could not be written; whatever was at the target path is unchanged."""
 
 
 class GenerationError(PipelineError):

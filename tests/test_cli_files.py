@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,18 +105,26 @@ def export_frame(run_id: str, home: Path, out: Path) -> pd.DataFrame:
 def test_a_stale_worker_never_overwrites_the_checkpoint_of_the_worker_that_took_over(tmp_path):
     """Worker A holds row group 0 with one cell in flight and is stopped (SIGSTOP) past its
     lease; worker B takes row group 0 over and checkpoints it; A continues, its late cell fails,
-    and A finishes the row group too. Its file must never become the row group's file."""
+    and A finishes the row group as well. Its file must never become the row group's file.
+
+    The race is widened without touching A: while A is continued, the test holds SQLite's write
+    lock until A has logged its late failure, so A's lease renewal (which would tell it the
+    lease is gone) waits, and A finishes the row group first, as a worker slowed by a busy
+    database would."""
     cfg = make_config(tmp_path / "p", settings=", lease_s: 3")
     home, flags = tmp_path / "home", tmp_path / "flags"
     flags.mkdir()
     env = cli_env(PIPELINE_TEST_FLAGS=str(flags), PIPELINE_TEST_SLOW_S="3")
     cli("run", str(cfg), "--run-id", "stale", "--create-only", home=home, check=True)
-    a = cli_popen("worker", "stale", "--quiet", home=home, env=env)
+    a_log = tmp_path / "a.log"
+    with open(a_log, "w") as log:
+        a = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "stale", "--quiet", "--home", str(home)],
+                             stdout=subprocess.DEVNULL, stderr=log, env=env)
     b = None
     try:
         poll(lambda: (flags / "started").exists(), "A's slow cell to start", proc=a)
-        _, started_at = (flags / "started").read_text().split()
-        # Every other task of row group 0 is recorded done: the slow cell is all that is left.
+        started_at = float((flags / "started").read_text().split()[1])
+        # Every other task is recorded: the slow cell of record 0 is all that is left.
         done = ("select count(*) from tasks where row_group = 0 and state = 'done' "
                 "and column_name in ('twice', 'label')")
         poll(lambda: query(home, done)[0][0] == 199, "row group 0's other tasks to be recorded", proc=a)
@@ -127,11 +137,17 @@ def test_a_stale_worker_never_overwrites_the_checkpoint_of_the_worker_that_took_
         # B took row group 0 over (A's lease expired) and checkpointed it with every record.
         [(path, epoch)] = query(home, "select path, lease_epoch from row_groups where row_group = 0")
         assert epoch >= 2 and pq.read_table(home / path).num_rows == 100
-        # A's slow cell has slept its time out while A was stopped: it fails the moment A goes on.
-        poll(lambda: time.time() >= float(started_at) + 3.0, "A's slow cell to be due")
-        a.send_signal(signal.SIGCONT)
-        code, err = finish(a)
-        assert code == 0, err
+        # A's slow cell has slept its time out while A was stopped: it fails as soon as A goes on.
+        poll(lambda: time.time() >= started_at + 3.0, "A's slow cell to be due")
+        lock = sqlite3.connect(home / "state.db", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            a.send_signal(signal.SIGCONT)
+            poll(lambda: "a late failure" in a_log.read_text(), "A's late cell to fail", proc=a)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert a.wait(timeout=60) == 0, a_log.read_text()
     finally:
         for proc in (a, b):
             if proc is not None and proc.poll() is None:
@@ -139,7 +155,7 @@ def test_a_stale_worker_never_overwrites_the_checkpoint_of_the_worker_that_took_
                 proc.kill()
                 proc.communicate()
     status = json.loads(cli("status", "stale", "--json", home=home, check=True).stdout)
-    assert status["records_done"] == 600 and status["records_dropped"] == 0
+    assert (status["records_done"], status["records_dropped"], status["damaged_files"]) == (600, 0, [])
     df = export_frame("stale", home, tmp_path / "stale.parquet")
     assert len(df) == 600 and df["twice"].tolist() == [2 * i for i in range(600)]
     [(path,)] = query(home, "select path from row_groups where row_group = 0")
