@@ -1,7 +1,8 @@
 """The `pipeline` command. Each command is a thin layer over one function of pipeline.api.
 
-Exit codes: 0 complete; 1 stopped on its error rate (resumable); 2 bad usage, bad config,
-unknown or taken run id; 130 after SIGINT; 143 after SIGTERM.
+Exit codes: 0 complete; 1 stopped failed (error rate, a checkpoint that cannot be written;
+resumable); 2 bad usage, bad config, unknown or taken run id, a damaged row-group file at
+export; 130 after SIGINT; 143 after SIGTERM.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ Times are Unix seconds stored as floating point numbers (``time.time()``). To re
     file once checkpointed, ``file_bytes`` and ``file_sha256`` its size and SHA-256 digest (hex)
     as written: exports check them, ``pipeline resume --repair`` recomputes a row group whose
     file no longer matches. The file name carries the lease epoch of the worker that wrote it
-    (``rg-000007-e2.parquet``); only the file named here is the row group's. ``lease_owner``/``lease_epoch``/``lease_expires_at``: the worker
-    holding it; the epoch grows with every claim and fences off a worker that lost its lease.
+    (``rg-000007-e2.parquet``); only the file named here is the row group's.
+    ``lease_owner``/``lease_epoch``/``lease_expires_at``: the worker holding it; the epoch
+    grows with every claim and fences off a worker that lost its lease.
 ``tasks``
     One row per task that has started, keyed by ``slot`` = ``row_index`` for cell tasks and -1
     for from_scratch and batch tasks (whose ``row_index`` is NULL). ``column_name`` holds the
