@@ -146,13 +146,18 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
 
 def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None,
            progress: Callable[[dict], None] | None = None, trace: bool = False,
-           close_store: bool = True) -> RunResult:
-    """Continue a run exactly where it stopped (also: join it as one more worker)."""
-    return _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store)
+           close_store: bool = True, repair: bool = False) -> RunResult:
+    """Continue a run exactly where it stopped (also: join it as one more worker).
+
+    ``repair``: first check every checkpointed row-group file against the size and SHA-256
+    its checkpoint recorded, and compute again the row groups whose file is missing or does
+    not match (``result.extra["repaired"]``: ``[{"row_group", "path", "problem"}]``)."""
+    return _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
+                   repair=repair)
 
 
 def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
-            progress: Callable[[dict], None] | None, trace: bool, close_store: bool,
+            progress: Callable[[dict], None] | None, trace: bool, close_store: bool, repair: bool = False,
             before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None = None) -> RunResult:
     """resume, and retry: ``before(store, run info, config, home)`` runs first and may end it
     with its own result."""
@@ -164,6 +169,13 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
     try:
         info = store.get_run(run_id)
         cfg = config_from_json(info.config)
+        extra: dict = {}
+        if repair:
+            from pipeline.dataset import check_files
+
+            damaged = check_files(home_path, store.row_groups(run_id), digest=True)
+            reopened = set(store.reopen_row_groups(run_id, [d["row_group"] for d in damaged]))
+            extra["repaired"] = [d for d in damaged if d["row_group"] in reopened]
         if before is not None:
             early = before(store, info, cfg, home_path)
             if early is not None:
@@ -176,7 +188,7 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
                                         f"`pipeline retry {run_id}` redoes them")
             if info.status != "complete":
                 store.set_run_status(run_id, "complete")
-            return RunResult(run_id, "complete", resumed=True, extra={"already_complete": True})
+            return RunResult(run_id, "complete", resumed=True, extra={"already_complete": True, **extra})
         with _Signals() as signals:
             try:
                 result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True,
@@ -184,6 +196,7 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
             except _Interrupted as stop:
                 result = _interrupted(store, run_id, stop.signum)
         result.resumed = True
+        result.extra.update(extra)
         return result
     finally:
         if close_store:
@@ -432,9 +445,14 @@ async def _report(scheduler: Scheduler, cfg: PipelineConfig, progress: Callable[
 
 
 # -- reading ------------------------------------------------------------------------------
-def _status_of(store: Store, run_id: str) -> dict[str, Any]:
+def _status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str, Any]:
     info = store.get_run(run_id)
     groups = store.row_groups(run_id)
+    damaged: list[dict] = []
+    if home is not None:  # a stat per checkpointed file: missing, or not the size recorded
+        from pipeline.dataset import check_files
+
+        damaged = check_files(home, groups)
     columns = store.column_counts(run_id)
     state = info.status
     if state == "running" and store.live_workers(run_id) == 0:
@@ -458,7 +476,7 @@ def _status_of(store: Store, run_id: str) -> dict[str, Any]:
         "row_groups": {"total": len(groups), "checkpointed": checkpointed,
                        "active": sum(1 for g in groups if g["state"] in ("active", "complete"))},
         "rate_records_s": rate, "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
-        "finished_at": info.finished_at, "fingerprint": info.fingerprint,
+        "finished_at": info.finished_at, "fingerprint": info.fingerprint, "damaged_files": damaged,
         "failures": _failures(store, run_id),
     }
 
@@ -483,9 +501,9 @@ def status(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
     """The same data as ``pipeline status --json``."""
     validate_run_id(run_id)
     _require_run_store(home, db, run_id)
-    _, store = open_state(home, db)
+    home_path, store = open_state(home, db)
     try:
-        return _status_of(store, run_id)
+        return _status_of(store, run_id, home_path)
     finally:
         store.close()
 

@@ -1,7 +1,8 @@
 """The `pipeline` command. Each command is a thin layer over one function of pipeline.api.
 
-Exit codes: 0 complete; 1 the run ended failed (its error rate, or a model that stayed down;
-resumable); 2 bad usage, bad config, unknown or taken run id; 130 after SIGINT; 143 after SIGTERM.
+Exit codes: 0 complete; 1 the run ended failed (its error rate, a model that stayed down, a
+checkpoint that cannot be written; resumable); 2 bad usage, bad config, unknown or taken run id,
+a damaged row-group file at export; 130 after SIGINT; 143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -101,9 +102,11 @@ def _finish(result: api.RunResult, home: str | None, db: str | None) -> None:
     if result.status == "failed":
         reason = result.reason or "too many tasks failed for good (shutdown_error_rate)"
         click.echo(f"run {rid} failed: {reason}", err=True)
-        if "model_down_s" not in reason:
+        if "shutdown_error_rate" in reason:
             click.echo(f"fix the cause, then `pipeline retry {rid}` redoes the failed tasks "
                        f"(`pipeline resume {rid}` continues what is left)", err=True)
+        elif "resume" not in reason:
+            click.echo(f"once the cause is gone, `pipeline resume {rid}` continues it", err=True)
     else:
         click.echo(f"run {rid} stopped ({result.status}); `pipeline resume {rid}` continues it", err=True)
     _exit(EXIT_FAILED)
@@ -179,12 +182,21 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 @click.argument("run_id")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--trace", is_flag=True, help="Append per-task timings to <home>/runs/<id>/traces.jsonl.")
+@click.option("--repair", is_flag=True,
+              help="Check every row-group file (size, SHA-256) and compute again those missing or damaged.")
 @state_options
 @handle_errors
-def resume(run_id: str, quiet: bool, trace: bool, home: str, db: str) -> None:
+def resume(run_id: str, quiet: bool, trace: bool, repair: bool, home: str, db: str) -> None:
     """Continue RUN_ID exactly where it stopped."""
-    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace,
-                       close_store=False), home, db)
+    result = api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace,
+                        close_store=False, repair=repair)
+    if repair:
+        repaired = result.extra.get("repaired", [])
+        for d in repaired:
+            click.echo(f"recomputed row group {d['row_group']} ({d['path']}: {d['problem']})", err=True)
+        if not repaired:
+            click.echo(f"every row-group file of run {run_id} matches its checkpoint", err=True)
+    _finish(result, home, db)
 
 
 @main.command()
@@ -240,6 +252,9 @@ def _status_text(s: dict) -> str:
     for name, c in s["columns"].items():
         lines.append(f"{name:<{width}}  {c['done']:>10,} {c['failed']:>8,} {c['deferred']:>9,} {c['in_flight']:>9,}")
     lines += _failure_lines(s.get("failures") or [])
+    for d in s.get("damaged_files", []):
+        lines.append(f"damaged file: row group {d['row_group']}: {d['path']} ({d['problem']}); "
+                     f"`pipeline resume {s['run_id']} --repair` computes it again")
     if s.get("models"):
         lines.append(f"{'model':<12} {'requests':>9} {'prompt tok':>11} {'compl. tok':>11} {'429s':>6} "
                      f"{'concurrency':>11} {'saved by resume':>15}")

@@ -16,9 +16,13 @@ comes out never depends on where row groups start:
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
+import hashlib
 import json
 import math
+import os
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,10 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.engine.buffer import JSON_FIELD
+from pipeline.errors import DamagedFileError, ExportError
 from pipeline.store.base import Store
 from pipeline.values import decode, encode
 
-__all__ = ["Dataset", "FORMATS", "read_dataset", "read_row_group"]
+__all__ = ["Dataset", "FORMATS", "check_files", "read_dataset", "read_row_group"]
 
 FORMATS = ("parquet", "csv", "jsonl")
 _FLAG = next(iter(JSON_FIELD))
@@ -103,6 +108,34 @@ class Dataset:
             yield dict(zip(self.columns, row))
 
     def write(self, path: Path, fmt: str) -> None:
+        """Write to a temporary name in the same folder, fsync, rename: ``path`` ends up whole,
+        or unchanged (a previous export there survives a full disk); no temporary file is left.
+        An OSError becomes ExportError naming the path."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            self._write(tmp, fmt)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise ExportError(f"could not write {path}: {exc}; nothing was written there "
+                                  "(a file that was there is unchanged)") from exc
+            raise
+        with contextlib.suppress(OSError):  # the rename is durable once the folder is synced
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _write(self, path: Path, fmt: str) -> None:
         if fmt == "parquet":
             pq.write_table(self.to_arrow(), path)
         elif fmt == "csv":
@@ -119,10 +152,32 @@ class Dataset:
 
 
 def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
+    """The checkpointed records of the run. Each file is checked against the size and SHA-256
+    digest its checkpoint recorded (files of older versions, with none recorded, only for
+    being readable); DamagedFileError names every file that is missing or does not match."""
     store.get_run(run_id)  # RunNotFoundError for an unknown id
     columns = list(store.column_counts(run_id))  # config order
     groups = store.row_groups(run_id)
-    parts = [pq.read_table(home / g["path"]) for g in groups if g["state"] == "checkpointed" and g["path"]]
+    parts, damaged = [], []
+    for g in groups:
+        if g["state"] != "checkpointed" or not g["path"]:
+            continue
+        path = home / g["path"]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            data, problem = None, _os_problem(exc)
+        else:
+            problem = _content_problem(data, g)
+        if problem is None:
+            try:
+                parts.append(pq.read_table(pa.BufferReader(data)))
+            except (pa.ArrowException, OSError) as exc:
+                problem = f"not a readable Parquet file ({exc})"
+        if problem is not None:
+            damaged.append({"row_group": g["row_group"], "path": str(path), "problem": problem})
+    if damaged:
+        raise DamagedFileError(damage_message(run_id, damaged))
     complete = all(g["state"] == "checkpointed" for g in groups)
     if not parts:
         parts = [pa.table({c: pa.array([], type=pa.null()) for c in columns})]
@@ -142,6 +197,48 @@ def _part_values(part: pa.Table, column: str) -> list:
     if field.metadata and _FLAG in field.metadata:
         data = [None if v is None else decode(v) for v in data]
     return data
+
+
+def check_files(home: Path, groups: list[dict], *, digest: bool = False) -> list[dict]:
+    """The checkpointed row groups whose file is missing or does not match its checkpoint, as
+    ``[{"row_group", "path" (absolute), "problem"}]``. Without ``digest`` a stat per file
+    (existence and size: cheap enough for ``status``); with it, the SHA-256 of every file too."""
+    damaged = []
+    for g in groups:
+        if g["state"] != "checkpointed" or not g["path"]:
+            continue
+        path = home / g["path"]
+        try:
+            size = path.stat().st_size
+            problem = None
+            if g.get("file_bytes") is not None and size != g["file_bytes"]:
+                problem = f"{size} bytes, its checkpoint recorded {g['file_bytes']}"
+            elif digest and g.get("file_sha256"):
+                problem = _content_problem(path.read_bytes(), g)
+        except OSError as exc:
+            problem = _os_problem(exc)
+        if problem is not None:
+            damaged.append({"row_group": g["row_group"], "path": str(path), "problem": problem})
+    return damaged
+
+
+def damage_message(run_id: str, damaged: list[dict]) -> str:
+    files = "; ".join(f"row group {d['row_group']}: {d['path']} ({d['problem']})" for d in damaged[:5])
+    more = f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+    return (f"run {run_id}: {len(damaged)} checkpointed row-group file(s) missing or damaged: {files}{more}. "
+            f"`pipeline resume {run_id} --repair` computes them again")
+
+
+def _os_problem(exc: OSError) -> str:
+    return "missing" if isinstance(exc, FileNotFoundError) else f"unreadable: {exc.strerror or exc}"
+
+
+def _content_problem(data: bytes, group: dict) -> str | None:
+    if group.get("file_bytes") is not None and len(data) != group["file_bytes"]:
+        return f"{len(data)} bytes, its checkpoint recorded {group['file_bytes']}"
+    if group.get("file_sha256") and hashlib.sha256(data).hexdigest() != group["file_sha256"]:
+        return "its content differs from its checkpoint (SHA-256)"
+    return None
 
 
 def _json_default(value: Any) -> Any:

@@ -14,6 +14,8 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── EngineError                    exit 1: the engine failed while running (a bug, or a
     │                                  recorded value it cannot read); finished work is kept
     ├── UnknownColumnError             a column name the run does not have (`retry --column`)
+    ├── DamagedFileError               a checkpointed row-group file is missing or damaged
+    ├── ExportError                    the export file could not be written (the target is unchanged)
     └── GenerationError                a generator failed; carries the original as __cause__
 
     RetryableError                     raise it (or TimeoutError / ConnectionError) from a
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DamagedFileError",
     "EngineError",
+    "ExportError",
     "GenerationError",
     "InvalidRunIdError",
     "LeaseLostError",
@@ -98,6 +102,15 @@ class EngineError(PipelineError):
 
 class UnknownColumnError(PipelineError):
     """A column or generator name that the run does not have."""
+
+
+class DamagedFileError(PipelineError):
+    """A checkpointed row group's file is missing, or its size or digest differs from what its
+    checkpoint recorded. ``pipeline resume RUN_ID --repair`` computes those row groups again."""
+
+
+class ExportError(PipelineError):
+    """The export could not be written; whatever was at the target path is unchanged."""
 
 
 class GenerationError(PipelineError):

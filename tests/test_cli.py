@@ -25,7 +25,7 @@ def test_run_prints_the_run_id_first_and_progress_on_stderr(done_run):
     home, proc = done_run
     assert proc.stdout.splitlines()[0] == "run_id: qs"
     assert "row groups 2/2" in proc.stderr
-    assert (home / "runs" / "qs" / "row_groups" / "rg-000000.parquet").exists()
+    assert (home / "runs" / "qs" / "row_groups" / "rg-000000-e1.parquet").exists()  # row group 0, lease epoch 1
 
 
 def test_status_json_has_the_contract_shape(done_run):
@@ -104,7 +104,7 @@ def test_db_upgrade_and_current(tmp_path):
     home = tmp_path / "h"
     up = cli("db", "upgrade", home=home, check=True)
     cur = cli("db", "current", home=home, check=True).stdout
-    assert "0002" in up.stdout and "current: 0002" in cur and "head: 0002" in cur
+    assert "0003" in up.stdout and "current: 0003" in cur and "head: 0003" in cur
 
 
 def assert_nothing_created(home: Path, run_id: str | None = None) -> None:

@@ -216,9 +216,9 @@ def test_salvage_has_no_barrier_other_row_groups_checkpoint_while_one_waits(tmp_
 
     sched._checkpoint = spy
     assert asyncio.run(sched.run()) == "complete"
-    assert seen[-1] == 0 and sorted(seen) == [0, 1, 2]  # rg 0 waits alone; files named by id
+    assert seen[-1] == 0 and sorted(seen) == [0, 1, 2]  # rg 0 waits alone
     assert sorted(p.name for p in (tmp_path / "runs" / "r1" / "row_groups").iterdir()) == [
-        "rg-000000.parquet", "rg-000001.parquet", "rg-000002.parquet"]
+        "rg-000000-e1.parquet", "rg-000001-e1.parquet", "rg-000002-e1.parquet"]  # id and lease epoch
 
 
 def test_failed_cell_drops_its_record_and_downstream_is_never_dispatched(tmp_path):
@@ -443,11 +443,11 @@ def test_failed_checkpoint_is_retried(tmp_path):
     real = store.checkpoint_row_group
     calls = []
 
-    def flaky_checkpoint(*args):
+    def flaky_checkpoint(*args, **kw):
         calls.append(args)
         if len(calls) == 1:
             raise OSError("disk hiccup")
-        return real(*args)
+        return real(*args, **kw)
 
     store.checkpoint_row_group = flaky_checkpoint
     assert asyncio.run(sched.run()) == "complete"
@@ -600,11 +600,11 @@ def test_a_checkpoint_that_keeps_failing_is_tried_again_until_it_succeeds(tmp_pa
     real = store.checkpoint_row_group
     calls = []
 
-    def failing_for_a_while(run_id, rg, *args):
+    def failing_for_a_while(run_id, rg, *args, **kw):
         calls.append(rg)
         if rg == 0 and calls.count(0) <= 4:  # more than one round of the checkpoint's own retries
             raise OSError("disk full")
-        return real(run_id, rg, *args)
+        return real(run_id, rg, *args, **kw)
 
     store.checkpoint_row_group = failing_for_a_while
     sched.opts.poll_s = 0.05

@@ -8,6 +8,8 @@ there, so what it receives does not depend on timing.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from typing import Any, Mapping, Sequence
 
@@ -159,19 +161,29 @@ def normalize_batch(outputs: Sequence[str], result: Any, expected: int, name: st
     return cols
 
 
-def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    """Temporary name, fsync, rename, fsync the folder: the file is whole or absent."""
+def write_parquet_atomic(table: pa.Table, path: str) -> tuple[int, str]:
+    """Temporary name, fsync, rename, fsync the folder: the file is whole or absent. Returns
+    its size in bytes and the SHA-256 digest (hex) of exactly the bytes written, which the
+    checkpoint records so that readers can tell a damaged file. On failure nothing is left."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue()
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
+    return data.size, hashlib.sha256(data).hexdigest()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import heapq
 import itertools
@@ -117,6 +118,7 @@ class Scheduler:
         self.stop_reason: str | None = None
         self._out: list = []
         self._checkpoints: set[asyncio.Future] = set()
+        self._checkpoint_rounds: dict[int, int] = {}  # row group -> failed checkpoint rounds
         self._pool = ThreadPoolExecutor(max_workers=opts.threads or min(32, opts.max_in_flight_tasks),
                                         thread_name_prefix="pipeline-gen")
         self.journal = Journal(store, run_id, interval_s=opts.commit_interval_s, lease_s=opts.lease_s,
@@ -635,36 +637,69 @@ class Scheduler:
         fut.add_done_callback(functools.partial(self._checkpointed, rg.id))
         self._wake.set()
 
+    #: A checkpoint that fails this many rounds (of 3 attempts each) stops the run, resumably.
+    CHECKPOINT_ROUNDS = 3
+
     def _checkpointed(self, rg_id: int, fut: asyncio.Future) -> None:
         self._checkpoints.discard(fut)
         self._wake.set()
         if fut.cancelled():
             return
         exc = fut.exception()
-        if exc is not None:
-            # It stays 'complete'. Giving its lease back lets admission claim it again, replay
-            # its recorded values and retry the checkpoint (a resume would do the same).
-            log.error("could not checkpoint row group %d; will try again: %s", rg_id, exc)
-            if not self._stopping:
-                self.journal.call(self.store.release_row_groups, self.run_id, [rg_id])
-        elif fut.result():
-            self.stats.row_groups_checkpointed += 1
+        if exc is None:
+            self._checkpoint_rounds.pop(rg_id, None)
+            if fut.result():
+                self.stats.row_groups_checkpointed += 1
+            return
+        # It stays 'complete'. Giving its lease back lets admission claim it again (a new epoch),
+        # replay its recorded values and try once more (a resume would do the same); a cause
+        # that lasts (a full disk, the folder replaced by a file) stops the run after a few
+        # rounds instead of retrying for ever.
+        self.journal.call(self.store.release_row_groups, self.run_id, [rg_id])
+        rounds = self._checkpoint_rounds[rg_id] = self._checkpoint_rounds.get(rg_id, 0) + 1
+        if rounds < self.CHECKPOINT_ROUNDS:
+            log.error("%s; will try again (round %d of %d)", exc, rounds, self.CHECKPOINT_ROUNDS)
+        elif not self._stopping:
+            self.stop_reason = str(exc)
+            log.error("stopping: %s; fix the cause, then `pipeline resume %s`", exc, self.run_id)
+            self._finish("failed")
 
     def _checkpoint(self, rg: _RowGroup) -> bool:
-        """On the writer thread, after all the row group's events are committed: write its
-        Parquet file (temporary name, fsync, rename), then mark it checkpointed. Retried."""
+        """On a side thread, after all the row group's events are committed: write its Parquet
+        file under a name that carries this worker's lease epoch (temporary name, fsync,
+        rename), then make it current through ``checkpoint_row_group``, whose transaction checks
+        the lease and records the path, size and digest. A worker that lost the lease writes
+        nothing, or removes the file it wrote: a stale worker never replaces the row group's
+        file (readers use only ``row_groups.path``). Once current, files of older epochs of the
+        row group go. Returns False when the lease was lost; raises after 3 failed attempts."""
+        epoch = self.store.lease_epoch(self.run_id, rg.id)
+        if epoch is None:
+            return False  # lost already: another worker owns the row group now
+        folder = os.path.join(self.home, "runs", self.run_id, "row_groups")
+        name = f"rg-{rg.id:06d}-e{epoch}.parquet"
+        path = os.path.join(folder, name)
         live = rg.tracker.live_rows()  # none when every record was dropped: an empty file
-        rel = os.path.join("runs", self.run_id, "row_groups", f"rg-{rg.id:06d}.parquet")
         last: Exception | None = None
         for attempt in range(3):
             try:
-                write_parquet_atomic(rg.buffer.table(self.plan.columns, live), os.path.join(self.home, rel))
-                return self.store.checkpoint_row_group(self.run_id, rg.id, rel, rg.tracker.n_dropped)
+                size, digest = write_parquet_atomic(rg.buffer.table(self.plan.columns, live), path)
+                current = self.store.checkpoint_row_group(
+                    self.run_id, rg.id, os.path.join("runs", self.run_id, "row_groups", name),
+                    rg.tracker.n_dropped, file_bytes=size, file_sha256=digest)
             except Exception as exc:  # a full disk, a busy database: try again, then leave it to resume
                 last = exc
                 log.warning("checkpoint of row group %d failed (attempt %d): %s", rg.id, attempt + 1, exc)
                 time.sleep(0.1 * 2 ** attempt)
-        raise last  # type: ignore[misc]
+                continue
+            # Ours is current: older epochs' files (a stale worker's, a damaged one) go. Not
+            # ours: the lease was taken over, and our file must never be mistaken for the
+            # row group's. Names of other epochs only: never the current file.
+            for gone in ([f"rg-{rg.id:06d}-e{e}.parquet" for e in range(1, epoch)] + [f"rg-{rg.id:06d}.parquet"]
+                         if current else [name]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, gone))
+            return current
+        raise OSError(f"could not write the checkpoint of row group {rg.id} to {path}: {_describe(last)}")
 
     def _on_lease_lost(self, row_groups: set[int] | None) -> None:
         if row_groups is None:

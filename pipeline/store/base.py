@@ -219,13 +219,22 @@ class Store(Protocol):
         """Apply a batch of events in one transaction, in order; return the row groups whose
         lease this owner lost (their events were discarded)."""
 
-    def checkpoint_row_group(self, run_id: str, row_group: int, path: str, rows_dropped: int) -> bool:
-        """After the row group's Parquet file is durable at ``path`` (relative to home): mark
-        it ``checkpointed``, store ``path`` and ``rows_dropped``, release its lease and compact
-        its task rows, in one transaction. False if the lease was lost. Compaction deletes every
-        task row but ``failed`` ones; in a row group with dropped records it also keeps the
-        ``done`` rows of those records and of batch/from_scratch tasks, and the
-        ``dropped_records`` (what :meth:`reopen_failed` needs to bring them back)."""
+    def lease_epoch(self, run_id: str, row_group: int) -> int | None:
+        """The epoch of this owner's claim on the row group, None if it holds none (or learned
+        that it lost it). No I/O: the fence itself is in ``record`` and ``checkpoint_row_group``."""
+
+    def checkpoint_row_group(self, run_id: str, row_group: int, path: str, rows_dropped: int, *,
+                             file_bytes: int | None = None, file_sha256: str | None = None) -> bool:
+        """After the row group's Parquet file is durable at ``path`` (relative to home; its name
+        carries the lease epoch): mark it ``checkpointed``, store ``path``, its size in bytes and
+        SHA-256 digest (hex) and ``rows_dropped``, release its lease and compact its task rows,
+        in one transaction that checks this owner still holds the lease with its epoch. The file
+        becomes the row group's only through this. False if the lease was lost; True also when
+        this very ``path`` is current already (a retry after a commit whose answer was lost), so
+        that the caller never removes the current file. Compaction deletes every task row but
+        ``failed`` ones; in a row group with dropped records it also keeps the ``done`` rows of
+        those records and of batch/from_scratch tasks, and the ``dropped_records`` (what
+        :meth:`reopen_failed` needs to bring them back)."""
 
     def reopen_failed(self, run_id: str, lineage: Lineage, *, generators: Collection[str] | None = None,
                       error: str | None = None, read_file: Callable[[str], Mapping[str, list]]) -> Reopened:
@@ -241,10 +250,16 @@ class Store(Protocol):
         status becomes ``running``. Nothing matching: nothing changes. A failed task whose
         record stays dropped by another failure that is not reopened is left as it is."""
 
+    def reopen_row_groups(self, run_id: str, row_groups: Sequence[int]) -> list[int]:
+        """For ``pipeline resume --repair``: put checkpointed row groups whose file is lost or
+        damaged back to ``pending`` (path, size and digest cleared, ``rows_dropped`` 0) and
+        delete their task rows and dropped records, in one transaction, so that they are
+        computed again. Returns the row groups reopened (those that were checkpointed)."""
+
     # -- reading --------------------------------------------------------------------------
     def row_groups(self, run_id: str) -> list[dict]:
-        """``{"row_group", "num_rows", "state", "rows_dropped", "path", "lease_owner"}`` per row
-        group, in order."""
+        """``{"row_group", "num_rows", "state", "rows_dropped", "path", "lease_owner",
+        "lease_epoch", "lease_expires_at", "file_bytes", "file_sha256"}`` per row group, in order."""
 
     def column_counts(self, run_id: str) -> dict[str, dict[str, int]]:
         """``{column: {"done", "failed", "deferred", "in_flight"}}`` counted in records, in

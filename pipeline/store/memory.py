@@ -51,7 +51,8 @@ class MemoryStore:
                 "columns": list(run.columns),
                 "groups": [dict(row_group=g, num_rows=min(run.row_group_size, run.num_records - g * run.row_group_size),
                                 state="pending", rows_dropped=0, path=None, lease_owner=None, lease_epoch=0,
-                                lease_expires_at=None) for g in range(n_groups)],
+                                lease_expires_at=None, file_bytes=None, file_sha256=None)
+                           for g in range(n_groups)],
                 "tasks": {},  # (rg, generator, row_index) -> dict
                 "by_rg": {},  # rg -> keys of its tasks, so that compaction is O(row group)
                 "dropped": {},  # rg -> set of row indexes
@@ -205,13 +206,20 @@ class MemoryStore:
             self._epochs.pop((run_id, rg), None)
         return lost
 
-    def checkpoint_row_group(self, run_id: str, row_group: int, path: str | None, rows_dropped: int) -> bool:
+    def lease_epoch(self, run_id: str, row_group: int) -> int | None:
+        with self._lock:
+            return self._epochs.get((run_id, row_group))
+
+    def checkpoint_row_group(self, run_id: str, row_group: int, path: str | None, rows_dropped: int, *,
+                             file_bytes: int | None = None, file_sha256: str | None = None) -> bool:
         with self._lock:
             run = self._run(run_id)
+            g = run["groups"][row_group]
             if not self._holds(run, run_id, row_group):
-                return False
-            run["groups"][row_group].update(state="checkpointed", path=path, rows_dropped=rows_dropped,
-                                            lease_owner=None, lease_expires_at=None)
+                self._epochs.pop((run_id, row_group), None)
+                return g["state"] == "checkpointed" and g["path"] == path
+            g.update(state="checkpointed", path=path, rows_dropped=rows_dropped, file_bytes=file_bytes,
+                     file_sha256=file_sha256, lease_owner=None, lease_expires_at=None)
             # Compaction, as in the SQL store: failed rows stay; with dropped records, so do
             # those records, their done cells and the batch tasks' values (for retry).
             tasks, dropped = run["tasks"], run["dropped"].get(row_group, ())
@@ -268,6 +276,20 @@ class MemoryStore:
             if out.row_groups:
                 run["info"].update(status="running", updated_at=now, finished_at=None)
         return out
+
+    def reopen_row_groups(self, run_id: str, row_groups: Sequence[int]) -> list[int]:
+        with self._lock:
+            run = self._run(run_id)
+            reopened = sorted(rg for rg in set(row_groups) if run["groups"][rg]["state"] == "checkpointed")
+            for rg in reopened:
+                run["groups"][rg].update(state="pending", path=None, file_bytes=None, file_sha256=None,
+                                         rows_dropped=0, lease_owner=None, lease_expires_at=None)
+                run["by_rg"].pop(rg, None)
+                run["dropped"].pop(rg, None)
+            tasks = run["tasks"]
+            for key in [k for k in tasks if k[0] in set(reopened)]:  # compaction kept failed rows
+                del tasks[key]
+            return reopened
 
     # -- reading --------------------------------------------------------------------------
     def row_groups(self, run_id: str) -> list[dict]:

@@ -15,8 +15,12 @@ Times are Unix seconds stored as floating point numbers (``time.time()``). To re
 ``row_groups``
     One row per row group. ``state``: pending, active, complete, checkpointed. ``rows_dropped``
     counts the distinct dropped records. ``path`` (relative to the home folder) is the Parquet
-    file once checkpointed. ``lease_owner``/``lease_epoch``/``lease_expires_at``: the worker
-    holding it; the epoch grows with every claim and fences off a worker that lost its lease.
+    file once checkpointed, ``file_bytes`` and ``file_sha256`` its size and SHA-256 digest (hex)
+    as written: exports check them, ``pipeline resume --repair`` recomputes a row group whose
+    file no longer matches. The file name carries the lease epoch of the worker that wrote it
+    (``rg-000007-e2.parquet``); only the file named here is the row group's.
+    ``lease_owner``/``lease_epoch``/``lease_expires_at``: the worker holding it; the epoch
+    grows with every claim and fences off a worker that lost its lease.
 ``tasks``
     One row per task that has started, keyed by ``slot`` = ``row_index`` for cell tasks and -1
     for from_scratch and batch tasks (whose ``row_index`` is NULL). ``column_name`` holds the
@@ -109,6 +113,8 @@ row_groups = sa.Table(
     sa.Column("lease_owner", sa.Text, nullable=True),
     sa.Column("lease_epoch", sa.Integer, nullable=False, server_default="0"),
     sa.Column("lease_expires_at", Time, nullable=True),
+    sa.Column("file_bytes", sa.BigInteger, nullable=True),
+    sa.Column("file_sha256", sa.String(64), nullable=True),
     sa.CheckConstraint(_one_of("state", ("pending", "active", "complete", "checkpointed")), name="state"),
 )
 

@@ -519,16 +519,24 @@ class SqlStore:
         with self._engine.begin() as conn:
             usage_sql.add_calls_saved(conn, run_id, saved)
 
+    def lease_epoch(self, run_id: str, row_group: int) -> int | None:
+        with self._lock:
+            return self._epochs.get((run_id, row_group))
+
     @_translate_errors
-    def checkpoint_row_group(self, run_id: str, row_group: int, path: str, rows_dropped: int) -> bool:
-        t, d = schema.tasks, schema.dropped_records
+    def checkpoint_row_group(self, run_id: str, row_group: int, path: str, rows_dropped: int, *,
+                             file_bytes: int | None = None, file_sha256: str | None = None) -> bool:
+        t, d, g = schema.tasks, schema.dropped_records, schema.row_groups
         with self._engine.begin() as conn:
             ours, _lost = self._fence(conn, run_id, {row_group})
             if not ours:
-                return False
+                current = conn.execute(
+                    sa.select(g.c.state, g.c.path).where(g.c.run_id == run_id, g.c.row_group == row_group)
+                ).first()
+                return current is not None and tuple(current) == ("checkpointed", path)
             self._update_row_groups(
                 conn, run_id, ours, state="checkpointed", path=path, rows_dropped=rows_dropped,
-                lease_owner=None, lease_expires_at=None,
+                file_bytes=file_bytes, file_sha256=file_sha256, lease_owner=None, lease_expires_at=None,
             )
             # Compaction: the Parquet file holds the values now. Failed rows stay, for the
             # failure report and rows_failed in column_progress. With dropped records, so do
@@ -554,6 +562,26 @@ class SqlStore:
         self._forget(run_id, out.row_groups)
         return out
 
+    @_translate_errors
+    def reopen_row_groups(self, run_id: str, row_groups: Sequence[int]) -> list[int]:
+        if not row_groups:
+            return []
+        t, d, g = schema.tasks, schema.dropped_records, schema.row_groups
+        with self._engine.begin() as conn:
+            reopened = list(conn.execute(
+                sa.select(g.c.row_group)
+                .where(g.c.run_id == run_id, g.c.row_group.in_(list(row_groups)), g.c.state == "checkpointed")
+                .order_by(g.c.row_group)
+                .with_for_update()
+            ).scalars())
+            if reopened:
+                self._update_row_groups(conn, run_id, reopened, state="pending", path=None, file_bytes=None,
+                                        file_sha256=None, rows_dropped=0, lease_owner=None,
+                                        lease_expires_at=None)
+                conn.execute(t.delete().where(t.c.run_id == run_id, t.c.row_group.in_(reopened)))
+                conn.execute(d.delete().where(d.c.run_id == run_id, d.c.row_group.in_(reopened)))
+        return reopened
+
     # -- reading ---------------------------------------------------------------------------
 
     @_translate_errors
@@ -562,7 +590,7 @@ class SqlStore:
         with self._reader.connect() as conn:
             rows = conn.execute(
                 sa.select(g.c.row_group, g.c.num_rows, g.c.state, g.c.rows_dropped, g.c.path, g.c.lease_owner,
-                          g.c.lease_epoch, g.c.lease_expires_at)
+                          g.c.lease_epoch, g.c.lease_expires_at, g.c.file_bytes, g.c.file_sha256)
                 .where(g.c.run_id == run_id)
                 .order_by(g.c.row_group)
             )
