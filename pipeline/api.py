@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them.
 
 __all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "resume", "run", "status",
-           "validate_run_id"]
+           "validate", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -107,10 +107,14 @@ def _new_run_id(name: str) -> str:
 def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike | None = None,
         db: str | None = None, run_id: str | None = None, num_records: int | None = None,
         progress: Callable[[dict], None] | None = None, on_created: Callable[[str], None] | None = None,
-        trace: bool = False, start: bool = True, close_store: bool = True) -> RunResult:
+        trace: bool = False, start: bool = True, close_store: bool = True, check_models: bool = True) -> RunResult:
     """Validate ``config``, create the run and run it to the end (or until a signal).
-    With ``start=False`` the run is only created (status ``interrupted``): workers start it."""
+    With ``start=False`` the run is only created (status ``interrupted``): workers start it.
+    ``check_models`` first checks every model endpoint the config uses (pipeline.llm.preflight):
+    one that is unreachable or refuses the key or the model raises ModelCheckError, and
+    nothing is created."""
     from pipeline.config import PipelineConfig, load_config
+    from pipeline.fingerprints import fingerprints
     from pipeline.graph import build_graph
 
     cfg = config if isinstance(config, PipelineConfig) else load_config(config)
@@ -119,6 +123,11 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
     if run_id is not None:
         validate_run_id(run_id)
     graph = build_graph(cfg)
+    if check_models and cfg.used_models():
+        from pipeline.llm.preflight import preflight
+
+        preflight(cfg)
+    prints = fingerprints(cfg, graph)
     home_path, store = open_state(home, db)
     try:
         rid = run_id or _new_run_id(cfg.name)
@@ -126,7 +135,8 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
             run_id=rid, name=cfg.name, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
             seed=cfg.seed, config=cfg.to_json(), fingerprint=cfg.fingerprint(),
             columns=[ColumnSpec(c, graph.producer[c], graph.by_name[graph.producer[c]].strategy, i)
-                     for i, c in enumerate(graph.columns)]))
+                     for i, c in enumerate(graph.columns)],
+            fingerprints=[(kind, name, digest) for (kind, name), digest in prints.items()]))
         (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
         if on_created is not None:
             on_created(rid)
@@ -141,9 +151,12 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
 
 def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None,
            progress: Callable[[dict], None] | None = None, trace: bool = False,
-           close_store: bool = True) -> RunResult:
-    """Continue a run exactly where it stopped (also: join it as one more worker)."""
+           close_store: bool = True, accept_changes: bool = False) -> RunResult:
+    """Continue a run exactly where it stopped (also: join it as one more worker).
+    Raises FilesChangedError when a python module or seed file the run reads changed since it
+    started, unless ``accept_changes`` (pipeline.fingerprints.check_changed_files)."""
     from pipeline.config import config_from_json
+    from pipeline.fingerprints import check_changed_files
 
     validate_run_id(run_id)
     _require_run_store(home, db, run_id)
@@ -155,12 +168,37 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
             if info.status != "complete":
                 store.set_run_status(run_id, "complete")
             return RunResult(run_id, "complete", resumed=True, extra={"already_complete": True})
+        check_changed_files(store, run_id, cfg, accept_changes)
         result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True)
         result.resumed = True
         return result
     finally:
         if close_store:
             store.close()
+
+
+def validate(config: PipelineConfig | str | os.PathLike, *, check_models: bool = False) -> dict[str, Any]:
+    """Everything ``run`` checks before it creates a run, and nothing created: the config
+    (ConfigError), and with ``check_models`` its model endpoints (ModelCheckError). Returns
+    ``{"name", "num_records", "columns": [output columns], "models": {alias: {"where", "model",
+    "columns", "checked", "warning"}}}`` (models in use only; ``where`` names alias and URL,
+    without credentials)."""
+    from pipeline.config import PipelineConfig, load_config
+    from pipeline.graph import build_graph
+
+    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    build_graph(cfg)
+    checks, models = {}, {}
+    if cfg.used_models():
+        from pipeline.llm.client import ModelEndpoint
+        from pipeline.llm.preflight import preflight
+
+        checks = {c.alias: c for c in preflight(cfg)} if check_models else {}
+        models = {alias: {"where": ModelEndpoint.from_config(alias, cfg.models[alias]).where,
+                          "model": cfg.models[alias].model, "columns": users, "checked": alias in checks,
+                          "warning": checks[alias].warning if alias in checks else None}
+                  for alias, users in cfg.used_models().items()}
+    return {"name": cfg.name, "num_records": cfg.num_records, "columns": cfg.output_columns(), "models": models}
 
 
 def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,

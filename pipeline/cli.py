@@ -1,7 +1,8 @@
 """The `pipeline` command. Each command is a thin layer over one function of pipeline.api.
 
 Exit codes: 0 complete; 1 stopped on its error rate (resumable); 2 bad usage, bad config,
-unknown or taken run id; 130 after SIGINT; 143 after SIGTERM.
+unknown or taken run id, a model endpoint refused by the preflight, files changed since the run
+started; 130 after SIGINT; 143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -111,10 +112,12 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--create-only", is_flag=True, help="Create the run and exit; start it with `pipeline worker`.")
 @click.option("--trace", is_flag=True, help="Write per-task timings to <home>/runs/<id>/traces.jsonl.")
+@click.option("--no-check-models", is_flag=True,
+              help="Skip the check of the model endpoints (reachable, key and model accepted) before the run is created.")
 @state_options
 @handle_errors
 def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, create_only: bool, trace: bool,
-        home: str, db: str) -> None:
+        no_check_models: bool, home: str, db: str) -> None:
     """Validate CONFIG, create a run and run it to the end.
 
     Prints `run_id: <id>` as the first line of stdout."""
@@ -124,33 +127,58 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 
     result = api.run(config, home=home, db=db, run_id=run_id, num_records=num_records, on_created=created,
                      progress=None if quiet else Progress(), start=not create_only, trace=trace,
-                     close_store=create_only)
+                     close_store=create_only, check_models=not no_check_models)
     if result.status == "created":
         click.echo(f"created run {result.run_id}; start it with `pipeline worker {result.run_id}`", err=True)
         return
     _finish(result)
 
 
+ACCEPT_CHANGES_HELP = ("Go on although a python module or seed file changed since the run started: keep every "
+                       "recorded cell, compute the rest with the files as they are now (recorded in run_changes).")
+
+
 @main.command()
 @click.argument("run_id")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--trace", is_flag=True, help="Append per-task timings to <home>/runs/<id>/traces.jsonl.")
+@click.option("--accept-changes", is_flag=True, help=ACCEPT_CHANGES_HELP)
 @state_options
 @handle_errors
-def resume(run_id: str, quiet: bool, trace: bool, home: str, db: str) -> None:
+def resume(run_id: str, quiet: bool, trace: bool, accept_changes: bool, home: str, db: str) -> None:
     """Continue RUN_ID exactly where it stopped."""
     _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace,
-                       close_store=False))
+                       close_store=False, accept_changes=accept_changes))
 
 
 @main.command()
 @click.argument("run_id")
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--accept-changes", is_flag=True, help=ACCEPT_CHANGES_HELP)
 @state_options
 @handle_errors
-def worker(run_id: str, quiet: bool, home: str, db: str) -> None:
+def worker(run_id: str, quiet: bool, accept_changes: bool, home: str, db: str) -> None:
     """Join RUN_ID as one more worker (several may run at once)."""
-    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), close_store=False))
+    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), close_store=False,
+                       accept_changes=accept_changes))
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--check-models", is_flag=True, help="Also check that every model endpoint the config uses answers "
+              "and accepts the key and the model (one cheap request each).")
+@state_options
+@handle_errors
+def validate(config: str, check_models: bool, home: str, db: str) -> None:
+    """Check CONFIG as `pipeline run` does, and create nothing. Exit 0 when it is valid, 2 when
+    not. (It reads no state store: --home and --db are accepted like everywhere and not used.)"""
+    s = api.validate(config, check_models=check_models)
+    click.echo(f"OK: {config}: {s['name']}, {s['num_records']:,} records, {len(s['columns'])} columns: "
+               + ", ".join(s["columns"]))
+    for alias, m in s["models"].items():
+        state = "checked" if m["checked"] and not m["warning"] else "answered with a warning" if m["checked"] \
+            else "not checked (--check-models checks it)"
+        click.echo(f"{m['where']}: {state}; used by {', '.join(m['columns'])}")
 
 
 def _status_text(s: dict) -> str:

@@ -11,6 +11,9 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
     ├── ReadOnlyQueryError             `pipeline sql` refused a statement that writes
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
+    ├── ModelCheckError                a model endpoint the config uses is unreachable, or refuses
+    │                                  the key or the model (the preflight of `run`/`validate`)
+    ├── FilesChangedError              a python module or seed file changed since the run started
     └── GenerationError                a generator failed; carries the original as __cause__
 
     RetryableError                     raise it (or TimeoutError / ConnectionError) from a
@@ -26,9 +29,11 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "FilesChangedError",
     "GenerationError",
     "InvalidRunIdError",
     "LeaseLostError",
+    "ModelCheckError",
     "ModelConnectionError",
     "ModelRateLimitError",
     "ModelServerError",
@@ -82,6 +87,16 @@ class ReadOnlyQueryError(PipelineError):
 
 class StoreError(PipelineError):
     """The state store cannot be used as it is."""
+
+
+class ModelCheckError(PipelineError):
+    """A model endpoint the config uses cannot be reached, or refuses the key or the model
+    (pipeline.llm.preflight). The message names the alias and the URL, never the key."""
+
+
+class FilesChangedError(PipelineError):
+    """A python module or seed file the run reads changed since the run started
+    (pipeline.fingerprints). The message names the files and says what --accept-changes does."""
 
 
 class GenerationError(PipelineError):
