@@ -184,8 +184,12 @@ def _message(run_id: str, changes: list[FileChange], config: PipelineConfig) -> 
     readers = read_files(config)
     lines = []
     for c in changes:
-        roles = ", ".join(f"{role} of column '{g}'" for g, role in readers.get(c.name, ())) or "no longer read"
-        lines.append(f"{c.name} ({roles}): {c.what}")
+        roles: dict[str, list[str]] = {}
+        for generator, role in readers.get(c.name, ()):
+            roles.setdefault(role, []).append(f"'{generator}'")
+        read_by = "; ".join(f"{role} of column{'s' if len(gs) > 1 else ''} {', '.join(gs)}"
+                            for role, gs in roles.items()) or "no longer read"
+        lines.append(f"{c.name} ({read_by}): {c.what}")
     return (f"run {run_id!r}: {'a file it reads has' if len(changes) == 1 else 'files it reads have'} changed "
             "since the run started:\n  " + "\n  ".join(lines) + "\n"
             "Its recorded cells were computed with the files as they were. Put them back and run the command "

@@ -336,8 +336,14 @@ def test_the_api_key_never_reaches_the_store_the_home_folder_or_any_output(tmp_p
     check_three_columns_values(rows)
     assert server_stats(url)["models"]["writer-model"]["requests"] == 2 * records
 
-    # A wrong key: HTTP 401 fails the cells for good (no retry), and the run stops on its error rate.
+    # A wrong key: the model preflight refuses the run (exit 2, no run created).
     proc = cli("run", str(cfg), "--run-id", "wrong-key", home=home, env=wrong_env)
+    outputs.append(proc)
+    assert_ran(proc, 2)
+    assert "HTTP 401" in proc.stderr and "wrong-key" not in {r["run_id"] for r in sql_json(
+        "select run_id from runs", home, env=good_env, outputs=outputs)}
+    # Past the preflight, HTTP 401 fails the cells for good (no retry), and the run stops on its error rate.
+    proc = cli("run", str(cfg), "--run-id", "wrong-key", "--no-check-models", home=home, env=wrong_env)
     outputs.append(proc)
     assert_ran(proc, 1)
     tasks = sql_json("select column_name, state, attempts, last_error from tasks where run_id = 'wrong-key' "

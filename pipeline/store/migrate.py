@@ -30,6 +30,11 @@ __all__ = ["alembic_config", "current", "downgrade", "ensure_schema", "head", "u
 
 
 def _script_location() -> str:
+    # In a source tree, the migrations beside this `pipeline` package: an editable install maps
+    # pipeline_migrations to the tree it was installed from, which may be another checkout.
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "migrations")
+    if os.path.isfile(os.path.join(beside, "env.py")) and os.path.isdir(os.path.join(beside, "versions")):
+        return os.path.normpath(beside)
     import pipeline_migrations
 
     return os.path.dirname(os.path.abspath(pipeline_migrations.__file__))
