@@ -164,41 +164,17 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
     try:
         info = store.get_run(run_id)
         cfg = config_from_json(info.config)
+        check_changed_files(store, run_id, cfg, accept_changes)  # before anything is changed or computed
         if all(g["state"] == "checkpointed" for g in store.row_groups(run_id)):
             if info.status != "complete":
                 store.set_run_status(run_id, "complete")
             return RunResult(run_id, "complete", resumed=True, extra={"already_complete": True})
-        check_changed_files(store, run_id, cfg, accept_changes)
         result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True)
         result.resumed = True
         return result
     finally:
         if close_store:
             store.close()
-
-
-def validate(config: PipelineConfig | str | os.PathLike, *, check_models: bool = False) -> dict[str, Any]:
-    """Everything ``run`` checks before it creates a run, and nothing created: the config
-    (ConfigError), and with ``check_models`` its model endpoints (ModelCheckError). Returns
-    ``{"name", "num_records", "columns": [output columns], "models": {alias: {"where", "model",
-    "columns", "checked", "warning"}}}`` (models in use only; ``where`` names alias and URL,
-    without credentials)."""
-    from pipeline.config import PipelineConfig, load_config
-    from pipeline.graph import build_graph
-
-    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
-    build_graph(cfg)
-    checks, models = {}, {}
-    if cfg.used_models():
-        from pipeline.llm.client import ModelEndpoint
-        from pipeline.llm.preflight import preflight
-
-        checks = {c.alias: c for c in preflight(cfg)} if check_models else {}
-        models = {alias: {"where": ModelEndpoint.from_config(alias, cfg.models[alias]).where,
-                          "model": cfg.models[alias].model, "columns": users, "checked": alias in checks,
-                          "warning": checks[alias].warning if alias in checks else None}
-                  for alias, users in cfg.used_models().items()}
-    return {"name": cfg.name, "num_records": cfg.num_records, "columns": cfg.output_columns(), "models": models}
 
 
 def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
@@ -401,3 +377,26 @@ def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
     dataset.write(out, fmt)
     return {"records": dataset.num_rows, "complete": dataset.complete, "path": str(out), "format": fmt}
 
+
+def validate(config: PipelineConfig | str | os.PathLike, *, check_models: bool = False) -> dict[str, Any]:
+    """Everything ``run`` checks before it creates a run, and nothing created: the config
+    (ConfigError), and with ``check_models`` its model endpoints (ModelCheckError). Returns
+    ``{"name", "num_records", "columns": [output columns], "models": {alias: {"where", "model",
+    "columns", "checked", "warning"}}}`` (models in use only; ``where`` names alias and URL,
+    without credentials)."""
+    from pipeline.config import PipelineConfig, load_config
+    from pipeline.graph import build_graph
+
+    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    build_graph(cfg)
+    checks, models = {}, {}
+    if cfg.used_models():
+        from pipeline.llm.client import ModelEndpoint
+        from pipeline.llm.preflight import preflight
+
+        checks = {c.alias: c for c in preflight(cfg)} if check_models else {}
+        models = {alias: {"where": ModelEndpoint.from_config(alias, cfg.models[alias]).where,
+                          "model": cfg.models[alias].model, "columns": users, "checked": alias in checks,
+                          "warning": checks[alias].warning if alias in checks else None}
+                  for alias, users in cfg.used_models().items()}
+    return {"name": cfg.name, "num_records": cfg.num_records, "columns": cfg.output_columns(), "models": models}

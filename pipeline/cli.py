@@ -22,6 +22,8 @@ from pipeline.errors import PipelineError
 
 EXIT_OK, EXIT_FAILED = 0, 1  # 2 comes from PipelineError.exit_code
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+ACCEPT_CHANGES_HELP = ("Go on although a python module or seed file changed since the run started: keep every "
+                       "recorded cell, compute the rest with the files as they are now (recorded in run_changes).")
 
 
 def state_options(fn: Callable) -> Callable:
@@ -134,10 +136,6 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
     _finish(result)
 
 
-ACCEPT_CHANGES_HELP = ("Go on although a python module or seed file changed since the run started: keep every "
-                       "recorded cell, compute the rest with the files as they are now (recorded in run_changes).")
-
-
 @main.command()
 @click.argument("run_id")
 @click.option("--quiet", is_flag=True, help="No progress display.")
@@ -161,24 +159,6 @@ def worker(run_id: str, quiet: bool, accept_changes: bool, home: str, db: str) -
     """Join RUN_ID as one more worker (several may run at once)."""
     _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), close_store=False,
                        accept_changes=accept_changes))
-
-
-@main.command()
-@click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--check-models", is_flag=True, help="Also check that every model endpoint the config uses answers "
-              "and accepts the key and the model (one cheap request each).")
-@state_options
-@handle_errors
-def validate(config: str, check_models: bool, home: str, db: str) -> None:
-    """Check CONFIG as `pipeline run` does, and create nothing. Exit 0 when it is valid, 2 when
-    not. (It reads no state store: --home and --db are accepted like everywhere and not used.)"""
-    s = api.validate(config, check_models=check_models)
-    click.echo(f"OK: {config}: {s['name']}, {s['num_records']:,} records, {len(s['columns'])} columns: "
-               + ", ".join(s["columns"]))
-    for alias, m in s["models"].items():
-        state = "checked" if m["checked"] and not m["warning"] else "answered with a warning" if m["checked"] \
-            else "not checked (--check-models checks it)"
-        click.echo(f"{m['where']}: {state}; used by {', '.join(m['columns'])}")
 
 
 def _status_text(s: dict) -> str:
@@ -278,6 +258,24 @@ def graph(config: str, fmt: str, home: str, db: str) -> None:
         click.echo(g.to_json(cfg.num_records, cfg.row_group_size))
     else:
         click.echo(g.to_text(cfg.num_records, cfg.row_group_size))
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--check-models", is_flag=True, help="Also check that every model endpoint the config uses answers "
+              "and accepts the key and the model (one cheap request each).")
+@state_options
+@handle_errors
+def validate(config: str, check_models: bool, home: str, db: str) -> None:
+    """Check CONFIG as `pipeline run` does, and create nothing. Exit 0 when it is valid, 2 when
+    not. (It reads no state store: --home and --db are accepted like everywhere and not used.)"""
+    s = api.validate(config, check_models=check_models)
+    click.echo(f"OK: {config}: {s['name']}, {s['num_records']:,} records, {len(s['columns'])} columns: "
+               + ", ".join(s["columns"]))
+    for alias, m in s["models"].items():
+        state = "checked" if m["checked"] and not m["warning"] else "answered with a warning" if m["checked"] \
+            else "not checked (--check-models checks it)"
+        click.echo(f"{m['where']}: {state}; used by {', '.join(m['columns'])}")
 
 
 @main.command()

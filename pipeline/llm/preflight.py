@@ -4,11 +4,11 @@ model endpoint the config uses, all at once.
 Per model alias used by an ``llm_*`` column:
 
 1. ``GET {base_url}/models`` with the key. No answer (connection refused, DNS, timeout) refuses
-   the endpoint; 401 or 403 refuses the key. A 200 that lists the model settles it: no tokens
-   are spent.
-2. Otherwise (the model is not listed, or the route is missing, or another answer): one chat
-   completion naming the model with ``max_tokens: 1``. 401/403 refuses the key; 404 refuses the
-   model (no such model); no answer at all refuses the endpoint.
+   the endpoint. A 200 that lists the model settles it: no tokens are spent.
+2. Otherwise (the model is not listed, the route is missing, the key may not list models, or
+   another answer): one chat completion naming the model with ``max_tokens: 1``. 401/403
+   refuses the key; 404 refuses the model (no such model); no answer at all refuses the
+   endpoint.
 
 Any other answer (429, 5xx, another 4xx, a chat request that times out on a server that did
 answer step 1) does not refuse the run: it becomes a warning, and the engine deals with what
@@ -125,8 +125,8 @@ async def _probe(client: LlmClient, endpoint: ModelEndpoint, answered: list[bool
     if isinstance(outcome, _UNREACHABLE):
         return ModelCheck(alias, where, refusal=_unreachable(outcome, where))
     answered.append(True)
-    if _refuses_key(outcome):
-        return ModelCheck(alias, where, refusal=_key_refused(endpoint, outcome.status_code))
+    # A 401/403 here is not the last word: a key may be allowed to chat but not to list models
+    # (OpenAI's restricted keys). The chat request below decides.
     if not isinstance(outcome, Exception):
         listed = _model_ids(outcome.body)
         if listed is not None and endpoint.model in listed:
