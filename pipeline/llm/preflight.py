@@ -73,7 +73,7 @@ async def check_models_async(config: PipelineConfig) -> list[ModelCheck]:
     endpoints = _endpoints(config)
     if not endpoints:
         return []
-    client = LlmClient(max_connections=2)
+    client = LlmClient(max_connections=len(endpoints))  # every check at once, none queued behind another
     try:
         return list(await asyncio.gather(*(_check(client, e) for e in endpoints)))
     finally:
