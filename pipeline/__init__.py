@@ -4,7 +4,7 @@ in a SQL state store, so a killed run resumes exactly where it stopped."""
 
 from typing import TYPE_CHECKING
 
-from pipeline.api import export, list_runs, load_dataset, resume, retry, run, status
+from pipeline.api import export, list_runs, load_dataset, resume, retry, run, status, validate
 from pipeline.errors import PipelineError, RetryableError
 from pipeline.generators.base import Generator
 
@@ -33,4 +33,5 @@ __all__ = [
     "retry",
     "run",
     "status",
+    "validate",
 ]

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them.
 
 __all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "resume", "retry", "run", "status",
-           "validate_run_id"]
+           "validate", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -107,10 +107,14 @@ def _new_run_id(name: str) -> str:
 def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike | None = None,
         db: str | None = None, run_id: str | None = None, num_records: int | None = None,
         progress: Callable[[dict], None] | None = None, on_created: Callable[[str], None] | None = None,
-        trace: bool = False, start: bool = True, close_store: bool = True) -> RunResult:
+        trace: bool = False, start: bool = True, close_store: bool = True, check_models: bool = True) -> RunResult:
     """Validate ``config``, create the run and run it to the end (or until a signal).
-    With ``start=False`` the run is only created (status ``interrupted``): workers start it."""
+    With ``start=False`` the run is only created (status ``interrupted``): workers start it.
+    ``check_models`` first checks every model endpoint the config uses (pipeline.llm.preflight):
+    one that is unreachable or refuses the key or the model raises ModelCheckError, and
+    nothing is created."""
     from pipeline.config import PipelineConfig, load_config
+    from pipeline.fingerprints import fingerprints
     from pipeline.graph import build_graph
 
     cfg = config if isinstance(config, PipelineConfig) else load_config(config)
@@ -119,6 +123,11 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
     if run_id is not None:
         validate_run_id(run_id)
     graph = build_graph(cfg)
+    if check_models and cfg.used_models():
+        from pipeline.llm.preflight import preflight
+
+        preflight(cfg)
+    prints = fingerprints(cfg, graph)
     home_path, store = open_state(home, db)
     try:
         rid = run_id or _new_run_id(cfg.name)
@@ -126,7 +135,8 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
             run_id=rid, name=cfg.name, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
             seed=cfg.seed, config=cfg.to_json(), fingerprint=cfg.fingerprint(),
             columns=[ColumnSpec(c, graph.producer[c], graph.by_name[graph.producer[c]].strategy, i)
-                     for i, c in enumerate(graph.columns)]))
+                     for i, c in enumerate(graph.columns)],
+            fingerprints=[(kind, name, digest) for (kind, name), digest in prints.items()]))
         with _Signals() as signals:
             try:
                 (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
@@ -146,22 +156,26 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
 
 def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None,
            progress: Callable[[dict], None] | None = None, trace: bool = False,
-           close_store: bool = True, repair: bool = False) -> RunResult:
+           close_store: bool = True, repair: bool = False, accept_changes: bool = False) -> RunResult:
     """Continue a run exactly where it stopped (also: join it as one more worker).
 
     ``repair``: first check every checkpointed row-group file against the size and SHA-256
     its checkpoint recorded, and compute again the row groups whose file is missing or does
-    not match (``result.extra["repaired"]``: ``[{"row_group", "path", "problem"}]``)."""
+    not match (``result.extra["repaired"]``: ``[{"row_group", "path", "problem"}]``).
+    Raises FilesChangedError when a python module or seed file the run reads changed since it
+    started, unless ``accept_changes`` (pipeline.fingerprints.check_changed_files)."""
     return _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
-                   repair=repair)
+                   repair=repair, accept_changes=accept_changes)
 
 
 def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
             progress: Callable[[dict], None] | None, trace: bool, close_store: bool, repair: bool = False,
+            accept_changes: bool = False,
             before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None = None) -> RunResult:
-    """resume, and retry: ``before(store, run info, config, home)`` runs first and may end it
-    with its own result."""
+    """resume, and retry: the changed-files check first (nothing changes if it refuses), then
+    ``before(store, run info, config, home)``, which may end it with its own result."""
     from pipeline.config import config_from_json
+    from pipeline.fingerprints import check_changed_files
 
     validate_run_id(run_id)
     _require_run_store(home, db, run_id)
@@ -169,6 +183,7 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
     try:
         info = store.get_run(run_id)
         cfg = config_from_json(info.config)
+        check_changed_files(store, run_id, cfg, accept_changes)  # before anything is changed or computed
         extra: dict = {}
         if repair:
             from pipeline.dataset import check_files
@@ -275,7 +290,7 @@ def _interrupted(store: Store, run_id: str, signum: int) -> RunResult:
 def retry(run_id: str, *, columns: str | list[str] | None = None, error: str | None = None,
           home: str | os.PathLike | None = None, db: str | None = None,
           progress: Callable[[dict], None] | None = None, trace: bool = False, close_store: bool = True,
-          on_reopened: Callable[[Reopened], None] | None = None) -> RunResult:
+          on_reopened: Callable[[Reopened], None] | None = None, accept_changes: bool = False) -> RunResult:
     """Reopen the failed tasks of a run, with the records and row groups they dropped, and
     continue it as :func:`resume` does (contract section 9). ``columns``: only the failed tasks
     of these generators (a generator's name or one of its output columns); ``error``: only those
@@ -311,7 +326,7 @@ def retry(run_id: str, *, columns: str | list[str] | None = None, error: str | N
         return None
 
     result = _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
-                     before=reopen)
+                     accept_changes=accept_changes, before=reopen)
     result.extra.update(extra)
     return result
 
@@ -560,3 +575,26 @@ def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
     dataset.write(out, fmt)
     return {"records": dataset.num_rows, "complete": dataset.complete, "path": str(out), "format": fmt}
 
+
+def validate(config: PipelineConfig | str | os.PathLike, *, check_models: bool = False) -> dict[str, Any]:
+    """Everything ``run`` checks before it creates a run, and nothing created: the config
+    (ConfigError), and with ``check_models`` its model endpoints (ModelCheckError). Returns
+    ``{"name", "num_records", "columns": [output columns], "models": {alias: {"where", "model",
+    "columns", "checked", "warning"}}}`` (models in use only; ``where`` names alias and URL,
+    without credentials)."""
+    from pipeline.config import PipelineConfig, load_config
+    from pipeline.graph import build_graph
+
+    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    build_graph(cfg)
+    checks, models = {}, {}
+    if cfg.used_models():
+        from pipeline.llm.client import ModelEndpoint
+        from pipeline.llm.preflight import preflight
+
+        checks = {c.alias: c for c in preflight(cfg)} if check_models else {}
+        models = {alias: {"where": ModelEndpoint.from_config(alias, cfg.models[alias]).where,
+                          "model": cfg.models[alias].model, "columns": users, "checked": alias in checks,
+                          "warning": checks[alias].warning if alias in checks else None}
+                  for alias, users in cfg.used_models().items()}
+    return {"name": cfg.name, "num_records": cfg.num_records, "columns": cfg.output_columns(), "models": models}

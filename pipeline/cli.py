@@ -2,7 +2,8 @@
 
 Exit codes: 0 complete; 1 the run ended failed (its error rate, a model that stayed down, a
 checkpoint that cannot be written; resumable); 2 bad usage, bad config, unknown or taken run id,
-a damaged row-group file at export; 130 after SIGINT; 143 after SIGTERM.
+a model endpoint refused by the preflight, files changed since the run started, a damaged
+row-group file at export; 130 after SIGINT; 143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ sys.excepthook = excepthook  # a traceback that escapes is printed redacted too
 
 EXIT_OK, EXIT_FAILED = 0, 1  # 2 comes from PipelineError.exit_code
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+ACCEPT_CHANGES_HELP = ("Go on although a python module or seed file changed since the run started: keep every "
+                       "recorded cell, compute the rest with the files as they are now (recorded in run_changes).")
 
 
 def state_options(fn: Callable) -> Callable:
@@ -158,10 +161,12 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--create-only", is_flag=True, help="Create the run and exit; start it with `pipeline worker`.")
 @click.option("--trace", is_flag=True, help="Write per-task timings to <home>/runs/<id>/traces.jsonl.")
+@click.option("--no-check-models", is_flag=True,
+              help="Skip the check of the model endpoints (reachable, key and model accepted) before the run is created.")
 @state_options
 @handle_errors
 def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, create_only: bool, trace: bool,
-        home: str, db: str) -> None:
+        no_check_models: bool, home: str, db: str) -> None:
     """Validate CONFIG, create a run and run it to the end.
 
     Prints `run_id: <id>` as the first line of stdout."""
@@ -171,7 +176,7 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 
     result = api.run(config, home=home, db=db, run_id=run_id, num_records=num_records, on_created=created,
                      progress=None if quiet else Progress(), start=not create_only, trace=trace,
-                     close_store=create_only)
+                     close_store=create_only, check_models=not no_check_models)
     if result.status == "created":
         click.echo(f"created run {result.run_id}; start it with `pipeline worker {result.run_id}`", err=True)
         return
@@ -184,12 +189,13 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 @click.option("--trace", is_flag=True, help="Append per-task timings to <home>/runs/<id>/traces.jsonl.")
 @click.option("--repair", is_flag=True,
               help="Check every row-group file (size, SHA-256) and compute again those missing or damaged.")
+@click.option("--accept-changes", is_flag=True, help=ACCEPT_CHANGES_HELP)
 @state_options
 @handle_errors
-def resume(run_id: str, quiet: bool, trace: bool, repair: bool, home: str, db: str) -> None:
+def resume(run_id: str, quiet: bool, trace: bool, repair: bool, accept_changes: bool, home: str, db: str) -> None:
     """Continue RUN_ID exactly where it stopped."""
     result = api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace,
-                        close_store=False, repair=repair)
+                        close_store=False, repair=repair, accept_changes=accept_changes)
     if repair:
         repaired = result.extra.get("repaired", [])
         for d in repaired:
@@ -202,12 +208,13 @@ def resume(run_id: str, quiet: bool, trace: bool, repair: bool, home: str, db: s
 @main.command()
 @click.argument("run_id")
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--accept-changes", is_flag=True, help=ACCEPT_CHANGES_HELP)
 @state_options
 @handle_errors
-def worker(run_id: str, quiet: bool, home: str, db: str) -> None:
+def worker(run_id: str, quiet: bool, accept_changes: bool, home: str, db: str) -> None:
     """Join RUN_ID as one more worker (several may run at once)."""
-    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), close_store=False),
-            home, db)
+    _finish(api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), close_store=False,
+                       accept_changes=accept_changes), home, db)
 
 
 @main.command()
@@ -217,10 +224,11 @@ def worker(run_id: str, quiet: bool, home: str, db: str) -> None:
 @click.option("--error", default=None, metavar="TEXT", help="Only the failed tasks whose last error contains TEXT.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--trace", is_flag=True, help="Append per-task timings to <home>/runs/<id>/traces.jsonl.")
+@click.option("--accept-changes", is_flag=True, help=ACCEPT_CHANGES_HELP)
 @state_options
 @handle_errors
-def retry(run_id: str, columns: tuple[str, ...], error: str | None, quiet: bool, trace: bool, home: str,
-          db: str) -> None:
+def retry(run_id: str, columns: tuple[str, ...], error: str | None, quiet: bool, trace: bool, accept_changes: bool,
+          home: str, db: str) -> None:
     """Reopen the failed tasks of RUN_ID (all, or those matching --column/--error) with the
     records they dropped, then continue the run as `resume` does."""
     def reopened(r: api.Reopened) -> None:
@@ -230,7 +238,8 @@ def retry(run_id: str, columns: tuple[str, ...], error: str | None, quiet: bool,
                        f"{r.records:,} record(s) back in the run", err=True)
 
     result = api.retry(run_id, columns=list(columns) or None, error=error, home=home, db=db, trace=trace,
-                       progress=None if quiet else Progress(), close_store=False, on_reopened=reopened)
+                       progress=None if quiet else Progress(), close_store=False, on_reopened=reopened,
+                       accept_changes=accept_changes)
     if result.extra.get("nothing_to_retry"):
         click.echo(f"run {run_id} has no failed task{' matching' if columns or error else ''} to retry; "
                    "nothing changed", err=True)
@@ -339,6 +348,24 @@ def graph(config: str, fmt: str, home: str, db: str) -> None:
         click.echo(g.to_json(cfg.num_records, cfg.row_group_size))
     else:
         click.echo(g.to_text(cfg.num_records, cfg.row_group_size))
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--check-models", is_flag=True, help="Also check that every model endpoint the config uses answers "
+              "and accepts the key and the model (one cheap request each).")
+@state_options
+@handle_errors
+def validate(config: str, check_models: bool, home: str, db: str) -> None:
+    """Check CONFIG as `pipeline run` does, and create nothing. Exit 0 when it is valid, 2 when
+    not. (It reads no state store: --home and --db are accepted like everywhere and not used.)"""
+    s = api.validate(config, check_models=check_models)
+    click.echo(f"OK: {config}: {s['name']}, {s['num_records']:,} records, {len(s['columns'])} columns: "
+               + ", ".join(s["columns"]))
+    for alias, m in s["models"].items():
+        state = "checked" if m["checked"] and not m["warning"] else "answered with a warning" if m["checked"] \
+            else "not checked (--check-models checks it)"
+        click.echo(f"{m['where']}: {state}; used by {', '.join(m['columns'])}")
 
 
 @main.command()

@@ -16,6 +16,9 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── UnknownColumnError             a column name the run does not have (`retry --column`)
     ├── DamagedFileError               a checkpointed row-group file is missing or damaged
     ├── ExportError                    the export file could not be written (the target is unchanged)
+    ├── ModelCheckError                a model endpoint the config uses is unreachable, or refuses
+    │                                  the key or the model (the preflight of `run`/`validate`)
+    ├── FilesChangedError              a python module or seed file changed since the run started
     └── GenerationError                a generator failed; carries the original as __cause__
 
     RetryableError                     raise it (or TimeoutError / ConnectionError) from a
@@ -34,9 +37,11 @@ __all__ = [
     "DamagedFileError",
     "EngineError",
     "ExportError",
+    "FilesChangedError",
     "GenerationError",
     "InvalidRunIdError",
     "LeaseLostError",
+    "ModelCheckError",
     "ModelConnectionError",
     "ModelRateLimitError",
     "ModelServerError",
@@ -111,6 +116,16 @@ class DamagedFileError(PipelineError):
 
 class ExportError(PipelineError):
     """The export could not be written; whatever was at the target path is unchanged."""
+
+
+class ModelCheckError(PipelineError):
+    """A model endpoint the config uses cannot be reached, or refuses the key or the model
+    (pipeline.llm.preflight). The message names the alias and the URL, never the key."""
+
+
+class FilesChangedError(PipelineError):
+    """A python module or seed file the run reads changed since the run started
+    (pipeline.fingerprints). The message names the files and says what --accept-changes does."""
 
 
 class GenerationError(PipelineError):

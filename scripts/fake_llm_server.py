@@ -26,7 +26,11 @@ Faults, deterministic per (model, messages, attempt number):
   (invalid JSON or wrong-typed JSON, by request).
 - ``burst_429`` (``MODEL:START_S:DURATION_S``, repeatable; MODEL ``*`` is every model): every
   request for that model gets 429 with ``Retry-After: 0`` during that window after start.
-- ``require_key``: requests without ``Authorization: Bearer <key>`` get 401.
+- ``require_key``: requests without ``Authorization: Bearer <key>`` get 401 (``GET /v1/models``
+  too).
+- ``models`` (``--models a,b``): the models it serves. ``GET /v1/models`` lists them, and a chat
+  request naming another model gets 404 (``model_not_found``), as OpenAI answers. Without it,
+  every model is served, and the list holds the models asked for so far.
 - As OpenAI, a ``json_schema`` with ``strict: true`` whose objects are not closed
   (``additionalProperties: false``) with every property required gets 400.
 - Markers in a message, for tests of single responses: ``[[status:NNN]]`` answers with that
@@ -38,7 +42,11 @@ Faults, deterministic per (model, messages, attempt number):
 - ``echo_auth``: every error body quotes the request's Authorization header.
 
 Every answer, faults included, comes after the latency. ``GET /stats`` returns, per model,
-requests, 429s, 5xx and the highest number of requests in flight at once. Nothing is logged:
+requests, 429s, 5xx and the highest number of requests in flight at once (``models``). Requests
+of pipeline's model preflight (header ``X-Pipeline-Preflight``) are counted apart, so that the
+counts of ``models`` are the run's own calls: ``preflight`` holds ``list_models`` (every ``GET
+/v1/models``) and ``models`` (the preflight's chat requests, per model, the same fields).
+Chat requests for a model it does not serve count in ``unknown_model``. Nothing is logged:
 least of all the Authorization header (only echoed back to its sender, when asked to).
 """
 
@@ -94,8 +102,10 @@ class FakeOptions:
     burst_429: tuple[Burst, ...] = ()
     require_key: str | None = None
     echo_auth: bool = False
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.models = tuple(self.models)
         self.burst_429 = tuple(b if isinstance(b, Burst) else Burst.parse(b) for b in self.burst_429)
         if not 0.0 <= self.rate_429 + self.rate_503 <= 1.0:
             raise ValueError("rate_429 + rate_503 must be within 0..1")
@@ -129,6 +139,9 @@ class FakeLlmServer:
         self._connections: set[_Connection] = set()
         self._attempts: dict[str, int] = {}
         self._stats: dict[str, _ModelStats] = {}
+        self._preflight: dict[str, _ModelStats] = {}  # the preflight's chat requests, kept apart
+        self._list_models = 0
+        self._unknown_model = 0
         self._started = time.monotonic()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -150,6 +163,9 @@ class FakeLlmServer:
         return {
             "uptime_s": round(time.monotonic() - self._started, 3),
             "models": {name: vars(s).copy() for name, s in sorted(self._stats.items())},
+            "preflight": {"list_models": self._list_models,
+                          "models": {name: vars(s).copy() for name, s in sorted(self._preflight.items())}},
+            "unknown_model": self._unknown_model,
         }
 
     def answer(self, method: str, path: str, headers: dict, body: bytes) -> tuple[float, int, dict, Any, Callable | None]:
@@ -158,17 +174,24 @@ class FakeLlmServer:
         if method == "GET" and path == "/stats":
             return 0.0, 200, {}, self.stats(), None
         if method == "GET" and path in ("/v1/models", "/models"):
-            models = [{"id": m, "object": "model"} for m in sorted(self._stats)]
+            self._list_models += 1
+            if not self._key_ok(headers):
+                return 0.0, 401, {}, _error("missing or wrong API key", "invalid_api_key"), None
+            models = [{"id": m, "object": "model"} for m in (self.options.models or sorted(self._stats))]
             return 0.0, 200, {}, {"object": "list", "data": models}, None
         if method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
             return self._chat(headers, body)
         return 0.0, 404, {}, _error(f"no route for {method} {path}", "not_found"), None
 
+    def _key_ok(self, headers: dict) -> bool:
+        key = self.options.require_key
+        return not key or hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {key}".encode())
+
     def _chat(self, headers: dict, body: bytes) -> tuple[float, int, dict, Any, Callable | None]:
         options = self.options
         auth = headers.get("authorization", "")
         echo = f"; you sent Authorization: {auth}" if options.echo_auth else ""
-        if options.require_key and not hmac.compare_digest(auth.encode(), f"Bearer {options.require_key}".encode()):
+        if not self._key_ok(headers):
             return 0.0, 401, {}, _error("missing or wrong API key" + echo, "invalid_api_key"), None
         try:
             request = json.loads(body)
@@ -183,9 +206,13 @@ class FakeLlmServer:
             return 0.0, 400, {}, _error("invalid schema for strict mode: every object needs "
                                         "additionalProperties: false and all properties required",
                                         "invalid_request_error"), None
-        stats = self._stats.get(model)
+        if options.models and model not in options.models:
+            self._unknown_model += 1
+            return 0.0, 404, {}, _error(f"The model `{model}` does not exist", "model_not_found"), None
+        table = self._preflight if "x-pipeline-preflight" in headers else self._stats
+        stats = table.get(model)
         if stats is None:
-            stats = self._stats[model] = _ModelStats()
+            stats = table[model] = _ModelStats()
         stats.requests += 1
         stats.in_flight += 1
         if stats.in_flight > stats.max_in_flight:
@@ -562,6 +589,8 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--require-key", metavar="KEY", help="answer 401 without 'Authorization: Bearer KEY'")
     parser.add_argument("--echo-auth", action="store_true", help="quote the Authorization header in error bodies")
+    parser.add_argument("--models", metavar="A,B", default="",
+                        help="serve only these models: list them, and 404 chat requests for others")
     return parser.parse_args(list(argv) if argv is not None else None)
 
 
@@ -577,6 +606,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         burst_429=tuple(args.burst_429),
         require_key=args.require_key,
         echo_auth=args.echo_auth,
+        models=tuple(m for m in args.models.split(",") if m),
     )
 
     async def serve() -> None:

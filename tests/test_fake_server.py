@@ -219,3 +219,19 @@ def test_connections_are_kept_alive(serve):
             response = client.post(url + "/chat/completions", json=chat(str(i)))
             assert response.status_code == 200
             assert response.headers["Connection"] == "keep-alive"
+
+
+def test_served_models_are_listed_and_others_get_404_and_preflight_requests_are_counted_apart(serve, http_client):
+    url = serve(models=("m1", "m2"), require_key="k")
+    auth = {"Authorization": "Bearer k"}
+    assert http_client.get(url + "/models").status_code == 401
+    listed = http_client.get(url + "/models", headers=auth).json()
+    assert [m["id"] for m in listed["data"]] == ["m1", "m2"]
+    unknown = post(url, chat("hi", model="m3"), headers=auth)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert post(url, chat("hi", model="m1", max_tokens=1), headers={**auth, "X-Pipeline-Preflight": "1"}).status_code == 200
+    assert post(url, chat("hi", model="m1"), headers=auth).status_code == 200
+    stats = http_client.get(url.removesuffix("/v1") + "/stats").json()
+    assert stats["models"]["m1"]["requests"] == 1 and "m3" not in stats["models"]
+    assert stats["preflight"]["list_models"] == 2 and stats["preflight"]["models"]["m1"]["requests"] == 1
+    assert stats["unknown_model"] == 1

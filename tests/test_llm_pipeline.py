@@ -298,8 +298,14 @@ def test_the_api_key_never_reaches_the_store_the_home_folder_or_any_output(tmp_p
     check_three_columns_values(rows)
     assert server_stats(url)["models"]["writer-model"]["requests"] == 2 * records
 
-    # A wrong key: HTTP 401 fails the cells for good (no retry), and the run stops on its error rate.
+    # A wrong key: the model preflight refuses the run (exit 2, no run created).
     proc = cli("run", str(cfg), "--run-id", "wrong-key", home=home, env=wrong_env)
+    outputs.append(proc)
+    assert_ran(proc, 2)
+    assert "HTTP 401" in proc.stderr and "wrong-key" not in {r["run_id"] for r in sql_json(
+        "select run_id from runs", home, env=good_env, outputs=outputs)}
+    # Past the preflight, HTTP 401 fails the cells for good (no retry), and the run stops on its error rate.
+    proc = cli("run", str(cfg), "--run-id", "wrong-key", "--no-check-models", home=home, env=wrong_env)
     outputs.append(proc)
     assert_ran(proc, 1)
     tasks = sql_json("select column_name, state, attempts, last_error from tasks where run_id = 'wrong-key' "
@@ -366,7 +372,8 @@ def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recove
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            result = pipeline.run(cfg, home=tmp_path / "home", run_id="burst")
+            # The burst is timed from the server's start: nothing but the run in between.
+            result = pipeline.run(cfg, home=tmp_path / "home", run_id="burst", check_models=False)
         finally:
             halt.set()
             sampler.join(timeout=10)

@@ -103,6 +103,14 @@ def shuffle_permutation(n: int, seed: int, name: str) -> np.ndarray:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 (hex) of the file's bytes. Kept per process while the file's size, modification
+    time and inode stay the same, so that a run's fingerprints read a big seed file once."""
+    stat = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, mtime_ns: int, size: int, inode: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

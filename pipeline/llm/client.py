@@ -206,12 +206,27 @@ class LlmClient:
             raise outcome
         return _parse_completion(endpoint, outcome)
 
-    async def _post(self, endpoint: ModelEndpoint, body: bytes) -> _Answer | Exception:
+    async def request(
+        self, endpoint: ModelEndpoint, method: str, path: str, payload: Any = None,
+        *, headers: Mapping[str, str] | None = None,
+    ) -> _Answer | Exception:
+        """One raw exchange, for checks such as the preflight (:mod:`pipeline.llm.preflight`):
+        ``method`` on ``base_url + path`` with ``payload`` as JSON (if any) and the key.
+
+        Returns the answer (status below 300: ``status_code``, ``headers``, ``body``) or the
+        error of the module docstring for any other outcome; never raises but cancellation.
+        """
+        body = None if payload is None else json.dumps(payload).encode()
+        url = endpoint.base_url.rstrip("/") + path
+        return await self._post(endpoint, body, method=method, url=url, extra_headers=headers)
+
+    async def _post(self, endpoint: ModelEndpoint, body: bytes | None, *, method: str = "POST",
+                    url: str | None = None, extra_headers: Mapping[str, str] | None = None) -> _Answer | Exception:
         # Returns the error instead of raising it: this frame holds the key (in the headers),
         # and a frame that raises ends up in tracebacks that some loggers print with locals.
         # For the same reason every exception of the HTTP layer is caught here: its traceback
         # runs through aiohttp frames whose locals hold the request headers.
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        headers = {"Accept": "application/json", "Content-Type": "application/json", **(extra_headers or {})}
         if endpoint.api_key_env:
             key = os.environ.get(endpoint.api_key_env)
             if not key:
@@ -223,13 +238,13 @@ class LlmClient:
             headers["Authorization"] = f"Bearer {key}"
             del key
         session, one_off = await self._session_for_running_loop()
-        url = endpoint.url
+        url = url or endpoint.url
         try:
             # Bounds the whole exchange, body included: a server that trickles bytes cannot
             # hold a permit for ever.
             async with asyncio.timeout(endpoint.timeout_s):
-                async with session.post(
-                    url, data=body, headers=headers, proxy=self._proxy_for(url), allow_redirects=False
+                async with session.request(
+                    method, url, data=body, headers=headers, proxy=self._proxy_for(url), allow_redirects=False
                 ) as response:
                     answer = _Answer(response.status, response.headers, await response.read())
         except TimeoutError:  # asyncio's, and aiohttp's connect/read timeouts

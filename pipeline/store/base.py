@@ -100,6 +100,8 @@ class NewRun:
     config: str  # the config as JSON text, so that resume needs no file
     fingerprint: str
     columns: Sequence[ColumnSpec]
+    #: ``(kind, name, digest)`` rows of ``run_fingerprints`` (pipeline.fingerprints).
+    fingerprints: Sequence[tuple[str, str, str]] = ()
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,15 @@ class Store(Protocol):
 
     def set_run_status(self, run_id: str, status: str) -> None:
         """Sets status and updated_at; ``complete`` also sets finished_at."""
+
+    def run_fingerprints(self, run_id: str) -> dict[tuple[str, str], str]:
+        """``{(kind, name): digest}`` recorded for the run (empty for runs made before them)."""
+
+    def replace_fingerprints(self, run_id: str, fingerprints: Sequence[tuple[str, str, str]],
+                             changes: Sequence[tuple[str, str, str | None, str | None, str]]) -> None:
+        """In one transaction: the run's fingerprints become ``(kind, name, digest)`` rows, and
+        each ``(kind, name, old_digest, new_digest, detail)`` of ``changes`` is added to
+        ``run_changes`` (at the current time)."""
 
     # -- workers and leases ---------------------------------------------------------------
     def register_worker(self, run_id: str) -> None:

@@ -58,6 +58,8 @@ class MemoryStore:
                 "dropped": {},  # rg -> set of row indexes
                 "workers": {},
                 "usage": {},  # (model, generator) -> dict
+                "fingerprints": {(k, n): d for k, n, d in run.fingerprints},
+                "changes": [],  # dicts, as the rows of run_changes
             }
 
     def get_run(self, run_id: str) -> RunInfo:
@@ -76,6 +78,20 @@ class MemoryStore:
             info["updated_at"] = time.time()
             if status == "complete":
                 info["finished_at"] = info["updated_at"]
+
+    def run_fingerprints(self, run_id: str) -> dict[tuple[str, str], str]:
+        with self._lock:
+            return dict(self._run(run_id)["fingerprints"])
+
+    def replace_fingerprints(self, run_id: str, fingerprints: Sequence[tuple[str, str, str]],
+                             changes: Sequence[tuple[str, str, str | None, str | None, str]]) -> None:
+        with self._lock:
+            run = self._run(run_id)
+            run["fingerprints"] = {(k, n): d for k, n, d in fingerprints}
+            now = time.time()
+            for kind, name, old, new, detail in changes:
+                run["changes"].append(dict(change_id=len(run["changes"]) + 1, run_id=run_id, changed_at=now,
+                                           kind=kind, name=name, old_digest=old, new_digest=new, detail=detail))
 
     # -- workers and leases ---------------------------------------------------------------
     def register_worker(self, run_id: str) -> None:

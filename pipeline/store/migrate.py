@@ -30,13 +30,11 @@ __all__ = ["alembic_config", "current", "downgrade", "ensure_schema", "head", "u
 
 
 def _script_location() -> str:
-    # A source tree run through PYTHONPATH keeps its migrations beside the package: use those,
-    # so that the schema always matches the code, whichever `pipeline` is installed.
-    import pipeline
-
-    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(pipeline.__file__))), "migrations")
-    if os.path.isfile(os.path.join(beside, "env.py")):
-        return beside
+    # In a source tree, the migrations beside this `pipeline` package: an editable install maps
+    # pipeline_migrations to the tree it was installed from, which may be another checkout.
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "migrations")
+    if os.path.isfile(os.path.join(beside, "env.py")) and os.path.isdir(os.path.join(beside, "versions")):
+        return os.path.normpath(beside)
     import pipeline_migrations
 
     return os.path.dirname(os.path.abspath(pipeline_migrations.__file__))

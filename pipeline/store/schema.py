@@ -32,6 +32,14 @@ Times are Unix seconds stored as floating point numbers (``time.time()``). To re
     Dropped records, kept after the checkpoint; ``rows_dropped`` counts them per row group.
 ``workers``
     Processes working on a run, with their heartbeat.
+``run_fingerprints``
+    What the run's values were computed from (:mod:`pipeline.fingerprints`): ``kind = 'file'``
+    rows name a python module or seed file by absolute path with the sha256 of its bytes;
+    ``kind = 'column'`` rows name a generator with the fingerprint of its definition and inputs.
+``run_changes``
+    One row per change accepted into a run (``resume --accept-changes``): ``kind = 'file'``,
+    the file's ``name``, its digest before and after (NULL: not read before / gone) and a
+    ``detail`` in words.
 view ``column_progress``
     Progress per output column, counted in records (see :data:`COLUMN_PROGRESS_SQL`).
 """
@@ -50,6 +58,8 @@ __all__ = [
     "tasks",
     "dropped_records",
     "workers",
+    "run_fingerprints",
+    "run_changes",
 ]
 
 # Named constraints so that migrations can refer to (and later alter) them on every database.
@@ -202,6 +212,29 @@ workers = sa.Table(
     sa.Column("owner", sa.Text, primary_key=True),
     sa.Column("heartbeat_at", Time, nullable=False),
     sa.Column("started_at", Time, nullable=False),
+)
+
+run_fingerprints = sa.Table(
+    "run_fingerprints",
+    metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), primary_key=True),
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.CheckConstraint(_one_of("kind", ("file", "column")), name="kind"),
+)
+
+run_changes = sa.Table(
+    "run_changes",
+    metadata,
+    sa.Column("change_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), nullable=False),
+    sa.Column("changed_at", Time, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("old_digest", sa.String(64), nullable=True),
+    sa.Column("new_digest", sa.String(64), nullable=True),
+    sa.Column("detail", sa.Text, nullable=False),
 )
 
 #: The ``column_progress`` view, in SQL that SQLite and PostgreSQL both accept. Migration 0001

@@ -175,6 +175,7 @@ class SqlStore:
                 ]
                 if groups:
                     conn.execute(schema.row_groups.insert(), groups)
+                self._insert_fingerprints(conn, run.run_id, run.fingerprints)
         except sa_exc.IntegrityError as exc:
             with self._reader.connect() as conn:
                 if self._has_run(conn, run.run_id):  # another process created it since our check
@@ -216,6 +217,34 @@ class SqlStore:
         with self._engine.begin() as conn:
             if conn.execute(runs.update().where(runs.c.run_id == run_id).values(changes)).rowcount == 0:
                 raise RunNotFoundError(f"no run with id {run_id!r} in {self.url_text}")
+
+    @staticmethod
+    def _insert_fingerprints(conn: Connection, run_id: str, rows: Sequence[tuple[str, str, str]]) -> None:
+        if rows:
+            conn.execute(schema.run_fingerprints.insert(),
+                         [{"run_id": run_id, "kind": k, "name": n, "digest": d} for k, n, d in rows])
+
+    @_translate_errors
+    def run_fingerprints(self, run_id: str) -> dict[tuple[str, str], str]:
+        f = schema.run_fingerprints
+        with self._reader.connect() as conn:
+            rows = conn.execute(sa.select(f.c.kind, f.c.name, f.c.digest).where(f.c.run_id == run_id))
+            return {(kind, name): digest for kind, name, digest in rows}
+
+    @_translate_errors
+    def replace_fingerprints(self, run_id: str, fingerprints: Sequence[tuple[str, str, str]],
+                             changes: Sequence[tuple[str, str, str | None, str | None, str]]) -> None:
+        f = schema.run_fingerprints
+        with self._engine.begin() as conn:
+            if not self._has_run(conn, run_id):
+                raise RunNotFoundError(f"no run with id {run_id!r} in {self.url_text}")
+            conn.execute(f.delete().where(f.c.run_id == run_id))
+            self._insert_fingerprints(conn, run_id, fingerprints)
+            if changes:
+                now = time.time()
+                conn.execute(schema.run_changes.insert(), [
+                    {"run_id": run_id, "changed_at": now, "kind": kind, "name": name, "old_digest": old,
+                     "new_digest": new, "detail": detail} for kind, name, old, new, detail in changes])
 
     # -- workers and leases ----------------------------------------------------------------
 
