@@ -43,9 +43,10 @@ Faults, deterministic per (model, messages, attempt number):
 
 Every answer, faults included, comes after the latency. ``GET /stats`` returns, per model,
 requests, 429s, 5xx and the highest number of requests in flight at once (``models``). Requests
-of pipeline's model preflight (header ``X-Pipeline-Preflight``) are counted apart, so that the
-counts of ``models`` are the run's own calls: ``preflight`` holds ``list_models`` (every ``GET
-/v1/models``) and ``models`` (the preflight's chat requests, per model, the same fields).
+of pipeline's model preflight and of its health probes (headers ``X-Pipeline-Preflight``,
+``X-Pipeline-Probe``) are counted apart, so that the counts of ``models`` are the run's own
+calls: ``preflight`` holds ``list_models`` (every ``GET /v1/models``) and ``models`` (the
+preflight's chat requests, per model, the same fields); ``probes`` the probes, per model.
 Chat requests for a model it does not serve count in ``unknown_model``. Nothing is logged:
 least of all the Authorization header (only echoed back to its sender, when asked to).
 """
@@ -140,6 +141,7 @@ class FakeLlmServer:
         self._attempts: dict[str, int] = {}
         self._stats: dict[str, _ModelStats] = {}
         self._preflight: dict[str, _ModelStats] = {}  # the preflight's chat requests, kept apart
+        self._probes: dict[str, _ModelStats] = {}  # the engine's health probes, kept apart
         self._list_models = 0
         self._unknown_model = 0
         self._started = time.monotonic()
@@ -165,6 +167,7 @@ class FakeLlmServer:
             "models": {name: vars(s).copy() for name, s in sorted(self._stats.items())},
             "preflight": {"list_models": self._list_models,
                           "models": {name: vars(s).copy() for name, s in sorted(self._preflight.items())}},
+            "probes": {name: vars(s).copy() for name, s in sorted(self._probes.items())},
             "unknown_model": self._unknown_model,
         }
 
@@ -209,7 +212,8 @@ class FakeLlmServer:
         if options.models and model not in options.models:
             self._unknown_model += 1
             return 0.0, 404, {}, _error(f"The model `{model}` does not exist", "model_not_found"), None
-        table = self._preflight if "x-pipeline-preflight" in headers else self._stats
+        table = (self._preflight if "x-pipeline-preflight" in headers
+                 else self._probes if "x-pipeline-probe" in headers else self._stats)
         stats = table.get(model)
         if stats is None:
             stats = table[model] = _ModelStats()

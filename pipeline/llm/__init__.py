@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 
+PROBE_HEADER = {"X-Pipeline-Probe": "1"}
+
+
 class LlmRuntime:
     """The shared client and the per-alias limits of one config's ``models``."""
 
@@ -62,15 +65,17 @@ class LlmRuntime:
             limit.attach_health(ModelHealth(endpoint.where, probe=lambda e=endpoint: self.probe(e)))
 
     async def probe(self, endpoint: ModelEndpoint) -> str:
-        """One cheap request (a one-token chat completion naming the model): ``ANSWERED`` when
-        the endpoint answers anything but 429 or an outage, else ``RATE_LIMITED`` / ``OUTAGE``."""
-        try:
-            await self.client.complete(endpoint, [{"role": "user", "content": "ping"}], max_tokens=1)
-        except ModelRateLimitError:
+        """One cheap request (a one-token chat completion naming the model, with the header
+        ``X-Pipeline-Probe: 1`` so a server can tell it from the run's calls): ``ANSWERED``
+        when the endpoint answers anything but 429 or an outage, else ``RATE_LIMITED`` /
+        ``OUTAGE``. Not counted in ``model_usage``."""
+        payload = {"model": endpoint.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+        outcome = await self.client.request(endpoint, "POST", "/chat/completions", payload, headers=PROBE_HEADER)
+        if isinstance(outcome, ModelRateLimitError):
             return RATE_LIMITED
-        except Exception as exc:  # a 4xx or an unusable answer: it answered
-            return OUTAGE if is_outage(exc) else ANSWERED
-        return ANSWERED
+        if isinstance(outcome, Exception) and is_outage(outcome):
+            return OUTAGE
+        return ANSWERED  # an answer, or a 4xx: it answers
 
     def __repr__(self) -> str:
         return f"LlmRuntime(models={sorted(self.endpoints)})"
