@@ -45,7 +45,8 @@ from pipeline.engine.tracker import Plan, RowGroupTracker
 from pipeline.engine.failures import FailureLog
 from pipeline.errors import EngineError, ModelRateLimitError, StoreError, is_outage, is_retryable
 from pipeline.generators.base import task_usage
-from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, RowGroupClaim, Store
+from pipeline import values
+from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, STATE, RowGroupClaim, Store
 
 __all__ = ["Scheduler", "SchedulerOptions", "TaskTrace"]
 
@@ -90,9 +91,13 @@ class Scheduler:
         self._live: dict[int, _RowGroup] = {}
         self._ready: collections.deque = collections.deque()
         self._limited: dict[Any, collections.deque] = {}
+        # Stateful generators that implement state_dict(): their state is recorded with each of
+        # their DONE events and restored before their first task in a process (resume, takeover).
+        self._state_idx = {n.index for n in plan.stateful if getattr(n.gen, "keeps_state", False)}
+        self._gen_at: dict[int, int] = {}  # stateful generator -> row group its in-memory state is at
         self._stateful = StatefulLanes((n.index for n in plan.stateful), poll_s=opts.poll_s, on_news=self._pump,
-                                       look=lambda: self.journal.call(self.store.row_groups, self.run_id)
-                                       ) if plan.stateful else None
+                                       look=lambda: self.journal.call(self._look_stateful),
+                                       needs_states=bool(self._state_idx)) if plan.stateful else None
         self._deferred: list = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
@@ -116,6 +121,7 @@ class Scheduler:
         #: Why the run stopped when it ends 'failed' (error rate, a model down, a checkpoint
         #: that cannot be written): one line for the user, set before _finish("failed").
         self.stop_reason: str | None = None
+        self._crash: BaseException | None = None
         self._out: list = []
         self._checkpoints: set[asyncio.Future] = set()
         self._checkpoint_rounds: dict[int, int] = {}  # row group -> failed checkpoint rounds
@@ -355,6 +361,10 @@ class Scheduler:
                 start(rg, nodes[j], r, False)
         if self._stateful is not None and self._in_flight < self._max_in_flight:
             for j, rg, r in self._stateful.take(self._live):
+                if self._gen_at.get(j) != rg.id:
+                    self._enter_row_group(nodes[j], rg.id)
+                    if self._stopping:
+                        break
                 start(rg, nodes[j], r, True)
                 if self._in_flight >= self._max_in_flight:
                     break
@@ -460,10 +470,12 @@ class Scheduler:
         if rg.dead or tracker.dropped[r]:
             return
         rg.buffer.put_cell(node.outputs, r, value)
-        if usage is None:
-            self._append((DONE, rg.id, node.name, r, "cell", value))
-        else:
-            self._append((DONE, rg.id, node.name, r, "cell", value, self._usage(node, usage)))
+        event = (DONE, rg.id, node.name, r, "cell", value)
+        if usage is not None:
+            event += (self._usage(node, usage),)
+        if self._state_idx and node.index in self._state_idx:
+            event = self._with_state(rg, node, event)
+        self._append(event)
         out = self._out
         tracker.complete_cell(node.index, r, out)
         if out:
@@ -478,7 +490,11 @@ class Scheduler:
             return
         full = rg.buffer.put_batch(cols, rows)
         event = (DONE, rg.id, node.name, None, node.task_type, full)
-        self._append(event if usage is None else event + (self._usage(node, usage),))
+        if usage is not None:
+            event += (self._usage(node, usage),)
+        if self._state_idx and node.index in self._state_idx:
+            event = self._with_state(rg, node, event)
+        self._append(event)
         out = self._out
         rg.tracker.complete_batch(node.index, out)
         if out:
@@ -701,6 +717,46 @@ class Scheduler:
             return current
         raise OSError(f"could not write the checkpoint of row group {rg.id} to {path}: {_describe(last)}")
 
+    # -- stateful generators' state ---------------------------------------------------------
+    def _look_stateful(self) -> tuple[list[dict], dict]:
+        """On the writer thread, for the stateful lanes: the row groups, then the generators'
+        latest states (in that order: a row group seen finished has its states committed)."""
+        groups = self.store.row_groups(self.run_id)
+        return groups, (self.store.generator_states(self.run_id) if self._state_idx else {})
+
+    def _with_state(self, rg: _RowGroup, node: Any, event: tuple) -> tuple:
+        """The DONE ``event`` of a generator that keeps state, with its state_dict() after the
+        task, so that the two are recorded in one transaction."""
+        try:
+            state = values.encode(node.gen.state_dict())
+        except Exception as exc:  # the state cannot be stored: resume will restart it, say so
+            log.warning("%s: state_dict() gave a value that cannot be stored (%s: %s); its state will "
+                        "restart on resume", node.name, type(exc).__name__, exc)
+            return event
+        return (STATE, rg.id, node.name, state, event)
+
+    def _enter_row_group(self, node: Any, rg_id: int) -> None:
+        """Before a stateful generator's first task of row group ``rg_id`` in this process: if
+        its in-memory state is not the one of the row group before (this is a resume, or other
+        workers ran the row groups in between), load the latest recorded state."""
+        at = self._gen_at.get(node.index)
+        self._gen_at[node.index] = rg_id
+        if at == rg_id - 1:
+            return
+        if node.index in self._state_idx:
+            recorded = self._stateful.states.get(node.name)
+            if recorded is not None:
+                try:
+                    node.gen.load_state_dict(recorded[1])
+                except Exception as exc:  # its next values would be wrong: stop, say why
+                    self._crash = exc
+                    log.error("%s: load_state_dict() failed: %s: %s", node.name, type(exc).__name__, exc)
+                    self._finish("crashed")
+        elif rg_id > 0:
+            log.warning("%s is stateful and does not implement state_dict()/load_state_dict(): its state "
+                        "restarts here, at row group %d (earlier row groups ran in another process or "
+                        "session)", node.name, rg_id)
+
     def _on_lease_lost(self, row_groups: set[int] | None) -> None:
         if row_groups is None:
             log.error("the state store keeps failing; stopping (finished work is recorded)")
@@ -711,4 +767,7 @@ class Scheduler:
             if rg is not None:
                 log.warning("lost the lease on row group %d to another worker; abandoning it", rg_id)
                 rg.dead = True
+                for j, at in list(self._gen_at.items()):
+                    if at == rg_id:  # its state went on elsewhere
+                        del self._gen_at[j]
         self._wake.set()

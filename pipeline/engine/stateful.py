@@ -18,7 +18,7 @@ __all__ = ["StatefulLanes"]
 
 class StatefulLanes:
     def __init__(self, generators: Iterable[int], *, look: Callable[[], asyncio.Future],
-                 on_news: Callable[[], None], poll_s: float) -> None:
+                 on_news: Callable[[], None], poll_s: float, needs_states: bool = False) -> None:
         self._heaps: dict[int, list] = {j: [] for j in generators}
         self._busy: set[int] = set()
         # Row groups below this one have finished the generator (here or elsewhere).
@@ -28,6 +28,9 @@ class StatefulLanes:
         self._look, self._on_news, self._poll_s = look, on_news, poll_s
         self._poll: Any = None  # a pending look at the store (timer or future)
         self._closed = False
+        #: ``{generator name: (row group, state)}`` from the last look at the store; None until
+        #: the first look, which generators that keep state wait for.
+        self.states: dict | None = None if needs_states else {}
 
     def push(self, j: int, rg: Any, r: int | None) -> None:
         heapq.heappush(self._heaps[j], (rg.id, -1 if r is None else r, rg, r))
@@ -42,6 +45,9 @@ class StatefulLanes:
     def take(self, live: dict[int, Any]) -> Iterable[tuple[int, Any, int | None]]:
         """``(generator, row group, row)`` of every generator that may start its next task;
         each is marked busy as it is yielded (the caller stops when it runs out of slots)."""
+        if self.states is None:  # the recorded states are not known yet: look first
+            self._poll_store()
+            return
         for j, heap in self._heaps.items():
             if j in self._busy:
                 continue
@@ -87,5 +93,6 @@ class StatefulLanes:
         self._poll = None
         if fut.cancelled() or fut.exception() is not None:
             return  # the next pump looks again
-        self._finished.update(g["row_group"] for g in fut.result() if g["state"] in ("complete", "checkpointed"))
+        groups, self.states = fut.result()
+        self._finished.update(g["row_group"] for g in groups if g["state"] in ("complete", "checkpointed"))
         self._on_news()

@@ -54,6 +54,24 @@ class Generator:
             raise NotImplementedError(f"{type(self).__name__} must implement generate() or agenerate()")
         return await asyncio.get_running_loop().run_in_executor(None, self.generate, data)
 
+    def state_dict(self) -> Any:
+        """The state of a stateful generator (``is_stateful``) that its next values depend on: a
+        counter, a seen-set, an RNG's state, as JSON-like values (what :mod:`pipeline.values`
+        stores exactly). The engine records it with every task of the generator that finishes,
+        in the same transaction, and on resume or takeover hands the latest one to
+        :meth:`load_state_dict` before the generator's next task, so a killed run goes on from
+        where it was. Not overridden: the generator's state restarts in a new process, and
+        resume says so."""
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        """Take back what :meth:`state_dict` returned (see there)."""
+
+    @property
+    def keeps_state(self) -> bool:
+        """True when the generator implements :meth:`state_dict`."""
+        return type(self).state_dict is not Generator.state_dict
+
     @property
     def is_async(self) -> bool:
         """True when the generator is a coroutine function at heart (awaited with no thread hop)."""

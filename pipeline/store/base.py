@@ -19,6 +19,9 @@ Events (``kind`` first)::
     (FAILED,   rg, generator, row_index, task_type, (attempts, error))
     (DROPPED,  rg, None, row_index)                        record dropped (row_index None: all)
     (COMPLETE, rg)                                         every task of the row group is terminal
+    (STATE,    rg, generator, state, event)                a stateful generator's ``state_dict()``
+                                                           (JSON text) after the task of ``event``
+                                                           (its DONE), recorded with it
 
 DONE, DEFERRED and FAILED events of a task that called a model carry one more field, its usage
 in that attempt: ``(model, requests, prompt_tokens, completion_tokens, rate_limited,
@@ -54,6 +57,7 @@ __all__ = [
     "DROPPED",
     "FAILED",
     "STARTED",
+    "STATE",
     "ColumnSpec",
     "Lineage",
     "LoadedRowGroup",
@@ -73,6 +77,7 @@ DEFERRED = 2
 FAILED = 3
 DROPPED = 4
 COMPLETE = 5
+STATE = 6
 
 TASK_STATES = ("frontier", "in_flight", "deferred", "done", "failed")
 RUN_STATES = ("running", "interrupted", "complete", "failed")
@@ -279,6 +284,10 @@ class Store(Protocol):
     def model_usage(self, run_id: str) -> dict[str, dict[str, int]]:
         """``{model alias: {"requests", "prompt_tokens", "completion_tokens", "rate_limited",
         "concurrency", "calls_saved"}}`` summed over the run's generators."""
+
+    def generator_states(self, run_id: str) -> dict[str, tuple[int, Any]]:
+        """``{generator: (row group, state)}``: the state each stateful generator recorded
+        after the latest row group it finished (``STATE`` events)."""
 
     def failed_tasks(self, run_id: str) -> list[tuple[str, str | None]]:
         """``(generator, last_error)`` of every ``failed`` task of the run (kept after

@@ -11,8 +11,9 @@ import threading
 import time
 from typing import Any, Callable, Collection, Mapping, Sequence
 
+from pipeline import values
 from pipeline.errors import RunExistsError, RunNotFoundError
-from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, Lineage, LoadedRowGroup,
+from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, STATE, Lineage, LoadedRowGroup,
                                  NewRun, Reopened, RowGroupClaim, RunInfo)
 from pipeline.store.reopen import GroupState, plan_group, task_filter
 from pipeline.workers import make_owner_id, owner_is_gone
@@ -58,6 +59,7 @@ class MemoryStore:
                 "dropped": {},  # rg -> set of row indexes
                 "workers": {},
                 "usage": {},  # (model, generator) -> dict
+                "states": {},  # generator -> {row group: state}
                 "fingerprints": {(k, n): d for k, n, d in run.fingerprints},
                 "changes": [],  # dicts, as the rows of run_changes
             }
@@ -187,6 +189,10 @@ class MemoryStore:
                 if not held:
                     continue
                 kind = ev[0]
+                if kind == STATE:  # a stateful generator's state (JSON text), with its DONE
+                    run["states"].setdefault(ev[2], {})[rg] = ev[3]
+                    ev = ev[4]
+                    kind = ev[0]
                 if kind == DROPPED:
                     rows = range(groups[rg]["num_rows"]) if ev[3] is None else (ev[3],)
                     dropped = run["dropped"].setdefault(rg, set())
@@ -336,6 +342,11 @@ class MemoryStore:
                 c["done"] += done_ck
                 out[col.column_name] = c
             return out
+
+    def generator_states(self, run_id: str) -> dict[str, tuple[int, Any]]:
+        with self._lock:
+            latest = {gen: max(by_rg.items()) for gen, by_rg in self._run(run_id)["states"].items() if by_rg}
+        return {gen: (rg, values.decode(text)) for gen, (rg, text) in latest.items()}
 
     def failed_tasks(self, run_id: str) -> list[tuple[str, str | None]]:
         with self._lock:

@@ -40,6 +40,10 @@ Times are Unix seconds stored as floating point numbers (``time.time()``). To re
     One row per change accepted into a run (``resume --accept-changes``): ``kind = 'file'``,
     the file's ``name``, its digest before and after (NULL: not read before / gone) and a
     ``detail`` in words.
+``generator_states``
+    The state of a stateful generator after each row group it finished
+    (``Generator.state_dict()``, JSON as :mod:`pipeline.values` encodes it): resume and takeover
+    hand the one of the row group before to ``load_state_dict()``.
 view ``column_progress``
     Progress per output column, counted in records (see :data:`COLUMN_PROGRESS_SQL`).
 """
@@ -60,6 +64,7 @@ __all__ = [
     "workers",
     "run_fingerprints",
     "run_changes",
+    "generator_states",
 ]
 
 # Named constraints so that migrations can refer to (and later alter) them on every database.
@@ -281,3 +286,14 @@ LEFT JOIN tasks t
 LEFT JOIN dropped_records d
        ON d.run_id = t.run_id AND d.row_group = t.row_group AND d.row_index = t.row_index
 GROUP BY c.run_id, c.column_name"""
+
+
+generator_states = sa.Table(
+    "generator_states",
+    metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), primary_key=True),
+    sa.Column("generator", sa.String(128), primary_key=True),
+    sa.Column("row_group", sa.Integer, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+)

@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from dataclasses import asdict, fields
-from typing import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -33,6 +33,7 @@ from pipeline.store.base import (
     FAILED,
     RUN_STATES,
     STARTED,
+    STATE,
     Lineage,
     LoadedRowGroup,
     NewRun,
@@ -66,6 +67,10 @@ _COUNT_DROPPED = sa.text(
     "UPDATE row_groups SET rows_dropped = (SELECT COUNT(*) FROM dropped_records d "
     "WHERE d.run_id = row_groups.run_id AND d.row_group = row_groups.row_group) "
     "WHERE run_id = :r AND row_group = :rg"
+)
+_UPSERT_STATE = sa.text(
+    "INSERT INTO generator_states (run_id, generator, row_group, state, updated_at) VALUES (:r, :g, :rg, :s, :now) "
+    "ON CONFLICT (run_id, generator, row_group) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
 )
 _MARK_COMPLETE = sa.text(
     "UPDATE row_groups SET state = 'complete' WHERE run_id = :r AND row_group = :rg AND state <> 'checkpointed'"
@@ -440,9 +445,14 @@ class SqlStore:
         tasks: dict[tuple, list] = {}
         dropped: dict[int, set[int] | None] = {}
         completed: set[int] = set()
+        states: list[tuple] = []
         usage: list[tuple[tuple, tuple]] = []
         for ev in events:
             kind = ev[0]
+            if kind == STATE:  # a stateful generator's state, with the DONE it follows
+                states.append(ev)
+                ev = ev[4]
+                kind = ev[0]
             if kind == DONE and len(ev) == 6:
                 # The common case: a task done with nothing else pending in this batch. The
                 # event itself stands for the row (resolved below); no coalescing entry.
@@ -493,6 +503,7 @@ class SqlStore:
         touched = {key[0] for key in tasks}
         touched.update(dropped)
         touched.update(completed)
+        touched.update(ev[1] for ev in states)
         with self._engine.begin() as conn:
             ours, lost = self._fence(conn, run_id, touched)
             if not ours:
@@ -531,6 +542,9 @@ class SqlStore:
             if drops:
                 conn.execute(_INSERT_DROPPED, drops)
                 conn.execute(_COUNT_DROPPED, counts)
+            kept = [{"r": run_id, "g": ev[2], "rg": ev[1], "s": ev[3], "now": now} for ev in states if ev[1] in ours]
+            if kept:
+                conn.execute(_UPSERT_STATE, kept)
             done = [{"r": run_id, "rg": rg} for rg in completed if rg in ours]
             if done:
                 conn.execute(_MARK_COMPLETE, done)
@@ -641,6 +655,18 @@ class SqlStore:
             name: {"done": int(done), "failed": int(failed), "deferred": int(deferred), "in_flight": int(in_flight)}
             for name, done, failed, deferred, in_flight in rows
         }
+
+    @_translate_errors
+    def generator_states(self, run_id: str) -> dict[str, tuple[int, Any]]:
+        s = schema.generator_states
+        latest = (sa.select(s.c.generator, sa.func.max(s.c.row_group).label("rg"))
+                  .where(s.c.run_id == run_id).group_by(s.c.generator).subquery())
+        with self._reader.connect() as conn:
+            rows = conn.execute(
+                sa.select(s.c.generator, s.c.row_group, s.c.state)
+                .join(latest, sa.and_(s.c.generator == latest.c.generator, s.c.row_group == latest.c.rg))
+                .where(s.c.run_id == run_id))
+            return {gen: (rg, values.decode(state)) for gen, rg, state in rows}
 
     @_translate_errors
     def failed_tasks(self, run_id: str) -> list[tuple[str, str | None]]:
