@@ -115,7 +115,6 @@ class SqlStore:
         self.url_text = self._engine.url.render_as_string(hide_password=True)
         self._pg = self._engine.dialect.name == "postgresql"
         self._reader = self._engine.execution_options(**sqlite.READ_ONLY)
-        self._read_only_engine: Engine | None = None
         # (run_id, row_group) -> the epoch of our claim; record() fences on it.
         self._epochs: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
@@ -565,21 +564,17 @@ class SqlStore:
         }
 
     def read_query(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """Run one statement on a connection that cannot write (for `pipeline sql`); return the
-        column names and the rows. ReadOnlyQueryError if the statement would write, StoreError
-        with the database's message for any other error."""
+        """Run one statement that only reads, on a connection of its own that cannot write (for
+        `pipeline sql`); return the column names and the rows. ReadOnlyQueryError if the
+        statement is refused (:mod:`pipeline.store.readonly` says what passes), StoreError with
+        the database's message for any other error."""
         if self._pg:
-            return postgres.read_query(self._engine, sql)
-        with self._lock:
-            if self._read_only_engine is None:
-                self._read_only_engine = sqlite.create_read_only_engine(self._engine.url)
-        return sqlite.read_query(self._read_only_engine, sql)
+            return postgres.read_query(self._engine.url, sql)
+        return sqlite.read_query(self._engine.url, sql)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._read_only_engine is not None:
-            self._read_only_engine.dispose()
         self._engine.dispose()
 
