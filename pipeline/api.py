@@ -24,6 +24,7 @@ from pipeline.store.base import ColumnSpec, NewRun, Store
 
 if TYPE_CHECKING:
     import pandas as pd
+    from sqlalchemy.engine import URL
 
     from pipeline.config import PipelineConfig
     from pipeline.engine.scheduler import RunStats, Scheduler
@@ -48,21 +49,31 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def resolve_paths(home: str | os.PathLike | None, db: str | None) -> tuple[Path, str]:
+def resolve_paths(home: str | os.PathLike | None, db: str | URL | None) -> tuple[Path, URL]:
+    """The home folder and the state store's URL. The default store, ``<home>/state.db``, gets a
+    URL built from the path (``URL.create``), so that a folder named ``50%20off`` or ``exp?a`` is
+    that folder; ``db`` (or ``$PIPELINE_DB``) is parsed as a URL (``%``, ``?`` and ``#`` in a
+    path there are written ``%25``, ``%3F``, ``%23``). StoreError for text that is not a URL."""
+    from sqlalchemy.engine import URL
+
+    from pipeline.store import parse_url
+
     home_path = Path(home or os.environ.get("PIPELINE_HOME") or ".pipeline").absolute()
-    url = db or os.environ.get("PIPELINE_DB") or f"sqlite:///{home_path / 'state.db'}"
-    return home_path, url
+    text = db or os.environ.get("PIPELINE_DB")
+    if not text:
+        return home_path, URL.create("sqlite", database=str(home_path / "state.db"))
+    return home_path, parse_url(text)
 
 
-def prepare(home: str | os.PathLike | None, db: str | None) -> tuple[Path, str]:
-    """Resolve home and db; create home when the default SQLite file lives in it."""
+def prepare(home: str | os.PathLike | None, db: str | URL | None) -> tuple[Path, URL]:
+    """Resolve home and db; create home when the state store is a SQLite file."""
     home_path, url = resolve_paths(home, db)
-    if url.startswith("sqlite"):
+    if url.get_backend_name() == "sqlite":
         home_path.mkdir(parents=True, exist_ok=True)
     return home_path, url
 
 
-def open_state(home: str | os.PathLike | None = None, db: str | None = None) -> tuple[Path, Store]:
+def open_state(home: str | os.PathLike | None = None, db: str | URL | None = None) -> tuple[Path, Store]:
     """The home folder and the state store (schema upgraded on open)."""
     from pipeline.store import open_store
 
@@ -70,14 +81,16 @@ def open_state(home: str | os.PathLike | None = None, db: str | None = None) -> 
     return home_path, open_store(url)
 
 
-def missing_store(home: str | os.PathLike | None, db: str | None) -> Path | None:
+def missing_store(home: str | os.PathLike | None, db: str | URL | None) -> Path | None:
     """The SQLite file of the state store when it does not exist yet, else None. Commands that
     only read answer from this instead of creating an empty store: they change nothing."""
     _, url = resolve_paths(home, db)
-    if not url.startswith("sqlite:///"):
+    if url.get_backend_name() != "sqlite":
         return None
-    path = Path(url[len("sqlite:///"):].split("?", 1)[0])
-    return None if path.exists() else path
+    from pipeline.store.sqlite import sqlite_file
+
+    path = sqlite_file(url)
+    return None if path is None or path.exists() else path
 
 
 def _require_run_store(home: str | os.PathLike | None, db: str | None, run_id: str) -> None:
