@@ -164,7 +164,8 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
     try:
         info = store.get_run(run_id)
         cfg = config_from_json(info.config)
-        if all(g["state"] == "checkpointed" for g in store.row_groups(run_id)):
+        counts = store.row_group_counts(run_id)  # row groups not created yet are pending
+        if counts["checkpointed"] == counts["total"]:
             if info.status != "complete":
                 store.set_run_status(run_id, "complete")
             return RunResult(run_id, "complete", resumed=True, extra={"already_complete": True})
@@ -285,14 +286,12 @@ async def _report(scheduler: Scheduler, cfg: PipelineConfig, progress: Callable[
 # -- reading ------------------------------------------------------------------------------
 def _status_of(store: Store, run_id: str) -> dict[str, Any]:
     info = store.get_run(run_id)
-    groups = store.row_groups(run_id)
+    groups = store.row_group_counts(run_id)  # counted by the store: a run may have 10**9 row groups
     columns = store.column_counts(run_id)
     state = info.status
     if state == "running" and store.live_workers(run_id) == 0:
         state = "interrupted"  # its process is gone
-    done = sum(g["num_rows"] - g["rows_dropped"] for g in groups if g["state"] == "checkpointed")
-    dropped = sum(g["rows_dropped"] for g in groups)
-    checkpointed = sum(1 for g in groups if g["state"] == "checkpointed")
+    done, dropped = groups["records_written"], groups["records_dropped"]
     # Rate: records whose every column is done, per second since the run was created (time it
     # spent interrupted included); the ETA assumes it holds.
     progress_records = min((c["done"] for c in columns.values()), default=0)
@@ -306,8 +305,8 @@ def _status_of(store: Store, run_id: str) -> dict[str, Any]:
     return {
         "run_id": run_id, "name": info.name, "status": state, "num_records": info.num_records,
         "records_done": done, "records_dropped": dropped, "columns": columns,
-        "row_groups": {"total": len(groups), "checkpointed": checkpointed,
-                       "active": sum(1 for g in groups if g["state"] in ("active", "complete"))},
+        "row_groups": {"total": groups["total"], "checkpointed": groups["checkpointed"],
+                       "active": groups["active"] + groups["complete"]},
         "rate_records_s": rate, "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint,
     }

@@ -127,7 +127,8 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
     columns = list(store.column_counts(run_id))  # config order
     groups = store.row_groups(run_id)
     parts = [pq.read_table(home / g["path"]) for g in groups if g["state"] == "checkpointed" and g["path"]]
-    complete = all(g["state"] == "checkpointed" for g in groups)
+    counts = store.row_group_counts(run_id)  # row groups not created yet are pending
+    complete = counts["checkpointed"] == counts["total"]
     if not parts:
         parts = [pa.table({c: pa.array([], type=pa.null()) for c in columns})]
     return Dataset(columns, [p.select(columns) for p in parts], complete)

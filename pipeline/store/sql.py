@@ -12,7 +12,6 @@ statement over arrays on PostgreSQL (``upsert_tasks`` in :mod:`~pipeline.store.s
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import time
 from dataclasses import asdict, fields
@@ -31,12 +30,14 @@ from pipeline.store.base import (
     DONE,
     DROPPED,
     FAILED,
+    ROW_GROUP_BATCH,
     RUN_STATES,
     STARTED,
     LoadedRowGroup,
     NewRun,
     RowGroupClaim,
     RunInfo,
+    row_group_counts,
 )
 from pipeline.store import usage as usage_sql
 from pipeline.workers import HOST, make_owner_id, owner_is_gone
@@ -111,6 +112,7 @@ class SqlStore:
 
     def __init__(self, url: str | URL, *, owner: str | None = None):
         self.owner: str = owner or make_owner_id()
+        self.row_group_batch = ROW_GROUP_BATCH
         self._engine = make_engine(url)
         self.url_text = self._engine.url.render_as_string(hide_password=True)
         self._pg = self._engine.dialect.name == "postgresql"
@@ -163,13 +165,7 @@ class SqlStore:
                     conn.execute(
                         schema.run_columns.insert(), [{"run_id": run.run_id, **asdict(c)} for c in run.columns]
                     )
-                groups = [
-                    {"run_id": run.run_id, "row_group": rg, "num_rows": min(size, run.num_records - rg * size),
-                     "state": "pending", "rows_dropped": 0, "lease_epoch": 0}
-                    for rg in range(math.ceil(run.num_records / size))
-                ]
-                if groups:
-                    conn.execute(schema.row_groups.insert(), groups)
+                self._create_row_groups(conn, run.run_id, 0, run.num_records, size)
         except sa_exc.IntegrityError as exc:
             with self._reader.connect() as conn:
                 if self._has_run(conn, run.run_id):  # another process created it since our check
@@ -182,6 +178,20 @@ class SqlStore:
     def _has_run(conn: Connection, run_id: str) -> bool:
         runs = schema.runs
         return conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id == run_id)).first() is not None
+
+    def _create_row_groups(self, conn: Connection, run_id: str, start: int, num_records: int, size: int,
+                           at_least: int = 0) -> range:
+        """Insert the ``pending`` rows of the next row groups from ``start``: ``row_group_batch``
+        of them (or ``at_least``), fewer at the end of the run. Returns the row groups created."""
+        total = -(-num_records // size)
+        created = range(start, min(total, start + max(self.row_group_batch, at_least)))
+        if created:
+            conn.execute(schema.row_groups.insert(), [
+                {"run_id": run_id, "row_group": rg, "num_rows": min(size, num_records - rg * size),
+                 "state": "pending", "rows_dropped": 0, "lease_epoch": 0}
+                for rg in created
+            ])
+        return created
 
     @_translate_errors
     def get_run(self, run_id: str) -> RunInfo:
@@ -271,8 +281,19 @@ class SqlStore:
             .order_by(g.c.row_group)
             .with_for_update(skip_locked=True)
         )
+        runs = schema.runs
         claims: list[RowGroupClaim] = []
         with self._engine.begin() as conn:
+            # The run's row first (PostgreSQL: FOR NO KEY UPDATE, which inserts into row_groups
+            # do not wait for): claimers that create row groups take turns, and every claim
+            # locks the run before its row groups, so no two transactions wait on each other.
+            run = conn.execute(
+                sa.select(runs.c.num_records, runs.c.row_group_size)
+                .where(runs.c.run_id == run_id)
+                .with_for_update(key_share=True)
+            ).first()
+            if run is None:
+                return []
             now = time.time()
             gone: dict[str, bool] = {}
             for rg, num_rows, state, owner, epoch, expires_at in conn.execute(candidates):
@@ -284,6 +305,13 @@ class SqlStore:
                 claims.append(RowGroupClaim(rg, num_rows, epoch + 1, state))
                 if len(claims) == limit:
                     break
+            if len(claims) < limit:  # every created row group is taken: create the next ones
+                last = conn.execute(sa.select(sa.func.max(g.c.row_group)).where(g.c.run_id == run_id)).scalar()
+                num_records, size = run
+                want = limit - len(claims)
+                for rg in self._create_row_groups(conn, run_id, 0 if last is None else last + 1, num_records,
+                                                  size, want)[:want]:
+                    claims.append(RowGroupClaim(rg, min(size, num_records - rg * size), 1, "pending"))
             if claims:
                 conn.execute(
                     g.update()
@@ -545,6 +573,23 @@ class SqlStore:
                 .order_by(g.c.row_group)
             )
             return [dict(row) for row in rows.mappings()]
+
+    @_translate_errors
+    def row_group_counts(self, run_id: str) -> dict[str, int]:
+        g, runs = schema.row_groups, schema.runs
+        with self._reader.connect() as conn:
+            run = conn.execute(
+                sa.select(runs.c.num_records, runs.c.row_group_size).where(runs.c.run_id == run_id)
+            ).first()
+            if run is None:
+                raise RunNotFoundError(f"no run with id {run_id!r} in {self.url_text}; `pipeline runs` lists them")
+            rows = conn.execute(
+                sa.select(g.c.state, sa.func.count(), sa.func.sum(g.c.num_rows - g.c.rows_dropped),
+                          sa.func.sum(g.c.rows_dropped))
+                .where(g.c.run_id == run_id)
+                .group_by(g.c.state)
+            ).all()
+        return row_group_counts(run[0], run[1], rows)
 
     @_translate_errors
     def column_counts(self, run_id: str) -> dict[str, dict[str, int]]:
