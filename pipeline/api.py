@@ -24,6 +24,7 @@ from pipeline.store.base import ColumnSpec, Lineage, NewRun, Reopened, Store
 
 if TYPE_CHECKING:
     import pandas as pd
+    from sqlalchemy.engine import URL
 
     from pipeline.config import PipelineConfig
     from pipeline.engine.scheduler import RunStats, Scheduler
@@ -48,21 +49,31 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def resolve_paths(home: str | os.PathLike | None, db: str | None) -> tuple[Path, str]:
+def resolve_paths(home: str | os.PathLike | None, db: str | URL | None) -> tuple[Path, URL]:
+    """The home folder and the state store's URL. The default store, ``<home>/state.db``, gets a
+    URL built from the path (``URL.create``), so that a folder named ``50%20off`` or ``exp?a`` is
+    that folder; ``db`` (or ``$PIPELINE_DB``) is parsed as a URL (``%``, ``?`` and ``#`` in a
+    path there are written ``%25``, ``%3F``, ``%23``). StoreError for text that is not a URL."""
+    from sqlalchemy.engine import URL
+
+    from pipeline.store import parse_url
+
     home_path = Path(home or os.environ.get("PIPELINE_HOME") or ".pipeline").absolute()
-    url = db or os.environ.get("PIPELINE_DB") or f"sqlite:///{home_path / 'state.db'}"
-    return home_path, url
+    text = db or os.environ.get("PIPELINE_DB")
+    if not text:
+        return home_path, URL.create("sqlite", database=str(home_path / "state.db"))
+    return home_path, parse_url(text)
 
 
-def prepare(home: str | os.PathLike | None, db: str | None) -> tuple[Path, str]:
-    """Resolve home and db; create home when the default SQLite file lives in it."""
+def prepare(home: str | os.PathLike | None, db: str | URL | None) -> tuple[Path, URL]:
+    """Resolve home and db; create home when the state store is a SQLite file."""
     home_path, url = resolve_paths(home, db)
-    if url.startswith("sqlite"):
+    if url.get_backend_name() == "sqlite":
         home_path.mkdir(parents=True, exist_ok=True)
     return home_path, url
 
 
-def open_state(home: str | os.PathLike | None = None, db: str | None = None) -> tuple[Path, Store]:
+def open_state(home: str | os.PathLike | None = None, db: str | URL | None = None) -> tuple[Path, Store]:
     """The home folder and the state store (schema upgraded on open)."""
     from pipeline.store import open_store
 
@@ -70,14 +81,16 @@ def open_state(home: str | os.PathLike | None = None, db: str | None = None) -> 
     return home_path, open_store(url)
 
 
-def missing_store(home: str | os.PathLike | None, db: str | None) -> Path | None:
+def missing_store(home: str | os.PathLike | None, db: str | URL | None) -> Path | None:
     """The SQLite file of the state store when it does not exist yet, else None. Commands that
     only read answer from this instead of creating an empty store: they change nothing."""
     _, url = resolve_paths(home, db)
-    if not url.startswith("sqlite:///"):
+    if url.get_backend_name() != "sqlite":
         return None
-    path = Path(url[len("sqlite:///"):].split("?", 1)[0])
-    return None if path.exists() else path
+    from pipeline.store.sqlite import sqlite_file
+
+    path = sqlite_file(url)
+    return None if path is None or path.exists() else path
 
 
 def _require_run_store(home: str | os.PathLike | None, db: str | None, run_id: str) -> None:
@@ -195,7 +208,8 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
             early = before(store, info, cfg, home_path)
             if early is not None:
                 return early
-        if all(g["state"] == "checkpointed" for g in store.row_groups(run_id)):
+        counts = store.row_group_counts(run_id)  # row groups not created yet are pending
+        if counts["checkpointed"] == counts["total"]:
             failed = len(store.failed_tasks(run_id)) if info.status == "failed" else 0
             if failed:  # it ended failed on its error rate: nothing to continue, but not complete
                 return RunResult(run_id, "failed", resumed=True, extra={"nothing_left": True},
@@ -462,19 +476,17 @@ async def _report(scheduler: Scheduler, cfg: PipelineConfig, progress: Callable[
 # -- reading ------------------------------------------------------------------------------
 def _status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str, Any]:
     info = store.get_run(run_id)
-    groups = store.row_groups(run_id)
+    groups = store.row_group_counts(run_id)  # counted by the store: a run may have 10**9 row groups
     damaged: list[dict] = []
     if home is not None:  # a stat per checkpointed file: missing, or not the size recorded
         from pipeline.dataset import check_files
 
-        damaged = check_files(home, groups)
+        damaged = check_files(home, store.row_groups(run_id))
     columns = store.column_counts(run_id)
     state = info.status
     if state == "running" and store.live_workers(run_id) == 0:
         state = "interrupted"  # its process is gone
-    done = sum(g["num_rows"] - g["rows_dropped"] for g in groups if g["state"] == "checkpointed")
-    dropped = sum(g["rows_dropped"] for g in groups)
-    checkpointed = sum(1 for g in groups if g["state"] == "checkpointed")
+    done, dropped = groups["records_written"], groups["records_dropped"]
     # Rate: records whose every column is done, per second since the run was created (time it
     # spent interrupted included); the ETA assumes it holds.
     progress_records = min((c["done"] for c in columns.values()), default=0)
@@ -488,8 +500,8 @@ def _status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str,
     return {
         "run_id": run_id, "name": info.name, "status": state, "num_records": info.num_records,
         "records_done": done, "records_dropped": dropped, "columns": columns,
-        "row_groups": {"total": len(groups), "checkpointed": checkpointed,
-                       "active": sum(1 for g in groups if g["state"] in ("active", "complete"))},
+        "row_groups": {"total": groups["total"], "checkpointed": groups["checkpointed"],
+                       "active": groups["active"] + groups["complete"]},
         "rate_records_s": rate, "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint, "damaged_files": damaged,
         "failures": _failures(store, run_id),

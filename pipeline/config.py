@@ -46,27 +46,46 @@ FUNCTION_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 
 class _Strict(BaseModel):
     # strict: a quoted "100" or a `yes` where a number belongs is a mistake worth reporting.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: `.inf` or `.nan` is never a useful duration, rate or temperature.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# Bounds of the numbers a config holds, so that a value out of range is refused (exit 2) before
+# anything is created instead of overflowing later. Where they come from:
+#: runs.num_records and runs.seed are BIGINT (signed 64 bits) in the state store; the samplers
+#: hash the seed as text and count records in uint64, so they take the whole range.
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+#: row_groups.row_group, row_groups.num_rows and tasks.row_index are INTEGER (32 bits on PostgreSQL).
+INT32_MAX = 2**31 - 1
+#: Settings: large enough for any machine, small enough that nothing derived from them
+#: overflows (the backoff grows as retry_backoff_s * 2**attempt) or spins (heartbeats every lease_s / 3).
+MAX_ROW_GROUPS_IN_MEMORY = 10_000
+MAX_IN_FLIGHT_TASKS = 1_000_000
+MAX_SALVAGE_ROUNDS = 30
+MAX_DURATION_S = 7 * 24 * 3600.0  # a week
+MIN_LEASE_S = 0.1
+MAX_ERROR_WINDOW = 1_000_000
 
 
 class Settings(_Strict):
-    max_concurrent_row_groups: int = Field(3, gt=0)
-    max_in_flight_tasks: int = Field(256, gt=0)
-    salvage_max_rounds: int = Field(2, ge=0)
-    retry_backoff_s: float = Field(0.5, ge=0)
+    max_concurrent_row_groups: int = Field(3, gt=0, le=MAX_ROW_GROUPS_IN_MEMORY)
+    max_in_flight_tasks: int = Field(256, gt=0, le=MAX_IN_FLIGHT_TASKS)
+    salvage_max_rounds: int = Field(2, ge=0, le=MAX_SALVAGE_ROUNDS)
+    retry_backoff_s: float = Field(0.5, ge=0, le=3600)
     shutdown_error_rate: float = Field(0.5, gt=0, le=1)
-    shutdown_error_window: int = Field(100, gt=0)
-    lease_s: float = Field(30.0, gt=0)
-    model_down_s: float = Field(120.0, gt=0)
-    render_timeout_s: float = Field(10.0, gt=0)  # a template renders within this, or fails its cell
+    shutdown_error_window: int = Field(100, gt=0, le=MAX_ERROR_WINDOW)
+    lease_s: float = Field(30.0, ge=MIN_LEASE_S, le=MAX_DURATION_S)
+    model_down_s: float = Field(120.0, gt=0, le=MAX_DURATION_S)
+    render_timeout_s: float = Field(10.0, gt=0, le=MAX_DURATION_S)  # a template renders within this, or fails its cell
 
 
 class ModelConfig(_Strict):
     base_url: str
     model: str
     api_key_env: str | None = None
-    max_parallel_requests: int = Field(16, gt=0)
-    timeout_s: float = Field(60.0, gt=0)
+    max_parallel_requests: int = Field(16, gt=0, le=MAX_IN_FLIGHT_TASKS)
+    timeout_s: float = Field(60.0, gt=0, le=MAX_DURATION_S)
 
     @field_validator("api_key_env", mode="before")
     @classmethod
@@ -200,7 +219,7 @@ class _LlmColumn(_ColumnBase):
     system_prompt: str | None = None
     model: str
     temperature: float | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0, le=INT32_MAX)
 
     @field_validator("prompt", "system_prompt")
     @classmethod
@@ -262,9 +281,9 @@ class PipelineConfig(_Strict):
     """A validated config. Build it with :func:`load_config` or :func:`config_from_json`."""
 
     name: str = Field(pattern=RUN_NAME_PATTERN)
-    num_records: int = Field(gt=0)
-    row_group_size: int = Field(1000, gt=0)
-    seed: int = 0
+    num_records: int = Field(gt=0, le=INT64_MAX)
+    row_group_size: int = Field(1000, gt=0, le=INT32_MAX)
+    seed: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
     settings: Settings = Field(default_factory=Settings)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     columns: list[Column] = Field(min_length=1)
@@ -272,6 +291,12 @@ class PipelineConfig(_Strict):
     base_dir: Path = Field(default_factory=Path.cwd, strict=False)
     #: Not from the file: its path, for messages.
     source: str | None = None
+
+    @model_validator(mode="after")
+    def _row_groups_fit(self):
+        if (problem := row_group_count_problem(self.num_records, self.row_group_size)) is not None:
+            raise ValueError(problem)
+        return self
 
     def output_columns(self) -> list[str]:
         """Every output column, in config order (multi-output entries expanded in place)."""
@@ -320,10 +345,24 @@ class PipelineConfig(_Strict):
         return json.dumps(data, ensure_ascii=False)  # key order is part of the config (prompts)
 
     def with_num_records(self, n: int) -> PipelineConfig:
-        """A copy producing ``n`` records."""
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ConfigError(f"num_records must be a whole number > 0, not {n!r}", path=self.source)
+        """A copy producing ``n`` records (``--num-records``); ConfigError naming the range."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= INT64_MAX:
+            raise ConfigError(f"--num-records must be a whole number from 1 to {INT64_MAX:,}, not {n!r}",
+                              path=self.source)
+        if (problem := row_group_count_problem(n, self.row_group_size)) is not None:
+            raise ConfigError(f"--num-records {n}: {problem}", path=self.source)
         return self.model_copy(update={"num_records": n}, deep=True)
+
+
+def row_group_count_problem(num_records: int, row_group_size: int) -> str | None:
+    """Why ``num_records`` in row groups of ``row_group_size`` does not fit the state store (row
+    group numbers are 32-bit), or None."""
+    groups = -(-num_records // row_group_size)
+    if groups <= INT32_MAX:
+        return None
+    return (f"num_records ({num_records:,}) / row_group_size ({row_group_size:,}) makes {groups:,} row groups; "
+            f"at most {INT32_MAX:,} are allowed: raise row_group_size to at least "
+            f"{-(-num_records // INT32_MAX):,} or lower num_records")
 
 
 # Loading and validation.

@@ -9,7 +9,7 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── RunNotFoundError               unknown run id
     ├── RunExistsError                 the run id is already taken
     ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
-    ├── ReadOnlyQueryError             `pipeline sql` refused a statement that writes
+    ├── ReadOnlyQueryError             `pipeline sql` refused a text: not one statement that only reads
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
     ├── EngineError                    exit 1: the engine failed while running (a bug, or a
     │                                  recorded value it cannot read); finished work is kept
@@ -92,7 +92,7 @@ class InvalidRunIdError(PipelineError):
 
 
 class ReadOnlyQueryError(PipelineError):
-    """`pipeline sql` only reads."""
+    """`pipeline sql` only reads: the text is not one statement that only reads (the message says why)."""
 
 
 class StoreError(PipelineError):

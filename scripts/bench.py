@@ -68,8 +68,10 @@ def one_case(store_kind: str, records: int) -> dict:
         from pipeline.store.memory import MemoryStore
         store = MemoryStore()
     else:
+        from sqlalchemy.engine import URL
+
         from pipeline.store import open_store
-        store = open_store(f"sqlite:///{folder / 'state.db'}")
+        store = open_store(URL.create("sqlite", database=str(folder / "state.db")))
     store.create_run(NewRun("bench", cfg.name, cfg.num_records, cfg.row_group_size, cfg.seed, cfg.to_json(),
                             cfg.fingerprint(), [ColumnSpec(c, graph.producer[c], "cell", i)
                                                 for i, c in enumerate(graph.columns)]))

@@ -274,8 +274,8 @@ class Scheduler:
             if not self._live and not claims and not backlog:
                 if self._checkpoints:
                     await asyncio.wait(list(self._checkpoints))
-                groups = await self.journal.call(self.store.row_groups, self.run_id)
-                if all(g["state"] == "checkpointed" for g in groups):
+                groups = await self.journal.call(self.store.row_group_counts, self.run_id)
+                if groups["checkpointed"] == groups["total"]:  # row groups not created yet count
                     self._finish(self._final_status())
                     return
                 await asyncio.sleep(opts.poll_s)  # the rest is leased by other workers

@@ -10,12 +10,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
     from pipeline.store.sql import SqlStore
 
-__all__ = ["SqlStore", "open_store"]
+__all__ = ["SqlStore", "open_store", "parse_url"]
 
 
-def open_store(url: str, *, upgrade: bool = True, owner: str | None = None) -> "SqlStore":
+def parse_url(url: "str | URL") -> "URL":
+    """``url`` as a SQLAlchemy URL (parsed with ``make_url``, never sliced); StoreError for text
+    that is not one."""
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.engine import make_url
+
+    from pipeline.errors import StoreError
+
+    try:
+        return make_url(url)
+    except sa_exc.ArgumentError as exc:
+        raise StoreError(f"not a database URL: {url!r} ({exc}); use sqlite:///path/to/state.db "
+                         "or postgresql://user@host/db") from exc
+
+
+def open_store(url: "str | URL", *, upgrade: bool = True, owner: str | None = None) -> "SqlStore":
     """Open the state store at ``url`` (``sqlite:///path/state.db`` or ``postgresql://...``).
 
     SQLite: the file's folder is created. The schema is upgraded to this code's head (under a

@@ -48,7 +48,7 @@ records its Parquet file holds, so that resume rebuilds it like any other live r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Protocol, Sequence
 
 __all__ = [
     "COMPLETE",
@@ -69,6 +69,8 @@ __all__ = [
     "TASK_STATES",
     "RUN_STATES",
     "ROW_GROUP_STATES",
+    "ROW_GROUP_BATCH",
+    "row_group_counts",
 ]
 
 STARTED = 0
@@ -83,6 +85,27 @@ TASK_STATES = ("frontier", "in_flight", "deferred", "done", "failed")
 RUN_STATES = ("running", "interrupted", "complete", "failed")
 ROW_GROUP_STATES = ("pending", "active", "complete", "checkpointed")
 TASK_TYPES = ("from_scratch", "cell", "batch")
+
+#: Row-group rows are created this many at a time (a store's ``row_group_batch``): the first ones
+#: with the run, the next ones by the claim that finds no free row group among those created.
+#: So creating a run costs the same whatever num_records (10**12 records are 10**9 row groups,
+#: which nobody should insert up front), and a run of up to this many row groups has every row
+#: from the start. A row group with no row yet is ``pending``.
+ROW_GROUP_BATCH = 1000
+
+
+def row_group_counts(num_records: int, row_group_size: int, per_state: Iterable[tuple]) -> dict[str, int]:
+    """:meth:`Store.row_group_counts` from ``(state, row groups, records kept, records dropped)``
+    per state of the rows created; the row groups not created yet count as ``pending``."""
+    counts = {state: 0 for state in ROW_GROUP_STATES}
+    counts.update(total=-(-num_records // row_group_size), records_written=0, records_dropped=0)
+    for state, n, kept, dropped in per_state:
+        counts[state] += int(n)
+        counts["records_dropped"] += int(dropped or 0)
+        if state == "checkpointed":
+            counts["records_written"] += int(kept or 0)
+    counts["pending"] += counts["total"] - sum(counts[state] for state in ROW_GROUP_STATES)
+    return counts
 
 
 @dataclass(frozen=True)
@@ -186,8 +209,9 @@ class Store(Protocol):
 
     # -- runs ---------------------------------------------------------------------------
     def create_run(self, run: NewRun) -> None:
-        """Create the run, its columns and all its row groups (state ``pending``).
-        Raises RunExistsError if the id is taken."""
+        """Create the run, its columns and its first row groups (state ``pending``; at most
+        ``row_group_batch`` of them, see :data:`ROW_GROUP_BATCH`). Raises RunExistsError if the
+        id is taken."""
 
     def get_run(self, run_id: str) -> RunInfo:
         """Raises RunNotFoundError."""
@@ -220,7 +244,8 @@ class Store(Protocol):
         """Claim up to ``limit`` row groups in row-group order whose state is not
         ``checkpointed`` and whose lease is free: no owner, expired, or owned by a process of
         this host that is gone. Each claim bumps the epoch, sets owner and expiry, and moves
-        ``pending`` to ``active``."""
+        ``pending`` to ``active``. When the row groups created are not enough, the next ones
+        are created (in the same transaction) and claimed."""
 
     def renew_leases(self, run_id: str, lease_s: float) -> set[int]:
         """Extend this owner's leases (and worker heartbeat); return the row groups lost."""
@@ -275,7 +300,15 @@ class Store(Protocol):
     # -- reading --------------------------------------------------------------------------
     def row_groups(self, run_id: str) -> list[dict]:
         """``{"row_group", "num_rows", "state", "rows_dropped", "path", "lease_owner",
-        "lease_epoch", "lease_expires_at", "file_bytes", "file_sha256"}`` per row group, in order."""
+        "lease_epoch", "lease_expires_at", "file_bytes", "file_sha256"}`` per row group created
+        so far, in order (those not created yet are pending and have no row: count with
+        :meth:`row_group_counts`)."""
+
+    def row_group_counts(self, run_id: str) -> dict[str, int]:
+        """``{"total", "pending", "active", "complete", "checkpointed", "records_written",
+        "records_dropped"}``: row groups per state, those not created yet counted as pending;
+        records in checkpointed row groups less their dropped ones; dropped records. Raises
+        RunNotFoundError."""
 
     def column_counts(self, run_id: str) -> dict[str, dict[str, int]]:
         """``{column: {"done", "failed", "deferred", "in_flight"}}`` counted in records, in

@@ -6,15 +6,14 @@ Values are kept as given (not encoded), so it is also the fastest possible store
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 from pipeline import values
 from pipeline.errors import RunExistsError, RunNotFoundError
-from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, STATE, Lineage, LoadedRowGroup,
-                                 NewRun, Reopened, RowGroupClaim, RunInfo)
+from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, ROW_GROUP_BATCH, STARTED, STATE, Lineage,
+                                 LoadedRowGroup, NewRun, Reopened, RowGroupClaim, RunInfo, row_group_counts)
 from pipeline.store.reopen import GroupState, plan_group, task_filter
 from pipeline.workers import make_owner_id, owner_is_gone
 
@@ -28,6 +27,7 @@ class MemoryStore:
 
     def __init__(self, data: dict | None = None, owner: str | None = None):
         self.owner = owner or make_owner_id()
+        self.row_group_batch = ROW_GROUP_BATCH
         self._data = data if data is not None else {"runs": {}, "lock": threading.RLock()}
         self._lock = self._data["lock"]
         self._epochs: dict[tuple[str, int], int] = {}
@@ -44,16 +44,12 @@ class MemoryStore:
             if run.run_id in self._data["runs"]:
                 raise RunExistsError(f"run id '{run.run_id}' is taken; choose another --run-id")
             now = time.time()
-            n_groups = math.ceil(run.num_records / run.row_group_size)
             self._data["runs"][run.run_id] = {
                 "info": dict(run_id=run.run_id, name=run.name, status="running", num_records=run.num_records,
                              row_group_size=run.row_group_size, seed=run.seed, config=run.config,
                              fingerprint=run.fingerprint, created_at=now, updated_at=now, finished_at=None),
                 "columns": list(run.columns),
-                "groups": [dict(row_group=g, num_rows=min(run.row_group_size, run.num_records - g * run.row_group_size),
-                                state="pending", rows_dropped=0, path=None, lease_owner=None, lease_epoch=0,
-                                lease_expires_at=None, file_bytes=None, file_sha256=None)
-                           for g in range(n_groups)],
+                "groups": [],  # row group i at index i; created row_group_batch at a time
                 "tasks": {},  # (rg, generator, row_index) -> dict
                 "by_rg": {},  # rg -> keys of its tasks, so that compaction is O(row group)
                 "dropped": {},  # rg -> set of row indexes
@@ -63,6 +59,17 @@ class MemoryStore:
                 "fingerprints": {(k, n): d for k, n, d in run.fingerprints},
                 "changes": [],  # dicts, as the rows of run_changes
             }
+            self._create_row_groups(self._data["runs"][run.run_id])
+
+    def _create_row_groups(self, run: dict, at_least: int = 0) -> range:
+        """Append the next row groups (``row_group_batch``, or ``at_least``), as the SQL store does."""
+        info, groups = run["info"], run["groups"]
+        size, n = info["row_group_size"], info["num_records"]
+        created = range(len(groups), min(-(-n // size), len(groups) + max(self.row_group_batch, at_least)))
+        groups.extend(dict(row_group=g, num_rows=min(size, n - g * size), state="pending", rows_dropped=0, path=None,
+                           lease_owner=None, lease_epoch=0, lease_expires_at=None, file_bytes=None,
+                           file_sha256=None) for g in created)
+        return created
 
     def get_run(self, run_id: str) -> RunInfo:
         with self._lock:
@@ -112,21 +119,23 @@ class MemoryStore:
         now = time.time()
         claims = []
         with self._lock:
-            for g in self._run(run_id)["groups"]:
-                if len(claims) >= limit:
-                    break
-                if g["state"] == "checkpointed" or g["lease_owner"] == self.owner:
-                    continue
-                free = (g["lease_owner"] is None or (g["lease_expires_at"] or 0) < now
-                        or owner_is_gone(g["lease_owner"]))
-                if not free:
-                    continue
+            run = self._run(run_id)
+            free = [g for g in run["groups"] if self._claimable(g, now)][:limit]
+            if len(free) < limit:  # every created row group is taken: create the next ones
+                more = self._create_row_groups(run, limit - len(free))
+                free += [run["groups"][rg] for rg in more][:limit - len(free)]
+            for g in free:
                 before = g["state"]
                 g.update(lease_owner=self.owner, lease_epoch=g["lease_epoch"] + 1,
                          lease_expires_at=now + lease_s, state="active" if before == "pending" else before)
                 self._epochs[(run_id, g["row_group"])] = g["lease_epoch"]
                 claims.append(RowGroupClaim(g["row_group"], g["num_rows"], g["lease_epoch"], before))
         return claims
+
+    def _claimable(self, g: dict, now: float) -> bool:
+        if g["state"] == "checkpointed" or g["lease_owner"] == self.owner:
+            return False
+        return g["lease_owner"] is None or (g["lease_expires_at"] or 0) < now or owner_is_gone(g["lease_owner"])
 
     def _holds(self, run: dict, run_id: str, rg: int) -> bool:
         g = run["groups"][rg]
@@ -317,6 +326,18 @@ class MemoryStore:
     def row_groups(self, run_id: str) -> list[dict]:
         with self._lock:
             return [dict(g) for g in self._run(run_id)["groups"]]
+
+    def row_group_counts(self, run_id: str) -> dict[str, int]:
+        with self._lock:
+            run = self._run(run_id)
+            by_state: dict[str, list] = {}
+            for g in run["groups"]:
+                n = by_state.setdefault(g["state"], [g["state"], 0, 0, 0])
+                n[1] += 1
+                n[2] += g["num_rows"] - g["rows_dropped"]
+                n[3] += g["rows_dropped"]
+            info = run["info"]
+            return row_group_counts(info["num_records"], info["row_group_size"], by_state.values())
 
     def column_counts(self, run_id: str) -> dict[str, dict[str, int]]:
         with self._lock:

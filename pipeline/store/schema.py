@@ -13,7 +13,10 @@ Times are Unix seconds stored as floating point numbers (``time.time()``). To re
     One row per output column, in config order (``position``), with the generator (config
     entry) that produces it: several columns share one generator for multi-output entries.
 ``row_groups``
-    One row per row group. ``state``: pending, active, complete, checkpointed. ``rows_dropped``
+    One row per row group, created 1000 at a time (``ROW_GROUP_BATCH``): with the run, then as
+    workers reach the last ones created; a row group with no row yet is pending, and
+    ``runs.num_records`` / ``row_group_size`` gives their number. ``state``: pending, active,
+    complete, checkpointed. ``rows_dropped``
     counts the distinct dropped records. ``path`` (relative to the home folder) is the Parquet
     file once checkpointed, ``file_bytes`` and ``file_sha256`` its size and SHA-256 digest (hex)
     as written: exports check them, ``pipeline resume --repair`` recomputes a row group whose

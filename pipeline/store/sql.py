@@ -12,7 +12,6 @@ statement over arrays on PostgreSQL (``upsert_tasks`` in :mod:`~pipeline.store.s
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import time
 from dataclasses import asdict, fields
@@ -31,6 +30,7 @@ from pipeline.store.base import (
     DONE,
     DROPPED,
     FAILED,
+    ROW_GROUP_BATCH,
     RUN_STATES,
     STARTED,
     STATE,
@@ -40,6 +40,7 @@ from pipeline.store.base import (
     Reopened,
     RowGroupClaim,
     RunInfo,
+    row_group_counts,
 )
 from pipeline.store import reopen_sql
 from pipeline.store import usage as usage_sql
@@ -120,11 +121,11 @@ class SqlStore:
 
     def __init__(self, url: str | URL, *, owner: str | None = None):
         self.owner: str = owner or make_owner_id()
+        self.row_group_batch = ROW_GROUP_BATCH
         self._engine = make_engine(url)
         self.url_text = self._engine.url.render_as_string(hide_password=True)
         self._pg = self._engine.dialect.name == "postgresql"
         self._reader = self._engine.execution_options(**sqlite.READ_ONLY)
-        self._read_only_engine: Engine | None = None
         # (run_id, row_group) -> the epoch of our claim; record() fences on it.
         self._epochs: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
@@ -173,13 +174,7 @@ class SqlStore:
                     conn.execute(
                         schema.run_columns.insert(), [{"run_id": run.run_id, **asdict(c)} for c in run.columns]
                     )
-                groups = [
-                    {"run_id": run.run_id, "row_group": rg, "num_rows": min(size, run.num_records - rg * size),
-                     "state": "pending", "rows_dropped": 0, "lease_epoch": 0}
-                    for rg in range(math.ceil(run.num_records / size))
-                ]
-                if groups:
-                    conn.execute(schema.row_groups.insert(), groups)
+                self._create_row_groups(conn, run.run_id, 0, run.num_records, size)
                 self._insert_fingerprints(conn, run.run_id, run.fingerprints)
         except sa_exc.IntegrityError as exc:
             with self._reader.connect() as conn:
@@ -193,6 +188,20 @@ class SqlStore:
     def _has_run(conn: Connection, run_id: str) -> bool:
         runs = schema.runs
         return conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id == run_id)).first() is not None
+
+    def _create_row_groups(self, conn: Connection, run_id: str, start: int, num_records: int, size: int,
+                           at_least: int = 0) -> range:
+        """Insert the ``pending`` rows of the next row groups from ``start``: ``row_group_batch``
+        of them (or ``at_least``), fewer at the end of the run. Returns the row groups created."""
+        total = -(-num_records // size)
+        created = range(start, min(total, start + max(self.row_group_batch, at_least)))
+        if created:
+            conn.execute(schema.row_groups.insert(), [
+                {"run_id": run_id, "row_group": rg, "num_rows": min(size, num_records - rg * size),
+                 "state": "pending", "rows_dropped": 0, "lease_epoch": 0}
+                for rg in created
+            ])
+        return created
 
     @_translate_errors
     def get_run(self, run_id: str) -> RunInfo:
@@ -310,8 +319,19 @@ class SqlStore:
             .order_by(g.c.row_group)
             .with_for_update(skip_locked=True)
         )
+        runs = schema.runs
         claims: list[RowGroupClaim] = []
         with self._engine.begin() as conn:
+            # The run's row first (PostgreSQL: FOR NO KEY UPDATE, which inserts into row_groups
+            # do not wait for): claimers that create row groups take turns, and every claim
+            # locks the run before its row groups, so no two transactions wait on each other.
+            run = conn.execute(
+                sa.select(runs.c.num_records, runs.c.row_group_size)
+                .where(runs.c.run_id == run_id)
+                .with_for_update(key_share=True)
+            ).first()
+            if run is None:
+                return []
             now = time.time()
             gone: dict[str, bool] = {}
             for rg, num_rows, state, owner, epoch, expires_at in conn.execute(candidates):
@@ -323,6 +343,13 @@ class SqlStore:
                 claims.append(RowGroupClaim(rg, num_rows, epoch + 1, state))
                 if len(claims) == limit:
                     break
+            if len(claims) < limit:  # every created row group is taken: create the next ones
+                last = conn.execute(sa.select(sa.func.max(g.c.row_group)).where(g.c.run_id == run_id)).scalar()
+                num_records, size = run
+                want = limit - len(claims)
+                for rg in self._create_row_groups(conn, run_id, 0 if last is None else last + 1, num_records,
+                                                  size, want)[:want]:
+                    claims.append(RowGroupClaim(rg, min(size, num_records - rg * size), 1, "pending"))
             if claims:
                 conn.execute(
                     g.update()
@@ -640,6 +667,23 @@ class SqlStore:
             return [dict(row) for row in rows.mappings()]
 
     @_translate_errors
+    def row_group_counts(self, run_id: str) -> dict[str, int]:
+        g, runs = schema.row_groups, schema.runs
+        with self._reader.connect() as conn:
+            run = conn.execute(
+                sa.select(runs.c.num_records, runs.c.row_group_size).where(runs.c.run_id == run_id)
+            ).first()
+            if run is None:
+                raise RunNotFoundError(f"no run with id {run_id!r} in {self.url_text}; `pipeline runs` lists them")
+            rows = conn.execute(
+                sa.select(g.c.state, sa.func.count(), sa.func.sum(g.c.num_rows - g.c.rows_dropped),
+                          sa.func.sum(g.c.rows_dropped))
+                .where(g.c.run_id == run_id)
+                .group_by(g.c.state)
+            ).all()
+        return row_group_counts(run[0], run[1], rows)
+
+    @_translate_errors
     def column_counts(self, run_id: str) -> dict[str, dict[str, int]]:
         with self._reader.connect() as conn:
             rows = conn.execute(
@@ -676,21 +720,17 @@ class SqlStore:
                 sa.select(t.c.column_name, t.c.last_error).where(t.c.run_id == run_id, t.c.state == "failed"))]
 
     def read_query(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """Run one statement on a connection that cannot write (for `pipeline sql`); return the
-        column names and the rows. ReadOnlyQueryError if the statement would write, StoreError
-        with the database's message for any other error."""
+        """Run one statement that only reads, on a connection of its own that cannot write (for
+        `pipeline sql`); return the column names and the rows. ReadOnlyQueryError if the
+        statement is refused (:mod:`pipeline.store.readonly` says what passes), StoreError with
+        the database's message for any other error."""
         if self._pg:
-            return postgres.read_query(self._engine, sql)
-        with self._lock:
-            if self._read_only_engine is None:
-                self._read_only_engine = sqlite.create_read_only_engine(self._engine.url)
-        return sqlite.read_query(self._read_only_engine, sql)
+            return postgres.read_query(self._engine.url, sql)
+        return sqlite.read_query(self._engine.url, sql)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._read_only_engine is not None:
-            self._read_only_engine.dispose()
         self._engine.dispose()
 

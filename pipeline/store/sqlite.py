@@ -1,20 +1,21 @@
-"""SQLite specifics of the SQL store: connection setup, transactions, the read-only connection."""
+"""SQLite specifics of the SQL store: connection setup, transactions, `pipeline sql`'s read-only connection."""
 
 from __future__ import annotations
 
 import sqlite3
+import time
+import urllib.parse
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.pool import NullPool
 
 from pipeline.errors import ReadOnlyQueryError, StoreError
+from pipeline.store import readonly
 from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
 
-__all__ = ["READ_ONLY", "create_engine", "create_read_only_engine", "read_query", "upsert_tasks"]
+__all__ = ["READ_ONLY", "READ_QUERY_TIMEOUT_S", "create_engine", "read_query", "sqlite_file", "upsert_tasks"]
 
 #: Execution option of the store's reading transactions: a plain (deferred) BEGIN, so that a
 #: `status` in the main thread never waits for the write lock.
@@ -22,23 +23,15 @@ READ_ONLY = {"pipeline_read_only": True}
 
 BUSY_TIMEOUT_MS = 30_000
 
-# PRAGMAs that only read a table's or index's layout; every other PRAGMA with an argument may
-# change how the database is written (journal_mode, query_only, writable_schema, ...).
-_INTROSPECTION_PRAGMAS = frozenset(
-    {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
-     "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check"}
-)
-
 
 def _prepare_path(url: URL) -> None:
-    database = url.database
-    if not database or database == ":memory:" or url.query.get("mode") == "memory":
+    path = sqlite_file(url)
+    if path is None:
         raise StoreError(
             f"the state store must be a file, not an in-memory SQLite database ({url}); "
             "use sqlite:///path/to/state.db"
         )
-    if not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _setup_connection(dbapi_connection: sqlite3.Connection) -> None:
@@ -90,53 +83,104 @@ def create_engine(url: URL) -> Engine:
     return engine
 
 
+# What the authorizer of `pipeline sql` allows: reading tables and views, calling functions (but
+# those of readonly.REFUSED_FUNCTIONS), recursive CTEs, and the PRAGMAs below. Everything else
+# is denied before it runs: writes, DDL, transactions, ATTACH (which would create a file, as
+# VACUUM INTO does through it), ... An allowlist, so that a kind of statement SQLite adds later
+# is refused until someone looks at it.
+_ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
+# PRAGMAs that only read, without an argument (`PRAGMA optimize` or `wal_checkpoint` without
+# one would write) ...
+_READ_PRAGMAS = frozenset(
+    {"table_list", "database_list", "collation_list", "function_list", "module_list", "pragma_list",
+     "compile_options", "encoding", "journal_mode", "page_count", "page_size", "freelist_count",
+     "schema_version", "user_version", "application_id", "data_version", "foreign_keys",
+     "integrity_check", "quick_check", "foreign_key_check"}
+)
+# ... and with one: they only read a table's or index's layout (or check it).
+_INTROSPECTION_PRAGMAS = frozenset(
+    {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
+     "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check"}
+)
+
+#: `pipeline sql` stops a query after this long (seconds); the same bound as PostgreSQL's.
+READ_QUERY_TIMEOUT_S = 300.0
+
+
 def _authorize(action, arg1, arg2, _db, _trigger):
-    if action == sqlite3.SQLITE_PRAGMA and arg2 is not None and arg1 not in _INTROSPECTION_PRAGMAS:
-        return sqlite3.SQLITE_DENY
-    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
-        return sqlite3.SQLITE_DENY
-    return sqlite3.SQLITE_OK
+    if action in _ALLOWED_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_FUNCTION:
+        return sqlite3.SQLITE_DENY if readonly.refused_function(arg2 or "") else sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master":
+        # Asked while SQLite sets up a table-valued PRAGMA (SELECT * FROM pragma_table_info(...)).
+        # sqlite_master cannot be written without PRAGMA writable_schema, which is denied, and
+        # the file is open read-only besides.
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA:
+        allowed = _READ_PRAGMAS if arg2 is None else _INTROSPECTION_PRAGMAS
+        return sqlite3.SQLITE_OK if (arg1 or "").lower() in allowed else sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_DENY
 
 
-def create_read_only_engine(url: URL) -> Engine:
-    """An Engine whose connections cannot write: for `pipeline sql`."""
-    _prepare_path(url)
-    engine = sa.create_engine(url, poolclass=NullPool)
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None
-        dbapi_connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        dbapi_connection.execute("PRAGMA query_only = ON")
-        # query_only still lets PRAGMAs such as journal_mode change the file, and ATTACH create
-        # one; the authorizer refuses those.
-        dbapi_connection.set_authorizer(_authorize)
-
-    return engine
+def sqlite_file(url: URL) -> Path | None:
+    """The file of a SQLite URL (``sqlite:///path`` or a ``file:`` URI with ``uri=true``); None
+    for an in-memory database."""
+    database = url.database
+    if not database or database == ":memory:" or url.query.get("mode") == "memory":
+        return None
+    if database.startswith("file:"):
+        path = urllib.parse.unquote(urllib.parse.urlsplit(database).path)
+        return Path(path) if path and path != ":memory:" else None
+    return Path(database)
 
 
-def read_query(engine: Engine, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run one statement of `pipeline sql` on a connection of ``create_read_only_engine``."""
+def _read_only_uri(url: URL) -> str:
+    """A ``file:`` URI that opens the store read-only (``mode=ro``), built from the path, so
+    that '%', '?' and '#' in folder names stay part of the path."""
+    path = sqlite_file(url)
+    if path is None:
+        raise StoreError(f"the state store must be a file, not an in-memory SQLite database ({url})")
+    return f"{path.absolute().as_uri()}?mode=ro"
+
+
+def read_query(url: URL, sql: str, *, timeout_s: float = READ_QUERY_TIMEOUT_S) -> tuple[list[str], list[tuple]]:
+    """Run one statement of `pipeline sql` (checked by :mod:`pipeline.store.readonly`) on a
+    connection that cannot write: the file opened ``mode=ro``, ``PRAGMA query_only``, extension
+    loading off, and an authorizer that allows reads only. Stopped after ``timeout_s``.
+    ReadOnlyQueryError for a statement refused, StoreError for any other failure."""
+    statement = readonly.single_read_statement(sql, "sqlite")
+    deadline = time.monotonic() + timeout_s
     try:
-        with engine.connect() as conn:
-            # The raw cursor: the statement reaches SQLite as written, with no parsing of ':'.
-            cursor = conn.connection.dbapi_connection.cursor()
-            try:
-                cursor.execute(sql)
-                if cursor.description is None:
-                    return [], []
-                return [d[0] for d in cursor.description], [tuple(r) for r in cursor.fetchall()]
-            finally:
-                cursor.close()
-    except (sqlite3.Error, sa_exc.DBAPIError) as exc:
-        orig = getattr(exc, "orig", exc)
-        # SQLITE_READONLY: query_only refused a write; SQLITE_AUTH: the authorizer did.
-        if getattr(orig, "sqlite_errorname", None) in ("SQLITE_READONLY", "SQLITE_AUTH"):
+        connection = sqlite3.connect(_read_only_uri(url), uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the state store {url} to read it: {exc}") from exc
+    try:
+        if hasattr(connection, "enable_load_extension"):  # absent when built without it
+            connection.enable_load_extension(False)
+        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        connection.execute("PRAGMA query_only = ON")
+        connection.set_authorizer(_authorize)
+        # Called every few thousand steps of the virtual machine: a non-zero answer interrupts.
+        connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        # execute() runs one statement and refuses a text holding more.
+        cursor = connection.execute(statement)
+        if cursor.description is None:
+            return [], []
+        return [d[0] for d in cursor.description], [tuple(r) for r in cursor.fetchall()]
+    except sqlite3.Error as exc:
+        name = getattr(exc, "sqlite_errorname", None)
+        if name in ("SQLITE_READONLY", "SQLITE_AUTH") or "not authorized" in str(exc):
             raise ReadOnlyQueryError(
                 f"`pipeline sql` only reads the state store; SQLite refused this statement because "
-                f"it would write ({orig}): {sql.strip()[:200]}"
+                f"it would write or is not allowed ({exc}): {sql.strip()[:200]}"
             ) from exc
-        raise StoreError(f"the query failed: {orig}") from exc
+        if name == "SQLITE_INTERRUPT":
+            raise StoreError(f"the query ran longer than {timeout_s:g} s and was stopped; narrow it "
+                             f"(a WHERE on run_id, a LIMIT)") from exc
+        raise StoreError(f"the query failed: {exc}") from exc
+    finally:
+        connection.close()
 
 
 # The journal's upserts, in the driver's own SQL: executemany over plain tuples is the fastest
