@@ -11,7 +11,9 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
     ├── ReadOnlyQueryError             `pipeline sql` refused a statement that writes
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
-    └── GenerationError                a generator failed; carries the original as __cause__
+    ├── GenerationError                a generator failed; carries the original as __cause__
+    └── UnstorableValueError           a generator's value has no exact stored form: fails its
+                                       own cell (never retried), names column, record and why
 
     RetryableError                     raise it (or TimeoutError / ConnectionError) from a
     ├── ModelRateLimitError            generator to have the task deferred and tried again
@@ -39,6 +41,7 @@ __all__ = [
     "RunExistsError",
     "RunNotFoundError",
     "StoreError",
+    "UnstorableValueError",
     "is_retryable",
 ]
 
@@ -86,6 +89,12 @@ class StoreError(PipelineError):
 
 class GenerationError(PipelineError):
     """A generator raised; the original exception is the ``__cause__``."""
+
+
+class UnstorableValueError(PipelineError):
+    """A value with no exact stored form (text that is not valid Unicode, a dict with non-string
+    keys, an object with no JSON form: see pipeline.values). Raised when the task finishes; it
+    fails that cell and the run goes on (contract section 9)."""
 
 
 class RetryableError(Exception):

@@ -33,6 +33,7 @@ from pipeline.errors import ConfigError
 from pipeline.generators.base import Generator, task_usage
 from pipeline.llm import LlmClient, LlmRuntime, ModelOutputError, get_runtime
 from pipeline.templates import compile_template
+from pipeline.values import valid_unicode_deep
 
 __all__ = ["LLM_COLUMN_TYPES", "LlmGenerator", "REASKS", "judge_schema", "make_llm_generator", "strict_compatible"]
 
@@ -217,7 +218,8 @@ class LlmGenerator(Generator):
         )
 
     def _parse(self, text: str) -> Any:
-        value = _loads_lenient(text)
+        # json.loads turns a "\ud83d" escape into a lone surrogate, which no store can hold.
+        value = valid_unicode_deep(_loads_lenient(text))
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
         if error is not None:
             where = "/".join(str(part) for part in error.absolute_path) or "(root)"

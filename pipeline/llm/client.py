@@ -48,6 +48,7 @@ from pipeline.errors import (
     ModelServerError,
     ModelTimeoutError,
 )
+from pipeline.values import valid_unicode
 
 __all__ = [
     "Completion",
@@ -340,7 +341,8 @@ def _parse_completion(endpoint: ModelEndpoint, response: _Answer) -> Completion:
     if not isinstance(content, str):
         reason = choice.get("finish_reason")
         raise ModelOutputError(f"{endpoint.where}: the answer has no text (finish_reason={reason!r})")
-    return Completion(text=content, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    # A "\ud83d" escape in the JSON body is a lone surrogate, which no store can hold: U+FFFD.
+    return Completion(text=valid_unicode(content), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
 
 def _scrub(text: str, endpoint: ModelEndpoint) -> str:
