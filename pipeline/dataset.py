@@ -175,11 +175,14 @@ def _csv_cell(value: Any) -> Any:
 
 
 def _csv_column(series: pd.Series) -> pd.Series:
+    # Built as object columns: Series.map would infer a type again (ints beside None -> 1.0).
     kind = series.dtype.kind
     if kind == "M":  # native timestamps: ISO 8601 as in JSONL, not pandas' "2024-01-01 00:00:00"
-        return series.map(lambda t: None if pd.isna(t) else t.isoformat()).astype(object)
-    if kind == "m":
+        cells = [None if pd.isna(t) else t.isoformat() for t in series]
+    elif kind == "m":
         return series.dt.total_seconds()
-    if kind == "O":
-        return series.map(_csv_cell)
-    return series
+    elif kind == "O":
+        cells = [_csv_cell(v) for v in series]
+    else:
+        return series
+    return pd.Series(cells, index=series.index, dtype=object)

@@ -482,9 +482,10 @@ class SqlStore:
                 if error is None:
                     plain.append((run_id, rg, generator, slot, row_index, task_type, state, text, now))
                 else:
-                    full.append(
-                        (run_id, rg, generator, slot, row_index, task_type, state, text, now, *error)
-                    )
+                    # A generator's message may hold lone surrogates, which no driver can encode.
+                    attempts, next_eligible_at, message = error
+                    full.append((run_id, rg, generator, slot, row_index, task_type, state, text, now,
+                                 attempts, next_eligible_at, message and values.valid_unicode(message)))
             self._upsert_tasks(conn, run_id, now, plain, full)
             drops = []
             counts = []
