@@ -26,7 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from tests.conftest import cli, cli_env, cli_popen
+from pipeline.config import load_config
+from pipeline.llm import LlmRuntime
+from pipeline.generators.llm import make_llm_generator
+from tests.conftest import cli, cli_env, cli_popen, fake_server_module
 
 N, RG = 12, 4
 D = decimal.Decimal
@@ -339,3 +342,72 @@ def test_a_value_with_no_stored_form_fails_its_own_cell_only(runs, column, recor
         assert failure["last_error"].startswith(f"UnstorableValueError: {message}"), failure["last_error"]
         assert record not in runs[(run_id, "frame")]["i"].tolist()
     assert message in runs["stderr"]["whole"]
+
+
+# -- text from LLM answers ------------------------------------------------------------------
+
+@pytest.fixture
+def fake_server():
+    url, stop = fake_server_module().start_server(latency_ms=1)
+    yield url
+    stop()
+
+
+def test_an_llm_answer_holding_a_lone_surrogate_is_stored_with_a_replacement_character(tmp_path, fake_server):
+    """The fake server echoes the prompt; a "\\ud83d" escape in its JSON body is a lone surrogate
+    once parsed. The run completes with every record, the text holding U+FFFD instead."""
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    cfg = folder / "cfg.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        name: surrogates
+        num_records: 6
+        row_group_size: 3
+        models:
+          writer: {{base_url: "{fake_server}", model: m}}
+        columns:
+          - {{name: n, type: sampler, sampler: integer, params: {{low: 0, high: 9}}}}
+          - name: text
+            type: llm_text
+            model: writer
+            prompt: 'Say {{{{ "\\ud83d" }}}} {{{{ n }}}} now'
+        """))
+    home = tmp_path / "home"
+    done = cli("run", str(cfg), "--run-id", "llm", "--quiet", home=home)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "llm.jsonl"
+    cli("export", "llm", "--output", str(out), "--format", "jsonl", home=home, check=True)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 6
+    for row in rows:
+        assert row["text"].endswith(f" Say \ufffd {row['n']} now"), row["text"]
+
+
+async def test_strings_inside_a_structured_answer_are_made_valid_unicode(tmp_path, fake_server):
+    """The schema's first choice is a const holding a lone surrogate, which the fake server
+    answers as a "\\ud83d" escape: the parsed value holds U+FFFD, keys included."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        name: structured
+        num_records: 1
+        models:
+          writer: {{base_url: "{fake_server}", model: m}}
+        columns:
+          - name: facts
+            type: llm_structured
+            model: writer
+            prompt: "Facts."
+            output_schema:
+              type: object
+              properties:
+                half: {{anyOf: [{{const: "an emoji: \\ud83d"}}, {{type: string}}]}}
+                nested: {{anyOf: [{{const: {{"k\\udc00": ["\\ud83dx"]}}}}, {{type: object}}]}}
+              required: [half, nested]
+        """))
+    config = load_config(cfg)
+    runtime = LlmRuntime(config.models)
+    try:
+        value = await make_llm_generator(config.columns[0], config, runtime=runtime).agenerate({})
+    finally:
+        await runtime.aclose()
+    assert value == {"half": "an emoji: \ufffd", "nested": {"k\ufffd": ["\ufffdx"]}}
