@@ -181,7 +181,7 @@ def _csv_column(series: pd.Series) -> pd.Series:
         cells = [None if pd.isna(t) else t.isoformat() for t in series]
     elif kind == "m":
         return series.dt.total_seconds()
-    elif kind == "O":
+    elif series.dtype == object:  # not pandas' own string dtype: its values are text already
         cells = [_csv_cell(v) for v in series]
     else:
         return series

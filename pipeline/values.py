@@ -305,7 +305,12 @@ def _hook(obj: dict) -> Any:
     if len(obj) == 1:
         tag = _TAGS.get(key)
         if tag is not None:
-            return tag(obj[key])
+            try:
+                return tag(obj[key])
+            except (ValueError, TypeError, ArithmeticError):
+                # Not written by prepare: a plain dict stored unescaped by an earlier version
+                # ({"$date": "2024-01-01T00:00:00Z"}); it stays the dict it was.
+                return obj
     return {(k[1:] if k[:2] == "$$" else k): v for k, v in obj.items()}
 
 

@@ -121,6 +121,11 @@ def test_tags_written_by_earlier_versions_still_decode():
     assert decode('{"$td": 1.5}') == dt.timedelta(seconds=1.5)  # seconds, as a float
     assert decode('{"$dt": "2024-01-01T00:00:00"}') == dt.datetime(2024, 1, 1)
     assert decode('{"$other": 1}') == {"$other": 1}
+    # Plain dicts that those versions stored unescaped: what parses as a tag is read as one (the
+    # text cannot tell), what does not stays the dict it was instead of failing the resume.
+    assert decode('{"$date": "2024-01-01T00:00:00Z"}') == {"$date": "2024-01-01T00:00:00Z"}
+    assert decode('{"$dec": "abc"}') == {"$dec": "abc"}
+    assert decode('{"$bytes": 5}') == {"$bytes": 5}
 
 
 REFUSED = [
