@@ -180,7 +180,7 @@ class _Walk:
             if not value.is_finite():
                 raise _Refused(f"Decimal('{value}') is not a finite number; return a float or None")
             self.special = True
-            return value
+            return value if type(value) is decimal.Decimal else decimal.Decimal(value)
         if isinstance(value, str):  # str enums, numpy str_
             return self.canon(str.__str__(value))
         if isinstance(value, bool):

@@ -13,9 +13,9 @@ import time
 from typing import Any, Sequence
 
 from pipeline.errors import RunExistsError, RunNotFoundError
-from pipeline.values import decode
 from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, LoadedRowGroup, NewRun,
                                  RowGroupClaim, RunInfo)
+from pipeline.values import decode
 from pipeline.workers import make_owner_id, owner_is_gone
 
 __all__ = ["MemoryStore"]
