@@ -2,15 +2,21 @@
 ``load_dataset`` returns.
 
 Each checkpointed row group is one Parquet file whose columns are native Arrow arrays, or JSON
-text for nested and mixed values (see :func:`pipeline.engine.buffer.column_array`). A column that
-is native with one type in every file is concatenated as Arrow. Any other column is read back
-as its exact Python values and then given one representation for the whole dataset, so what
-comes out never depends on where row groups start:
+text for nested, mixed and other values Arrow would not give back exactly (see
+:func:`pipeline.engine.buffer.column_array`). A column that is native with one type in every
+file is concatenated as Arrow. Any other column is read back as its exact Python values and
+then given one representation for the whole dataset, so what comes out never depends on where
+row groups start, nor on whether the run was interrupted (README, "Values"):
 
-- ``load_dataset``, JSONL and CSV: the exact values (dicts keep their keys, ints stay ints);
-  CSV writes dicts and lists as JSON text;
-- Parquet: one Arrow type inferred over the whole column (dicts become structs), or, where the
-  values have no common type, strings holding JSON text for the values that are not strings.
+- ``load_dataset``: the exact values (dicts keep their keys, ints stay ints, an int column with
+  missing values holds Python ints and None); native columns take pandas' types;
+- JSONL: plain JSON: Decimals as numbers with their exact digits, bytes as base64 text, dates,
+  times and datetimes as ISO 8601 text, durations as seconds, NaN and infinities as null;
+- CSV: dates, times, datetimes, durations, bytes and Decimals as in JSONL, dicts and lists as
+  JSON text, missing values (and NaN) as empty fields;
+- Parquet: one Arrow type inferred over the whole column (dicts become structs, Decimals a
+  decimal of the largest scale, tz-aware datetimes UTC timestamps), or, where the values have
+  no common type, strings holding JSON text for the values that are not strings.
 """
 
 from __future__ import annotations
@@ -19,8 +25,6 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
-import json
-import math
 import os
 import secrets
 from pathlib import Path
@@ -29,11 +33,12 @@ from typing import Any, Iterator
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import simplejson
 
 from pipeline.engine.buffer import JSON_FIELD
 from pipeline.errors import DamagedFileError, ExportError
 from pipeline.store.base import Store
-from pipeline.values import decode, encode
+from pipeline.values import decode
 
 __all__ = ["Dataset", "FORMATS", "check_files", "read_dataset", "read_row_group"]
 
@@ -83,10 +88,16 @@ class Dataset:
         if kind is not None:
             return pa.chunked_array(self._chunks(column, kind), type=kind)
         values = self.values(column)
+        present = [v for v in values if v is not None]
+        if present and all(type(v) is dt.datetime and v.tzinfo is not None for v in present):
+            # Arrow keeps one zone per column: the same instants in UTC, whatever came first.
+            utc = [None if v is None else v.astimezone(dt.timezone.utc) for v in values]
+            return pa.array(utc, type=pa.timestamp("us", tz="UTC"))
         try:
             return pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-            return pa.array([v if v is None or isinstance(v, str) else encode(v) for v in values], type=pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
+            return pa.array([v if v is None or isinstance(v, str) else export_json(v) for v in values],
+                            type=pa.string())
 
     def to_arrow(self) -> pa.Table:
         return pa.table({c: self.arrow_column(c) for c in self.columns})
@@ -96,7 +107,8 @@ class Dataset:
         for c in self.columns:
             kind = self._native(c)
             if kind is not None:
-                data[c] = pa.chunked_array(self._chunks(c, kind), type=kind).to_pandas()
+                # An int column with missing values holds ints and None, not floats and NaN.
+                data[c] = pa.chunked_array(self._chunks(c, kind), type=kind).to_pandas(integer_object_nulls=True)
             else:
                 data[c] = pd.Series(self.values(c), dtype=object)
         return pd.DataFrame(data, columns=self.columns)
@@ -141,13 +153,12 @@ class Dataset:
         elif fmt == "csv":
             frame = self.to_pandas()
             for c in self.columns:
-                if frame[c].dtype == object:
-                    frame[c] = frame[c].map(_csv_cell)
+                frame[c] = _csv_column(frame[c])
             frame.to_csv(path, index=False)
         else:
             with open(path, "w", encoding="utf-8") as out:
                 for record in self.records():
-                    out.write(json.dumps(_without_nan(record), ensure_ascii=False, default=_json_default))
+                    out.write(export_json(record))
                     out.write("\n")
 
 
@@ -242,6 +253,12 @@ def _content_problem(data: bytes, group: dict) -> str | None:
     return None
 
 
+def export_json(value: Any) -> str:
+    """Plain JSON text of an exact value, as JSONL and CSV write it (see the module docstring)."""
+    return simplejson.dumps(value, ensure_ascii=False, ignore_nan=True, use_decimal=True, encoding=None,
+                            default=_json_default)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
@@ -252,18 +269,29 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write a {type(value).__name__} as JSON")
 
 
-def _without_nan(value: Any) -> Any:
-    """NaN and infinities have no JSON form: null, as pandas writes them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _without_nan(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_without_nan(v) for v in value]
-    return value
-
-
 def _csv_cell(value: Any) -> Any:
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(_without_nan(value), ensure_ascii=False, default=_json_default)
-    return value
+    """A value as CSV text: dates, times, durations, bytes and Decimals as JSONL writes them,
+    dicts and lists as JSON text; None and NaN stay missing (an empty field)."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if value == value else None
+    if isinstance(value, (dict, list)):
+        return export_json(value)
+    if isinstance(value, (dt.date, dt.time, dt.timedelta, bytes)):
+        return _json_default(value)
+    return str(value)  # a Decimal: its exact digits
+
+
+def _csv_column(series: pd.Series) -> pd.Series:
+    # Built as object columns: Series.map would infer a type again (ints beside None -> 1.0).
+    kind = series.dtype.kind
+    if kind == "M":  # native timestamps: ISO 8601 as in JSONL, not pandas' "2024-01-01 00:00:00"
+        cells = [None if pd.isna(t) else t.isoformat() for t in series]
+    elif kind == "m":
+        return series.dt.total_seconds()
+    elif series.dtype == object:  # not pandas' own string dtype: its values are text already
+        cells = [_csv_cell(v) for v in series]
+    else:
+        return series
+    return pd.Series(cells, index=series.index, dtype=object)

@@ -19,7 +19,9 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── ModelCheckError                a model endpoint the config uses is unreachable, or refuses
     │                                  the key or the model (the preflight of `run`/`validate`)
     ├── FilesChangedError              a python module or seed file changed since the run started
-    └── GenerationError                a generator failed; carries the original as __cause__
+    ├── GenerationError                a generator failed; carries the original as __cause__
+    └── UnstorableValueError           a generator's value has no exact stored form: fails its
+                                       own cell (never retried), names column, record and why
 
     RetryableError                     raise it (or TimeoutError / ConnectionError) from a
     ├── ModelRateLimitError            generator to have the task deferred and tried again
@@ -53,6 +55,7 @@ __all__ = [
     "RunNotFoundError",
     "StoreError",
     "UnknownColumnError",
+    "UnstorableValueError",
     "is_outage",
     "is_retryable",
 ]
@@ -130,6 +133,12 @@ class FilesChangedError(PipelineError):
 
 class GenerationError(PipelineError):
     """A generator raised; the original exception is the ``__cause__``."""
+
+
+class UnstorableValueError(PipelineError):
+    """A value with no exact stored form (text that is not valid Unicode, a dict with non-string
+    keys, an object with no JSON form: see pipeline.values). Raised when the task finishes; it
+    fails that cell and the run goes on (contract section 9)."""
 
 
 class RetryableError(Exception):

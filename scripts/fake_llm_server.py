@@ -265,7 +265,9 @@ class FakeLlmServer:
         user = next(
             (str(m.get("content") or "") for m in reversed(request["messages"]) if m.get("role") == "user"), ""
         )
-        digest = hashlib.sha256(user.encode()).hexdigest()[:12]
+        # surrogatepass: a prompt may hold a lone surrogate (sent as a "\ud83d" escape); the echo
+        # then carries it back the same way, as a broken model answer would.
+        digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:12]
         response_format = request.get("response_format") or {}
         wants_json = response_format.get("type") in ("json_schema", "json_object")
         schema = (response_format.get("json_schema") or {}).get("schema", {}) if wants_json else None

@@ -27,6 +27,7 @@ from pipeline.store.base import (
     ColumnSpec,
     NewRun,
 )
+from pipeline.values import encode
 from pipeline.workers import HOST
 
 try:
@@ -168,9 +169,10 @@ def test_a_done_value_comes_back_with_its_type(store):
     lost = store.record(
         run_id,
         [
-            (DONE, 0, "x", 1, "cell", stamp),
-            (DONE, 0, "yz", None, "batch", batch_value),
-            (DONE, 0, "w", 2, "cell", {"d": dt.date(2024, 1, 2), "b": b"\x00\x01", "n": decimal.Decimal("1.10")}),
+            (DONE, 0, "x", 1, "cell", encode(stamp)),
+            (DONE, 0, "yz", None, "batch", encode(batch_value)),
+            (DONE, 0, "w", 2, "cell",
+             encode({"d": dt.date(2024, 1, 2), "b": b"\x00\x01", "n": decimal.Decimal("1.10")})),
         ],
     )
     assert lost == set()
@@ -182,13 +184,22 @@ def test_a_done_value_comes_back_with_its_type(store):
     assert loaded.deferred == {} and loaded.dropped == set()
 
 
+def test_an_error_text_that_is_not_valid_unicode_is_stored_with_replacement_characters(store):
+    """A generator's exception may say anything: a lone surrogate in it must not fail the commit."""
+    run_id = claimed(store)
+    store.record(run_id, [(STARTED, 0, "x", 1, "cell"), (FAILED, 0, "x", 1, "cell", (1, "ValueError: half \ud83d")),
+                          (DEFERRED, 0, "x", 2, "cell", (1, 123.5, "TimeoutError: \udc00 late"))])
+    _, rows = store.read_query(f"SELECT row_index, last_error FROM tasks WHERE run_id = '{run_id}' ORDER BY row_index")
+    assert rows == [(1, "ValueError: half \ufffd"), (2, "TimeoutError: \ufffd late")]
+
+
 def test_events_of_one_task_in_a_batch_coalesce_to_the_last(store):
     run_id = claimed(store)
     store.record(
         run_id,
         [
             (STARTED, 0, "x", 0, "cell"),
-            (DONE, 0, "x", 0, "cell", "first"),
+            (DONE, 0, "x", 0, "cell", encode("first")),
             (STARTED, 0, "x", 1, "cell"),
             (DEFERRED, 0, "x", 1, "cell", (1, 123.5, "timeout")),
             (STARTED, 0, "x", 1, "cell"),
@@ -241,7 +252,7 @@ def test_dropped_records_are_counted_once_and_shown_by_the_view(store):
     assert store.load_row_group(run_id, 2).dropped == {0, 1, 2, 3, 4}
 
     # A batch task done in row group 0 counts its kept records only.
-    store.record(run_id, [(DONE, 0, "yz", None, "batch", {"y": [1] * 10, "z": [2] * 10})])
+    store.record(run_id, [(DONE, 0, "yz", None, "batch", encode({"y": [1] * 10, "z": [2] * 10}))])
     assert counts(store, run_id)["y"] == (8, 0, 0, 0)
 
 
@@ -255,12 +266,12 @@ def test_column_progress_counts_records_at_every_stage(store):
 
     store.record(
         run_id,
-        [(DONE, 0, "x", i, "cell", i) for i in range(8)]
+        [(DONE, 0, "x", i, "cell", encode(i)) for i in range(8)]
         + [
             (DEFERRED, 0, "x", 8, "cell", (1, time.time() + 5, "busy")),
             (FAILED, 0, "x", 9, "cell", (1, "bad")),
             (DROPPED, 0, None, 9),
-            (DONE, 0, "yz", None, "batch", {"y": list(range(10)), "z": list(range(10))}),
+            (DONE, 0, "yz", None, "batch", encode({"y": list(range(10)), "z": list(range(10))})),
         ],
     )
     assert counts(store, run_id) == {"x": (8, 1, 1, 0), "y": (9, 0, 0, 0), "z": (9, 0, 0, 0), "w": zero}
@@ -269,15 +280,15 @@ def test_column_progress_counts_records_at_every_stage(store):
     store.record(
         run_id,
         [(STARTED, 0, "w", i, "cell") for i in range(9)]
-        + [(DONE, 0, "w", i, "cell", "ok") for i in (0, 1, 2, 4, 5)]
+        + [(DONE, 0, "w", i, "cell", encode("ok")) for i in (0, 1, 2, 4, 5)]
         + [(FAILED, 0, "w", 3, "cell", (1, "bad")), (DROPPED, 0, None, 3)],
     )
     assert counts(store, run_id) == {"x": (7, 1, 1, 0), "y": (8, 0, 0, 0), "z": (8, 0, 0, 0), "w": (5, 1, 0, 3)}
 
     store.record(
         run_id,
-        [(STARTED, 0, "x", 8, "cell"), (DONE, 0, "x", 8, "cell", 8)]
-        + [(DONE, 0, "w", i, "cell", "ok") for i in (6, 7, 8)]
+        [(STARTED, 0, "x", 8, "cell"), (DONE, 0, "x", 8, "cell", encode(8))]
+        + [(DONE, 0, "w", i, "cell", encode("ok")) for i in (6, 7, 8)]
         + [(COMPLETE, 0)],
     )
     assert counts(store, run_id) == {"x": (8, 1, 0, 0), "y": (8, 0, 0, 0), "z": (8, 0, 0, 0), "w": (8, 1, 0, 0)}
@@ -397,7 +408,8 @@ def test_a_worker_that_lost_its_lease_records_nothing_and_cannot_checkpoint(stor
 
     lost = store.record(
         run.run_id,
-        [(STARTED, 0, "x", 0, "cell"), (DONE, 0, "x", 0, "cell", "zombie"), (DROPPED, 0, None, 1), (COMPLETE, 0)]
+        [(STARTED, 0, "x", 0, "cell"), (DONE, 0, "x", 0, "cell", encode("zombie")), (DROPPED, 0, None, 1),
+         (COMPLETE, 0)]
         + [(STARTED, 1, "x", 0, "cell")],
     )
     assert lost == {0}
@@ -406,7 +418,7 @@ def test_a_worker_that_lost_its_lease_records_nothing_and_cannot_checkpoint(stor
     assert (group["state"], group["rows_dropped"], group["lease_owner"]) == ("active", 0, other.owner)
     assert store.checkpoint_row_group(run.run_id, 0, "runs/x.parquet", 0) is False
 
-    assert other.record(run.run_id, [(DONE, 0, "x", 0, "cell", "new owner")]) == set()
+    assert other.record(run.run_id, [(DONE, 0, "x", 0, "cell", encode("new owner"))]) == set()
     assert other.load_row_group(run.run_id, 0).done == {("x", 0): "new owner"}
 
 
@@ -565,14 +577,16 @@ def test_readers_polling_the_view_never_fail_the_writer(tmp_path):
                     for start in range(0, 500, 100):
                         rows = range(start, start + 100)
                         events += len(store.record(run_id, [(STARTED, rg, column, i, "cell") for i in rows]) or rows)
-                        events += len(store.record(run_id, [(DONE, rg, column, i, "cell", f"v{i}") for i in rows]) or rows)
+                        done = [(DONE, rg, column, i, "cell", encode(f"v{i}")) for i in rows]
+                        events += len(store.record(run_id, done) or rows)
                     # and one large batch
                     batch = [(STARTED, rg, column, i, "cell") for i in range(500, 1000)]
-                    batch += [(DONE, rg, column, i, "cell", i) for i in range(500, 1000)]
+                    batch += [(DONE, rg, column, i, "cell", encode(i)) for i in range(500, 1000)]
                     assert store.record(run_id, batch) == set()
                     events += len(batch)
                 store.record(run_id, [(STARTED, rg, "yz", None, "batch")])
-                store.record(run_id, [(DONE, rg, "yz", None, "batch", {"y": [1] * 1000, "z": [2] * 1000}), (COMPLETE, rg)])
+                store.record(run_id, [(DONE, rg, "yz", None, "batch", encode({"y": [1] * 1000, "z": [2] * 1000})),
+                                      (COMPLETE, rg)])
                 events += 3
         finally:
             stop_file.touch()
@@ -609,10 +623,10 @@ def test_model_usage_is_recorded_with_each_transition_and_a_zombie_adds_nothing(
     other.claim_row_groups(run.run_id, 1, 60)  # takes row group 0 over
     usage = ("writer", 1, 10, 4, 0, 8)
     lost = store.record(run.run_id, [
-        (DONE, 1, "x", 0, "cell", "a", usage),
+        (DONE, 1, "x", 0, "cell", encode("a"), usage),
         (DEFERRED, 1, "x", 1, "cell", (1, 0.0, "429"), ("writer", 1, 0, 0, 1, 4)),
-        (DONE, 1, "x", 1, "cell", "b", usage),
-        (DONE, 0, "x", 0, "cell", "zombie", usage),
+        (DONE, 1, "x", 1, "cell", encode("b"), usage),
+        (DONE, 0, "x", 0, "cell", encode("zombie"), usage),
     ])
     assert lost == {0}
     assert store.model_usage(run.run_id) == {"writer": {"requests": 3, "prompt_tokens": 20, "completion_tokens": 8,

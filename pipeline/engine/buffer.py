@@ -4,11 +4,18 @@ Values are kept per column (one list of ``num_rows`` per output column) so a cel
 list store and a finished row group becomes an Arrow table without reshaping. A generator sees
 only the columns it declared it reads (``depends_on``), never whatever else happens to be
 there, so what it receives does not depend on timing.
+
+Results enter through :meth:`RowGroupBuffer.prepare_cell` / :meth:`~RowGroupBuffer.prepare_batch`,
+once, when their task finishes: each value becomes its canonical form and its JSON text
+(pipeline.values). The buffer keeps the canonical value and the journal records the text, so an
+uninterrupted run and a resumed one (which reloads the text) hold the same values. A value with
+no exact stored form fails its own cell with an error naming column, record and why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import os
 from typing import Any, Mapping, Sequence
@@ -17,7 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.values import encode, to_python
+from pipeline.errors import UnstorableValueError
+from pipeline.values import encode, prepare
 
 __all__ = ["JSON_FIELD", "RowGroupBuffer", "column_array", "normalize_batch", "normalize_cell", "write_parquet_atomic"]
 
@@ -46,25 +54,78 @@ class RowGroupBuffer:
             data = {c: [cols[c][r] for r in rows] for c in names}
         return pd.DataFrame(data, index=index)
 
+    def unstorable(self, column: str, r: int, exc: UnstorableValueError) -> UnstorableValueError:
+        """The cell's error: which column, which record, and why (contract section 9)."""
+        return UnstorableValueError(
+            f"column '{column}', record {self.start + r} (row group {self.row_group}, row {r}): {exc}")
+
+    def prepare_cell(self, outputs: Sequence[str], r: int, result: Any) -> tuple[Any, str]:
+        """A cell task's result (a dict of its outputs when there are several, see
+        :func:`normalize_cell`) as ``(canonical value, JSON text for the journal)``. Raises
+        UnstorableValueError naming the column and the record."""
+        if len(outputs) == 1:
+            try:
+                return prepare(result)
+            except UnstorableValueError as exc:
+                raise self.unstorable(outputs[0], r, exc) from None
+        value, parts = {}, []
+        for c in outputs:
+            try:
+                value[c], text = prepare(result[c])
+            except UnstorableValueError as exc:
+                raise self.unstorable(c, r, exc) from None
+            parts.append(f'"{c}":{text}')  # column names are identifiers: nothing to escape
+        return value, "{" + ",".join(parts) + "}"
+
+    def prepare_batch(self, columns: Mapping[str, Sequence[Any]], rows: Sequence[int]
+                      ) -> tuple[list[int], dict[str, list], dict[str, list[str]], dict[int, UnstorableValueError]]:
+        """A batch task's result (:func:`normalize_batch`) made canonical, row by row: ``(rows,
+        {column: values}, {column: JSON texts}, {row: error})``; a row whose value in some
+        column has no exact stored form is left out of the first three and named in the last."""
+        values: dict[str, list] = {}
+        texts: dict[str, list[str]] = {}
+        bad: dict[int, UnstorableValueError] = {}
+        for c, vals in columns.items():
+            out_v: list = []
+            out_t: list = []
+            values[c], texts[c] = out_v, out_t
+            for r, v in zip(rows, vals):
+                try:
+                    v, t = prepare(v)
+                except UnstorableValueError as exc:
+                    bad.setdefault(r, self.unstorable(c, r, exc))
+                    v, t = None, None
+                out_v.append(v)
+                out_t.append(t)
+        if bad:
+            keep = [i for i, r in enumerate(rows) if r not in bad]
+            rows = [rows[i] for i in keep]
+            values = {c: [vals[i] for i in keep] for c, vals in values.items()}
+            texts = {c: [vals[i] for i in keep] for c, vals in texts.items()}
+        return rows, values, texts, bad
+
     def put_cell(self, outputs: Sequence[str], r: int, value: Any) -> None:
-        """``value`` as normalised by :func:`normalize_cell`."""
+        """``value`` as made by :meth:`prepare_cell`."""
         if len(outputs) == 1:
             self.cols[outputs[0]][r] = value
         else:
             for c in outputs:
                 self.cols[c][r] = value[c]
 
-    def put_batch(self, columns: Mapping[str, Sequence[Any]], rows: Sequence[int]) -> dict[str, list]:
-        """Write values of the given rows; return ``{column: [value per row]}`` over the whole row
-        group (None elsewhere), which is what the journal records."""
-        full = {}
-        live = None if len(rows) == self.n else set(rows)
+    def put_batch(self, columns: Mapping[str, Sequence[Any]], rows: Sequence[int],
+                  texts: Mapping[str, Sequence[str]]) -> str:
+        """Write values of the given rows (from :meth:`prepare_batch`); return the JSON text of
+        ``{column: [value per row]}`` over the whole row group (null elsewhere), which is what
+        the journal records."""
+        parts = []
         for c, vals in columns.items():
             col = self.cols[c]
-            for r, v in zip(rows, vals):
+            cells = ["null"] * self.n
+            for r, v, t in zip(rows, vals, texts[c]):
                 col[r] = v
-            full[c] = list(col) if live is None else [col[r] if r in live else None for r in range(self.n)]
-        return full
+                cells[r] = t
+            parts.append(f'"{c}":[{",".join(cells)}]')
+        return "{" + ",".join(parts) + "}"
 
     def restore(self, outputs: Sequence[str], r: int | None, value: Any) -> None:
         """Put back a value recorded by the journal (resume)."""
@@ -89,22 +150,29 @@ class RowGroupBuffer:
 JSON_FIELD = {b"pipeline.json": b"1"}
 
 
+#: Canonical types (pipeline.values) that an Arrow array gives back exactly, and datetimes
+#: and times when naive (Arrow keeps one zone per column, and no offset of a time).
+_NATIVE = frozenset({bool, int, float, str, bytes, dt.date, dt.timedelta})
+_NATIVE_NAIVE = frozenset({dt.datetime, dt.time})
+
+
 def column_array(values: list) -> tuple[pa.Array, bool]:
     """The Arrow array of one column of a row group, and whether its cells are JSON text.
 
-    Scalars of one Python type become a native array. Nested values (dicts, lists) and mixed
-    types are kept exactly as JSON text instead: Arrow would fill the keys a dict lacks with
-    nulls, turn ints into floats beside a float and datetimes into dates beside a date, and
+    Canonical values of one type that Arrow holds exactly become a native array. Anything else
+    is kept exactly as JSON text (pipeline.values): Arrow would fill the keys a dict lacks with
+    nulls, turn ints into floats beside a float and datetimes into dates beside a date, give
+    every Decimal the column's largest scale and every datetime the first one's zone, and
     cannot hold 1 and "x" in one column. Exports decode them (pipeline.dataset)."""
     kinds = {type(v) for v in values}
     kinds.discard(type(None))
-    if len(kinds) <= 1:
+    kind = next(iter(kinds)) if len(kinds) == 1 else None
+    if not kinds or kind in _NATIVE or (
+            kind in _NATIVE_NAIVE and all(v is None or v.tzinfo is None for v in values)):
         try:
-            array = pa.array(values)
+            return pa.array(values), False
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-            array = None
-        if array is not None and not pa.types.is_nested(array.type):
-            return array, False
+            pass  # ints beyond 64 bits
     return pa.array([None if v is None else encode(v) for v in values], type=pa.string()), True
 
 
@@ -122,13 +190,11 @@ def normalize_cell(outputs: Sequence[str], result: Any, name: str) -> Any:
 
 
 def _as_list(vals: Any) -> list:
-    if isinstance(vals, pd.Series):
-        if vals.dtype.kind in "OMm" or str(vals.dtype) in ("string", "category"):
-            return [to_python(v) for v in vals.tolist()]
-        return vals.tolist()
-    if hasattr(vals, "tolist"):
-        return vals.tolist()
-    return [to_python(v) for v in vals]
+    # NumPy and pandas scalars left in the list become Python values in prepare_batch; tolist()
+    # of datetime64[ns] values would give ints.
+    if not hasattr(vals, "tolist") or getattr(getattr(vals, "dtype", None), "kind", None) in ("M", "m"):
+        return list(vals)
+    return vals.tolist()
 
 
 def normalize_batch(outputs: Sequence[str], result: Any, expected: int, name: str) -> dict[str, list]:

@@ -420,7 +420,10 @@ class Scheduler:
                 self._settle(key)
                 if not node.single:
                     result = normalize_cell(node.outputs, result, node.name)
-                self._cell_done(rg, node, r, result, usage)
+                # Once, here: the buffer and the journal get the same value; one with no exact
+                # stored form raises UnstorableValueError and fails this cell below.
+                value, text = rg.buffer.prepare_cell(node.outputs, r, result)
+                self._cell_done(rg, node, r, value, text, usage)
             else:
                 rows = rg.tracker.live_rows()  # snapshot: drops during the await only skip rows
                 data = rg.buffer.frame(rows, node.depends_on)
@@ -465,12 +468,14 @@ class Scheduler:
         return (node.model, usage[0], usage[1], usage[2], int(isinstance(exc, ModelRateLimitError)),
                 node.limit.limit)
 
-    def _cell_done(self, rg: _RowGroup, node: Any, r: int, value: Any, usage: list | None = None) -> None:
+    def _cell_done(self, rg: _RowGroup, node: Any, r: int, value: Any, text: str,
+                   usage: list | None = None) -> None:
+        """``value`` and its JSON ``text`` from RowGroupBuffer.prepare_cell."""
         tracker = rg.tracker
         if rg.dead or tracker.dropped[r]:
             return
         rg.buffer.put_cell(node.outputs, r, value)
-        event = (DONE, rg.id, node.name, r, "cell", value)
+        event = (DONE, rg.id, node.name, r, "cell", text)
         if usage is not None:
             event += (self._usage(node, usage),)
         if self._state_idx and node.index in self._state_idx:
@@ -488,7 +493,10 @@ class Scheduler:
                     usage: list | None = None) -> None:
         if rg.dead:
             return
-        full = rg.buffer.put_batch(cols, rows)
+        rows, cols, texts, bad = rg.buffer.prepare_batch(cols, rows)
+        for r, exc in bad.items():  # a value with no exact stored form fails its own cell
+            self._failed(rg, node, r, exc)
+        full = rg.buffer.put_batch(cols, rows, texts)
         event = (DONE, rg.id, node.name, None, node.task_type, full)
         if usage is not None:
             event += (self._usage(node, usage),)

@@ -34,6 +34,7 @@ from pipeline.generators.base import Generator, task_usage
 from pipeline.llm import LlmClient, LlmRuntime, ModelOutputError, get_runtime
 from pipeline.redact import redact
 from pipeline.templates import DEFAULT_RENDER_TIMEOUT_S, TemplateLimitError, arender, compile_template
+from pipeline.values import valid_unicode_deep
 
 __all__ = ["LLM_COLUMN_TYPES", "LlmGenerator", "REASKS", "judge_schema", "make_llm_generator", "strict_compatible"]
 
@@ -227,7 +228,8 @@ class LlmGenerator(Generator):
         )
 
     def _parse(self, text: str) -> Any:
-        value = _loads_lenient(text)
+        # json.loads turns a "\ud83d" escape into a lone surrogate, which no store can hold.
+        value = valid_unicode_deep(_loads_lenient(text))
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
         if error is not None:
             where = "/".join(str(part) for part in error.absolute_path) or "(root)"

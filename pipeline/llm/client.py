@@ -50,6 +50,7 @@ from pipeline.errors import (
     ModelTimeoutError,
 )
 from pipeline.redact import redact, redact_secrets, register_secret
+from pipeline.values import valid_unicode
 
 __all__ = [
     "Completion",
@@ -372,8 +373,10 @@ def _parse_completion(endpoint: ModelEndpoint, response: _Answer) -> Completion:
     if not isinstance(content, str):
         reason = choice.get("finish_reason")
         raise ModelOutputError(f"{endpoint.where}: the answer has no text (finish_reason={reason!r})")
-    # A server that echoes our key into its answer must not put it into the dataset.
-    return Completion(text=redact_secrets(content), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    # A server that echoes our key into its answer must not put it into the dataset; a "\ud83d"
+    # escape in the JSON body is a lone surrogate, which no store can hold: U+FFFD.
+    return Completion(text=valid_unicode(redact_secrets(content)), prompt_tokens=prompt_tokens,
+                      completion_tokens=completion_tokens)
 
 
 def _snippet(text: str) -> str:

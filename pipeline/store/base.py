@@ -14,7 +14,8 @@ Events (``kind`` first)::
 
     (STARTED,  rg, generator, row_index, task_type)        task is in flight (sent only for
                                                            tasks still running at a commit)
-    (DONE,     rg, generator, row_index, task_type, value) task done; value recorded with it
+    (DONE,     rg, generator, row_index, task_type, text)  task done; the JSON text of its
+                                                           value is recorded with it
     (DEFERRED, rg, generator, row_index, task_type, (attempts, next_eligible_at, error))
     (FAILED,   rg, generator, row_index, task_type, (attempts, error))
     (DROPPED,  rg, None, row_index)                        record dropped (row_index None: all)
@@ -27,10 +28,12 @@ DONE, DEFERRED and FAILED events of a task that called a model carry one more fi
 in that attempt: ``(model, requests, prompt_tokens, completion_tokens, rate_limited,
 concurrency)``; it is recorded with the transition, in the same transaction.
 
-``value`` is what the generator produced, normalised: for a cell task of a single-output
-generator the cell value; of a multi-output generator a dict ``{column: value}``; for a batch or
-from_scratch task a dict ``{column: [value per row of the row group]}`` with ``None`` at dropped
-rows. Values are encoded with :mod:`pipeline.values` so that types survive a resume exactly.
+``text`` is the JSON text (:func:`pipeline.values.prepare`) of what the generator produced,
+made canonical and encoded once, on the event loop, when the task finished: for a cell task of
+a single-output generator the cell value; of a multi-output generator a dict ``{column:
+value}``; for a batch or from_scratch task a dict ``{column: [value per row of the row
+group]}`` with ``null`` at dropped rows. A store records the text as it is and gives
+``values.decode(text)`` back in :class:`LoadedRowGroup`, so types survive a resume exactly.
 Times are Unix seconds (``time.time()``).
 
 Leases: a store instance belongs to one process and has one ``owner`` id. ``claim_row_groups``

@@ -1,7 +1,8 @@
 """An in-memory Store: the same protocol and the same answers as the SQL store, nothing on disk.
 
 Used by unit tests and by the benchmark as the baseline the SQLite store is measured against.
-Values are kept as given (not encoded), so it is also the fastest possible store.
+Values are kept as DONE events carry them, JSON text, and decoded when a row group is loaded,
+as the SQL store does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pipeline.errors import RunExistsError, RunNotFoundError
 from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, ROW_GROUP_BATCH, STARTED, STATE, Lineage,
                                  LoadedRowGroup, NewRun, Reopened, RowGroupClaim, RunInfo, row_group_counts)
 from pipeline.store.reopen import GroupState, plan_group, task_filter
+from pipeline.values import decode
 from pipeline.workers import make_owner_id, owner_is_gone
 
 __all__ = ["MemoryStore"]
@@ -173,7 +175,7 @@ class MemoryStore:
                 if rg != row_group:
                     continue
                 if t["state"] == "done":
-                    out.done[(gen, r)] = t["value"]
+                    out.done[(gen, r)] = decode(t["value"])
                 elif t["state"] == "deferred":
                     out.deferred[(gen, r)] = (t["attempts"], t["next_eligible_at"], t["last_error"])
                 else:

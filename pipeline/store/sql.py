@@ -468,7 +468,7 @@ class SqlStore:
             return set()
         # Coalesce per task: the last state wins; a DONE's value travels with it; the error
         # details of the last DEFERRED/FAILED stay with the task even if it started again.
-        # entry: [state, task_type, value (DONE only), (attempts, next_eligible_at, error) | None]
+        # entry: [state, task_type, JSON text (DONE only), (attempts, next_eligible_at, error) | None]
         tasks: dict[tuple, list] = {}
         dropped: dict[int, set[int] | None] = {}
         completed: set[int] = set()
@@ -536,7 +536,6 @@ class SqlStore:
             if not ours:
                 return lost
             now = time.time()
-            encode = values.encode
             plain: list[tuple] = []
             full: list[tuple] = []
             all_ours = len(ours) == len(touched)
@@ -544,19 +543,20 @@ class SqlStore:
                 if type(entry) is tuple:  # plain DONE
                     if all_ours or rg in ours:
                         plain.append((run_id, rg, generator, -1 if row_index is None else row_index, row_index,
-                                      entry[4], "done", encode(entry[5]), now))
+                                      entry[4], "done", entry[5], now))
                     continue
                 if rg not in ours:
                     continue
                 state, task_type, value, error = entry
-                text = encode(value) if state == "done" else None
+                text = value if state == "done" else None  # DONE carries its JSON text
                 slot = -1 if row_index is None else row_index
                 if error is None:
                     plain.append((run_id, rg, generator, slot, row_index, task_type, state, text, now))
                 else:
-                    full.append(
-                        (run_id, rg, generator, slot, row_index, task_type, state, text, now, *error)
-                    )
+                    # A generator's message may hold lone surrogates, which no driver can encode.
+                    attempts, next_eligible_at, message = error
+                    full.append((run_id, rg, generator, slot, row_index, task_type, state, text, now,
+                                 attempts, next_eligible_at, message and values.valid_unicode(message)))
             self._upsert_tasks(conn, run_id, now, plain, full)
             drops = []
             counts = []
