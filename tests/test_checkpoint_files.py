@@ -15,13 +15,21 @@ import pytest
 from pipeline.store import open_store
 from pipeline.store.base import DONE, FAILED, ColumnSpec, NewRun
 from pipeline.store.memory import MemoryStore
+from pipeline.values import encode
 from tests.engine_helpers import dataset, make_run, spec
 from tests.test_scheduler import AsyncFn
+
+
+def done_event(rg, generator, row_index, task_type, value):
+    """A DONE event as the engine appends it: the value as its JSON text (pipeline.values)."""
+    return (DONE, rg, generator, row_index, task_type, encode(value))
+
 
 try:
     from conftest_store import postgres_session_url, sqlite_url  # noqa: F401  (fixture)
 except ImportError:  # tests/ became a package
     from tests.conftest_store import postgres_session_url, sqlite_url  # noqa: F401
+
 
 
 def folder_of(home) -> str:
@@ -179,7 +187,7 @@ def test_reopened_row_groups_lose_their_file_and_tasks_and_are_claimed_again(sto
     a, _ = stores
     run_id = new_run(a)
     a.claim_row_groups(run_id, 2, 60)
-    a.record(run_id, [(DONE, 0, "x", 0, "cell", 5), (FAILED, 0, "x", 1, "cell", (1, "ValueError: no"))])
+    a.record(run_id, [done_event(0, "x", 0, "cell", 5), (FAILED, 0, "x", 1, "cell", (1, "ValueError: no"))])
     assert a.checkpoint_row_group(run_id, 0, "runs/x/rg-000000-e1.parquet", 1, file_bytes=10, file_sha256="ee" * 32)
     assert a.column_counts(run_id)["x"]["failed"] == 1  # the failed row outlives compaction
     assert a.reopen_row_groups(run_id, [0, 1]) == [0]  # row group 1 is not checkpointed: left alone

@@ -21,13 +21,21 @@ from pipeline.errors import RunNotFoundError, StoreError
 from pipeline.store import open_store
 from pipeline.store.base import COMPLETE, DONE, DROPPED, FAILED, ColumnSpec, Lineage, NewRun
 from pipeline.store.memory import MemoryStore
+from pipeline.values import encode
 from tests.conftest import POSTGRES_URL, cli, cli_env, cli_popen
 from tests.conftest_store import postgres_schema_url, sqlite_url
+
+
+def done_event(rg, generator, row_index, task_type, value):
+    """A DONE event as the engine appends it: the value as its JSON text (pipeline.values)."""
+    return (DONE, rg, generator, row_index, task_type, encode(value))
+
 
 # A pipeline whose python columns log each successful call ("column,key,pid") and fail, while an
 # env var is set, for a fixed share of records (no module edit: the bug is in the environment).
 FNS = '''
 import asyncio, os, time, zlib
+
 
 def _log(col, key):
     fd = os.open(os.environ["PIPELINE_TEST_CALLS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -35,6 +43,7 @@ def _log(col, key):
         os.write(fd, f"{col},{key},{os.getpid()}\\n".encode())
     finally:
         os.close(fd)
+
 
 
 def _bucket(key):
@@ -375,13 +384,13 @@ def finished_run(store, run_id: str) -> dict[str, list]:
     store.create_run(NewRun(run_id, "t", 8, 4, 0, "{}", "fp", COLUMNS))
     store.claim_row_groups(run_id, 2, 60)
     store.record(run_id, [
-        (DONE, 0, "s", None, "from_scratch", {"s": [10, 11, 12, 13]}),
-        *[(DONE, 0, "x", r, "cell", f"x{r}") for r in range(4)],
+        done_event(0, "s", None, "from_scratch", {"s": [10, 11, 12, 13]}),
+        *[done_event(0, "x", r, "cell", f"x{r}") for r in range(4)],
         (FAILED, 0, "y", 1, "cell", (1, "ValueError: boom")), (DROPPED, 0, None, 1),
-        *[(DONE, 0, "y", r, "cell", {"deep": [r]}) for r in (0, 2, 3)],
-        (DONE, 0, "t", None, "batch", {"t": [0, None, 2, 3]}),
+        *[done_event(0, "y", r, "cell", {"deep": [r]}) for r in (0, 2, 3)],
+        done_event(0, "t", None, "batch", {"t": [0, None, 2, 3]}),
         (COMPLETE, 0),
-        (DONE, 1, "s", None, "from_scratch", {"s": [14, 15, 16, 17]}),
+        done_event(1, "s", None, "from_scratch", {"s": [14, 15, 16, 17]}),
     ])
     assert store.checkpoint_row_group(run_id, 0, "rg-0.parquet", 1)
     return {"s": [10, 12, 13], "x": ["x0", "x2", "x3"], "y": [{"deep": [0]}, {"deep": [2]}, {"deep": [3]}],
@@ -429,12 +438,12 @@ def test_reopen_failed_fences_off_a_worker_holding_the_row_group(stores):
     run_id = f"r-{uuid.uuid4().hex[:8]}"
     holder.create_run(NewRun(run_id, "t", 4, 4, 0, "{}", "fp", COLUMNS))
     holder.claim_row_groups(run_id, 1, 60)
-    holder.record(run_id, [(DONE, 0, "s", None, "from_scratch", {"s": [1, 2, 3, 4]}),
+    holder.record(run_id, [done_event(0, "s", None, "from_scratch", {"s": [1, 2, 3, 4]}),
                            (FAILED, 0, "x", 2, "cell", (3, "TimeoutError: slow")), (DROPPED, 0, None, 2),
-                           (DONE, 0, "t", None, "batch", {"t": [5, 6, None, 8]})])  # t ran without record 2
+                           done_event(0, "t", None, "batch", {"t": [5, 6, None, 8]})])  # t ran without record 2
     got = retrier.reopen_failed(run_id, LINEAGE, error="slow", read_file=lambda path: pytest.fail("no file"))
     assert (got.tasks, got.records, got.reset) == ({"x": 1}, 1, 1)
-    assert holder.record(run_id, [(DONE, 0, "x", 0, "cell", "late")]) == {0}  # the holder lost it
+    assert holder.record(run_id, [done_event(0, "x", 0, "cell", "late")]) == {0}  # the holder lost it
     claim = retrier.claim_row_groups(run_id, 1, 60)
     assert [(c.row_group, c.state) for c in claim] == [(0, "active")]
     loaded = retrier.load_row_group(run_id, 0)
@@ -449,7 +458,7 @@ def test_reopen_failed_of_an_unknown_run_raises(any_store):
 def test_checkpoint_keeps_dropped_records_cells_only_in_row_groups_with_drops(any_store):
     store, run_id = any_store, f"r-{uuid.uuid4().hex[:8]}"
     finished_run(store, run_id)
-    store.record(run_id, [*[(DONE, 1, "x", r, "cell", r) for r in range(4)], (COMPLETE, 1)])
+    store.record(run_id, [*[done_event(1, "x", r, "cell", r) for r in range(4)], (COMPLETE, 1)])
     assert store.checkpoint_row_group(run_id, 1, "rg-1.parquet", 0)
     assert store.load_row_group(run_id, 1).done == {}
     loaded = store.load_row_group(run_id, 0)

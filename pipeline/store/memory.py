@@ -289,7 +289,7 @@ class MemoryStore:
                     elif t["state"] == "done":
                         group.done.add(key[1:])
                         if key[2] is None:
-                            group.batch_values[key[1]] = t["value"]
+                            group.batch_values[key[1]] = decode(t["value"])
                 change = plan_group(group, lineage, selected, read_file)
                 if change is None:
                     continue
@@ -299,7 +299,7 @@ class MemoryStore:
                     keys.discard((rg, gen, r))
                 for (gen, r), (task_type, value) in change.insert.items():
                     tasks[(rg, gen, r)] = dict(task_type=task_type, state="done", attempts=0, next_eligible_at=None,
-                                               last_error=None, value=value, updated_at=now)
+                                               last_error=None, value=values.encode(value), updated_at=now)
                     keys.add((rg, gen, r))
                 run["dropped"][rg] = set(change.dropped)
                 g.update(state="active", rows_dropped=len(change.dropped), lease_owner=None, lease_expires_at=None,
