@@ -425,7 +425,29 @@ def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"the top of the file must be a mapping (name:, num_records:, columns:, ...), not {got}", path=path
         )
+    problem = _not_unicode(raw, "")
+    if problem:
+        raise ConfigError(problem, path=path)
     return raw
+
+
+def _not_unicode(value: Any, where: str) -> str | None:
+    """A YAML escape such as "\\ud83d" gives text that is not valid Unicode (a lone surrogate),
+    which no file or store can hold: say where, instead of failing later with a traceback."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"{where or 'a key'} holds text that is not valid Unicode (a lone surrogate at "
+                    f"character {exc.start}); write the character itself, or both halves of its escape pair")
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        here = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
+        problem = _not_unicode(key, where or "a key") or _not_unicode(item, here)
+        if problem:
+            return problem
+    return None
 
 
 def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None) -> PipelineConfig:

@@ -336,3 +336,14 @@ def test_a_row_group_that_cannot_be_loaded_ends_the_resume_with_a_message_not_a_
     assert "engine failed" in resumed.stderr and "Traceback" not in resumed.stderr
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("select count(*) from row_groups where lease_owner is not null").fetchone()[0] == 0
+
+
+def test_a_config_holding_text_that_is_not_unicode_is_refused_before_anything_is_created(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text('name: su\nnum_records: 2\ncolumns:\n'
+                   '  - {name: c, type: sampler, sampler: category, params: {values: ["a\\ud83d", b]}}\n')
+    home = tmp_path / "home"
+    proc = cli("run", str(cfg), home=home)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "columns[0].params.values[0]" in proc.stderr and "not valid Unicode" in proc.stderr
+    assert not home.exists()

@@ -472,15 +472,21 @@ class Scheduler:
                    usage: list | None = None) -> None:
         """``value`` and its JSON ``text`` from RowGroupBuffer.prepare_cell."""
         tracker = rg.tracker
-        if rg.dead or tracker.dropped[r]:
+        if rg.dead:
             return
-        rg.buffer.put_cell(node.outputs, r, value)
         event = (DONE, rg.id, node.name, r, "cell", text)
         if usage is not None:
             event += (self._usage(node, usage),)
         if self._state_idx and node.index in self._state_idx:
             event = self._with_state(rg, node, event)
         self._append(event)
+        if tracker.dropped[r]:
+            # Its record was dropped (another column failed) while it ran: the value is kept
+            # all the same, so that `pipeline retry` brings the record back without paying
+            # for this cell again; nothing in this run reads it.
+            self._waits.pop((rg.id, node.index, r), None)
+            return
+        rg.buffer.put_cell(node.outputs, r, value)
         out = self._out
         tracker.complete_cell(node.index, r, out)
         if out:
