@@ -85,3 +85,27 @@ def empty_db_url(request, tmp_path) -> Iterator[str]:
     """The URL of an empty database: a new SQLite file, or a new PostgreSQL schema."""
     with empty_database_url(request.param, tmp_path) as url:
         yield url
+
+
+def claim_all_concurrently(store, other, run_id: str) -> tuple[list[int], list[int]]:
+    """Two stores (two owners) claim the run's row groups one at a time from two threads until
+    none is left; the row groups each took."""
+    import threading
+
+    taken: dict[str, list[int]] = {store.owner: [], other.owner: []}
+    errors: list[BaseException] = []
+
+    def work(s):
+        try:
+            while claims := s.claim_row_groups(run_id, 1, 60):
+                taken[s.owner].extend(c.row_group for c in claims)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (store, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    return taken[store.owner], taken[other.owner]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAKE_SERVER_SCRIPT, cli, cli_popen
+from tests.conftest import FAKE_SERVER_SCRIPT, cli, cli_env, cli_popen
 from tests.test_llm_pipeline import ServerProcess, assert_ran, export_jsonl, status_json, write_config
 
 
@@ -235,7 +235,7 @@ def test_a_signal_while_a_generator_is_being_built_interrupts_the_run(tmp_path, 
           - {name: b, type: python, function: "slowmod:Slow", requires: [a]}
         """)
     home, flag = tmp_path / "home", tmp_path / "init.flag"
-    env = {**__import__("tests.conftest", fromlist=["cli_env"]).cli_env(), "INIT_FLAG": str(flag)}
+    env = cli_env(INIT_FLAG=str(flag))
     proc = cli_popen("run", str(cfg), "--run-id", "s", home=home, env=env)
     try:
         wait_until(flag.exists, what="the generator's __init__")
@@ -259,7 +259,7 @@ def test_a_second_sigint_stops_a_run_whose_event_loop_is_blocked(tmp_path):
           - {name: b, type: python, function: "blockmod:block", requires: [a]}
         """)
     home, flag = tmp_path / "home", tmp_path / "block.flag"
-    env = {**__import__("tests.conftest", fromlist=["cli_env"]).cli_env(), "BLOCK_FLAG": str(flag)}
+    env = cli_env(BLOCK_FLAG=str(flag))
     proc = cli_popen("run", str(cfg), "--run-id", "b", "--quiet", home=home, env=env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -310,7 +310,7 @@ def test_a_row_group_that_cannot_be_loaded_ends_the_resume_with_a_message_not_a_
           - {name: c, type: python, function: "stuckmod:wait_for_flag", requires: [b]}
         """)
     home, flag = tmp_path / "home", tmp_path / "go.flag"
-    env = {**__import__("tests.conftest", fromlist=["cli_env"]).cli_env(), "GO_FLAG": str(flag)}
+    env = cli_env(GO_FLAG=str(flag))
     proc = cli_popen("run", str(cfg), "--run-id", "st", "--quiet", home=home, env=env)
     db = home / "state.db"
     try:

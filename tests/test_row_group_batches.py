@@ -20,7 +20,7 @@ from tests.conftest import ROOT, cli, cli_env
 from tests.engine_helpers import dataset, make_run, spec
 from tests.test_scheduler import AsyncFn
 
-from tests.conftest_store import db_url, postgres_session_url, sqlite_url  # noqa: F401  (fixtures)
+from tests.conftest_store import claim_all_concurrently, db_url, postgres_session_url, sqlite_url  # noqa: F401  (fixtures)
 
 
 def new_run(num_records: int, row_group_size: int) -> NewRun:
@@ -85,23 +85,7 @@ def test_two_workers_creating_row_groups_take_each_one_once(stores):
     store, other = stores
     run = new_run(num_records=40, row_group_size=1)
     store.create_run(run)
-    taken: dict[str, list[int]] = {store.owner: [], other.owner: []}
-    errors: list[BaseException] = []
-
-    def work(s):
-        try:
-            while claims := s.claim_row_groups(run.run_id, 1, 60):
-                taken[s.owner].extend(c.row_group for c in claims)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(s,)) for s in (store, other)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    mine, theirs = taken[store.owner], taken[other.owner]
+    mine, theirs = claim_all_concurrently(store, other, run.run_id)
     assert not set(mine) & set(theirs)
     assert sorted(mine + theirs) == list(range(40))
     assert [g["row_group"] for g in store.row_groups(run.run_id)] == list(range(40))

@@ -31,9 +31,9 @@ from pipeline.values import encode
 from pipeline.workers import HOST
 
 try:
-    from conftest_store import db_url, postgres_session_url  # noqa: F401  (fixtures)
+    from conftest_store import claim_all_concurrently, db_url, postgres_session_url  # noqa: F401  (fixtures)
 except ImportError:  # tests/ became a package
-    from tests.conftest_store import db_url, postgres_session_url  # noqa: F401
+    from tests.conftest_store import claim_all_concurrently, db_url, postgres_session_url  # noqa: F401
 
 COLUMNS = [
     ColumnSpec("x", "x", "cell", 0),
@@ -349,23 +349,7 @@ def test_claims_take_row_groups_in_order_and_move_pending_to_active(store):
 def test_each_row_group_goes_to_one_owner_only(db_url, store, other):
     run = new_run(num_records=400, row_group_size=10)
     store.create_run(run)
-    taken: dict[str, list[int]] = {store.owner: [], other.owner: []}
-    errors: list[BaseException] = []
-
-    def work(s):
-        try:
-            while claims := s.claim_row_groups(run.run_id, 1, 60):
-                taken[s.owner].extend(c.row_group for c in claims)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(s,)) for s in (store, other)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    mine, theirs = taken[store.owner], taken[other.owner]
+    mine, theirs = claim_all_concurrently(store, other, run.run_id)
     assert not set(mine) & set(theirs)
     assert sorted(mine + theirs) == list(range(40))
     owners = {g["row_group"]: g["lease_owner"] for g in store.row_groups(run.run_id)}

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from pipeline.config import load_config
+from pipeline.config import config_from_json
 from pipeline.llm import LlmRuntime
 from pipeline.generators.llm import make_llm_generator
 from tests.conftest import cli, cli_env, cli_popen, fake_server_module
@@ -386,25 +386,14 @@ def test_an_llm_answer_holding_a_lone_surrogate_is_stored_with_a_replacement_cha
 async def test_strings_inside_a_structured_answer_are_made_valid_unicode(tmp_path, fake_server):
     """The schema's first choice is a const holding a lone surrogate, which the fake server
     answers as a "\\ud83d" escape: the parsed value holds U+FFFD, keys included."""
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(textwrap.dedent(f"""\
-        name: structured
-        num_records: 1
-        models:
-          writer: {{base_url: "{fake_server}", model: m}}
-        columns:
-          - name: facts
-            type: llm_structured
-            model: writer
-            prompt: "Facts."
-            output_schema:
-              type: object
-              properties:
-                half: {{anyOf: [{{const: "an emoji: \\ud83d"}}, {{type: string}}]}}
-                nested: {{anyOf: [{{const: {{"k\\udc00": ["\\ud83dx"]}}}}, {{type: object}}]}}
-              required: [half, nested]
-        """))
-    config = load_config(cfg)
+    # A config file cannot hold a lone surrogate (refused, exit 2): the schema comes as JSON.
+    config = config_from_json(json.dumps({
+        "name": "structured", "num_records": 1, "models": {"writer": {"base_url": fake_server, "model": "m"}},
+        "columns": [{"name": "facts", "type": "llm_structured", "model": "writer", "prompt": "Facts.",
+                     "output_schema": {"type": "object", "required": ["half", "nested"], "properties": {
+                         "half": {"anyOf": [{"const": "an emoji: \ud83d"}, {"type": "string"}]},
+                         "nested": {"anyOf": [{"const": {"k\udc00": ["\ud83dx"]}}, {"type": "object"}]}}}}],
+        "base_dir": str(tmp_path)}))
     runtime = LlmRuntime(config.models)
     try:
         value = await make_llm_generator(config.columns[0], config, runtime=runtime).agenerate({})
