@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pipeline.errors import InvalidRunIdError, PipelineError, RunNotFoundError, StoreError, UnknownColumnError
+from pipeline.errors import DamagedFileError, InvalidRunIdError, PipelineError, RunNotFoundError, StoreError, UnknownColumnError
 from pipeline.store.base import ColumnSpec, Lineage, NewRun, Reopened, Store
 
 if TYPE_CHECKING:
@@ -196,7 +196,10 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
     try:
         info = store.get_run(run_id)
         cfg = config_from_json(info.config)
-        check_changed_files(store, run_id, cfg, accept_changes)  # before anything is changed or computed
+        counts = store.row_group_counts(run_id)
+        nothing_left = counts["checkpointed"] == counts["total"] and before is None and not repair
+        if not nothing_left:  # a complete run computes nothing: no changed file can be mixed in
+            check_changed_files(store, run_id, cfg, accept_changes)  # before anything is changed or computed
         extra: dict = {}
         if repair:
             from pipeline.dataset import check_files
@@ -210,6 +213,12 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
                 return early
         counts = store.row_group_counts(run_id)  # row groups not created yet are pending
         if counts["checkpointed"] == counts["total"]:
+            if not repair:  # a stat per file: a complete run whose file is gone is not complete
+                from pipeline.dataset import check_files, damage_message
+
+                damaged = check_files(home_path, store.row_groups(run_id))
+                if damaged:
+                    raise DamagedFileError(damage_message(run_id, damaged))
             failed = len(store.failed_tasks(run_id)) if info.status == "failed" else 0
             if failed:  # it ended failed on its error rate: nothing to continue, but not complete
                 return RunResult(run_id, "failed", resumed=True, extra={"nothing_left": True},
@@ -252,12 +261,16 @@ class _Signals:
     exactly as after a SIGKILL). Main thread only; elsewhere signals are the caller's."""
 
     HARD_EXIT_S = 3.0
+    #: After the first signal, past the grace period by this much, the process exits anyway:
+    #: user code that blocks the event loop cannot hold a stopping run for ever.
+    FIRST_SIGNAL_SLACK_S = 5.0
 
     def __init__(self) -> None:
         self.received: list[int] = []
         self.scheduler: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._previous: dict[int, Any] = {}
+        self._timers: list[threading.Timer] = []
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():
@@ -266,6 +279,8 @@ class _Signals:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        for timer in self._timers:  # stopped in time: no hard exit (pipeline.run in a program)
+            timer.cancel()
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
 
@@ -283,10 +298,11 @@ class _Signals:
         if not immediate:  # os.write: safe inside a signal handler, and shown at once
             os.write(2, f"\npipeline: stopping; in-flight tasks get {scheduler.opts.grace_s:g} s to finish "
                         f"(press Ctrl-C again to stop at once)\n".encode())
-        else:
-            timer = threading.Timer(self.HARD_EXIT_S, _hard_exit, (self.received[0],))
-            timer.daemon = True
-            timer.start()
+        delay = self.HARD_EXIT_S if immediate else scheduler.opts.grace_s + self.FIRST_SIGNAL_SLACK_S
+        timer = threading.Timer(delay, _hard_exit, (self.received[0],))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
 
 
 def _hard_exit(signum: int) -> None:

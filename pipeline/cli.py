@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -130,7 +131,7 @@ def _summary(s: dict, home: str | None) -> str:
         lines.append(f"model {alias}: {m['requests']:,} requests, {m['rate_limited']:,} rate-limited (429), "
                      f"{m['prompt_tokens']:,} prompt + {m['completion_tokens']:,} completion tokens")
     if s["records_done"]:
-        where = f" --home {home}" if home else ""
+        where = f" --home {shlex.quote(home)}" if home else ""
         lines.append(f"export: pipeline export {s['run_id']} --output {s['run_id']}.parquet{where}")
     return "\n".join(lines)
 

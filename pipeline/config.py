@@ -360,9 +360,11 @@ def row_group_count_problem(num_records: int, row_group_size: int) -> str | None
     groups = -(-num_records // row_group_size)
     if groups <= INT32_MAX:
         return None
+    needed = -(-num_records // INT32_MAX)
+    fix = (f"raise row_group_size to at least {needed:,} or lower num_records" if needed <= INT32_MAX
+           else f"lower num_records to at most {INT32_MAX * INT32_MAX:,} (row groups of at most {INT32_MAX:,})")
     return (f"num_records ({num_records:,}) / row_group_size ({row_group_size:,}) makes {groups:,} row groups; "
-            f"at most {INT32_MAX:,} are allowed: raise row_group_size to at least "
-            f"{-(-num_records // INT32_MAX):,} or lower num_records")
+            f"at most {INT32_MAX:,} are allowed: {fix}")
 
 
 # Loading and validation.

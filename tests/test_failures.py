@@ -347,3 +347,42 @@ def test_a_config_holding_text_that_is_not_unicode_is_refused_before_anything_is
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "columns[0].params.values[0]" in proc.stderr and "not valid Unicode" in proc.stderr
     assert not home.exists()
+
+
+def test_one_sigint_stops_a_run_whose_cells_block_the_event_loop_soon_after_the_grace_period(tmp_path):
+    (tmp_path / "blockmod.py").write_text(BLOCKING)
+    cfg = write_config(tmp_path, """\
+        name: blocked
+        num_records: 5
+        columns:
+          - {name: a, type: sampler, sampler: uuid}
+          - {name: b, type: python, function: "blockmod:block", requires: [a]}
+        """)
+    home, flag = tmp_path / "home", tmp_path / "block.flag"
+    proc = cli_popen("run", str(cfg), "--run-id", "one", "--quiet", home=home, env=cli_env(BLOCK_FLAG=str(flag)))
+    try:
+        wait_until(flag.exists, what="the blocking cell")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=45)  # the cells block 60 s each: only the stop's deadline ends it
+        assert proc.returncode == 130, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert status_json("one", home)["status"] == "interrupted"
+
+
+def test_resume_of_a_complete_run_whose_file_is_gone_names_it_and_the_repair(tmp_path):
+    cfg = write_config(tmp_path, """\
+        name: gone
+        num_records: 20
+        row_group_size: 10
+        columns:
+          - {name: a, type: sampler, sampler: uuid}
+        """)
+    home = tmp_path / "home"
+    assert_ran(cli("run", str(cfg), "--run-id", "g", "--quiet", home=home))
+    next((home / "runs" / "g" / "row_groups").glob("rg-000001-*.parquet")).unlink()
+    proc = cli("resume", "g", home=home)
+    assert proc.returncode == 2 and "missing" in proc.stderr and "--repair" in proc.stderr, proc.stderr
+    assert_ran(cli("resume", "g", "--repair", "--quiet", home=home))
