@@ -348,6 +348,11 @@ def retry(run_id: str, *, columns: str | list[str] | None = None, error: str | N
 
         reopened = store.reopen_failed(run_id, _lineage(graph), generators=generators, error=error,
                                        read_file=read_file)
+        if generators is not None or error is not None:
+            from pipeline.store.reopen import task_filter
+
+            selected = task_filter(generators, error)
+            reopened.left = sum(1 for gen, message in store.failed_tasks(run_id) if selected(gen, message))
         extra["reopened"] = reopened
         if on_reopened is not None:
             on_reopened(reopened)

@@ -237,6 +237,10 @@ def retry(run_id: str, columns: tuple[str, ...], error: str | None, quiet: bool,
             per = ", ".join(f"{name}: {n:,}" for name, n in r.tasks.items())
             click.echo(f"reopened {sum(r.tasks.values()):,} failed task(s) ({per}), "
                        f"{r.records:,} record(s) back in the run", err=True)
+        if r.left:
+            click.echo(f"left {r.left:,} matching failed task(s) as they are: their records are also dropped by "
+                       f"failed tasks the filter did not select; `pipeline retry {run_id}` with no filter (or "
+                       f"with those columns too) redoes them all", err=True)
 
     result = api.retry(run_id, columns=list(columns) or None, error=error, home=home, db=db, trace=trace,
                        progress=None if quiet else Progress(), close_store=False, on_reopened=reopened,

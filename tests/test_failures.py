@@ -386,3 +386,54 @@ def test_resume_of_a_complete_run_whose_file_is_gone_names_it_and_the_repair(tmp
     proc = cli("resume", "g", home=home)
     assert proc.returncode == 2 and "missing" in proc.stderr and "--repair" in proc.stderr, proc.stderr
     assert_ran(cli("resume", "g", "--repair", "--quiet", home=home))
+
+
+def test_a_server_asking_to_wait_for_ever_is_asked_again_within_the_cap(tmp_path, fake_server):
+    url = fake_server(latency_ms=1)
+    cfg = llm_config(tmp_path, url, records=8, settings=", model_down_s: 4",
+                     prompt="{% if k < 6 %}[[status:429]][[status-attempts:1]][[retry-after:999999999]]{% endif %}"
+                            "item {{ id }}")
+    home = tmp_path / "home"
+    proc = cli("run", str(cfg), "--run-id", "forever", "--quiet", home=home)
+    assert_ran(proc)  # before: the tasks waited 31 years, the run stopped failed, resume hung
+    assert status_json("forever", home)["records_done"] == 8
+
+
+RETRY_FNS = '''
+import os
+
+def cell(row):
+    if os.path.exists(os.environ["FAIL_FLAG"]) and row["k"] % 7 == 0:
+        raise ValueError("cell bug")
+    return row["k"] * 2
+
+def batch(df):
+    if os.path.exists(os.environ["FAIL_FLAG"]) and any(k % 11 == 0 for k in df["k"]):
+        raise ValueError("batch bug")
+    return [k + 1 for k in df["k"]]
+'''
+
+
+def test_retry_of_one_column_says_which_of_its_failures_other_failures_still_hold(tmp_path):
+    (tmp_path / "rfns.py").write_text(RETRY_FNS)
+    cfg = write_config(tmp_path, """\
+        name: held
+        num_records: 100
+        row_group_size: 10
+        settings: {shutdown_error_rate: 1.0}
+        columns:
+          - {name: k, type: sampler, sampler: integer, params: {low: 1, high: 1000}}
+          - {name: a, type: python, function: "rfns:cell", requires: [k]}
+          - {name: s, type: python, function: "rfns:batch", mode: batch, requires: [k]}
+        """)
+    home, flag = tmp_path / "home", tmp_path / "fail.flag"
+    env = cli_env(FAIL_FLAG=str(flag))
+    flag.touch()
+    cli("run", str(cfg), "--run-id", "h", "--quiet", home=home, env=env)
+    flag.unlink()
+    proc = cli("retry", "h", "--column", "a", "--quiet", home=home, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "matching failed task(s) as they are" in proc.stderr and "pipeline retry h" in proc.stderr
+    assert_ran(cli("retry", "h", "--quiet", home=home, env=env))
+    assert_ran(cli("run", str(cfg), "--run-id", "clean", "--quiet", home=home, env=env))
+    assert (export_jsonl("h", home, tmp_path / "h.jsonl") == export_jsonl("clean", home, tmp_path / "c.jsonl"))

@@ -106,6 +106,8 @@ class Scheduler:
         # outage): key -> [waits so far, the model's answer count at its previous try].
         self._waits: dict[tuple, list] = {}
         self._waiting: collections.Counter = collections.Counter()  # limit -> deferred tasks
+        #: The longest a model-limited task waits between tries, whatever the server asks.
+        self._max_wait_s = max(1.0, min(60.0, opts.model_down_s / 2))
         self.failures = FailureLog(log)
         self._in_flight = 0
         self._max_in_flight = opts.max_in_flight_tasks
@@ -172,6 +174,10 @@ class Scheduler:
             raise EngineError(f"run {self.run_id}: the engine failed ({type(exc).__name__}: {exc}); finished work "
                               f"is recorded, and its leases were given back") from exc
         return status
+
+    #: The longest a deferred task waits on resume (a stored next_eligible_at), and the longest a
+    #: Retry-After is honoured for other generators' retryable errors, in seconds.
+    RESUME_WAIT_MAX_S = 300.0
 
     def _background_ended(self, task: asyncio.Task) -> None:
         """No engine coroutine dies unobserved: one that raises ends the run (its leases are
@@ -325,7 +331,9 @@ class Scheduler:
                 continue
             attempts, next_at, _ = deferred
             self._attempts[(rg.id, j, r)] = attempts
-            self._defer(rg, j, r, now + max(0.0, (next_at or now_wall) - now_wall))
+            # A stored wait (an older version honoured any Retry-After) never holds a resume long.
+            wait = min(max(0.0, (next_at or now_wall) - now_wall), self.RESUME_WAIT_MAX_S)
+            self._defer(rg, j, r, now + wait)
         self._route(rg, fresh)
 
     # -- dispatch -------------------------------------------------------------------------
@@ -543,7 +551,7 @@ class Scheduler:
             delay = self.opts.retry_backoff_s * (2 ** (attempts - 1)) * (0.5 + random.random())
             retry_after = getattr(exc, "retry_after_s", None)
             if retry_after:
-                delay = max(delay, float(retry_after))
+                delay = max(delay, min(float(retry_after), self.RESUME_WAIT_MAX_S))
             self.stats.tasks_deferred += 1
             self._append((DEFERRED, rg.id, node.name, r, node.task_type,
                           (attempts, time.time() + delay, _describe(exc))) + extra)
@@ -596,6 +604,9 @@ class Scheduler:
             # Exponential in the waits of this task, capped: a paused lane does not send
             # anyway, so the backoff only spaces the checks.
             retry_after = min(60.0, self.opts.retry_backoff_s * (2 ** min(entry[0] - 1, 7))) * (0.5 + random.random())
+        # A server may ask for any wait (a year, 1e300 s): the task comes back within the cap,
+        # and asks again; one that is refused throughout stops the run after model_down_s.
+        retry_after = min(retry_after, self._max_wait_s)
         self.stats.tasks_deferred += 1
         self._append((DEFERRED, rg.id, node.name, r, node.task_type,
                       (self._attempts.get(key, 0), time.time() + retry_after, _describe(exc))) + extra)

@@ -193,6 +193,9 @@ class Reopened:
     records: int = 0  # dropped records back in the run
     row_groups: list[int] = field(default_factory=list)  # row groups that became active again
     reset: int = 0  # done tasks to compute again (computed without the records now back)
+    #: matching failed tasks left as they are: their records stay dropped by other failures that
+    #: the filter did not select (set by pipeline.api.retry)
+    left: int = 0
 
     def add(self, change: Any) -> None:
         """Count one row group's :class:`pipeline.store.reopen.GroupChange`."""
