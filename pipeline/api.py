@@ -196,10 +196,8 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
     try:
         info = store.get_run(run_id)
         cfg = config_from_json(info.config)
-        counts = store.row_group_counts(run_id)
-        nothing_left = counts["checkpointed"] == counts["total"] and before is None and not repair
-        if not nothing_left:  # a complete run computes nothing: no changed file can be mixed in
-            check_changed_files(store, run_id, cfg, accept_changes)  # before anything is changed or computed
+        # Before anything is changed or computed; also on a complete run (CONTRACT section 9).
+        check_changed_files(store, run_id, cfg, accept_changes)
         extra: dict = {}
         if repair:
             from pipeline.dataset import check_files
