@@ -208,7 +208,7 @@ import pipeline
 class Slow(pipeline.Generator):
     strategy = "cell"
     def __init__(self, *args, **kwargs):
-        open(os.environ["INIT_FLAG"], "w").close()
+        open(os.environ["STUCK_FLAG"], "w").close()
         time.sleep(60)
     def generate(self, row):
         return 1
@@ -218,25 +218,31 @@ BLOCKING = '''
 import os, time
 
 async def block(row):
-    open(os.environ["BLOCK_FLAG"], "w").close()
+    open(os.environ["STUCK_FLAG"], "w").close()
     time.sleep(60)  # blocks the event loop
     return 1
 '''
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_while_a_generator_is_being_built_interrupts_the_run(tmp_path, signum, code):
-    (tmp_path / "slowmod.py").write_text(SLOW_INIT)
-    cfg = write_config(tmp_path, """\
-        name: slow
+def start_stuck_run(tmp_path, module: str, source: str, function: str, run_id: str, *flags: str):
+    """`pipeline run` of a 5-record config whose python column ``module:function`` gets stuck
+    (it touches the file $STUCK_FLAG first); returns (process, home, flag)."""
+    (tmp_path / f"{module}.py").write_text(source)
+    cfg = write_config(tmp_path, f"""\
+        name: stuck
         num_records: 5
         columns:
-          - {name: a, type: sampler, sampler: uuid}
-          - {name: b, type: python, function: "slowmod:Slow", requires: [a]}
+          - {{name: a, type: sampler, sampler: uuid}}
+          - {{name: b, type: python, function: "{module}:{function}", requires: [a]}}
         """)
-    home, flag = tmp_path / "home", tmp_path / "init.flag"
-    env = cli_env(INIT_FLAG=str(flag))
-    proc = cli_popen("run", str(cfg), "--run-id", "s", home=home, env=env)
+    home, flag = tmp_path / "home", tmp_path / "stuck.flag"
+    proc = cli_popen("run", str(cfg), "--run-id", run_id, *flags, home=home, env=cli_env(STUCK_FLAG=str(flag)))
+    return proc, home, flag
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_a_generator_is_being_built_interrupts_the_run(tmp_path, signum, code):
+    proc, home, flag = start_stuck_run(tmp_path, "slowmod", SLOW_INIT, "Slow", "s")
     try:
         wait_until(flag.exists, what="the generator's __init__")
         proc.send_signal(signum)
@@ -250,17 +256,7 @@ def test_a_signal_while_a_generator_is_being_built_interrupts_the_run(tmp_path, 
 
 
 def test_a_second_sigint_stops_a_run_whose_event_loop_is_blocked(tmp_path):
-    (tmp_path / "blockmod.py").write_text(BLOCKING)
-    cfg = write_config(tmp_path, """\
-        name: blocked
-        num_records: 5
-        columns:
-          - {name: a, type: sampler, sampler: uuid}
-          - {name: b, type: python, function: "blockmod:block", requires: [a]}
-        """)
-    home, flag = tmp_path / "home", tmp_path / "block.flag"
-    env = cli_env(BLOCK_FLAG=str(flag))
-    proc = cli_popen("run", str(cfg), "--run-id", "b", "--quiet", home=home, env=env)
+    proc, home, flag = start_stuck_run(tmp_path, "blockmod", BLOCKING, "block", "b", "--quiet")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
@@ -350,16 +346,7 @@ def test_a_config_holding_text_that_is_not_unicode_is_refused_before_anything_is
 
 
 def test_one_sigint_stops_a_run_whose_cells_block_the_event_loop_soon_after_the_grace_period(tmp_path):
-    (tmp_path / "blockmod.py").write_text(BLOCKING)
-    cfg = write_config(tmp_path, """\
-        name: blocked
-        num_records: 5
-        columns:
-          - {name: a, type: sampler, sampler: uuid}
-          - {name: b, type: python, function: "blockmod:block", requires: [a]}
-        """)
-    home, flag = tmp_path / "home", tmp_path / "block.flag"
-    proc = cli_popen("run", str(cfg), "--run-id", "one", "--quiet", home=home, env=cli_env(BLOCK_FLAG=str(flag)))
+    proc, home, flag = start_stuck_run(tmp_path, "blockmod", BLOCKING, "block", "one", "--quiet")
     try:
         wait_until(flag.exists, what="the blocking cell")
         proc.send_signal(signal.SIGINT)
