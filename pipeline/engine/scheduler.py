@@ -45,8 +45,8 @@ from pipeline.engine.tracker import Plan, RowGroupTracker
 from pipeline.engine.failures import FailureLog
 from pipeline.errors import EngineError, ModelRateLimitError, StoreError, is_outage, is_retryable
 from pipeline.generators.base import task_usage
-from pipeline import values
-from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, STATE, RowGroupClaim, Store
+from pipeline.redact import redact
+from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, RowGroupClaim, Store
 
 __all__ = ["Scheduler", "SchedulerOptions", "TaskTrace"]
 
@@ -64,8 +64,6 @@ class _RowGroup:
 
 
 def _describe(exc: BaseException) -> str:
-    from pipeline.redact import redact  # every stored error passes here (CONTRACT section 8)
-
     text = redact(f"{type(exc).__name__}: {exc}")  # before the cut: a cut key is not recognised
     return text if len(text) <= 1000 else text[:997] + "..."
 
@@ -91,13 +89,11 @@ class Scheduler:
         self._live: dict[int, _RowGroup] = {}
         self._ready: collections.deque = collections.deque()
         self._limited: dict[Any, collections.deque] = {}
-        # Stateful generators that implement state_dict(): their state is recorded with each of
-        # their DONE events and restored before their first task in a process (resume, takeover).
-        self._state_idx = {n.index for n in plan.stateful if getattr(n.gen, "keeps_state", False)}
-        self._gen_at: dict[int, int] = {}  # stateful generator -> row group its in-memory state is at
-        self._stateful = StatefulLanes((n.index for n in plan.stateful), poll_s=opts.poll_s, on_news=self._pump,
-                                       look=lambda: self.journal.call(self._look_stateful),
-                                       needs_states=bool(self._state_idx)) if plan.stateful else None
+        self._stateful = StatefulLanes(plan.stateful, poll_s=opts.poll_s, on_news=self._pump,
+                                       look=lambda: self.journal.call(self._look_stateful)
+                                       ) if plan.stateful else None
+        # Stateful generators that implement state_dict() (their DONE events carry the state).
+        self._state_idx = self._stateful.keeps_state if plan.stateful else frozenset()
         self._deferred: list = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
@@ -369,10 +365,13 @@ class Scheduler:
                 start(rg, nodes[j], r, False)
         if self._stateful is not None and self._in_flight < self._max_in_flight:
             for j, rg, r in self._stateful.take(self._live):
-                if self._gen_at.get(j) != rg.id:
-                    self._enter_row_group(nodes[j], rg.id)
-                    if self._stopping:
-                        break
+                try:
+                    self._stateful.enter(nodes[j], rg.id)
+                except Exception as exc:  # load_state_dict() failed: its next values would be wrong
+                    self._crash = exc
+                    log.error("%s: load_state_dict() failed: %s: %s", nodes[j].name, type(exc).__name__, exc)
+                    self._finish("crashed")
+                    break
                 start(rg, nodes[j], r, True)
                 if self._in_flight >= self._max_in_flight:
                     break
@@ -486,7 +485,7 @@ class Scheduler:
         if usage is not None:
             event += (self._usage(node, usage),)
         if self._state_idx and node.index in self._state_idx:
-            event = self._with_state(rg, node, event)
+            event = self._stateful.with_state(rg.id, node, event)
         self._append(event)
         if tracker.dropped[r]:
             # Its record was dropped (another column failed) while it ran: the value is kept
@@ -515,7 +514,7 @@ class Scheduler:
         if usage is not None:
             event += (self._usage(node, usage),)
         if self._state_idx and node.index in self._state_idx:
-            event = self._with_state(rg, node, event)
+            event = self._stateful.with_state(rg.id, node, event)
         self._append(event)
         out = self._out
         rg.tracker.complete_batch(node.index, out)
@@ -742,45 +741,11 @@ class Scheduler:
             return current
         raise OSError(f"could not write the checkpoint of row group {rg.id} to {path}: {_describe(last)}")
 
-    # -- stateful generators' state ---------------------------------------------------------
     def _look_stateful(self) -> tuple[list[dict], dict]:
         """On the writer thread, for the stateful lanes: the row groups, then the generators'
         latest states (in that order: a row group seen finished has its states committed)."""
         groups = self.store.row_groups(self.run_id)
-        return groups, (self.store.generator_states(self.run_id) if self._state_idx else {})
-
-    def _with_state(self, rg: _RowGroup, node: Any, event: tuple) -> tuple:
-        """The DONE ``event`` of a generator that keeps state, with its state_dict() after the
-        task, so that the two are recorded in one transaction."""
-        try:
-            state = values.encode(node.gen.state_dict())
-        except Exception as exc:  # the state cannot be stored: resume will restart it, say so
-            log.warning("%s: state_dict() gave a value that cannot be stored (%s: %s); its state will "
-                        "restart on resume", node.name, type(exc).__name__, exc)
-            return event
-        return (STATE, rg.id, node.name, state, event)
-
-    def _enter_row_group(self, node: Any, rg_id: int) -> None:
-        """Before a stateful generator's first task of row group ``rg_id`` in this process: if
-        its in-memory state is not the one of the row group before (this is a resume, or other
-        workers ran the row groups in between), load the latest recorded state."""
-        at = self._gen_at.get(node.index)
-        self._gen_at[node.index] = rg_id
-        if at == rg_id - 1:
-            return
-        if node.index in self._state_idx:
-            recorded = self._stateful.states.get(node.name)
-            if recorded is not None:
-                try:
-                    node.gen.load_state_dict(recorded[1])
-                except Exception as exc:  # its next values would be wrong: stop, say why
-                    self._crash = exc
-                    log.error("%s: load_state_dict() failed: %s: %s", node.name, type(exc).__name__, exc)
-                    self._finish("crashed")
-        elif rg_id > 0:
-            log.warning("%s is stateful and does not implement state_dict()/load_state_dict(): its state "
-                        "restarts here, at row group %d (earlier row groups ran in another process or "
-                        "session)", node.name, rg_id)
+        return groups, (self.store.generator_states(self.run_id) if self._stateful.keeps_state else {})
 
     def _on_lease_lost(self, row_groups: set[int] | None) -> None:
         if row_groups is None:
@@ -792,7 +757,6 @@ class Scheduler:
             if rg is not None:
                 log.warning("lost the lease on row group %d to another worker; abandoning it", rg_id)
                 rg.dead = True
-                for j, at in list(self._gen_at.items()):
-                    if at == rg_id:  # its state went on elsewhere
-                        del self._gen_at[j]
+                if self._stateful is not None:
+                    self._stateful.lost(rg_id)
         self._wake.set()

@@ -5,21 +5,37 @@ A row group's task waits until every earlier row group has finished the generato
 process (its tracker says so) or in another worker's (the store's ``row_groups`` table says
 ``complete`` or ``checkpointed``; it is read again every ``poll_s`` while that is what holds the
 generator up). A generator stays busy while one of its tasks is deferred for a retry.
+
+A generator that implements ``state_dict()`` has its state recorded with each of its DONE events
+(:meth:`StatefulLanes.with_state`: one ``STATE`` event wrapping the DONE, so both are in one
+commit) and restored before its first task of a row group in a process whose in-memory state is
+not the one of the row group before (:meth:`StatefulLanes.enter`: a resume, or other workers ran
+the row groups in between); the latest states come with the lanes' look at the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 from typing import Any, Callable, Iterable
+
+from pipeline import values
+from pipeline.store.base import STATE
 
 __all__ = ["StatefulLanes"]
 
+log = logging.getLogger("pipeline.scheduler")
+
 
 class StatefulLanes:
-    def __init__(self, generators: Iterable[int], *, look: Callable[[], asyncio.Future],
-                 on_news: Callable[[], None], poll_s: float, needs_states: bool = False) -> None:
-        self._heaps: dict[int, list] = {j: [] for j in generators}
+    def __init__(self, nodes: Iterable[Any], *, look: Callable[[], asyncio.Future],
+                 on_news: Callable[[], None], poll_s: float) -> None:
+        nodes = list(nodes)
+        self._heaps: dict[int, list] = {n.index: [] for n in nodes}
+        #: Generators (plan indexes) that implement state_dict().
+        self.keeps_state = frozenset(n.index for n in nodes if getattr(n.gen, "keeps_state", False))
+        self._at: dict[int, int] = {}  # generator -> row group its in-memory state is at
         self._busy: set[int] = set()
         # Row groups below this one have finished the generator (here or elsewhere).
         self._floor: dict[int, int] = {j: 0 for j in self._heaps}
@@ -30,7 +46,7 @@ class StatefulLanes:
         self._closed = False
         #: ``{generator name: (row group, state)}`` from the last look at the store; None until
         #: the first look, which generators that keep state wait for.
-        self.states: dict | None = None if needs_states else {}
+        self.states: dict | None = None if self.keeps_state else {}
 
     def push(self, j: int, rg: Any, r: int | None) -> None:
         heapq.heappush(self._heaps[j], (rg.id, -1 if r is None else r, rg, r))
@@ -57,6 +73,43 @@ class StatefulLanes:
                 _, _, rg, r = heapq.heappop(heap)
                 self._busy.add(j)
                 yield j, rg, r
+
+    def with_state(self, rg_id: int, node: Any, event: tuple) -> tuple:
+        """The DONE ``event`` of a generator that keeps state, wrapped with its state_dict()
+        after the task, so that the two are recorded in one transaction."""
+        try:
+            state = values.encode(node.gen.state_dict())
+        except Exception as exc:  # the state cannot be stored: resume will restart it, say so
+            log.warning("%s: state_dict() gave a value that cannot be stored (%s: %s); its state will "
+                        "restart on resume", node.name, type(exc).__name__, exc)
+            return event
+        return (STATE, rg_id, node.name, state, event)
+
+    def enter(self, node: Any, rg_id: int) -> None:
+        """Before each task of stateful ``node`` in row group ``rg_id``: at its first there in
+        this process, unless its state is the one of the row group before, load the latest
+        recorded state (raises what load_state_dict() raises)."""
+        at = self._at.get(node.index)
+        if at == rg_id:
+            return
+        self._at[node.index] = rg_id
+        if at == rg_id - 1:
+            return
+        if node.index in self.keeps_state:
+            recorded = self.states.get(node.name)
+            if recorded is not None:
+                node.gen.load_state_dict(recorded[1])
+        elif rg_id > 0:
+            log.warning("%s is stateful and does not implement state_dict()/load_state_dict(): its state "
+                        "restarts here, at row group %d (earlier row groups ran in another process or "
+                        "session)", node.name, rg_id)
+
+    def lost(self, rg_id: int) -> None:
+        """The lease on ``rg_id`` went to another worker: a generator's state there went on
+        elsewhere, so its next row group loads the recorded one."""
+        for j, at in list(self._at.items()):
+            if at == rg_id:
+                del self._at[j]
 
     def close(self) -> None:
         self._closed = True
