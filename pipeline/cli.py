@@ -41,7 +41,8 @@ def state_options(fn: Callable) -> Callable:
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Every PipelineError becomes one line on stderr and its exit code (2)."""
+    """Every PipelineError becomes one line on stderr and its exit code (2); Ctrl-C before a run's
+    own signal handling is in place exits 130."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -49,6 +50,12 @@ def handle_errors(fn: Callable) -> Callable:
         except PipelineError as exc:
             click.echo(f"error: {redact(str(exc))}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            # Ctrl-C before a command installs its own handlers (loading a config, importing a
+            # user module, hashing files): nothing was started, and the exit code says SIGINT
+            # (click would print "Aborted!" and exit 1).
+            click.echo("interrupted: nothing was changed", err=True)
+            sys.exit(SIGNAL_EXIT[signal.SIGINT])
     return wrapper
 
 
