@@ -19,17 +19,19 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── ModelCheckError                a model endpoint the config uses is unreachable, or refuses
     │                                  the key or the model (the preflight of `run`/`validate`)
     ├── FilesChangedError              a python module or seed file changed since the run started
-    ├── GenerationError                a generator failed; carries the original as __cause__
-    └── UnstorableValueError           a generator's value has no exact stored form: fails its
-                                       own cell (never retried), names column, record and why
-
-    RetryableError                     raise it (or TimeoutError / ConnectionError) from a
-    ├── ModelRateLimitError            generator to have the task deferred and tried again
-    ├── ModelTimeoutError
-    ├── ModelServerError
-    └── ModelConnectionError
-
-    LeaseLostError                     internal: another worker took a row group over
+    ├── GenerationError                a generator failed for good (the cell or row group fails);
+    │   │                              carries the original as __cause__ where there is one
+    │   ├── ModelRequestError          the endpoint refused the request (a 4xx other than 408,
+    │   │                              409, 429; a redirect; a base_url that is not http(s))
+    │   └── ModelOutputError           the model answered, but nothing usable (no text, JSON that
+    │                                  does not parse or validate after the re-asks)
+    ├── UnstorableValueError           a generator's value has no exact stored form: fails its
+    │                                  own cell (never retried), names column, record and why
+    └── RetryableError                 raise it (or TimeoutError / ConnectionError) from a
+        ├── ModelRateLimitError        generator to have the task deferred and tried again
+        ├── ModelTimeoutError
+        ├── ModelServerError
+        └── ModelConnectionError
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ __all__ = [
     "FilesChangedError",
     "GenerationError",
     "InvalidRunIdError",
-    "LeaseLostError",
     "ModelCheckError",
     "ModelConnectionError",
+    "ModelOutputError",
     "ModelRateLimitError",
+    "ModelRequestError",
     "ModelServerError",
     "ModelTimeoutError",
     "PipelineError",
@@ -132,7 +135,20 @@ class FilesChangedError(PipelineError):
 
 
 class GenerationError(PipelineError):
-    """A generator raised; the original exception is the ``__cause__``."""
+    """A generator failed for good; the original exception, where there is one, is the ``__cause__``."""
+
+
+class ModelRequestError(GenerationError):
+    """The endpoint refused the request (a 4xx other than 408, 409 and 429). Not retryable:
+    the same request would be refused again. Fix the config, the key or the prompt."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ModelOutputError(GenerationError):
+    """The model answered, but the answer cannot be used. Not retryable."""
 
 
 class UnstorableValueError(PipelineError):
@@ -141,7 +157,7 @@ class UnstorableValueError(PipelineError):
     fails that cell and the run goes on (contract section 9)."""
 
 
-class RetryableError(Exception):
+class RetryableError(PipelineError):
     """A failure worth another attempt: the task is deferred and retried after its backoff."""
 
 
@@ -163,14 +179,6 @@ class ModelServerError(RetryableError):
 
 class ModelConnectionError(RetryableError):
     """The model endpoint could not be reached."""
-
-
-class LeaseLostError(Exception):
-    """Another worker holds the row group now; this process must abandon it."""
-
-    def __init__(self, row_groups):
-        super().__init__(f"lost the lease on row group(s) {sorted(row_groups)}")
-        self.row_groups = frozenset(row_groups)
 
 
 def is_outage(exc: BaseException | None) -> bool:

@@ -1,8 +1,9 @@
 """An async client for OpenAI-compatible chat-completions endpoints (vLLM, NIM, OpenAI, ...).
 
-Every failure is translated once, here, into the error the engine acts on::
+Every failure is translated once, here, into the error the engine acts on (all in
+:mod:`pipeline.errors`)::
 
-    RetryableError (pipeline.errors)      the task is deferred and tried again
+    RetryableError                        the task is deferred and tried again
     ├── ModelRateLimitError               HTTP 429 (``retry_after_s`` from retry-after-ms or Retry-After)
     ├── ModelTimeoutError                 HTTP 408, or no answer within ``timeout_s``
     ├── ModelServerError                  HTTP 409, 5xx, or a 200 that is not a chat completion
@@ -45,7 +46,9 @@ import aiohttp
 
 from pipeline.errors import (
     ModelConnectionError,
+    ModelOutputError,
     ModelRateLimitError,
+    ModelRequestError,
     ModelServerError,
     ModelTimeoutError,
 )
@@ -64,19 +67,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _BODY_SNIPPET_CHARS = 200
-
-
-class ModelRequestError(Exception):
-    """The endpoint refused the request (a 4xx other than 408, 409 and 429). Not retryable:
-    the same request would be refused again. Fix the config, the key or the prompt."""
-
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
-class ModelOutputError(Exception):
-    """The model answered, but the answer cannot be used. Not retryable."""
 
 
 @dataclass(frozen=True)
