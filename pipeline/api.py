@@ -294,7 +294,8 @@ class _Signals:
         immediate = len(self.received) > 1
         loop.call_soon_threadsafe(lambda: scheduler.stop(immediate=immediate))
         if not immediate:  # os.write: safe inside a signal handler, and shown at once
-            os.write(2, f"\npipeline: stopping; in-flight tasks get {scheduler.opts.grace_s:g} s to finish "
+            os.write(2, f"\npipeline: stopping; waiting up to {scheduler.opts.grace_s:g} s for "
+                        f"{scheduler.tasks_running} task(s) in flight to finish "
                         f"(press Ctrl-C again to stop at once)\n".encode())
         delay = self.HARD_EXIT_S if immediate else scheduler.opts.grace_s + self.FIRST_SIGNAL_SLACK_S
         timer = threading.Timer(delay, _hard_exit, (self.received[0],))
@@ -415,7 +416,7 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
         signals.scheduler = scheduler
         if received:  # a signal came while the engine was being set up
             scheduler.stop(immediate=len(received) > 1)
-        reporter = loop.create_task(_report(scheduler, cfg, progress)) if progress else None
+        reporter = loop.create_task(_report(scheduler, cfg, progress, store, run_id)) if progress else None
         try:
             return await scheduler.run()
         finally:
@@ -437,7 +438,9 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
     else:
         store.set_run_status(run_id, status)
     if progress is not None:
-        progress(_snapshot(scheduler, cfg, final=True))
+        snap = _snapshot(scheduler, cfg, final=True)
+        snap["run"] = _run_view(store, run_id)
+        progress(snap)
     return RunResult(run_id, status, signal=received[0] if received else None, stats=scheduler.stats,
                      reason=scheduler.stop_reason)
 
@@ -479,17 +482,43 @@ def _snapshot(scheduler: Scheduler, cfg: PipelineConfig, final: bool = False) ->
     total = cfg.num_records - s.records_dropped
     rate = slowest / elapsed
     eta = (max(total - slowest, 0) / rate) if rate > 0 else None
-    return {"per_generator": per_generator, "records_per_s": rate, "eta_s": eta,"tasks_done": s.tasks_done, "tasks_failed": s.tasks_failed, "tasks_deferred": s.tasks_deferred,
+    models = {n.model: {"limit": n.limit.limit} for n in scheduler.plan.nodes if n.limit is not None}
+    return {"per_generator": per_generator, "records_per_s": rate, "eta_s": eta, "tasks_done": s.tasks_done,
+            "tasks_failed": s.tasks_failed, "tasks_deferred": s.tasks_deferred,
             "records_dropped": s.records_dropped, "row_groups_checkpointed": s.row_groups_checkpointed,
             "row_groups_total": -(-cfg.num_records // cfg.row_group_size), "elapsed_s": elapsed,
             "tasks_per_s": s.tasks_done / elapsed, "in_flight": scheduler.tasks_running, "final": final,
-            "live_row_groups": scheduler.live_row_groups}
+            "live_row_groups": scheduler.live_row_groups,
+            "live": {"in_flight": scheduler.tasks_running, "models": models,
+                     "stopping": _stopping_note(scheduler) if not final else None}}
 
 
-async def _report(scheduler: Scheduler, cfg: PipelineConfig, progress: Callable[[dict], None]) -> None:
+def _stopping_note(scheduler: Scheduler) -> str | None:
+    if not scheduler.stopping or scheduler.tasks_running == 0:
+        return None
+    why = "Ctrl-C again stops at once" if scheduler.stop_reason is None else scheduler.stop_reason
+    return (f"stopping: waiting up to {scheduler.opts.grace_s:g} s for {scheduler.tasks_running} task(s) in "
+            f"flight to finish; {why}")
+
+
+def _run_view(store: Store, run_id: str) -> dict[str, Any] | None:
+    """The whole run as the store has it (every worker's share): :func:`status`'s dict, read
+    without the file checks. None if the store cannot answer now (the snapshot goes on without)."""
+    try:
+        return _status_of(store, run_id)
+    except PipelineError:
+        return None
+
+
+async def _report(scheduler: Scheduler, cfg: PipelineConfig, progress: Callable[[dict], None],
+                  store: Store, run_id: str) -> None:
+    """Every second: this process's snapshot with the whole run's view under ``"run"`` (read on
+    a thread of its own: a query never holds the event loop)."""
     while True:
         await asyncio.sleep(1.0)
-        progress(_snapshot(scheduler, cfg))
+        snap = _snapshot(scheduler, cfg)
+        snap["run"] = await asyncio.to_thread(_run_view, store, run_id)
+        progress(snap)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -523,7 +552,7 @@ def _status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str,
                        "active": groups["active"] + groups["complete"]},
         "rate_records_s": rate, "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint, "damaged_files": damaged,
-        "failures": _failures(store, run_id),
+        "failures": _failures(store, run_id), "leases": store.leases(run_id),
     }
 
 

@@ -60,28 +60,25 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 class Progress:
-    """One line on stderr: redrawn in place on a terminal, printed every few seconds otherwise."""
+    """The live panel (:mod:`pipeline.panel`) of the whole run on stderr, fed by the engine's
+    snapshots: a redrawn panel on a terminal, one plain line every few seconds otherwise."""
 
     def __init__(self, every_s: float = 5.0):
-        self.tty = sys.stderr.isatty()
-        self.every_s = every_s
-        self.last = 0.0
+        from pipeline.panel import LivePanel
+
+        self.panel = LivePanel(every_s=every_s)
 
     def __call__(self, snap: dict) -> None:
-        now = time.monotonic()
-        if not (self.tty or snap["final"] or now - self.last >= self.every_s):
+        view = snap.get("run")
+        if view is None:  # the store did not answer this time: wait for the next snapshot
+            if snap["final"]:
+                self.panel.close()
             return
-        self.last = now
-        eta = "" if snap["final"] or snap["eta_s"] is None else f" | ETA {snap['eta_s']:.0f}s"
-        columns = " ".join(f"{name}={done:,}" for name, done in snap["per_generator"].items())
-        line = (f"row groups {snap['row_groups_checkpointed']}/{snap['row_groups_total']} | "
-                f"tasks {snap['tasks_done']:,} done, {snap['tasks_failed']:,} failed, "
-                f"{snap['in_flight']} in flight | {snap['tasks_per_s']:,.0f} tasks/s | "
-                f"dropped {snap['records_dropped']:,} | {snap['elapsed_s']:.0f}s{eta} | {columns}")
-        if self.tty:
-            click.echo("\r\033[K" + line + ("\n" if snap["final"] else ""), err=True, nl=False)
+        view = {**view, "live": snap.get("live")}
+        if snap["final"]:
+            self.panel.close(view)
         else:
-            click.echo(line, err=True)
+            self.panel.update(view)
 
 
 def _exit(code: int) -> None:
@@ -295,20 +292,29 @@ def _status_text(s: dict) -> str:
 @handle_errors
 def status(run_id: str, as_json: bool, watch: bool, interval: float, home: str, db: str) -> None:
     """Progress of RUN_ID per column and row group; works while the run is going."""
+    panel = None
+    if watch and not as_json and sys.stdout.isatty():  # the same live panel as `run` shows
+        from pipeline.panel import LivePanel
+
+        panel = LivePanel(stream=sys.stdout, tty=True)
     try:
         while True:
             s = api.status(run_id, home=home, db=db)
-            if as_json:
+            running = s["status"] == "running"
+            if panel is not None:
+                panel.update(s, final=not running)
+            elif as_json:
                 click.echo(json.dumps(s))
             else:
-                if watch and sys.stdout.isatty():
-                    click.clear()
                 click.echo(_status_text(s))
-            if not watch or s["status"] != "running":
+            if not watch or not running:
                 return
             time.sleep(interval)
     except KeyboardInterrupt:  # Ctrl-C ends --watch; the run itself is not affected
         sys.exit(130)
+    finally:
+        if panel is not None:
+            panel.close()
 
 
 @main.command()

@@ -214,6 +214,11 @@ class Scheduler:
     def live_row_groups(self) -> int:
         return len(self._live)
 
+    @property
+    def stopping(self) -> bool:
+        """No more dispatching: a signal, an error rate, a model down, or the end."""
+        return self._stopping
+
     def stop(self, *, immediate: bool = False) -> None:
         """Stop dispatching; in-flight tasks get ``grace_s`` to finish (none if immediate).
         Every finished result is recorded and the run stays resumable."""

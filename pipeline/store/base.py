@@ -246,6 +246,10 @@ class Store(Protocol):
     def live_workers(self, run_id: str) -> int:
         """Workers of the run whose process is alive (same host) or whose heartbeat is fresh."""
 
+    def leases(self, run_id: str) -> dict[str, list[int]]:
+        """``{worker (lease owner): [row group, ...]}``: the unexpired leases on row groups not
+        yet checkpointed, row groups in order (what the live panel shows per worker)."""
+
     def claim_row_groups(self, run_id: str, limit: int, lease_s: float) -> list[RowGroupClaim]:
         """Claim up to ``limit`` row groups in row-group order whose state is not
         ``checkpointed`` and whose lease is free: no owner, expired, or owned by a process of

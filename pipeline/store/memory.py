@@ -117,6 +117,15 @@ class MemoryStore:
         with self._lock:
             return sum(1 for o in self._run(run_id)["workers"] if not owner_is_gone(o))
 
+    def leases(self, run_id: str) -> dict[str, list[int]]:
+        now = time.time()
+        held: dict[str, list[int]] = {}
+        with self._lock:
+            for g in self._run(run_id)["groups"]:
+                if g["lease_owner"] is not None and g["state"] != "checkpointed" and (g["lease_expires_at"] or 0) > now:
+                    held.setdefault(g["lease_owner"], []).append(g["row_group"])
+        return held
+
     def claim_row_groups(self, run_id: str, limit: int, lease_s: float) -> list[RowGroupClaim]:
         now = time.time()
         claims = []

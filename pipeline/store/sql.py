@@ -303,6 +303,20 @@ class SqlStore:
         )
 
     @_translate_errors
+    def leases(self, run_id: str) -> dict[str, list[int]]:
+        g = schema.row_groups
+        held: dict[str, list[int]] = {}
+        with self._reader.connect() as conn:
+            rows = conn.execute(
+                sa.select(g.c.lease_owner, g.c.row_group)
+                .where(g.c.run_id == run_id, g.c.lease_owner.is_not(None), g.c.state != "checkpointed",
+                       g.c.lease_expires_at > time.time())
+                .order_by(g.c.row_group))
+            for owner, row_group in rows:
+                held.setdefault(owner, []).append(row_group)
+        return held
+
+    @_translate_errors
     def claim_row_groups(self, run_id: str, limit: int, lease_s: float) -> list[RowGroupClaim]:
         if limit <= 0:
             return []

@@ -1,0 +1,126 @@
+"""The live panel (pipeline/panel.py) as users meet it: on a terminal of 80x24 under a
+pseudo-terminal, as plain lines on piped stderr, the whole run's figures in every worker, and
+`status --watch` on a terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pyte
+
+from tests.conftest import ROOT, cli, cli_env, cli_popen, logged_pipeline
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
+COLUMNS = ["id", "n", "word", "up", "len", "left", "right", "total", "label"]
+
+
+def run_in_terminal(args: list[str], env: dict, *, cols: int = 80, rows: int = 24, timeout: float = 240) -> tuple[int, bytes]:
+    """`pipeline ARGS` with stdout and stderr on a pseudo-terminal of cols x rows; all it wrote."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    env = {**env, "TERM": "xterm-256color", "COLUMNS": str(cols), "LINES": str(rows)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdin=slave, stdout=slave,
+                            stderr=slave, env=env, cwd=ROOT, close_fds=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the other side closed: the process ended
+                    break
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    return proc.returncode, out
+
+
+def screens(raw: bytes, cols: int = 80, rows: int = 24) -> list[list[str]]:
+    """The terminal's screen after each chunk the program wrote (a VT100 emulator, pyte)."""
+    screen = pyte.Screen(cols, rows)
+    stream = pyte.ByteStream(screen)
+    shots = []
+    for chunk in re.split(rb"(?=\x1b\[\?25l)", raw):  # rich hides the cursor before each redraw
+        stream.feed(chunk)
+        shots.append(list(screen.display))
+    return shots
+
+
+def test_the_panel_on_an_80x24_terminal_shows_every_column_and_the_eta_on_one_screen_and_never_wraps(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=600, rg=50, in_flight=8)
+    env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"), PIPELINE_TEST_SLEEP="0.02")
+    code, raw = run_in_terminal(["run", str(cfg), "--home", str(tmp_path / "home"), "--no-check-models"], env)
+    text = raw.decode("utf-8", "replace")
+    assert code == 0, text[-2000:]
+    panel_part = text.split("records written")[0]  # the summary after the panel may be as wide as it needs
+    for line in re.split(r"\r\n|\r|\n", ANSI.sub("", panel_part)):
+        assert len(line.rstrip()) <= 80, line
+    # Some screen during the run held the run's progress and every column at once.
+    whole = [shot for shot in screens(panel_part.encode())
+             if any("ETA" in row for row in shot) and all(any(re.match(rf"\s*{c}\s", row) for row in shot)
+                                                          for c in COLUMNS)]
+    assert whole, "no screen showed the ETA and every column"
+    assert any("records 600/600" in row for row in screens(raw)[-1]), screens(raw)[-1]
+
+
+def test_piped_stderr_gets_plain_lines_with_the_whole_run(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=300, rg=50)
+    proc = cli("run", str(cfg), "--no-check-models", home=tmp_path / "home",
+               env=cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls")))
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[" not in proc.stderr and "\r" not in proc.stderr
+    panel_lines = [line for line in proc.stderr.splitlines() if line.startswith("run ") and " | records " in line]
+    assert panel_lines, proc.stderr
+    assert "records 300/300" in panel_lines[-1] and "label=300" in panel_lines[-1]
+
+
+def test_two_workers_each_end_on_the_whole_runs_figures(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
+    home = tmp_path / "home"
+    env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"))
+    cli("run", str(cfg), "--run-id", "shared", "--create-only", home=home, check=True)
+    workers = [cli_popen("worker", "shared", home=home, env=env) for _ in range(2)]
+    finals = []
+    for worker in workers:
+        _out, err = worker.communicate(timeout=240)
+        assert worker.returncode == 0, err
+        lines = [line for line in err.splitlines() if line.startswith("run shared") and " | records " in line]
+        assert lines, err
+        finals.append(lines[-1])
+    done = [int(re.search(r"records ([\d,]+)/1,200", line).group(1).replace(",", "")) for line in finals]
+    # Each worker reports the run's records out of the run's total, not its own share: the one
+    # that ended last saw all of them.
+    assert max(done) == 1200, finals
+
+
+def test_status_watch_on_a_terminal_draws_the_panel_and_ends_with_the_run(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=300, rg=50)
+    home = tmp_path / "home"
+    cli("run", str(cfg), "--run-id", "done", "--no-check-models", home=home, check=True,
+        env=cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls")))
+    code, raw = run_in_terminal(["status", "done", "--watch", "--home", str(home)], cli_env())
+    assert code == 0, raw[-2000:]
+    last = screens(raw)[-1]
+    assert any("run done: complete" in row for row in last), last
+    assert any("records 300/300" in row for row in last), last
+    assert any(re.match(r"\s*label\s+300\s", row) for row in last), last
