@@ -404,10 +404,15 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
         counts = store.column_counts(run_id)
         store.add_calls_saved(run_id, {(n.model, n.name): counts[n.outputs[0]]["done"]
                                        for n in plan.nodes if n.limit is not None})
-    options = SchedulerOptions.from_settings(cfg.settings, trace=trace)
+    options = SchedulerOptions.from_settings(cfg.settings, trace=trace or cfg.settings.trace)
     scheduler = Scheduler(plan, store, run_id, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
                           home=str(home), options=options)
     store.set_run_status(run_id, "running")
+    traces = None
+    if options.trace:
+        from pipeline.engine.tracing import TraceWriter
+
+        traces = TraceWriter(scheduler, store, run_id)
     signals = signals or _Signals()
     received = signals.received
 
@@ -417,11 +422,13 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
         if received:  # a signal came while the engine was being set up
             scheduler.stop(immediate=len(received) > 1)
         reporter = loop.create_task(_report(scheduler, cfg, progress, store, run_id)) if progress else None
+        tracer = loop.create_task(traces.run()) if traces is not None else None
         try:
             return await scheduler.run()
         finally:
-            if reporter is not None:
-                reporter.cancel()
+            for task in (reporter, tracer):
+                if task is not None:
+                    task.cancel()
             llm = sys.modules.get("pipeline.llm")  # loaded only by llm_* columns
             if llm is not None:  # this run's HTTP pools belong to this event loop: close them
                 runtimes = {id(r): r for r in (getattr(n.gen, "runtime", None) for n in plan.nodes)
@@ -431,8 +438,8 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         status = runner.run(main())
-    if trace:
-        _write_traces(home / "runs" / run_id / "traces.jsonl", scheduler.traces)
+    if traces is not None:
+        traces.flush()
     if status == "interrupted" and store.live_workers(run_id) > 0:
         pass  # other workers carry on: the run is still running
     else:
@@ -455,22 +462,6 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop
-
-
-def _write_traces(path: Path, traces: list) -> None:
-    """One JSON object per task attempt: column, row group, row index, type, dispatched /
-    started / finished (perf_counter seconds), status and error. Appended across resumes."""
-    import dataclasses
-    import json
-
-    from pipeline.redact import redact
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        for t in traces:
-            entry = dataclasses.asdict(t)
-            entry["error"] = redact(entry.get("error"))  # the raw message: it may quote a server
-            f.write(json.dumps(entry) + "\n")
 
 
 def _snapshot(scheduler: Scheduler, cfg: PipelineConfig, final: bool = False) -> dict:

@@ -78,6 +78,7 @@ class Settings(_Strict):
     lease_s: float = Field(30.0, ge=MIN_LEASE_S, le=MAX_DURATION_S)
     model_down_s: float = Field(120.0, gt=0, le=MAX_DURATION_S)
     render_timeout_s: float = Field(10.0, gt=0, le=MAX_DURATION_S)  # a template renders within this, or fails its cell
+    trace: bool = False  # record every task attempt in task_traces (as --trace does)
 
 
 class ModelConfig(_Strict):

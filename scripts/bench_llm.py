@@ -516,9 +516,14 @@ def burst_run(flags: list[str], seed: int) -> dict:
         sampler.halt.set()
         sampler.join()
         assert result.status == "complete" and result.stats.records_dropped == 0, result
-        traces = [json.loads(line) for line in
-                  (state_home() / "runs" / run_id / "traces.jsonl").read_text().splitlines()]
-        b = [t for t in traces if t["column"] == "b_text" and t["status"] == "ok"]
+        from pipeline.api import open_state
+
+        _, store = open_state(state_home())
+        try:
+            traces = store.traces(run_id)
+        finally:
+            store.close()
+        b = [t for t in traces if t["column_name"] == "b_text" and t["outcome"] == "ok"]
         span = max(t["finished_at"] for t in b) - min(t["started_at"] for t in b)
         lowest_a = min(s["a"][1] for _, s in sampler.samples) if sampler.samples else None
         a_429 = server.stats()["models"].get("writer-model", {}).get("rate_limited", 0)

@@ -198,15 +198,19 @@ def test_env_vars_choose_home_and_db(tmp_path):
     assert (home / "state.db").exists() and (home / "runs" / "e1").is_dir()
 
 
-def test_trace_writes_one_line_per_task_attempt_and_nothing_when_off(tmp_path):
+def test_trace_records_one_row_per_task_attempt_in_the_store_and_nothing_when_off(tmp_path):
     home = tmp_path / "home"
     cli("run", str(QUICKSTART), "--run-id", "tr", "--num-records", "20", "--trace", "--quiet", home=home, check=True)
-    lines = [json.loads(x) for x in (home / "runs" / "tr" / "traces.jsonl").read_text().splitlines()]
+    rows = json.loads(cli("sql", "select * from task_traces where run_id = 'tr'", "--json", home=home,
+                          check=True).stdout)
     # 20 records x 3 cell columns (title, review, words) + 4 from_scratch roots + 1 batch column
-    assert len(lines) == 20 * 3 + 4 + 1
-    assert all(t["status"] == "ok" and t["finished_at"] >= t["started_at"] >= t["dispatched_at"] for t in lines)
+    assert len(rows) == 20 * 3 + 4 + 1
+    assert all(t["outcome"] == "ok" and t["attempt"] == 1 and t["finished_at"] >= t["started_at"] >= t["dispatched_at"]
+               for t in rows)
+    assert {t["column_name"] for t in rows} >= {"title", "review", "words"}
     cli("run", str(QUICKSTART), "--run-id", "notr", "--num-records", "20", "--quiet", home=home, check=True)
-    assert not (home / "runs" / "notr" / "traces.jsonl").exists()
+    none = cli("sql", "select count(*) as n from task_traces where run_id = 'notr'", "--json", home=home, check=True)
+    assert json.loads(none.stdout) == [{"n": 0}]
 
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)

@@ -74,8 +74,9 @@ def test_a_429_that_asks_for_retry_after_ms_waits_that_long_and_is_never_an_atte
     assert_ran(proc)
     rows = export_jsonl("r", home, tmp_path / "out.jsonl")
     assert len(rows) == 1 and rows[0]["text"].startswith("echo:")
-    attempts = [json.loads(line) for line in (home / "runs" / "r" / "traces.jsonl").read_text().splitlines()]
-    starts = sorted(t["started_at"] for t in attempts if t["column"] == "text")
+    attempts = json.loads(cli("sql", "select * from task_traces where run_id = 'r'", "--json", home=home,
+                              check=True).stdout)
+    starts = sorted(t["started_at"] for t in attempts if t["column_name"] == "text")
     assert len(starts) == 4, attempts  # three 429s, then the answer
     assert all(b - a >= 1.4 for a, b in zip(starts, starts[1:])), starts  # waited as asked (a lower bound)
     assert status_json("r", home)["models"]["writer"]["rate_limited"] == 3

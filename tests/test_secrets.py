@@ -139,7 +139,8 @@ def test_a_server_echoing_the_authorization_header_never_puts_the_key_in_store_l
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     echoed_text = [r["review"] for r in rows if r["mode"] == "echo_text"]
     assert echoed_text and all(text == "Here is what you sent: Authorization: Bearer ***" for text in echoed_text)
-    traces = (home / "runs" / "echoed" / "traces.jsonl").read_text()
+    traces = cli("sql", "select error from task_traces where run_id = 'echoed'", "--json", home=home,
+                 check=True).stdout
     assert "Bearer ***" in traces
     assert "Bearer ***" in run.stderr, "the failures were logged, redacted"
 

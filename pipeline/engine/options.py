@@ -39,6 +39,9 @@ class SchedulerOptions:
 
 @dataclass(slots=True)
 class TaskTrace:
+    """One task attempt of a traced run; times are ``time.perf_counter()`` seconds, ``status``
+    one of ok / deferred / rate_limited / failed / cancelled (see ``task_traces``)."""
+
     column: str
     row_group: int
     row_index: int | None

@@ -456,9 +456,11 @@ class Scheduler:
         except Exception as exc:
             self._settle(key)
             error = exc
-            if trace is not None:
-                trace.status, trace.error = "error", str(exc)
             deferred = self._failed(rg, node, r, exc, usage)
+            if trace is not None:
+                trace.status = ("rate_limited" if isinstance(exc, ModelRateLimitError)
+                                else "deferred" if deferred else "failed")
+                trace.error = f"{type(exc).__name__}: {exc}"
         finally:
             if trace is not None:
                 trace.finished_at = time.perf_counter()

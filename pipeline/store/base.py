@@ -336,6 +336,12 @@ class Store(Protocol):
         """``(generator, last_error)`` of every ``failed`` task of the run (kept after
         compaction), for the failure summary (``pipeline.engine.failures``)."""
 
+    def add_traces(self, run_id: str, rows: Sequence[Any]) -> None:
+        """Record task attempts of a traced run (:class:`pipeline.store.traces.TraceRow`)."""
+
+    def traces(self, run_id: str) -> list[dict]:
+        """Every recorded task attempt of the run, in dispatch order (see ``task_traces``)."""
+
     def add_calls_saved(self, run_id: str, saved: dict[tuple[str, str], int]) -> None:
         """On resume: finished model calls, per (model alias, generator), not made again."""
 

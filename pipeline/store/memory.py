@@ -113,6 +113,14 @@ class MemoryStore:
         with self._lock:
             self._run(run_id)["workers"].pop(self.owner, None)
 
+    def add_traces(self, run_id: str, rows: Sequence[Any]) -> None:
+        with self._lock:
+            self._run(run_id).setdefault("traces", []).extend(row._asdict() for row in rows)
+
+    def traces(self, run_id: str) -> list[dict]:
+        with self._lock:
+            return sorted((dict(t) for t in self._run(run_id).get("traces", ())), key=lambda t: t["dispatched_at"])
+
     def live_workers(self, run_id: str) -> int:
         with self._lock:
             return sum(1 for o in self._run(run_id)["workers"] if not owner_is_gone(o))

@@ -68,6 +68,7 @@ __all__ = [
     "run_fingerprints",
     "run_changes",
     "generator_states",
+    "task_traces",
 ]
 
 # Named constraints so that migrations can refer to (and later alter) them on every database.
@@ -299,4 +300,30 @@ generator_states = sa.Table(
     sa.Column("row_group", sa.Integer, primary_key=True),
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("updated_at", Time, nullable=False),
+)
+
+
+#: One row per task attempt of a run traced with ``--trace`` (``settings.trace``): when it was
+#: dispatched, started (its inputs read) and finished, and how it ended: ``ok``, ``deferred`` (a
+#: retryable failure: tried again later), ``rate_limited`` (a 429: waits, not an attempt),
+#: ``failed`` (for good), ``cancelled`` (the run stopped). ``worker`` is the process
+#: (``host:pid:start:random``): each invocation of a killed and resumed run has its own.
+#: ``attempt`` counts from 1 per task within one worker process.
+task_traces = sa.Table(
+    "task_traces",
+    metadata,
+    sa.Column("trace_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), nullable=False),
+    sa.Column("worker", sa.Text, nullable=False),
+    sa.Column("column_name", sa.String(128), nullable=False),
+    sa.Column("row_group", sa.Integer, nullable=False),
+    sa.Column("row_index", sa.Integer, nullable=True),
+    sa.Column("task_type", sa.String(16), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("dispatched_at", Time, nullable=False),
+    sa.Column("started_at", Time, nullable=True),
+    sa.Column("finished_at", Time, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Index("ix_task_traces_run_id_dispatched_at", "run_id", "dispatched_at"),
 )

@@ -43,6 +43,7 @@ from pipeline.store.base import (
     row_group_counts,
 )
 from pipeline.store import reopen_sql
+from pipeline.store import traces as traces_sql
 from pipeline.store import usage as usage_sql
 from pipeline.store.reopen import task_filter
 from pipeline.workers import HOST, make_owner_id, owner_is_gone
@@ -599,6 +600,16 @@ class SqlStore:
             return usage_sql.read(conn, run_id)
 
     @_translate_errors
+    @_translate_errors
+    def add_traces(self, run_id: str, rows: Sequence[Any]) -> None:
+        with self._engine.begin() as conn:
+            traces_sql.insert(conn, run_id, rows)
+
+    @_translate_errors
+    def traces(self, run_id: str) -> list[dict]:
+        with self._reader.connect() as conn:
+            return traces_sql.select(conn, run_id)
+
     def add_calls_saved(self, run_id: str, saved: dict[tuple[str, str], int]) -> None:
         with self._engine.begin() as conn:
             usage_sql.add_calls_saved(conn, run_id, saved)
