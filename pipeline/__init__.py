@@ -4,7 +4,7 @@ in a SQL state store, so a killed run resumes exactly where it stopped."""
 
 from typing import TYPE_CHECKING
 
-from pipeline.api import export, list_runs, load_dataset, resume, retry, run, status, validate
+from pipeline.api import export, list_runs, load_dataset, report, resume, retry, run, status, validate
 from pipeline.errors import PipelineError, RetryableError
 from pipeline.generators.base import Generator
 
@@ -29,6 +29,7 @@ __all__ = [
     "list_runs",
     "load_config",
     "load_dataset",
+    "report",
     "resume",
     "retry",
     "run",

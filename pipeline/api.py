@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 # The engine, the config models, pandas and pyarrow are imported by the functions that run or
 # export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them.
 
-__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "resume", "retry", "run", "status",
-           "validate", "validate_run_id"]
+__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "report", "resume", "retry", "run",
+           "status", "validate", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -625,6 +625,30 @@ def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     dataset.write(out, fmt)
     return {"records": dataset.num_rows, "complete": dataset.complete, "path": str(out), "format": fmt}
+
+
+def report(run_id: str, output: str | os.PathLike, *, format: str | None = None,
+           home: str | os.PathLike | None = None, db: str | None = None) -> dict[str, Any]:
+    """Draw the traced run's report (:mod:`pipeline.reporting`) to ``output``: PNG, SVG, HTML, or
+    with ``format="json"`` the series it is drawn from. Returns ``{"path", "format",
+    "attempts", "invocations"}``. PipelineError when the run was not traced or the format is
+    unknown; works on a run still going."""
+    validate_run_id(run_id)
+    from pipeline import reporting
+
+    fmt = (format or Path(output).suffix.lstrip(".")).lower()
+    if fmt not in reporting.FORMATS:
+        raise PipelineError(f"unknown report format {fmt!r}: name the output FILE.png, FILE.svg or FILE.html, "
+                            f"or pass --format {'|'.join(reporting.FORMATS)}")
+    _require_run_store(home, db, run_id)
+    _, store = open_state(home, db)
+    try:
+        data = reporting.series(store, run_id)
+    finally:
+        store.close()
+    path = reporting.draw(data, output, fmt)
+    return {"path": str(path), "format": fmt, "attempts": sum(len(v) for v in data["lanes"].values()),
+            "invocations": len(data["invocations"])}
 
 
 def validate(config: PipelineConfig | str | os.PathLike, *, check_models: bool = False) -> dict[str, Any]:

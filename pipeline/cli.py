@@ -348,6 +348,23 @@ def export(run_id: str, output: str, fmt: str | None, home: str, db: str) -> Non
 
 
 @main.command()
+@click.argument("run_id")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="FILE.png, FILE.svg or FILE.html (the picture), or any name with --format json.")
+@click.option("--format", "fmt", type=click.Choice(["png", "svg", "html", "json"]), default=None,
+              help="Default: from the output's suffix. json: the series the picture is drawn from.")
+@state_options
+@handle_errors
+def report(run_id: str, output: str, fmt: str | None, home: str, db: str) -> None:
+    """A picture of RUN_ID made from its traces (run it with --trace): one lane per column showing
+    when its tasks ran, records completed over time, calls in flight per model with 429s marked,
+    and each invocation of a resumed run. Works while the run is going."""
+    res = api.report(run_id, output, format=fmt, home=home, db=db)
+    click.echo(f"wrote the report of {res['attempts']:,} task attempts in {res['invocations']} invocation(s) "
+               f"to {res['path']}", err=True)
+
+
+@main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "json"]), default="text", show_default=True)
 @state_options
