@@ -79,14 +79,14 @@ def _duration(seconds: float | None) -> str:
 
 
 def _headline(view: dict[str, Any], rate: float | None) -> tuple[str, str]:
-    """Two lines: the run and its state; then records, rate, ETA and row groups."""
+    """Two lines: the run, its state and row groups; then records, rate and ETA."""
     done, total = view.get("records_done", 0), view.get("num_records", 0)
     first = f"run {view.get('run_id', '?')}: {view.get('status', '?')}"
-    second = (f"records {done:,}/{total:,} | dropped {view.get('records_dropped', 0):,} | "
-              f"{'-' if rate is None else f'{rate:,.1f}'} records/s | ETA {_duration(_eta(view, rate))}")
     groups = view.get("row_groups") or {}
     if groups:
-        second += f" | row groups {groups.get('checkpointed', 0):,}/{groups.get('total', 0):,}"
+        first += f" | row groups {groups.get('checkpointed', 0):,}/{groups.get('total', 0):,}"
+    second = (f"records {done:,}/{total:,} | dropped {view.get('records_dropped', 0):,} | "
+              f"{'-' if rate is None else f'{rate:,.1f}'} records/s | ETA {_duration(_eta(view, rate))}")
     return first, second
 
 

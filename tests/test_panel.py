@@ -56,11 +56,11 @@ def run_in_terminal(args: list[str], env: dict, *, cols: int = 80, rows: int = 2
 
 
 def screens(raw: bytes, cols: int = 80, rows: int = 24) -> list[list[str]]:
-    """The terminal's screen after each chunk the program wrote (a VT100 emulator, pyte)."""
+    """The terminal's screen as it was before each redraw (a VT100 emulator, pyte), and at the end."""
     screen = pyte.Screen(cols, rows)
     stream = pyte.ByteStream(screen)
     shots = []
-    for chunk in re.split(rb"(?=\x1b\[\?25l)", raw):  # rich hides the cursor before each redraw
+    for chunk in re.split(rb"(?=\r\x1b\[2K)", raw):  # rich's Live starts each redraw by erasing its lines
         stream.feed(chunk)
         shots.append(list(screen.display))
     return shots
