@@ -8,6 +8,7 @@ SQLite or PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import secrets
@@ -604,13 +605,18 @@ def load_dataset(run_id: str, *, home: str | os.PathLike | None = None, db: str 
         store.close()
 
 
-def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
+def export(run_id: str, output: str | os.PathLike, *, format: str | None = None, card: bool = False,
            home: str | os.PathLike | None = None, db: str | None = None) -> dict[str, Any]:
     """Write the dataset to ``output`` (parquet, csv or jsonl; from the suffix by default).
-    Returns ``{"records", "complete", "path"}``; an incomplete run exports its checkpointed records."""
+    Returns ``{"records", "complete", "path", "format"}``; an incomplete run exports its
+    checkpointed records. With ``card``, ``output`` is a folder: the data goes to
+    ``data/train.<format>`` in it (parquet by default) and a Hugging Face dataset card to
+    ``README.md`` (:mod:`pipeline.card`); ``"card"`` in the result is its path."""
     validate_run_id(run_id)
     from pipeline.dataset import FORMATS, read_dataset
 
+    if card:
+        return _export_card(run_id, Path(output), (format or "parquet").lower(), home, db)
     fmt = (format or Path(output).suffix.lstrip(".") or "parquet").lower()
     if fmt not in FORMATS:
         raise PipelineError(f"unknown export format {fmt!r}: use --format parquet, csv or jsonl, "
@@ -625,6 +631,47 @@ def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     dataset.write(out, fmt)
     return {"records": dataset.num_rows, "complete": dataset.complete, "path": str(out), "format": fmt}
+
+
+def _export_card(run_id: str, folder: Path, fmt: str, home: Any, db: Any) -> dict[str, Any]:
+    from pipeline import card
+    from pipeline.config import PipelineConfig
+    from pipeline.dataset import FORMATS, read_dataset
+    from pipeline.graph import build_graph
+
+    if fmt not in FORMATS:
+        raise PipelineError(f"unknown export format {fmt!r}: use --format parquet, csv or jsonl")
+    if folder.exists() and not folder.is_dir():
+        raise PipelineError(f"--card writes a folder, and {folder} is a file: name a folder (new or existing)")
+    _require_run_store(home, db, run_id)
+    home_path, store = open_state(home, db)
+    try:
+        dataset = read_dataset(store, run_id, home_path)
+        info = store.get_run(run_id)
+        state = _status_of(store, run_id)
+    finally:
+        store.close()
+    # The stored config as it is (its modules were folded in when the run started): no module
+    # is imported and no seed file read to describe it.
+    raw = json.loads(info.config)
+    cfg = PipelineConfig.model_validate({**raw, "base_dir": raw.get("base_dir") or os.getcwd()})
+    graph = build_graph(cfg)
+    generator_of = {out: column for column in cfg.columns for out in column.outputs}
+    data_rel = card.DATA_FILE.format(fmt=fmt)
+    data_path = folder / data_rel
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.write(data_path, fmt)
+    columns = [{"name": name, "type": generator_of[name].type, "generator": generator_of[name].name}
+               for name in dataset.columns]
+    text = card.card_text(status=state, config_json=info.config, schema=dataset.to_arrow().schema,
+                          records=dataset.num_rows, data_path=data_rel, data_bytes=data_path.stat().st_size,
+                          mermaid=graph.to_mermaid(), columns=columns)
+    readme = folder / "README.md"
+    tmp = folder / f".README.md.{os.getpid()}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, readme)
+    return {"records": dataset.num_rows, "complete": dataset.complete, "path": str(data_path), "format": fmt,
+            "card": str(readme)}
 
 
 def report(run_id: str, output: str | os.PathLike, *, format: str | None = None,

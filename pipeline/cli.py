@@ -337,14 +337,20 @@ def runs(as_json: bool, home: str, db: str) -> None:
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="File to write.")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]), default=None,
               help="Default: from the output's suffix, else parquet.")
+@click.option("--card", is_flag=True, help="OUTPUT is a folder: data/train.<format> and a dataset card README.md.")
 @state_options
 @handle_errors
-def export(run_id: str, output: str, fmt: str | None, home: str, db: str) -> None:
-    """Write the dataset of RUN_ID: records in order, dropped records left out."""
-    res = api.export(run_id, output, format=fmt, home=home, db=db)
+def export(run_id: str, output: str, fmt: str | None, card: bool, home: str, db: str) -> None:
+    """Write the dataset of RUN_ID: records in order, dropped records left out. With --card,
+    OUTPUT is a folder: the data in data/train.<format> and a Hugging Face dataset card in
+    README.md (features and size, the config, the column graph, counts, drops by error, model
+    usage)."""
+    res = api.export(run_id, output, format=fmt, card=card, home=home, db=db)
     if not res["complete"]:
         click.echo(f"run {run_id} is not complete: exported the {res['records']:,} checkpointed records", err=True)
     click.echo(f"wrote {res['records']:,} records to {res['path']}", err=True)
+    if card:
+        click.echo(f"wrote the dataset card to {res['card']}", err=True)
 
 
 @main.command()
