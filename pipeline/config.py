@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import redact, templates
+from pipeline.engine.options import SchedulerOptions
 from pipeline.errors import ConfigError
 from pipeline.generators.python import import_callable, is_generator_class, module_source_file
 from pipeline.generators.samplers import SAMPLER_PARAMS
@@ -68,17 +69,20 @@ MIN_LEASE_S = 0.1
 MAX_ERROR_WINDOW = 1_000_000
 
 
+_ENGINE = SchedulerOptions()  # the engine's defaults are the settings' defaults: written once, there
+
+
 class Settings(_Strict):
-    max_concurrent_row_groups: int = Field(3, gt=0, le=MAX_ROW_GROUPS_IN_MEMORY)
-    max_in_flight_tasks: int = Field(256, gt=0, le=MAX_IN_FLIGHT_TASKS)
-    salvage_max_rounds: int = Field(2, ge=0, le=MAX_SALVAGE_ROUNDS)
-    retry_backoff_s: float = Field(0.5, ge=0, le=3600)
-    shutdown_error_rate: float = Field(0.5, gt=0, le=1)
-    shutdown_error_window: int = Field(100, gt=0, le=MAX_ERROR_WINDOW)
-    lease_s: float = Field(30.0, ge=MIN_LEASE_S, le=MAX_DURATION_S)
-    model_down_s: float = Field(120.0, gt=0, le=MAX_DURATION_S)
-    render_timeout_s: float = Field(10.0, gt=0, le=MAX_DURATION_S)  # a template renders within this, or fails its cell
-    trace: bool = False  # record every task attempt in task_traces (as --trace does)
+    max_concurrent_row_groups: int = Field(_ENGINE.max_concurrent_row_groups, gt=0, le=MAX_ROW_GROUPS_IN_MEMORY)
+    max_in_flight_tasks: int = Field(_ENGINE.max_in_flight_tasks, gt=0, le=MAX_IN_FLIGHT_TASKS)
+    salvage_max_rounds: int = Field(_ENGINE.salvage_max_rounds, ge=0, le=MAX_SALVAGE_ROUNDS)
+    retry_backoff_s: float = Field(_ENGINE.retry_backoff_s, ge=0, le=3600)
+    shutdown_error_rate: float = Field(_ENGINE.shutdown_error_rate, gt=0, le=1)
+    shutdown_error_window: int = Field(_ENGINE.shutdown_error_window, gt=0, le=MAX_ERROR_WINDOW)
+    lease_s: float = Field(_ENGINE.lease_s, ge=MIN_LEASE_S, le=MAX_DURATION_S)
+    model_down_s: float = Field(_ENGINE.model_down_s, gt=0, le=MAX_DURATION_S)
+    render_timeout_s: float = Field(templates.DEFAULT_RENDER_TIMEOUT_S, gt=0, le=MAX_DURATION_S)  # a template renders within this, or fails its cell
+    trace: bool = _ENGINE.trace  # record every task attempt in task_traces (as --trace does)
 
 
 class ModelConfig(_Strict):
