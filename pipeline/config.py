@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline import redact, templates
 from pipeline.errors import ConfigError
+from pipeline.surface import flag
 from pipeline.generators.python import import_callable, is_generator_class, module_source_file
 from pipeline.generators.samplers import SAMPLER_PARAMS
 from pipeline.generators.seed_dataset import file_digest, read_seed_file, resolve_seed_path
@@ -347,10 +348,10 @@ class PipelineConfig(_Strict):
     def with_num_records(self, n: int) -> PipelineConfig:
         """A copy producing ``n`` records (``--num-records``); ConfigError naming the range."""
         if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= INT64_MAX:
-            raise ConfigError(f"--num-records must be a whole number from 1 to {INT64_MAX:,}, not {n!r}",
-                              path=self.source)
+            raise ConfigError(f"{flag('--num-records', 'num_records')} must be a whole number from 1 to "
+                              f"{INT64_MAX:,}, not {n!r}", path=self.source)
         if (problem := row_group_count_problem(n, self.row_group_size)) is not None:
-            raise ConfigError(f"--num-records {n}: {problem}", path=self.source)
+            raise ConfigError(f"{flag('--num-records', 'num_records=')} {n}: {problem}", path=self.source)
         return self.model_copy(update={"num_records": n}, deep=True)
 
 

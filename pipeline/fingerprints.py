@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import FilesChangedError
 from pipeline.generators.python import module_source_file
 from pipeline.generators.seed_dataset import file_digest, resolve_seed_path
+from pipeline.surface import flag
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
@@ -193,5 +194,5 @@ def _message(run_id: str, changes: list[FileChange], config: PipelineConfig) -> 
     return (f"run {run_id!r}: {'a file it reads has' if len(changes) == 1 else 'files it reads have'} changed "
             "since the run started:\n  " + "\n  ".join(lines) + "\n"
             "Its recorded cells were computed with the files as they were. Put them back and run the command "
-            "again, or add --accept-changes: it keeps every recorded cell, computes the remaining ones with the "
+            f"again, or add {flag('--accept-changes', 'accept_changes=True')}: it keeps every recorded cell, computes the remaining ones with the "
             "files as they are now, and records the change (table run_changes).")
