@@ -402,8 +402,9 @@ def preview(config: str, n: int, as_json: bool, show_prompts: bool, no_check_mod
     lines = _failure_lines(result.failures)
     if lines:
         click.echo("\n".join(lines), err=True)
-    if result.status == "failed":
-        click.echo("preview: too many tasks failed (shutdown_error_rate); fix the cause above", err=True)
+    if result.status == "failed" or not result.records:
+        why = "too many tasks failed (shutdown_error_rate)" if result.records else "no record came out"
+        click.echo(f"preview: {why}; fix the cause above", err=True)
         sys.exit(EXIT_FAILED)
 
 

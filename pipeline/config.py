@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -21,6 +22,7 @@ from pipeline import redact, templates
 from pipeline.errors import ConfigError
 from pipeline.surface import flag
 from pipeline.generators.python import import_callable, is_generator_class, module_source_file
+from pipeline.generators.row_reads import undeclared_message, undeclared_reads
 from pipeline.generators.samplers import SAMPLER_PARAMS
 from pipeline.generators.seed_dataset import file_digest, read_seed_file, resolve_seed_path
 
@@ -519,6 +521,7 @@ def _check_python(column: PythonColumn, config: PipelineConfig, where: str) -> N
     except ImportError as exc:
         raise ConfigError(str(exc), path=where, column=column.name) from None
     if not is_generator_class(target):
+        _warn_undeclared_reads(target, column, config, where)
         return
     strategy = getattr(target, "strategy", None)
     if strategy not in ("cell", "batch"):
@@ -536,6 +539,14 @@ def _check_python(column: PythonColumn, config: PipelineConfig, where: str) -> N
     # copy of the config all see what the generator will do.
     column.mode = strategy
     column.stateful_ = column.stateful_ or bool(getattr(target, "is_stateful", False))
+
+
+def _warn_undeclared_reads(func: Any, column: PythonColumn, config: PipelineConfig, where: str) -> None:
+    """A warning on stderr (logger ``pipeline.config``), not an error: the source visibly reads a
+    column its requires does not list (pipeline.generators.row_reads)."""
+    for key in undeclared_reads(func, column.dependencies):
+        logging.getLogger("pipeline.config").warning("warning: %s: %s", where, undeclared_message(
+            column.name, key, list(column.dependencies), config.output_columns(), verb="reads"))
 
 
 def _check_seed(column: SeedDatasetColumn, config: PipelineConfig, where: str) -> None:

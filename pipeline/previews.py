@@ -155,6 +155,9 @@ def print_table(result: Preview, file: Any = None) -> None:
     from rich.table import Table
 
     console = Console(file=file, highlight=False, soft_wrap=False)
+    if not result.records:
+        console.print("(no records)")
+        return
     table = Table(box=box.SIMPLE_HEAD, show_lines=False, expand=False, pad_edge=False)
     for name in result.columns:
         table.add_column(name, overflow="fold")
