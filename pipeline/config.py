@@ -23,6 +23,7 @@ from pipeline.errors import ConfigError
 from pipeline.surface import flag
 from pipeline.generators.python import import_callable, is_generator_class, module_source_file
 from pipeline.generators.row_reads import undeclared_message, undeclared_reads
+from pipeline.base_urls import base_url_problem
 from pipeline.generators.samplers import SAMPLER_PARAMS
 from pipeline.generators.seed_dataset import file_digest, read_seed_file, resolve_seed_path
 
@@ -89,6 +90,13 @@ class ModelConfig(_Strict):
     api_key_env: str | None = None
     max_parallel_requests: int = Field(16, gt=0, le=MAX_IN_FLIGHT_TASKS)
     timeout_s: float = Field(60.0, gt=0, le=MAX_DURATION_S)
+
+    @field_validator("base_url")
+    @classmethod
+    def _a_url_with_its_scheme(cls, value: str) -> str:
+        if (problem := base_url_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("api_key_env", mode="before")
     @classmethod
