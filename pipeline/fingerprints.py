@@ -172,8 +172,8 @@ def check_changed_files(store: Store, run_id: str, config: PipelineConfig, accep
     how = "accepted with --accept-changes: recorded cells kept, the rest computed with the file as it is now"
     store.replace_fingerprints(run_id, _rows(current), [
         (FILE, c.name, c.old, c.new, f"{c.what}; read by {', '.join(c.readers) or '-'}; {how}") for c in changes])
-    log.warning("run %s goes on with changed files (--accept-changes; see table run_changes): %s",
-                run_id, ", ".join(f"{c.name} ({c.what})" for c in changes))
+    log.warning("run %s goes on with changed files (%s; see table run_changes): %s",
+                run_id, flag("--accept-changes", "accept_changes=True"), ", ".join(f"{c.name} ({c.what})" for c in changes))
     return changes
 
 

@@ -34,7 +34,7 @@ from pipeline.errors import PipelineError
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
-__all__ = ["CELL_CHARS", "DEFAULT_RECORDS", "Preview", "compute_preview", "print_table", "to_json"]
+__all__ = ["CELL_CHARS", "DEFAULT_RECORDS", "Preview", "compute_preview", "off_the_loop", "print_table", "to_json"]
 
 DEFAULT_RECORDS = 5
 _RUN_ID = "preview"
@@ -76,13 +76,13 @@ def compute_preview(config: PipelineConfig | str | os.PathLike, n: int = DEFAULT
     if check_models and cfg.used_models():
         from pipeline.llm.preflight import preflight
 
-        _off_the_loop(preflight, cfg)
+        off_the_loop(preflight, cfg)
     count = min(n, cfg.num_records)
     small = cfg.model_copy(update={"num_records": count, "row_group_size": count}, deep=True)
-    return _off_the_loop(_compute, small, show_prompts)
+    return off_the_loop(_compute, small, show_prompts)
 
 
-def _off_the_loop(fn: Any, *args: Any) -> Any:
+def off_the_loop(fn: Any, *args: Any) -> Any:
     """``fn(*args)`` here, or in a worker thread when this thread's event loop is running
     (``fn`` runs a loop of its own, which cannot start inside another)."""
     try:

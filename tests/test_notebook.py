@@ -137,3 +137,16 @@ def test_advice_from_the_python_api_names_parameters_not_command_line_flags(tmp_
     with pytest.raises(pipeline.PipelineError) as bad_n:
         pipeline.run(cfg, home=home, num_records=0)
     assert "--num-records" not in str(bad_n.value) and "num_records" in str(bad_n.value)
+
+
+async def test_validate_with_the_model_check_works_inside_a_running_event_loop(tmp_path, fake_server):
+    llm = tmp_path / "llm.yaml"
+    llm.write_text(textwrap.dedent(f"""\
+        name: nb-check
+        num_records: 2
+        models:
+          m: {{base_url: "{fake_server()}", model: some-model}}
+        columns:
+          - {{name: a, type: llm_text, model: m, prompt: "hi"}}
+        """))
+    assert pipeline.validate(llm, check_models=True)["models"]["m"]["checked"] is True
