@@ -148,8 +148,9 @@ def to_json(result: Preview) -> str:
 
 
 def print_table(result: Preview, file: Any = None) -> None:
-    """The records as a table that fits the terminal (rich; 80 columns when not a terminal,
-    or ``$COLUMNS``); with prompts, each record's prompts after it."""
+    """The records as a table that fits the terminal (rich; 80 columns when not a terminal, or
+    ``$COLUMNS``): one row per record when the columns fit side by side, else one two-column
+    table (column, value) per record. With prompts, each record's prompts after it."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -158,17 +159,34 @@ def print_table(result: Preview, file: Any = None) -> None:
     if not result.records:
         console.print("(no records)")
         return
-    table = Table(box=box.SIMPLE_HEAD, show_lines=False, expand=False, pad_edge=False)
-    for name in result.columns:
-        table.add_column(name, overflow="fold")
-    for record in result.records:
-        table.add_row(*(_cell(record.get(c)) for c in result.columns))
-    console.print(table)
-    if result.prompts is not None:
-        for i, prompts in enumerate(result.prompts):
-            for column, text in prompts.items():
-                console.rule(f"record {i + 1} of the preview: prompt of {column}", align="left")
+    cells = [[_cell(record.get(c)) for c in result.columns] for record in result.records]
+    wide = sum(min(max(len(name), *(len(row[i].plain) for row in cells)), _NARROWEST) + 3
+               for i, name in enumerate(result.columns))
+    if wide <= console.width:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for name in result.columns:
+            table.add_column(name, overflow="fold")
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+    for i, row in enumerate(cells):
+        if wide > console.width:
+            table = Table(box=box.SIMPLE, show_header=False, pad_edge=False, title=f"record {i + 1}",
+                          title_justify="left")
+            table.add_column(style="bold", no_wrap=True, max_width=max(8, console.width // 3))
+            table.add_column(overflow="fold")
+            for name, value in zip(result.columns, row):
+                table.add_row(name, value)
+            console.print(table)
+        if result.prompts is not None:
+            for column, text in result.prompts[i].items():
+                console.rule(f"record {i + 1}: prompt of {column}", align="left")
                 console.print(text, markup=False, highlight=False)
+
+
+#: Below this many characters a table column gets hard to read: the side-by-side table is used
+#: only when every column can have at least its values' width up to this.
+_NARROWEST = 12
 
 
 def _cell(value: Any) -> Any:

@@ -120,13 +120,16 @@ def test_preview_of_more_records_than_the_config_has_gives_all_of_them(project, 
     assert "only 23 records" in proc.stderr
 
 
-def test_preview_prints_a_table_that_fits_the_terminal(project):
-    proc = cli("preview", str(project / "cfg.yaml"), env=cli_env(COLUMNS="80"), check=True)
+@pytest.mark.parametrize("width", [200, 80, 40])
+def test_preview_prints_a_table_that_fits_the_terminal(project, width):
+    proc = cli("preview", str(project / "cfg.yaml"), env=cli_env(COLUMNS=str(width)), check=True)
     lines = proc.stdout.splitlines()
-    assert lines and max(len(line) for line in lines) <= 80
-    for column in ("category", "stars", "title"):
+    assert lines and max(len(line) for line in lines) <= width
+    for column in ("category", "stars", "title", "loud"):
         assert column in proc.stdout
     assert "run_id" not in proc.stdout + proc.stderr
+    # Side by side when the columns fit, else one small table per record: every value readable.
+    assert ("record 5" in proc.stdout) == (width < 200)
 
 
 def test_preview_refuses_a_bad_config_with_exit_2_and_creates_nothing(project, tmp_path):
