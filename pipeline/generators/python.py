@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.generators.base import Generator
-from pipeline.generators.row_reads import Row, explain_key_error
+from pipeline.generators.row_reads import explain_key_error
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig, PythonColumn
@@ -113,14 +113,7 @@ class _Reads:
     def _reads(self, column: str, declared: tuple[str, ...], known: frozenset[str]) -> None:
         self.column, self.declared, self.known = column, declared, known
 
-    def _record(self, data: Any) -> Any:
-        if self.strategy == "cell" and isinstance(data, dict):
-            return Row(data, self.column, self.known)
-        return data
-
     def _explained(self, exc: KeyError) -> BaseException:
-        if self.strategy == "cell":
-            return exc  # a Row raised UndeclaredColumnError already where it was ours to explain
         return explain_key_error(exc, self.column, self.declared, self.known) or exc
 
 
@@ -136,7 +129,7 @@ class FunctionGenerator(_Reads, Generator):
 
     def generate(self, data: Any) -> Any:
         try:
-            return self.func(self._record(data))
+            return self.func(data)
         except KeyError as exc:
             explained = self._explained(exc)
             if explained is exc:
@@ -159,7 +152,7 @@ class AsyncFunctionGenerator(_Reads, Generator):
 
     async def agenerate(self, data: Any) -> Any:
         try:
-            return await self.func(self._record(data))
+            return await self.func(data)
         except KeyError as exc:
             explained = self._explained(exc)
             if explained is exc:

@@ -1,10 +1,13 @@
 """A python column reads only the columns its ``requires`` lists: the record it gets holds those
 and nothing else. Two helps for the mistake of reading another one:
 
-- at run time, :class:`Row` (the record a cell function gets) turns ``row["title"]`` for an
-  undeclared ``title`` into :class:`~pipeline.errors.UndeclaredColumnError` (a KeyError)
-  naming the column and the ``requires`` to write; :func:`explain_key_error` does the same for
-  a batch function's ``df["title"]``;
+- at run time, :func:`explain_key_error` turns the KeyError of ``row["title"]`` (a cell
+  function's dict) or ``df["title"]`` (a batch function's DataFrame), for a column ``title`` of
+  the config that the column does not declare, into :class:`~pipeline.errors.UndeclaredColumnError`
+  (a KeyError too) naming the column and the ``requires`` to write. It looks at the error only
+  once it is raised: nothing is added to a cell that succeeds (no wrapper around the record);
+  the price is that a KeyError of the function's own dicts whose key happens to be an
+  undeclared column's name gets the same advice;
 - at config time, :func:`undeclared_reads` looks at the function's source, where that is cheap
   (``inspect.getsource`` and one ``ast`` walk), for ``row["x"]``, ``row['x']`` and
   ``row.get("x")`` (``row``: the function's first parameter) with an undeclared ``x``, so that
@@ -20,7 +23,7 @@ from typing import Any, Collection, Sequence
 
 from pipeline.errors import UndeclaredColumnError
 
-__all__ = ["Row", "explain_key_error", "undeclared_reads", "undeclared_message"]
+__all__ = ["explain_key_error", "undeclared_message", "undeclared_reads"]
 
 
 def undeclared_message(column: str, key: Any, declared: Sequence[str], known: Collection[str], *,
@@ -36,25 +39,11 @@ def undeclared_message(column: str, key: Any, declared: Sequence[str], known: Co
             f"columns in its requires ({has}): fix the name, or add the column and list it in requires")
 
 
-class Row(dict):
-    """The record a python cell function gets: a plain dict of its required columns, whose
-    missing keys raise UndeclaredColumnError instead of a bare KeyError."""
-
-    __slots__ = ("_column", "_known")
-
-    def __init__(self, data: dict, column: str, known: Collection[str]):
-        super().__init__(data)
-        self._column = column
-        self._known = known
-
-    def __missing__(self, key: Any) -> Any:
-        raise UndeclaredColumnError(undeclared_message(self._column, key, list(self), self._known))
-
-
 def explain_key_error(exc: KeyError, column: str, declared: Sequence[str], known: Collection[str]
                       ) -> UndeclaredColumnError | None:
-    """For a batch function's KeyError (``df["title"]``): the teaching error when the missing key
-    is a column name that is not declared, else None (the KeyError is the user's own)."""
+    """For a python function's KeyError: the teaching error when the missing key is a column of
+    the config (``known``) that ``declared`` does not list, else None (the KeyError is the
+    function's own)."""
     key = exc.args[0] if len(exc.args) == 1 else None
     if isinstance(exc, UndeclaredColumnError) or not isinstance(key, str) or key in declared:
         return None
