@@ -4,7 +4,8 @@ in a SQL state store, so a killed run resumes exactly where it stopped."""
 
 from typing import TYPE_CHECKING
 
-from pipeline.api import export, list_runs, load_dataset, report, resume, retry, run, status, validate
+from pipeline.aio import aresume, aretry, arun
+from pipeline.api import export, list_runs, load_dataset, preview, report, resume, retry, run, status, validate
 from pipeline.errors import PipelineError, RetryableError
 from pipeline.generators.base import Generator
 
@@ -25,10 +26,14 @@ __all__ = [
     "PipelineConfig",
     "PipelineError",
     "RetryableError",
+    "aresume",
+    "aretry",
+    "arun",
     "export",
     "list_runs",
     "load_config",
     "load_dataset",
+    "preview",
     "report",
     "resume",
     "retry",

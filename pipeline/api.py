@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pipeline.errors import DamagedFileError, InvalidRunIdError, PipelineError, RunNotFoundError, StoreError, UnknownColumnError
+from pipeline.errors import (DamagedFileError, InvalidRunIdError, PipelineError, RunNotFoundError, RunningLoopError,
+                             StoreError, UnknownColumnError)
 from pipeline.store.base import ColumnSpec, Lineage, NewRun, Reopened, Store
+from pipeline import surface
+from pipeline.surface import command, flag
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
 # The engine, the config models, pandas and pyarrow are imported by the functions that run or
 # export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them.
 
-__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "report", "resume", "retry", "run",
+__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "preview", "report", "resume", "retry",
+           "run",
            "status", "validate", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -98,13 +102,15 @@ def _require_run_store(home: str | os.PathLike | None, db: str | None, run_id: s
     path = missing_store(home, db)
     if path is not None:
         raise RunNotFoundError(f"no run with id {run_id!r}: there is no state store at {path} yet; "
-                               f"check --home/--db (`pipeline runs` lists the runs)")
+                               f"check {flag('--home/--db', 'home=/db=')} ({flag('`pipeline runs`', '`pipeline.list_runs()`')} "
+                               "lists the runs)")
 
 
 def require_store(home: str | os.PathLike | None, db: str | None) -> None:
     path = missing_store(home, db)
     if path is not None:
-        raise StoreError(f"there is no state store at {path} yet; check --home/--db, or start a run first")
+        raise StoreError(f"there is no state store at {path} yet; check {flag('--home/--db', 'home=/db=')}, "
+                         "or start a run first")
 
 
 def validate_run_id(run_id: str) -> str:
@@ -127,30 +133,14 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
     ``check_models`` first checks every model endpoint the config uses (pipeline.llm.preflight):
     one that is unreachable or refuses the key or the model raises ModelCheckError, and
     nothing is created."""
-    from pipeline.config import PipelineConfig, load_config
-    from pipeline.fingerprints import fingerprints
-    from pipeline.graph import build_graph
-
-    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
-    if num_records is not None:
-        cfg = cfg.with_num_records(num_records)
-    if run_id is not None:
-        validate_run_id(run_id)
-    graph = build_graph(cfg)
+    refuse_running_loop("run")
+    cfg, graph = _checked_config(config, num_records, run_id)
     if check_models and cfg.used_models():
         from pipeline.llm.preflight import preflight
 
         preflight(cfg)
-    prints = fingerprints(cfg, graph)
-    home_path, store = open_state(home, db)
+    home_path, store, rid = _create_run(cfg, graph, home, db, run_id)
     try:
-        rid = run_id or _new_run_id(cfg.name)
-        store.create_run(NewRun(
-            run_id=rid, name=cfg.name, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
-            seed=cfg.seed, config=cfg.to_json(), fingerprint=cfg.fingerprint(),
-            columns=[ColumnSpec(c, graph.producer[c], graph.by_name[graph.producer[c]].strategy, i)
-                     for i, c in enumerate(graph.columns)],
-            fingerprints=[(kind, name, digest) for (kind, name), digest in prints.items()]))
         with _Signals() as signals:
             try:
                 (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
@@ -166,6 +156,62 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
     finally:
         if close_store:
             store.close()
+
+
+def _checked_config(config: PipelineConfig | str | os.PathLike, num_records: int | None,
+                    run_id: str | None) -> tuple[PipelineConfig, Any]:
+    """The validated config (``num_records`` applied) and its graph; the run id checked."""
+    from pipeline.config import PipelineConfig, load_config
+    from pipeline.graph import build_graph
+
+    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    if num_records is not None:
+        cfg = cfg.with_num_records(num_records)
+    if run_id is not None:
+        validate_run_id(run_id)
+    return cfg, build_graph(cfg)
+
+
+def _create_run(cfg: PipelineConfig, graph: Any, home: str | os.PathLike | None, db: str | None,
+                run_id: str | None) -> tuple[Path, Store, str]:
+    """Create the run in the store: ``(home, store, run id)``. RunExistsError for a taken id."""
+    from pipeline.errors import RunExistsError
+    from pipeline.fingerprints import fingerprints
+
+    prints = fingerprints(cfg, graph)
+    home_path, store = open_state(home, db)
+    rid = run_id or _new_run_id(cfg.name)
+    try:
+        store.create_run(NewRun(
+            run_id=rid, name=cfg.name, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
+            seed=cfg.seed, config=cfg.to_json(), fingerprint=cfg.fingerprint(),
+            columns=[ColumnSpec(c, graph.producer[c], graph.by_name[graph.producer[c]].strategy, i)
+                     for i, c in enumerate(graph.columns)],
+            fingerprints=[(kind, name, digest) for (kind, name), digest in prints.items()]))
+    except RunExistsError as exc:
+        store.close()
+        if surface.CLI:
+            raise
+        raise RunExistsError(f"a run with id {rid!r} exists already; pass another run_id= (or none: a new id "
+                             f"is made), or continue it with pipeline.resume({rid!r})") from exc
+    except BaseException:
+        store.close()
+        raise
+    return home_path, store, rid
+
+
+def refuse_running_loop(name: str) -> None:
+    """RunningLoopError when an event loop is running in this thread (Jupyter, an async
+    program): the sync API runs a loop of its own, which cannot start there. Called first,
+    before anything is created."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RunningLoopError(
+        f"pipeline.{name}() cannot run inside a running event loop (a Jupyter notebook, an async program): "
+        f"use `await pipeline.a{name}(...)` there, or call it in a thread "
+        f"(`await asyncio.to_thread(pipeline.{name}, ...)`); nothing was created or changed")
 
 
 def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None,
@@ -185,9 +231,36 @@ def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
 def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
             progress: Callable[[dict], None] | None, trace: bool, close_store: bool, repair: bool = False,
             accept_changes: bool = False,
-            before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None = None) -> RunResult:
+            before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None = None,
+            name: str = "resume") -> RunResult:
     """resume, and retry: the changed-files check first (nothing changes if it refuses), then
     ``before(store, run info, config, home)``, which may end it with its own result."""
+    refuse_running_loop(name)
+    home_path, store, cfg, extra, early = _open_resume(run_id, home=home, db=db, repair=repair,
+                                                       accept_changes=accept_changes, before=before,
+                                                       close_store=close_store)
+    try:
+        if early is not None:
+            return early
+        with _Signals() as signals:
+            try:
+                result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True,
+                                  signals=signals)
+            except _Interrupted as stop:
+                result = _interrupted(store, run_id, stop.signum)
+        result.resumed = True
+        result.extra.update(extra)
+        return result
+    finally:
+        if close_store:
+            store.close()
+
+
+def _open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None, repair: bool,
+                 accept_changes: bool, before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None,
+                 close_store: bool = True) -> tuple[Path, Store, PipelineConfig, dict, RunResult | None]:
+    """Everything resume does before the engine runs: ``(home, store, config, extra, early)``;
+    ``early`` is the result when there is nothing to run. The store is closed on an error."""
     from pipeline.config import config_from_json
     from pipeline.fingerprints import check_changed_files
 
@@ -209,7 +282,7 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
         if before is not None:
             early = before(store, info, cfg, home_path)
             if early is not None:
-                return early
+                return home_path, store, cfg, extra, early
         counts = store.row_group_counts(run_id)  # row groups not created yet are pending
         if counts["checkpointed"] == counts["total"]:
             if not repair:  # a stat per file: a complete run whose file is gone is not complete
@@ -220,24 +293,19 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
                     raise DamagedFileError(damage_message(run_id, damaged))
             failed = len(store.failed_tasks(run_id)) if info.status == "failed" else 0
             if failed:  # it ended failed on its error rate: nothing to continue, but not complete
-                return RunResult(run_id, "failed", resumed=True, extra={"nothing_left": True},
-                                 reason=f"nothing is left to run, and {failed:,} task(s) failed for good; "
-                                        f"`pipeline retry {run_id}` redoes them")
+                return home_path, store, cfg, extra, RunResult(
+                    run_id, "failed", resumed=True, extra={"nothing_left": True},
+                    reason=f"nothing is left to run, and {failed:,} task(s) failed for good; "
+                           f"{command('retry', run_id)} redoes them")
             if info.status != "complete":
                 store.set_run_status(run_id, "complete")
-            return RunResult(run_id, "complete", resumed=True, extra={"already_complete": True, **extra})
-        with _Signals() as signals:
-            try:
-                result = _execute(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True,
-                                  signals=signals)
-            except _Interrupted as stop:
-                result = _interrupted(store, run_id, stop.signum)
-        result.resumed = True
-        result.extra.update(extra)
-        return result
-    finally:
+            return home_path, store, cfg, extra, RunResult(run_id, "complete", resumed=True,
+                                                           extra={"already_complete": True, **extra})
+        return home_path, store, cfg, extra, None
+    except BaseException:
         if close_store:
             store.close()
+        raise
 
 
 class _Interrupted(BaseException):
@@ -329,8 +397,20 @@ def retry(run_id: str, *, columns: str | list[str] | None = None, error: str | N
     ``extra["nothing_to_retry"]``. ``result.extra["reopened"]`` is the
     :class:`~pipeline.store.base.Reopened` summary. UnknownColumnError for a name the run does
     not have; RunNotFoundError for an unknown run."""
-    names = [columns] if isinstance(columns, str) else columns
     extra: dict = {}
+    result = _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
+                     accept_changes=accept_changes, before=_reopener(run_id, columns, error, on_reopened, extra),
+                     name="retry")
+    result.extra.update(extra)
+    return result
+
+
+def _reopener(run_id: str, columns: str | list[str] | None, error: str | None,
+              on_reopened: Callable[[Reopened], None] | None, extra: dict,
+              ) -> Callable[[Store, Any, PipelineConfig, Path], RunResult | None]:
+    """retry's step before the engine runs (``_open_resume``'s ``before``): reopen the failed
+    tasks; ``extra["reopened"]`` gets the summary."""
+    names = [columns] if isinstance(columns, str) else columns
 
     def reopen(store: Store, info: Any, cfg: PipelineConfig, home_path: Path) -> RunResult | None:
         from pipeline.dataset import read_row_group
@@ -360,10 +440,7 @@ def retry(run_id: str, *, columns: str | list[str] | None = None, error: str | N
             return RunResult(run_id, info.status, extra={"reopened": reopened, "nothing_to_retry": True})
         return None
 
-    result = _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
-                     accept_changes=accept_changes, before=reopen)
-    result.extra.update(extra)
-    return result
+    return reopen
 
 
 def _generators_named(graph: Any, names: list[str], run_id: str) -> set[str]:
@@ -392,38 +469,47 @@ def _lineage(graph: Any) -> Lineage:
                    upstream=upstream, downstream=downstream)
 
 
-def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
-             progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
-             graph: Any = None, signals: _Signals | None = None) -> RunResult:
-    from pipeline.engine.scheduler import Scheduler, SchedulerOptions
-    from pipeline.engine.tracker import Plan
-    from pipeline.generators import build_generators
-    from pipeline.graph import build_graph
+class _Job:
+    """One process's share of a run, set up (generators built, scheduler made, run marked
+    ``running``) and ready to go: ``main()`` runs the engine on the current event loop,
+    ``finish(status)`` records the outcome. :func:`_execute` runs it on a loop of its own (the
+    sync API and the CLI); :mod:`pipeline.aio` awaits it on the caller's loop."""
 
-    plan = Plan(graph or build_graph(cfg), build_generators(cfg))
-    if resumed:  # finished model calls this resume will not make again
-        counts = store.column_counts(run_id)
-        store.add_calls_saved(run_id, {(n.model, n.name): counts[n.outputs[0]]["done"]
-                                       for n in plan.nodes if n.limit is not None})
-    options = SchedulerOptions.from_settings(cfg.settings, trace=trace or cfg.settings.trace)
-    scheduler = Scheduler(plan, store, run_id, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
-                          home=str(home), options=options)
-    store.set_run_status(run_id, "running")
-    traces = None
-    if options.trace:
-        from pipeline.engine.tracing import TraceWriter
+    def __init__(self, store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
+                 progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
+                 graph: Any = None, signals: _Signals | None = None) -> None:
+        from pipeline.engine.scheduler import Scheduler, SchedulerOptions
+        from pipeline.engine.tracker import Plan
+        from pipeline.generators import build_generators
+        from pipeline.graph import build_graph
 
-        traces = TraceWriter(scheduler, store, run_id)
-    signals = signals or _Signals()
-    received = signals.received
+        plan = Plan(graph or build_graph(cfg), build_generators(cfg))
+        if resumed:  # finished model calls this resume will not make again
+            counts = store.column_counts(run_id)
+            store.add_calls_saved(run_id, {(n.model, n.name): counts[n.outputs[0]]["done"]
+                                           for n in plan.nodes if n.limit is not None})
+        options = SchedulerOptions.from_settings(cfg.settings, trace=trace or cfg.settings.trace)
+        self.store, self.run_id, self.cfg, self.home = store, run_id, cfg, home
+        self.plan, self.progress, self.trace = plan, progress, trace
+        self.scheduler = Scheduler(plan, store, run_id, num_records=cfg.num_records,
+                                   row_group_size=cfg.row_group_size, home=str(home), options=options)
+        store.set_run_status(run_id, "running")
+        self.traces = None
+        if options.trace:
+            from pipeline.engine.tracing import TraceWriter
 
-    async def main() -> str:
-        signals.loop = loop = asyncio.get_running_loop()
-        signals.scheduler = scheduler
+            self.traces = TraceWriter(self.scheduler, store, run_id)
+        self.signals = signals or _Signals()
+
+    async def main(self) -> str:
+        scheduler, progress, received = self.scheduler, self.progress, self.signals.received
+        self.signals.loop = loop = asyncio.get_running_loop()
+        self.signals.scheduler = scheduler
         if received:  # a signal came while the engine was being set up
             scheduler.stop(immediate=len(received) > 1)
-        reporter = loop.create_task(_report(scheduler, cfg, progress, store, run_id)) if progress else None
-        tracer = loop.create_task(traces.run()) if traces is not None else None
+        reporter = (loop.create_task(_report(scheduler, self.cfg, progress, self.store, self.run_id))
+                    if progress else None)
+        tracer = loop.create_task(self.traces.run()) if self.traces is not None else None
         try:
             return await scheduler.run()
         finally:
@@ -432,25 +518,35 @@ def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
                     task.cancel()
             llm = sys.modules.get("pipeline.llm")  # loaded only by llm_* columns
             if llm is not None:  # this run's HTTP pools belong to this event loop: close them
-                runtimes = {id(r): r for r in (getattr(n.gen, "runtime", None) for n in plan.nodes)
+                runtimes = {id(r): r for r in (getattr(n.gen, "runtime", None) for n in self.plan.nodes)
                             if isinstance(r, llm.LlmRuntime)}
                 for runtime in runtimes.values():
                     await runtime.aclose()
 
+    def finish(self, status: str) -> RunResult:
+        store, run_id, scheduler, received = self.store, self.run_id, self.scheduler, self.signals.received
+        if self.traces is not None:
+            self.traces.flush()
+        if status == "interrupted" and store.live_workers(run_id) > 0:
+            pass  # other workers carry on: the run is still running
+        else:
+            store.set_run_status(run_id, status)
+        if self.progress is not None:
+            snap = _snapshot(scheduler, self.cfg, final=True)
+            snap["run"] = _run_view(store, run_id)
+            self.progress(snap)
+        return RunResult(run_id, status, signal=received[0] if received else None, stats=scheduler.stats,
+                         reason=scheduler.stop_reason)
+
+
+def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
+             progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
+             graph: Any = None, signals: _Signals | None = None) -> RunResult:
+    job = _Job(store, run_id, cfg, home, progress=progress, trace=trace, resumed=resumed, graph=graph,
+               signals=signals)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        status = runner.run(main())
-    if traces is not None:
-        traces.flush()
-    if status == "interrupted" and store.live_workers(run_id) > 0:
-        pass  # other workers carry on: the run is still running
-    else:
-        store.set_run_status(run_id, status)
-    if progress is not None:
-        snap = _snapshot(scheduler, cfg, final=True)
-        snap["run"] = _run_view(store, run_id)
-        progress(snap)
-    return RunResult(run_id, status, signal=received[0] if received else None, stats=scheduler.stats,
-                     reason=scheduler.stop_reason)
+        status = runner.run(job.main())
+    return job.finish(status)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -619,7 +715,7 @@ def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
         return _export_card(run_id, Path(output), (format or "parquet").lower(), home, db)
     fmt = (format or Path(output).suffix.lstrip(".") or "parquet").lower()
     if fmt not in FORMATS:
-        raise PipelineError(f"unknown export format {fmt!r}: use --format parquet, csv or jsonl, "
+        raise PipelineError(f"unknown export format {fmt!r}: use {flag('--format', 'format=')} parquet, csv or jsonl, "
                             "or an output name ending in .parquet, .csv or .jsonl")
     _require_run_store(home, db, run_id)
     home_path, store = open_state(home, db)
@@ -714,9 +810,23 @@ def validate(config: PipelineConfig | str | os.PathLike, *, check_models: bool =
         from pipeline.llm.client import ModelEndpoint
         from pipeline.llm.preflight import preflight
 
-        checks = {c.alias: c for c in preflight(cfg)} if check_models else {}
+        from pipeline.previews import off_the_loop  # a notebook may call validate inside its loop
+
+        checks = {c.alias: c for c in off_the_loop(preflight, cfg)} if check_models else {}
         models = {alias: {"where": ModelEndpoint.from_config(alias, cfg.models[alias]).where,
                           "model": cfg.models[alias].model, "columns": users, "checked": alias in checks,
                           "warning": checks[alias].warning if alias in checks else None}
                   for alias, users in cfg.used_models().items()}
     return {"name": cfg.name, "num_records": cfg.num_records, "columns": cfg.output_columns(), "models": models}
+
+
+def preview(config: PipelineConfig | str | os.PathLike, n: int = 5, *, check_models: bool = True) -> list[dict[str, Any]]:
+    """The first ``n`` records of ``config`` (a loaded config or a path), computed in memory
+    (``pipeline preview``): one dict per record, columns in config order, exact values; a
+    dropped record is left out. Creates nothing (no run, no store, no file). Equal to records
+    0..n-1 of a full run for deterministic cell-level generators (pipeline.previews says what
+    differs for batch ones). Works inside a running event loop too. ConfigError for a bad
+    config; ModelCheckError for a model endpoint that refuses (unless ``check_models=False``)."""
+    from pipeline.previews import compute_preview
+
+    return compute_preview(config, n, check_models=check_models).records

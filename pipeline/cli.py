@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import click
 
-from pipeline import api
+from pipeline import api, surface
 from pipeline.errors import PipelineError
 from pipeline.redact import excepthook, redact
 
@@ -157,6 +157,7 @@ def _failure_lines(failures: list[dict], most: int = 10) -> list[str]:
 def main() -> None:
     """Generate datasets column by column, record by record; every result is recorded, so a
     killed run resumes exactly where it stopped."""
+    surface.CLI = True  # advice in messages names flags and commands, not Python parameters
 
 
 @main.command()
@@ -407,6 +408,40 @@ def validate(config: str, check_models: bool, home: str, db: str) -> None:
         state = "checked" if m["checked"] and not m["warning"] else "answered with a warning" if m["checked"] \
             else "not checked (--check-models checks it)"
         click.echo(f"{m['where']}: {state}; used by {', '.join(m['columns'])}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-n", "n", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
+              help="How many records (the first N of the run; at most num_records).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects, one per record.")
+@click.option("--show-prompts", is_flag=True,
+              help="Also show each LLM cell's rendered prompt (with --json: a key _prompts per record).")
+@click.option("--no-check-models", is_flag=True, help="Skip the check of the model endpoints.")
+@state_options
+@handle_errors
+def preview(config: str, n: int, as_json: bool, show_prompts: bool, no_check_models: bool, home: str, db: str) -> None:
+    """Compute the first N records of CONFIG in memory and print them. Creates nothing: no run,
+    no state store, no file under --home (accepted like everywhere, not used)."""
+    from pipeline import previews
+
+    result = previews.compute_preview(config, n, check_models=not no_check_models, show_prompts=show_prompts)
+    if as_json:
+        click.echo(previews.to_json(result))
+    else:
+        previews.print_table(result)
+    if result.computed < n:
+        click.echo(f"preview: the config has only {result.computed:,} records", err=True)
+    if len(result.records) < result.computed:
+        click.echo(f"preview: {result.computed - len(result.records):,} of {result.computed:,} records dropped "
+                   "(left out above, as export leaves them out)", err=True)
+    lines = _failure_lines(result.failures)
+    if lines:
+        click.echo("\n".join(lines), err=True)
+    if result.status == "failed" or not result.records:
+        why = "too many tasks failed (shutdown_error_rate)" if result.records else "no record came out"
+        click.echo(f"preview: {why}; fix the cause above", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -20,7 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline import redact, templates
 from pipeline.engine.options import SchedulerOptions
 from pipeline.errors import ConfigError
+from pipeline.surface import flag
 from pipeline.generators.python import import_callable, is_generator_class, module_source_file
+from pipeline.generators.row_reads import undeclared_message, undeclared_reads
+from pipeline.base_urls import base_url_problem
 from pipeline.generators.samplers import SAMPLER_PARAMS
 from pipeline.generators.seed_dataset import file_digest, read_seed_file, resolve_seed_path
 
@@ -91,6 +95,13 @@ class ModelConfig(_Strict):
     api_key_env: str | None = None
     max_parallel_requests: int = Field(16, gt=0, le=MAX_IN_FLIGHT_TASKS)
     timeout_s: float = Field(60.0, gt=0, le=MAX_DURATION_S)
+
+    @field_validator("base_url")
+    @classmethod
+    def _a_url_with_its_scheme(cls, value: str) -> str:
+        if (problem := base_url_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("api_key_env", mode="before")
     @classmethod
@@ -352,10 +363,10 @@ class PipelineConfig(_Strict):
     def with_num_records(self, n: int) -> PipelineConfig:
         """A copy producing ``n`` records (``--num-records``); ConfigError naming the range."""
         if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= INT64_MAX:
-            raise ConfigError(f"--num-records must be a whole number from 1 to {INT64_MAX:,}, not {n!r}",
-                              path=self.source)
+            raise ConfigError(f"{flag('--num-records', 'num_records')} must be a whole number from 1 to "
+                              f"{INT64_MAX:,}, not {n!r}", path=self.source)
         if (problem := row_group_count_problem(n, self.row_group_size)) is not None:
-            raise ConfigError(f"--num-records {n}: {problem}", path=self.source)
+            raise ConfigError(f"{flag('--num-records', 'num_records=')} {n}: {problem}", path=self.source)
         return self.model_copy(update={"num_records": n}, deep=True)
 
 
@@ -523,6 +534,7 @@ def _check_python(column: PythonColumn, config: PipelineConfig, where: str) -> N
     except ImportError as exc:
         raise ConfigError(str(exc), path=where, column=column.name) from None
     if not is_generator_class(target):
+        _warn_undeclared_reads(target, column, config, where)
         return
     strategy = getattr(target, "strategy", None)
     if strategy not in ("cell", "batch"):
@@ -540,6 +552,14 @@ def _check_python(column: PythonColumn, config: PipelineConfig, where: str) -> N
     # copy of the config all see what the generator will do.
     column.mode = strategy
     column.stateful_ = column.stateful_ or bool(getattr(target, "is_stateful", False))
+
+
+def _warn_undeclared_reads(func: Any, column: PythonColumn, config: PipelineConfig, where: str) -> None:
+    """A warning on stderr (logger ``pipeline.config``), not an error: the source visibly reads a
+    column its requires does not list (pipeline.generators.row_reads)."""
+    for key in undeclared_reads(func, column.dependencies):
+        logging.getLogger("pipeline.config").warning("warning: %s: %s", where, undeclared_message(
+            column.name, key, list(column.dependencies), config.output_columns(), verb="reads"))
 
 
 def _check_seed(column: SeedDatasetColumn, config: PipelineConfig, where: str) -> None:

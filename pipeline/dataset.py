@@ -38,6 +38,7 @@ import simplejson
 from pipeline.engine.buffer import JSON_FIELD
 from pipeline.errors import DamagedFileError, ExportError
 from pipeline.store.base import Store
+from pipeline.surface import command
 from pipeline.values import decode
 
 __all__ = ["Dataset", "FORMATS", "check_files", "read_dataset", "read_row_group"]
@@ -238,7 +239,7 @@ def damage_message(run_id: str, damaged: list[dict]) -> str:
     files = "; ".join(f"row group {d['row_group']}: {d['path']} ({d['problem']})" for d in damaged[:5])
     more = f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""
     return (f"run {run_id}: {len(damaged)} checkpointed row-group file(s) missing or damaged: {files}{more}. "
-            f"`pipeline resume {run_id} --repair` computes them again")
+            f"{command('resume', run_id, '--repair', 'repair=True')} computes them again")
 
 
 def _os_problem(exc: OSError) -> str:

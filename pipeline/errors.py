@@ -19,6 +19,10 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── ModelCheckError                a model endpoint the config uses is unreachable, or refuses
     │                                  the key or the model (the preflight of `run`/`validate`)
     ├── FilesChangedError              a python module or seed file changed since the run started
+    ├── RunningLoopError               the sync API was called where an event loop runs (Jupyter):
+    │                                  use pipeline.arun/aresume/aretry (nothing was created)
+    ├── UndeclaredColumnError          a python cell read a column it did not declare in
+    │                                  `requires` (also a KeyError)
     ├── GenerationError                a generator failed for good (the cell or row group fails);
     │   │                              carries the original as __cause__ where there is one
     │   ├── ModelRequestError          the endpoint refused the request (a 4xx other than 408,
@@ -56,7 +60,9 @@ __all__ = [
     "RetryableError",
     "RunExistsError",
     "RunNotFoundError",
+    "RunningLoopError",
     "StoreError",
+    "UndeclaredColumnError",
     "UnknownColumnError",
     "UnstorableValueError",
     "is_outage",
@@ -132,6 +138,21 @@ class ModelCheckError(PipelineError):
 class FilesChangedError(PipelineError):
     """A python module or seed file the run reads changed since the run started
     (pipeline.fingerprints). The message names the files and says what --accept-changes does."""
+
+
+class RunningLoopError(PipelineError):
+    """A sync function of the API (run, resume, retry) was called in a thread whose event loop
+    is running (a Jupyter notebook, an async program). Nothing was created or changed; the
+    message names the async twin to await instead."""
+
+
+class UndeclaredColumnError(PipelineError, KeyError):
+    """A python column's function read a column of the record that its ``requires`` does not
+    list (``row["title"]``). A KeyError too, so code that catches KeyError still does; the
+    message names the column and the ``requires`` to add."""
+
+    def __str__(self) -> str:  # KeyError's would quote the whole message
+        return str(self.args[0]) if self.args else ""
 
 
 class GenerationError(PipelineError):

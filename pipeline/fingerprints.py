@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import FilesChangedError
 from pipeline.generators.python import module_source_file
 from pipeline.generators.seed_dataset import file_digest, resolve_seed_path
+from pipeline.surface import flag
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
@@ -171,8 +172,8 @@ def check_changed_files(store: Store, run_id: str, config: PipelineConfig, accep
     how = "accepted with --accept-changes: recorded cells kept, the rest computed with the file as it is now"
     store.replace_fingerprints(run_id, _rows(current), [
         (FILE, c.name, c.old, c.new, f"{c.what}; read by {', '.join(c.readers) or '-'}; {how}") for c in changes])
-    log.warning("run %s goes on with changed files (--accept-changes; see table run_changes): %s",
-                run_id, ", ".join(f"{c.name} ({c.what})" for c in changes))
+    log.warning("run %s goes on with changed files (%s; see table run_changes): %s",
+                run_id, flag("--accept-changes", "accept_changes=True"), ", ".join(f"{c.name} ({c.what})" for c in changes))
     return changes
 
 
@@ -193,5 +194,5 @@ def _message(run_id: str, changes: list[FileChange], config: PipelineConfig) -> 
     return (f"run {run_id!r}: {'a file it reads has' if len(changes) == 1 else 'files it reads have'} changed "
             "since the run started:\n  " + "\n  ".join(lines) + "\n"
             "Its recorded cells were computed with the files as they were. Put them back and run the command "
-            "again, or add --accept-changes: it keeps every recorded cell, computes the remaining ones with the "
+            f"again, or add {flag('--accept-changes', 'accept_changes=True')}: it keeps every recorded cell, computes the remaining ones with the "
             "files as they are now, and records the change (table run_changes).")

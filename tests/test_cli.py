@@ -186,7 +186,7 @@ def test_taken_run_id_exits_2_and_changes_nothing(done_run):
 
 def test_every_command_has_help_and_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
-    for command in ["run", "resume", "worker", "status", "runs", "export", "graph", "sql", "db upgrade",
+    for command in ["run", "preview", "resume", "worker", "status", "runs", "export", "graph", "sql", "db upgrade",
                     "db current"]:
         proc = cli(*command.split(), "--help", check=True)
         assert "Usage:" in proc.stdout

@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, GenerationError
 from pipeline.generators.base import Generator, task_usage
 from pipeline.llm import LlmClient, LlmRuntime, ModelOutputError, get_runtime
 from pipeline.redact import redact
-from pipeline.templates import DEFAULT_RENDER_TIMEOUT_S, TemplateLimitError, arender, compile_template
+from pipeline.templates import DEFAULT_RENDER_TIMEOUT_S, TemplateLimitError, arender, compile_template, render
 from pipeline.values import valid_unicode_deep
 
 __all__ = ["LLM_COLUMN_TYPES", "LlmGenerator", "REASKS", "judge_schema", "make_llm_generator", "strict_compatible"]
@@ -156,6 +156,15 @@ class LlmGenerator(Generator):
 
     def __repr__(self) -> str:
         return f"LlmGenerator(column={self.column_name!r}, type={self.column_type!r}, model={self.model_alias!r})"
+
+    def rendered_prompt(self, row: Mapping[str, Any]) -> str:
+        """The text this column sends the model for ``row`` (``pipeline preview --show-prompts``):
+        the system prompt when there is one and a blank line, then the user prompt (with a
+        judge's instructions)."""
+        user = render(self._prompt, row, timeout_s=self.render_timeout_s) + self._suffix
+        if self._system is None:
+            return user
+        return render(self._system, row, timeout_s=self.render_timeout_s) + "\n\n" + user
 
     async def agenerate(self, row: dict) -> Any:
         """The value of this column for one record."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.generators.base import Generator
+from pipeline.generators.row_reads import explain_key_error
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig, PythonColumn
@@ -105,7 +106,18 @@ def _is_coroutine_function(func: Any) -> bool:
     return call is not None and not inspect.isfunction(func) and inspect.iscoroutinefunction(call)
 
 
-class FunctionGenerator(Generator):
+class _Reads:
+    """What a wrapped function may read, for the error when it reads another column
+    (pipeline.generators.row_reads): its column's name, its requires, the config's columns."""
+
+    def _reads(self, column: str, declared: tuple[str, ...], known: frozenset[str]) -> None:
+        self.column, self.declared, self.known = column, declared, known
+
+    def _explained(self, exc: KeyError) -> BaseException:
+        return explain_key_error(exc, self.column, self.declared, self.known) or exc
+
+
+class FunctionGenerator(_Reads, Generator):
     """Wraps a plain function: ``f(row)`` in cell mode, ``f(df)`` in batch mode."""
 
     def __init__(self, func: Callable[[Any], Any], *, outputs: tuple[str, ...], strategy: str, stateful: bool):
@@ -113,15 +125,22 @@ class FunctionGenerator(Generator):
         self.outputs = outputs
         self.strategy = strategy
         self.is_stateful = stateful
+        self._reads(getattr(func, "__name__", "?"), (), frozenset())
 
     def generate(self, data: Any) -> Any:
-        return self.func(data)
+        try:
+            return self.func(data)
+        except KeyError as exc:
+            explained = self._explained(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({getattr(self.func, '__qualname__', self.func)!r}, {self.strategy})"
 
 
-class AsyncFunctionGenerator(Generator):
+class AsyncFunctionGenerator(_Reads, Generator):
     """Wraps an ``async def`` function; it is awaited on the event loop, never in a thread."""
 
     def __init__(self, func: Callable[[Any], Any], *, outputs: tuple[str, ...], strategy: str, stateful: bool):
@@ -129,9 +148,16 @@ class AsyncFunctionGenerator(Generator):
         self.outputs = outputs
         self.strategy = strategy
         self.is_stateful = stateful
+        self._reads(getattr(func, "__name__", "?"), (), frozenset())
 
     async def agenerate(self, data: Any) -> Any:
-        return await self.func(data)
+        try:
+            return await self.func(data)
+        except KeyError as exc:
+            explained = self._explained(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({getattr(self.func, '__qualname__', self.func)!r}, {self.strategy})"
@@ -151,4 +177,6 @@ def make_python_generator(column: PythonColumn, config: PipelineConfig) -> Gener
             generator.is_stateful = True
         return generator
     wrapper = AsyncFunctionGenerator if _is_coroutine_function(target) else FunctionGenerator
-    return wrapper(target, outputs=column.outputs, strategy=column.mode, stateful=column.stateful)
+    generator = wrapper(target, outputs=column.outputs, strategy=column.mode, stateful=column.stateful)
+    generator._reads(column.name, tuple(column.dependencies), frozenset(config.output_columns()))
+    return generator

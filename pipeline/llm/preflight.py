@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ModelCheckError, ModelConnectionError, ModelTimeoutError
 from pipeline.llm.client import LlmClient, ModelEndpoint, ModelRequestError
+from pipeline.surface import flag
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
-__all__ = ["MAX_CHECK_S", "PREFLIGHT_HEADER", "ModelCheck", "check_models", "check_models_async", "preflight"]
+__all__ = ["MAX_CHECK_S", "PREFLIGHT_HEADER", "ModelCheck", "check_models", "apreflight", "check_models_async", "preflight"]
 
 log = logging.getLogger("pipeline.preflight")
 
@@ -90,7 +91,15 @@ def check_models(config: PipelineConfig) -> list[ModelCheck]:
 def preflight(config: PipelineConfig) -> list[ModelCheck]:
     """Check the endpoints; log each warning (logger ``pipeline.preflight``) and raise
     :class:`~pipeline.errors.ModelCheckError` (exit 2) naming every refused alias and URL."""
-    checks = check_models(config)
+    return _judged(check_models(config))
+
+
+async def apreflight(config: PipelineConfig) -> list[ModelCheck]:
+    """:func:`preflight` on the running event loop (``pipeline.arun``)."""
+    return _judged(await check_models_async(config))
+
+
+def _judged(checks: list[ModelCheck]) -> list[ModelCheck]:
     for check in checks:
         if check.warning:
             log.warning("%s", check.warning)
@@ -99,7 +108,7 @@ def preflight(config: PipelineConfig) -> list[ModelCheck]:
         head = refused[0] if len(refused) == 1 else (
             f"{len(refused)} model endpoints refused:\n  " + "\n  ".join(refused))
         raise ModelCheckError(f"{head}\nNo run was created; fix the config or the server and try again "
-                              "(`pipeline run --no-check-models` skips this check).")
+                              f"({flag('`pipeline run --no-check-models`', 'check_models=False')} skips this check).")
     return checks
 
 

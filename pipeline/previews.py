@@ -1,0 +1,200 @@
+"""``pipeline preview``: the first N records of a config, computed in memory, nothing created.
+
+The config runs with ``num_records = N`` and ``row_group_size = N`` on the in-memory store
+(:class:`~pipeline.store.memory.MemoryStore`): one row group holding records 0..N-1, the cells
+of those records only, no state store, no run folder, nothing under ``--home``. The engine's
+checkpoint of that row group goes to a temporary folder outside ``--home``, removed at the end;
+the records are read back from it exactly as ``export`` reads a run's files.
+
+What equals a full run, and what does not:
+
+- ``sampler`` values are a pure function of (seed, column, record index), ``seed_dataset`` rows
+  of (record index, seed, entry name, the file), ``expression`` values of the record: records
+  0..N-1 of the preview equal records 0..N-1 of a full run, whatever its ``row_group_size``.
+  So do deterministic ``python`` cell functions, and stateful cell generators (they see records
+  0..N-1 in order, as the first row group of a run does).
+- A ``batch`` generator (python ``mode: batch``) sees the N records as its row group, where a
+  full run gives it the config's ``row_group_size`` records; a batch function whose value for a
+  record depends on the other records of its row group may differ.
+- LLM answers are whatever the model answers this time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+
+__all__ = ["CELL_CHARS", "DEFAULT_RECORDS", "Preview", "compute_preview", "off_the_loop", "print_table", "to_json"]
+
+DEFAULT_RECORDS = 5
+_RUN_ID = "preview"
+
+
+@dataclass
+class Preview:
+    """What a preview computed. ``records``: one dict per record in record order, columns in
+    config order, exact values (as ``load_dataset`` gives them); a dropped record is left out,
+    as in ``export``. ``prompts``: per record (same order), ``{llm column: rendered prompt}``
+    when asked for. ``failures``: ``[{"column", "error", "count", "example"}]`` as in
+    ``status --json``. ``status``: ``complete``, or ``failed`` when the share of failed tasks
+    reached ``shutdown_error_rate``. ``computed``: records computed (``n``, at most the
+    config's ``num_records``)."""
+
+    columns: list[str]
+    records: list[dict[str, Any]]
+    status: str
+    computed: int
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[dict[str, str]] | None = None
+
+
+def compute_preview(config: PipelineConfig | str | os.PathLike, n: int = DEFAULT_RECORDS, *,
+                    check_models: bool = True, show_prompts: bool = False) -> Preview:
+    """The first ``n`` records of ``config`` (a loaded config or a path) and everything the
+    command shows (see :class:`Preview`). Creates nothing. ConfigError for a bad config,
+    ModelCheckError for a model endpoint that refuses (unless ``check_models=False``).
+    Works inside a running event loop too (a notebook): the engine then runs on a loop of its
+    own in a worker thread. ``n`` above the config's ``num_records`` gives ``num_records``
+    records."""
+    from pipeline.config import PipelineConfig, load_config
+    from pipeline.graph import build_graph
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PipelineError(f"the number of records to preview must be a whole number >= 1, not {n!r}")
+    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    build_graph(cfg)  # what `run` checks, in the same order
+    if check_models and cfg.used_models():
+        from pipeline.llm.preflight import preflight
+
+        off_the_loop(preflight, cfg)
+    count = min(n, cfg.num_records)
+    small = cfg.model_copy(update={"num_records": count, "row_group_size": count}, deep=True)
+    return off_the_loop(_compute, small, show_prompts)
+
+
+def off_the_loop(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` here, or in a worker thread when this thread's event loop is running
+    (``fn`` runs a loop of its own, which cannot start inside another)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-preview") as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
+    from pipeline.api import _failures, _Job, _loop_factory
+    from pipeline.dataset import read_dataset
+    from pipeline.graph import build_graph
+    from pipeline.store.base import ColumnSpec, NewRun
+    from pipeline.store.memory import MemoryStore
+
+    graph = build_graph(cfg)
+    store = MemoryStore()
+    store.create_run(NewRun(
+        run_id=_RUN_ID, name=cfg.name, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
+        seed=cfg.seed, config=cfg.to_json(), fingerprint="",
+        columns=[ColumnSpec(c, graph.producer[c], graph.by_name[graph.producer[c]].strategy, i)
+                 for i, c in enumerate(graph.columns)],
+        fingerprints=[]))
+    # The row group's checkpoint file goes here, never under --home; gone at the end.
+    with tempfile.TemporaryDirectory(prefix="pipeline-preview-") as scratch:
+        job = _Job(store, _RUN_ID, cfg, Path(scratch), progress=None, trace=False, graph=graph)
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            status = runner.run(job.main())
+        job.finish(status)
+        if status not in ("complete", "failed"):
+            raise PipelineError(f"the preview stopped before it finished ({status})")
+        records = list(read_dataset(store, _RUN_ID, Path(scratch)).records())
+    prompts = _prompts(job.plan, records) if show_prompts else None
+    return Preview(list(graph.columns), records, status, cfg.num_records, _failures(store, _RUN_ID), prompts)
+
+
+def _prompts(plan: Any, records: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Per record, each LLM column's prompt rendered with that record's values: the very text
+    its model was sent (templates are a pure function of the record)."""
+    writers = [node for node in plan.nodes if hasattr(node.gen, "rendered_prompt")]
+    return [{node.name: node.gen.rendered_prompt({c: record.get(c) for c in node.depends_on}) for node in writers}
+            for record in records]
+
+
+# -- output ---------------------------------------------------------------------------------
+#: A value longer than this is cut in the table (``--json`` gives every value whole).
+CELL_CHARS = 300
+
+
+def to_json(result: Preview) -> str:
+    """A JSON list with one object per record, columns in config order; values as JSONL export
+    writes them. With prompts, each object also has ``"_prompts": {llm column: text}``."""
+    from pipeline.dataset import export_json
+
+    items = []
+    for i, record in enumerate(result.records):
+        if result.prompts is not None:
+            record = {**record, "_prompts": result.prompts[i]}
+        items.append(export_json(record))
+    return "[" + ", ".join(items) + "]"
+
+
+def print_table(result: Preview, file: Any = None) -> None:
+    """The records as a table that fits the terminal (rich; 80 columns when not a terminal, or
+    ``$COLUMNS``): one row per record when the columns fit side by side, else one two-column
+    table (column, value) per record. With prompts, each record's prompts after it."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file, highlight=False, soft_wrap=False)
+    if not result.records:
+        console.print("(no records)")
+        return
+    cells = [[_cell(record.get(c)) for c in result.columns] for record in result.records]
+    wide = sum(min(max(len(name), *(len(row[i].plain) for row in cells)), _NARROWEST) + 3
+               for i, name in enumerate(result.columns))
+    if wide <= console.width:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for name in result.columns:
+            table.add_column(name, overflow="fold")
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+    for i, row in enumerate(cells):
+        if wide > console.width:
+            table = Table(box=box.SIMPLE, show_header=False, pad_edge=False, title=f"record {i + 1}",
+                          title_justify="left")
+            table.add_column(style="bold", no_wrap=True, max_width=max(8, console.width // 3))
+            table.add_column(overflow="fold")
+            for name, value in zip(result.columns, row):
+                table.add_row(name, value)
+            console.print(table)
+        if result.prompts is not None:
+            for column, text in result.prompts[i].items():
+                console.rule(f"record {i + 1}: prompt of {column}", align="left")
+                console.print(text, markup=False, highlight=False)
+
+
+#: Below this many characters a table column gets hard to read: the side-by-side table is used
+#: only when every column can have at least its values' width up to this.
+_NARROWEST = 12
+
+
+def _cell(value: Any) -> Any:
+    from rich.text import Text
+
+    from pipeline.dataset import export_json
+
+    text = value if isinstance(value, str) else export_json(value)
+    if len(text) > CELL_CHARS:
+        text = text[:CELL_CHARS - 3] + "..."
+    return Text(text)  # never markup: a value may hold [brackets]
