@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -37,6 +36,7 @@ import simplejson
 
 from pipeline.engine.buffer import JSON_FIELD
 from pipeline.errors import DamagedFileError, ExportError
+from pipeline.file_checks import check_files, content_problem, damage_message, os_problem
 from pipeline.store.base import Store
 from pipeline.values import decode
 
@@ -177,9 +177,9 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            data, problem = None, _os_problem(exc)
+            data, problem = None, os_problem(exc)
         else:
-            problem = _content_problem(data, g)
+            problem = content_problem(data, g)
         if problem is None:
             try:
                 parts.append(pq.read_table(pa.BufferReader(data)))
@@ -209,48 +209,6 @@ def _part_values(part: pa.Table, column: str) -> list:
     if field.metadata and _FLAG in field.metadata:
         data = [None if v is None else decode(v) for v in data]
     return data
-
-
-def check_files(home: Path, groups: list[dict], *, digest: bool = False) -> list[dict]:
-    """The checkpointed row groups whose file is missing or does not match its checkpoint, as
-    ``[{"row_group", "path" (absolute), "problem"}]``. Without ``digest`` a stat per file
-    (existence and size: cheap enough for ``status``); with it, the SHA-256 of every file too."""
-    damaged = []
-    for g in groups:
-        if g["state"] != "checkpointed" or not g["path"]:
-            continue
-        path = home / g["path"]
-        try:
-            size = path.stat().st_size
-            problem = None
-            if g.get("file_bytes") is not None and size != g["file_bytes"]:
-                problem = f"{size} bytes, its checkpoint recorded {g['file_bytes']}"
-            elif digest and g.get("file_sha256"):
-                problem = _content_problem(path.read_bytes(), g)
-        except OSError as exc:
-            problem = _os_problem(exc)
-        if problem is not None:
-            damaged.append({"row_group": g["row_group"], "path": str(path), "problem": problem})
-    return damaged
-
-
-def damage_message(run_id: str, damaged: list[dict]) -> str:
-    files = "; ".join(f"row group {d['row_group']}: {d['path']} ({d['problem']})" for d in damaged[:5])
-    more = f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""
-    return (f"run {run_id}: {len(damaged)} checkpointed row-group file(s) missing or damaged: {files}{more}. "
-            f"`pipeline resume {run_id} --repair` computes them again")
-
-
-def _os_problem(exc: OSError) -> str:
-    return "missing" if isinstance(exc, FileNotFoundError) else f"unreadable: {exc.strerror or exc}"
-
-
-def _content_problem(data: bytes, group: dict) -> str | None:
-    if group.get("file_bytes") is not None and len(data) != group["file_bytes"]:
-        return f"{len(data)} bytes, its checkpoint recorded {group['file_bytes']}"
-    if group.get("file_sha256") and hashlib.sha256(data).hexdigest() != group["file_sha256"]:
-        return "its content differs from its checkpoint (SHA-256)"
-    return None
 
 
 def export_json(value: Any) -> str:

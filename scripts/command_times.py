@@ -27,11 +27,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a command as a user runs it: no PIPELINE_* variables, this tree first
+    on the path, and compiled bytecode cached (in PYCACHE, outside the tree) even where
+    PYTHONDONTWRITEBYTECODE is set, as an installed package has it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPYCACHEPREFIX"] = PYCACHE
+    return env
+
+
+PYCACHE = os.path.join(tempfile.gettempdir(), "pipeline-command-times-pycache")
+
+
 def cli(args: list[str], home: Path, *, check: bool = True) -> tuple[float, float, subprocess.CompletedProcess]:
     """Run ``pipeline ARGS --home HOME`` once; (wall seconds, CPU seconds (user + system) of the
     child, the finished process). On a loaded machine the CPU figure is the steadier one."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = child_env()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     where = [] if args == ["--help"] else ["--home", str(home)]
@@ -61,8 +73,7 @@ def commands(run_id: str, out: Path) -> list[tuple[str, list[str]]]:
 
 def slowest_imports(run_id: str, home: Path, most: int = 12) -> list[tuple[int, str]]:
     """The top-level imports of `pipeline status` with the largest cumulative time (us)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = child_env()
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.cli", "status", run_id,
                            "--home", str(home)], cwd=ROOT, env=env, capture_output=True, text=True)
     rows = []
