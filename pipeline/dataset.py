@@ -27,23 +27,27 @@ import datetime as dt
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import simplejson
 
-from pipeline.engine.buffer import JSON_FIELD
 from pipeline.errors import DamagedFileError, ExportError
 from pipeline.file_checks import check_files, content_problem, damage_message, os_problem
 from pipeline.store.base import Store
 from pipeline.values import decode
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = ["Dataset", "FORMATS", "check_files", "read_dataset", "read_row_group"]
 
 FORMATS = ("parquet", "csv", "jsonl")
-_FLAG = next(iter(JSON_FIELD))
+#: The field metadata key that marks a row-group file's column of JSON cells: the format's own
+#: constant (``pipeline.engine.buffer.JSON_FIELD`` writes it; a test checks they agree), so that
+#: reading files does not import the engine, nor pandas through it.
+_FLAG = b"pipeline.json"
 
 
 class Dataset:
@@ -103,6 +107,8 @@ class Dataset:
         return pa.table({c: self.arrow_column(c) for c in self.columns})
 
     def to_pandas(self) -> pd.DataFrame:
+        import pandas as pd  # only here and in CSV: a Parquet or JSONL export does without it
+
         data = {}
         for c in self.columns:
             kind = self._native(c)
@@ -182,7 +188,8 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
             problem = content_problem(data, g)
         if problem is None:
             try:
-                parts.append(pq.read_table(pa.BufferReader(data)))
+                # ParquetFile, not read_table: the dataset layer under read_table imports pandas.
+                parts.append(pq.ParquetFile(pa.BufferReader(data)).read())
             except (pa.ArrowException, OSError) as exc:
                 problem = f"not a readable Parquet file ({exc})"
         if problem is not None:
@@ -199,7 +206,7 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
 def read_row_group(path: Path) -> dict[str, list]:
     """One row-group file as ``{column: [exact Python value per record in the file]}``, decoded
     as exports decode it (what `pipeline retry` puts back in the state store)."""
-    table = pq.read_table(path)
+    table = pq.ParquetFile(path).read()
     return {c: _part_values(table, c) for c in table.column_names}
 
 
@@ -242,6 +249,8 @@ def _csv_cell(value: Any) -> Any:
 
 
 def _csv_column(series: pd.Series) -> pd.Series:
+    import pandas as pd
+
     # Built as object columns: Series.map would infer a type again (ints beside None -> 1.0).
     kind = series.dtype.kind
     if kind == "M":  # native timestamps: ISO 8601 as in JSONL, not pandas' "2024-01-01 00:00:00"

@@ -103,6 +103,19 @@ def test_status_runs_and_sql_of_a_current_store_load_neither_alembic_nor_pandas(
     assert loaded_by("runs", "--json", *where) == []
     assert loaded_by("sql", "select run_id from runs", *where) == []
     assert loaded_by("--help") == []
+    # export reads Parquet files (pyarrow, which loads numpy), but neither Alembic nor pandas
+    for suffix in ("jsonl", "parquet"):
+        out = tmp_path / f"quick.{suffix}"
+        assert set(loaded_by("export", "quick", "--output", str(out), *where)) <= {"numpy", "pyarrow"}
+        assert out.stat().st_size > 0
+
+
+def test_exports_read_the_json_flag_the_row_group_files_are_written_with():
+    """pipeline.dataset keeps the format's flag itself so that it does not import the engine."""
+    from pipeline import dataset
+    from pipeline.engine.buffer import JSON_FIELD
+
+    assert set(JSON_FIELD) == {dataset._FLAG}
 
 
 def test_a_store_at_an_older_revision_is_still_upgraded_through_alembic(tmp_path):
