@@ -110,20 +110,28 @@ def test_status_runs_and_sql_of_a_current_store_load_neither_alembic_nor_pandas(
         assert out.stat().st_size > 0
 
 
-def test_exports_read_the_json_flag_the_row_group_files_are_written_with():
-    """pipeline.dataset keeps the format's flag itself so that it does not import the engine."""
+def test_reading_row_group_files_imports_neither_the_engine_nor_pandas():
+    """pipeline.dataset keeps the format's JSON flag itself (the engine's buffer, which writes
+    it, imports pandas); the two must agree."""
     from pipeline import dataset
     from pipeline.engine.buffer import JSON_FIELD
 
     assert set(JSON_FIELD) == {dataset._FLAG}
+    probe = "import sys, pipeline.dataset; print(sorted(m for m in ('pandas', 'pipeline.engine') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
+                          timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stderr
 
 
-def test_a_store_at_an_older_revision_is_still_upgraded_through_alembic(tmp_path):
-    """The quick check sees the store is not current and lets Alembic upgrade the SQLite file."""
-    url = f"sqlite:///{tmp_path / 'home' / 'state.db'}"
+def test_only_a_store_that_is_not_current_loads_alembic_which_upgrades_it(tmp_path):
+    """The quick check sees a SQLite file at an old revision and lets Alembic upgrade it; the
+    next command finds it current and does without Alembic."""
+    home = tmp_path / "home"
+    url = f"sqlite:///{home / 'state.db'}"
     migrate.upgrade(url, "0001")
-    assert "alembic" in loaded_by("runs", "--home", str(tmp_path / "home"))
+    assert "alembic" in loaded_by("runs", "--home", str(home))
     assert migrate.current(url) == migrate.head()
+    assert loaded_by("runs", "--home", str(home)) == []
 
 
 # -- pipeline runs ---------------------------------------------------------------------------
