@@ -76,7 +76,8 @@ def prepare(home: str | os.PathLike | None, db: str | URL | None) -> tuple[Path,
 
 
 def open_state(home: str | os.PathLike | None = None, db: str | URL | None = None) -> tuple[Path, Store]:
-    """The home folder and the state store (schema upgraded on open)."""
+    """The home folder and the state store (a SQLite file upgraded on open; a PostgreSQL database
+    at an older revision refused: see pipeline.store.open_store)."""
     from pipeline.store import open_store
 
     home_path, url = prepare(home, db)
