@@ -5,20 +5,25 @@ in a SQL state store, so a killed run resumes exactly where it stopped."""
 from typing import TYPE_CHECKING
 
 from pipeline.aio import aresume, aretry, arun
-from pipeline.api import export, list_runs, load_dataset, preview, report, resume, retry, run, status, validate
+from pipeline.api import delete_run, export, list_runs, load_dataset, preview, report, resume, retry, run, status, validate
 from pipeline.errors import PipelineError, RetryableError
-from pipeline.generators.base import Generator
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig, load_config
+    from pipeline.generators.base import Generator
 
 
 def __getattr__(name: str):
-    # The config models (pydantic) load on first use, not with every `pipeline` command.
+    # The config models (pydantic) and the generators' base (asyncio) load on first use, not
+    # with every `pipeline` command.
     if name in ("PipelineConfig", "load_config"):
         from pipeline import config
 
         return getattr(config, name)
+    if name == "Generator":
+        from pipeline.generators.base import Generator
+
+        return Generator
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "aresume",
     "aretry",
     "arun",
+    "delete_run",
     "export",
     "list_runs",
     "load_config",

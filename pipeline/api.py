@@ -7,7 +7,6 @@ SQLite or PostgreSQL.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -27,18 +26,20 @@ from pipeline import surface
 from pipeline.surface import command, flag
 
 if TYPE_CHECKING:
+    import asyncio
+
     import pandas as pd
     from sqlalchemy.engine import URL
 
     from pipeline.config import PipelineConfig
     from pipeline.engine.scheduler import RunStats, Scheduler
 
-# The engine, the config models, pandas and pyarrow are imported by the functions that run or
-# export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them.
+# The engine, the config models, asyncio, pandas and pyarrow are imported by the functions that
+# run or export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them
+# (tests/test_fast_commands.py checks what `status` imports).
 
-__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "preview", "report", "resume", "retry",
-           "run",
-           "status", "validate", "validate_run_id"]
+__all__ = ["RunResult", "delete_run", "export", "list_runs", "load_dataset", "open_state", "preview", "report", "resume",
+           "retry", "run", "status", "validate", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -79,7 +80,8 @@ def prepare(home: str | os.PathLike | None, db: str | URL | None) -> tuple[Path,
 
 
 def open_state(home: str | os.PathLike | None = None, db: str | URL | None = None) -> tuple[Path, Store]:
-    """The home folder and the state store (schema upgraded on open)."""
+    """The home folder and the state store (a SQLite file upgraded on open; a PostgreSQL database
+    at an older revision refused: see pipeline.store.open_store)."""
     from pipeline.store import open_store
 
     home_path, url = prepare(home, db)
@@ -204,6 +206,8 @@ def refuse_running_loop(name: str) -> None:
     """RunningLoopError when an event loop is running in this thread (Jupyter, an async
     program): the sync API runs a loop of its own, which cannot start there. Called first,
     before anything is created."""
+    import asyncio
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -274,7 +278,7 @@ def _open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
         check_changed_files(store, run_id, cfg, accept_changes)
         extra: dict = {}
         if repair:
-            from pipeline.dataset import check_files
+            from pipeline.file_checks import check_files
 
             damaged = check_files(home_path, store.row_groups(run_id), digest=True)
             reopened = set(store.reopen_row_groups(run_id, [d["row_group"] for d in damaged]))
@@ -286,7 +290,7 @@ def _open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
         counts = store.row_group_counts(run_id)  # row groups not created yet are pending
         if counts["checkpointed"] == counts["total"]:
             if not repair:  # a stat per file: a complete run whose file is gone is not complete
-                from pipeline.dataset import check_files, damage_message
+                from pipeline.file_checks import check_files, damage_message
 
                 damaged = check_files(home_path, store.row_groups(run_id))
                 if damaged:
@@ -502,6 +506,8 @@ class _Job:
         self.signals = signals or _Signals()
 
     async def main(self) -> str:
+        import asyncio
+
         scheduler, progress, received = self.scheduler, self.progress, self.signals.received
         self.signals.loop = loop = asyncio.get_running_loop()
         self.signals.scheduler = scheduler
@@ -542,6 +548,8 @@ class _Job:
 def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
              progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
              graph: Any = None, signals: _Signals | None = None) -> RunResult:
+    import asyncio
+
     job = _Job(store, run_id, cfg, home, progress=progress, trace=trace, resumed=resumed, graph=graph,
                signals=signals)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -602,6 +610,8 @@ async def _report(scheduler: Scheduler, cfg: PipelineConfig, progress: Callable[
                   store: Store, run_id: str) -> None:
     """Every second: this process's snapshot with the whole run's view under ``"run"`` (read on
     a thread of its own: a query never holds the event loop)."""
+    import asyncio
+
     while True:
         await asyncio.sleep(1.0)
         snap = _snapshot(scheduler, cfg)
@@ -615,7 +625,7 @@ def _status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str,
     groups = store.row_group_counts(run_id)  # counted by the store: a run may have 10**9 row groups
     damaged: list[dict] = []
     if home is not None:  # a stat per checkpointed file: missing, or not the size recorded
-        from pipeline.dataset import check_files
+        from pipeline.file_checks import check_files
 
         damaged = check_files(home, store.row_groups(run_id))
     columns = store.column_counts(run_id)
@@ -672,20 +682,51 @@ def status(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
 
 
 def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -> list[dict[str, Any]]:
+    """The runs in the state store, newest first: ``[{"run_id", "name", "status", "num_records",
+    "created_at" (Unix seconds), "records_done" (written), "records_dropped"}]`` (the counts as
+    in ``status``). No state store yet: ``[]``, and nothing is created."""
     if missing_store(home, db) is not None:
         return []
     _, store = open_state(home, db)
     try:
+        counts = store.record_counts()
         out = []
         for info in store.list_runs():
             state = info.status
             if state == "running" and store.live_workers(info.run_id) == 0:
                 state = "interrupted"
+            written, dropped = counts.get(info.run_id, (0, 0))
             out.append({"run_id": info.run_id, "name": info.name, "status": state,
-                        "num_records": info.num_records, "created_at": info.created_at})
+                        "num_records": info.num_records, "created_at": info.created_at,
+                        "records_done": written, "records_dropped": dropped})
         return out
     finally:
         store.close()
+
+
+def delete_run(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None) -> dict[str, Any]:
+    """Delete a run: its rows in every table of the state store (one transaction), then its
+    folder ``<home>/runs/<run_id>``. Returns ``{"run_id", "rows": {table: rows deleted},
+    "folder": the folder removed, or None}``. RunInUseError (nothing deleted) while the run has a
+    live worker or lease; RunNotFoundError for an unknown id."""
+    import shutil
+
+    validate_run_id(run_id)
+    _require_run_store(home, db, run_id)
+    home_path, store = open_state(home, db)
+    try:
+        rows = store.delete_run(run_id)
+    finally:
+        store.close()
+    folder = home_path / "runs" / run_id
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        folder = None
+    except OSError as exc:
+        raise StoreError(f"run {run_id} was deleted from the state store, but its folder {folder} could not be "
+                         f"removed ({exc}); remove it by hand") from exc
+    return {"run_id": run_id, "rows": rows, "folder": None if folder is None else str(folder)}
 
 
 def load_dataset(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None) -> pd.DataFrame:

@@ -328,9 +328,33 @@ def runs(as_json: bool, home: str, db: str) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
-    for r in rows:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
-        click.echo(f"{r['run_id']}\t{r['status']}\t{r['num_records']}\t{created}\t{r['name']}")
+    if not rows:
+        click.echo("no runs yet; `pipeline run CONFIG` starts one", err=True)
+        return
+    from pipeline.tables import print_table
+
+    print_table(["run id", "status", "created", "written / total", "dropped", "name"],
+                [[r["run_id"], r["status"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+                  f"{r['records_done']:,} / {r['num_records']:,}", f"{r['records_dropped']:,}", r["name"]]
+                 for r in rows], right=(3, 4))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@state_options
+@handle_errors
+def rm(run_id: str, yes: bool, home: str, db: str) -> None:
+    """Delete RUN_ID: its rows in every table of the state store and its folder
+    <home>/runs/RUN_ID (exports written elsewhere stay). Asks first, unless --yes. Refused
+    while the run has live workers."""
+    if not yes:
+        s = api.status(run_id, home=home, db=db)  # unknown run: exit 2 before asking
+        click.confirm(f"delete run {run_id} ({s['status']}, {s['records_done']:,} of {s['num_records']:,} records "
+                      f"written) and its files?", abort=True, err=True)
+    res = api.delete_run(run_id, home=home, db=db)
+    where = f" and {res['folder']}" if res["folder"] else ""
+    click.echo(f"deleted run {run_id}: {sum(res['rows'].values()):,} rows{where}", err=True)
 
 
 @main.command()

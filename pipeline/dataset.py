@@ -24,27 +24,31 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import hashlib
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import simplejson
 
-from pipeline.engine.buffer import JSON_FIELD
 from pipeline.errors import DamagedFileError, ExportError
+from pipeline.file_checks import check_files, content_problem, damage_message, os_problem
 from pipeline.store.base import Store
 from pipeline.surface import command
 from pipeline.values import decode
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = ["Dataset", "FORMATS", "check_files", "read_dataset", "read_row_group"]
 
 FORMATS = ("parquet", "csv", "jsonl")
-_FLAG = next(iter(JSON_FIELD))
+#: The field metadata key that marks a row-group file's column of JSON cells: the format's own
+#: constant (``pipeline.engine.buffer.JSON_FIELD`` writes it; a test checks they agree), so that
+#: reading files does not import the engine, nor pandas through it.
+_FLAG = b"pipeline.json"
 
 
 class Dataset:
@@ -104,6 +108,8 @@ class Dataset:
         return pa.table({c: self.arrow_column(c) for c in self.columns})
 
     def to_pandas(self) -> pd.DataFrame:
+        import pandas as pd  # only here and in CSV: a Parquet or JSONL export does without it
+
         data = {}
         for c in self.columns:
             kind = self._native(c)
@@ -178,12 +184,13 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            data, problem = None, _os_problem(exc)
+            data, problem = None, os_problem(exc)
         else:
-            problem = _content_problem(data, g)
+            problem = content_problem(data, g)
         if problem is None:
             try:
-                parts.append(pq.read_table(pa.BufferReader(data)))
+                # ParquetFile, not read_table: the dataset layer under read_table imports pandas.
+                parts.append(pq.ParquetFile(pa.BufferReader(data)).read())
             except (pa.ArrowException, OSError) as exc:
                 problem = f"not a readable Parquet file ({exc})"
         if problem is not None:
@@ -200,7 +207,7 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
 def read_row_group(path: Path) -> dict[str, list]:
     """One row-group file as ``{column: [exact Python value per record in the file]}``, decoded
     as exports decode it (what `pipeline retry` puts back in the state store)."""
-    table = pq.read_table(path)
+    table = pq.ParquetFile(path).read()
     return {c: _part_values(table, c) for c in table.column_names}
 
 
@@ -210,48 +217,6 @@ def _part_values(part: pa.Table, column: str) -> list:
     if field.metadata and _FLAG in field.metadata:
         data = [None if v is None else decode(v) for v in data]
     return data
-
-
-def check_files(home: Path, groups: list[dict], *, digest: bool = False) -> list[dict]:
-    """The checkpointed row groups whose file is missing or does not match its checkpoint, as
-    ``[{"row_group", "path" (absolute), "problem"}]``. Without ``digest`` a stat per file
-    (existence and size: cheap enough for ``status``); with it, the SHA-256 of every file too."""
-    damaged = []
-    for g in groups:
-        if g["state"] != "checkpointed" or not g["path"]:
-            continue
-        path = home / g["path"]
-        try:
-            size = path.stat().st_size
-            problem = None
-            if g.get("file_bytes") is not None and size != g["file_bytes"]:
-                problem = f"{size} bytes, its checkpoint recorded {g['file_bytes']}"
-            elif digest and g.get("file_sha256"):
-                problem = _content_problem(path.read_bytes(), g)
-        except OSError as exc:
-            problem = _os_problem(exc)
-        if problem is not None:
-            damaged.append({"row_group": g["row_group"], "path": str(path), "problem": problem})
-    return damaged
-
-
-def damage_message(run_id: str, damaged: list[dict]) -> str:
-    files = "; ".join(f"row group {d['row_group']}: {d['path']} ({d['problem']})" for d in damaged[:5])
-    more = f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""
-    return (f"run {run_id}: {len(damaged)} checkpointed row-group file(s) missing or damaged: {files}{more}. "
-            f"{command('resume', run_id, '--repair', 'repair=True')} computes them again")
-
-
-def _os_problem(exc: OSError) -> str:
-    return "missing" if isinstance(exc, FileNotFoundError) else f"unreadable: {exc.strerror or exc}"
-
-
-def _content_problem(data: bytes, group: dict) -> str | None:
-    if group.get("file_bytes") is not None and len(data) != group["file_bytes"]:
-        return f"{len(data)} bytes, its checkpoint recorded {group['file_bytes']}"
-    if group.get("file_sha256") and hashlib.sha256(data).hexdigest() != group["file_sha256"]:
-        return "its content differs from its checkpoint (SHA-256)"
-    return None
 
 
 def export_json(value: Any) -> str:
@@ -285,6 +250,8 @@ def _csv_cell(value: Any) -> Any:
 
 
 def _csv_column(series: pd.Series) -> pd.Series:
+    import pandas as pd
+
     # Built as object columns: Series.map would infer a type again (ints beside None -> 1.0).
     kind = series.dtype.kind
     if kind == "M":  # native timestamps: ISO 8601 as in JSONL, not pandas' "2024-01-01 00:00:00"

@@ -8,6 +8,7 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── ConfigError                    a config file is wrong (names the file, column and fix)
     ├── RunNotFoundError               unknown run id
     ├── RunExistsError                 the run id is already taken
+    ├── RunInUseError                  `pipeline rm` of a run that live workers still hold
     ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
     ├── ReadOnlyQueryError             `pipeline sql` refused a text: not one statement that only reads
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
@@ -59,6 +60,7 @@ __all__ = [
     "ReadOnlyQueryError",
     "RetryableError",
     "RunExistsError",
+    "RunInUseError",
     "RunNotFoundError",
     "RunningLoopError",
     "StoreError",
@@ -97,6 +99,10 @@ class RunNotFoundError(PipelineError):
 
 class RunExistsError(PipelineError):
     """A run with this id exists already."""
+
+
+class RunInUseError(PipelineError):
+    """The run has live workers or leases, so it cannot be deleted now."""
 
 
 class InvalidRunIdError(PipelineError):

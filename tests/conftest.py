@@ -69,9 +69,21 @@ POSTGRES_URL = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
 
 @pytest.fixture
 def postgres_url():
-    """A PostgreSQL URL on a fresh schema of this test's own (dropped afterwards): tests never
-    share tables, so runs of different versions on one server cannot meet (skipped without
-    PIPELINE_TEST_POSTGRES_URL)."""
+    """A PostgreSQL URL on a fresh schema of this test's own (dropped afterwards), migrated to
+    the newest revision as `pipeline db upgrade` does (opening a PostgreSQL store never
+    upgrades one at an older revision): tests never share tables, so runs of different versions
+    on one server cannot meet (skipped without PIPELINE_TEST_POSTGRES_URL)."""
+    from pipeline.store import migrate
+    from tests.conftest_store import postgres_schema_url
+
+    with postgres_schema_url() as url:
+        migrate.upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def postgres_empty_url():
+    """Like ``postgres_url``, on a schema with no tables at all."""
     from tests.conftest_store import postgres_schema_url
 
     with postgres_schema_url() as url:

@@ -79,7 +79,12 @@ def test_a_store_at_0001_with_runs_upgrades_to_head_keeping_its_data(empty_db_ur
                 "value, updated_at) VALUES ('old', 0, 'c', 3, 3, 'cell', 'done', 0, '7', 1)"))
     finally:
         engine.dispose()
-    store = open_store(empty_db_url)  # upgrades on open
+    if empty_db_url.startswith("postgresql"):  # a shared database: upgraded on purpose only
+        with pytest.raises(StoreError, match="pipeline db upgrade"):
+            open_store(empty_db_url)
+        assert migrate.current(empty_db_url) == "0001"
+        migrate.upgrade(empty_db_url)
+    store = open_store(empty_db_url)  # a SQLite file upgrades on open
     try:
         assert migrate.current(empty_db_url) == migrate.head()
         assert store.get_run("old").status == "interrupted"
@@ -167,3 +172,43 @@ def test_new_stores_opened_by_several_threads_at_once_all_reach_head(tmp_path):
         url = f"sqlite:///{tmp_path / f'home-{i}' / 'state.db'}"
         assert migrate.current(url) == migrate.head()
         assert schema_differences(url) == []
+
+
+def view_text(url: str) -> str:
+    """The column_progress view's definition as the database keeps it (SQLite: the text run)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'column_progress'").scalar_one()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("revision", ["0001", "0002"])
+def test_an_old_migration_creates_the_view_it_carries_whatever_the_schema_module_says_now(
+        tmp_path, monkeypatch, revision):
+    """0001 and 0002 carry their own text of the view: a later change of
+    pipeline.store.schema.COLUMN_PROGRESS_SQL (with a migration of its own) must not change
+    what they create."""
+    from pipeline.store import schema
+
+    original = schema.COLUMN_PROGRESS_SQL
+    monkeypatch.setattr(schema, "COLUMN_PROGRESS_SQL", "CREATE VIEW column_progress AS SELECT 1 AS changed_later")
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate.upgrade(url, revision)
+    assert view_text(url) == original
+    assert "changed_later" not in view_text(url)
+
+
+def test_the_head_creates_the_view_of_the_schema_module(tmp_path):
+    from pipeline.store.schema import COLUMN_PROGRESS_SQL
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate.upgrade(url)
+    assert view_text(url) == COLUMN_PROGRESS_SQL
+
+
+def test_the_head_written_in_migrate_is_alembics_head():
+    """migrate.HEAD lets a current store open without importing Alembic; a new migration must
+    update it (a stale one would make stores at the old head skip the upgrade)."""
+    assert migrate.HEAD == migrate.head()

@@ -14,12 +14,43 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
-from pipeline.store.schema import COLUMN_PROGRESS_SQL  # unchanged since 0001
-
 revision: str = "0002"
 down_revision: Union[str, Sequence[str], None] = "0001"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
+
+# The column_progress view as 0002 recreates it (over the rebuilt tasks table), the same text
+# as 0001's, copied here so that a later change to the view never changes what 0002 made.
+COLUMN_PROGRESS_SQL = """\
+CREATE VIEW column_progress AS
+SELECT c.run_id AS run_id,
+       c.column_name AS column_name,
+       MAX(r.num_records) AS rows_total,
+       COALESCE((SELECT SUM(k.num_rows - k.rows_dropped) FROM row_groups k
+                 WHERE k.run_id = c.run_id AND k.state = 'checkpointed'), 0)
+       + SUM(CASE WHEN t.state = 'done' AND g.state <> 'checkpointed' THEN
+                 CASE WHEN t.row_index IS NULL THEN g.num_rows - g.rows_dropped
+                      WHEN d.row_index IS NULL THEN 1 ELSE 0 END
+             ELSE 0 END) AS rows_done,
+       SUM(CASE WHEN t.state = 'failed' THEN
+                 CASE WHEN t.row_index IS NULL THEN g.num_rows ELSE 1 END
+           ELSE 0 END) AS rows_failed,
+       SUM(CASE WHEN t.state = 'deferred' AND g.state <> 'checkpointed' THEN
+                 CASE WHEN t.row_index IS NULL THEN g.num_rows - g.rows_dropped
+                      WHEN d.row_index IS NULL THEN 1 ELSE 0 END
+           ELSE 0 END) AS rows_deferred,
+       SUM(CASE WHEN t.state = 'in_flight' AND g.state <> 'checkpointed' THEN
+                 CASE WHEN t.row_index IS NULL THEN g.num_rows - g.rows_dropped
+                      WHEN d.row_index IS NULL THEN 1 ELSE 0 END
+           ELSE 0 END) AS rows_in_flight
+FROM run_columns c
+JOIN runs r ON r.run_id = c.run_id
+LEFT JOIN row_groups g ON g.run_id = c.run_id
+LEFT JOIN tasks t
+       ON t.run_id = g.run_id AND t.row_group = g.row_group AND t.column_name = c.generator
+LEFT JOIN dropped_records d
+       ON d.run_id = t.run_id AND d.row_group = t.row_group AND d.row_index = t.row_index
+GROUP BY c.run_id, c.column_name"""
 
 
 def upgrade() -> None:

@@ -1,7 +1,8 @@
 """The state store: the :class:`~pipeline.store.base.Store` protocol and its implementations.
 
 ``open_store(url)`` opens the SQL store (SQLite file or PostgreSQL) and makes sure its schema is
-current. SQLAlchemy is imported only when a SQL store is opened, so that the engine and the
+current (a SQLite file is upgraded; an out-of-date PostgreSQL database is refused: `pipeline db
+upgrade` upgrades it). SQLAlchemy is imported only when a SQL store is opened, so that the engine and the
 in-memory store do not pay for it.
 """
 
@@ -32,13 +33,15 @@ def parse_url(url: "str | URL") -> "URL":
                          "or postgresql://user@host/db") from exc
 
 
-def open_store(url: "str | URL", *, upgrade: bool = True, owner: str | None = None) -> "SqlStore":
+def open_store(url: "str | URL", *, upgrade: bool | None = None, owner: str | None = None) -> "SqlStore":
     """Open the state store at ``url`` (``sqlite:///path/state.db`` or ``postgresql://...``).
 
-    SQLite: the file's folder is created. The schema is upgraded to this code's head (under a
-    lock, so that workers starting together do not race); with ``upgrade=False`` a schema that
-    is not at head raises StoreError naming ``pipeline db upgrade``. A database migrated by a
-    newer `pipeline` raises StoreError either way.
+    SQLite: the file's folder is created, and its schema upgraded to this code's head (under a
+    lock, so that workers starting together do not race). PostgreSQL: an empty database gets
+    the schema; one at an older revision raises StoreError naming ``pipeline db upgrade`` (a
+    shared database is upgraded on purpose, not by whichever worker opens it first).
+    ``upgrade=True`` upgrades either; ``upgrade=False`` refuses either when not at head. A
+    database migrated by a newer `pipeline` raises StoreError either way.
     """
     from pipeline.store.migrate import ensure_schema
     from pipeline.store.sql import SqlStore

@@ -228,6 +228,15 @@ class Store(Protocol):
     def set_run_status(self, run_id: str, status: str) -> None:
         """Sets status and updated_at; ``complete`` also sets finished_at."""
 
+    def record_counts(self) -> dict[str, tuple[int, int]]:
+        """``{run_id: (records written, records dropped)}`` of every run that has row groups,
+        counted as :meth:`row_group_counts` does (`pipeline runs`)."""
+
+    def delete_run(self, run_id: str) -> dict[str, int]:
+        """Delete every row of the run in one transaction (`pipeline rm`); ``{table: rows
+        deleted}``. RunInUseError while a worker of the run is live or a lease of it is held
+        by a process not known to be gone; RunNotFoundError for an unknown id."""
+
     def run_fingerprints(self, run_id: str) -> dict[tuple[str, str], str]:
         """``{(kind, name): digest}`` recorded for the run (empty for runs made before them)."""
 

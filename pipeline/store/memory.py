@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 from pipeline import values
-from pipeline.errors import RunExistsError, RunNotFoundError
+from pipeline.errors import RunExistsError, RunInUseError, RunNotFoundError
 from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, ROW_GROUP_BATCH, STARTED, STATE, Lineage,
                                  LoadedRowGroup, NewRun, Reopened, RowGroupClaim, RunInfo, row_group_counts)
 from pipeline.store.reopen import GroupState, plan_group, task_filter
@@ -81,6 +81,27 @@ class MemoryStore:
         with self._lock:
             infos = [RunInfo(**r["info"]) for r in self._data["runs"].values()]
         return sorted(infos, key=lambda i: i.created_at, reverse=True)
+
+    def record_counts(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            runs = list(self._data["runs"])
+        out = {}
+        for run_id in runs:
+            counts = self.row_group_counts(run_id)
+            out[run_id] = (counts["records_written"], counts["records_dropped"])
+        return out
+
+    def delete_run(self, run_id: str) -> dict[str, int]:
+        with self._lock:
+            run = self._run(run_id)
+            now = time.time()
+            holders = {o for o in run["workers"] if not owner_is_gone(o)}
+            holders |= {g["lease_owner"] for g in run["groups"] if g["lease_owner"] and g["state"] != "checkpointed"
+                        and (g["lease_expires_at"] or 0) >= now and not owner_is_gone(g["lease_owner"])}
+            if holders:
+                raise RunInUseError(f"run {run_id} is in use by {len(holders)} live worker(s); stop them first")
+            del self._data["runs"][run_id]
+            return {"runs": 1, "row_groups": len(run["groups"]), "tasks": len(run["tasks"])}
 
     def set_run_status(self, run_id: str, status: str) -> None:
         with self._lock:

@@ -8,7 +8,6 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from pipeline.errors import ReadOnlyQueryError, StoreError
-from pipeline.store import readonly
 from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
 
 __all__ = [
@@ -62,6 +61,8 @@ def read_query(url: URL, sql: str, *, timeout_s: float = READ_QUERY_TIMEOUT_S) -
     READ ONLY transaction of a read-only session, rolled back after, stopped after
     ``timeout_s``. ReadOnlyQueryError for a statement refused, StoreError for any other failure."""
     import psycopg  # an optional dependency: only PostgreSQL stores get here
+
+    from pipeline.store import readonly  # sqlparse: only `pipeline sql` pays for it
 
     statement = readonly.single_read_statement(sql, "postgresql")
     engine = _read_only_engine(url, timeout_s)

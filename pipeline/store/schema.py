@@ -246,9 +246,10 @@ run_changes = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),
 )
 
-#: The ``column_progress`` view, in SQL that SQLite and PostgreSQL both accept. Migration 0001
-#: creates it from this text; a later migration that changes the view must freeze the text it
-#: replaces in its own file so that 0001 keeps meaning what it meant.
+#: The ``column_progress`` view, in SQL that SQLite and PostgreSQL both accept. Each migration
+#: that creates the view carries its own copy of the text (0001, 0002), so that changing it here
+#: never changes what an old migration makes: a change to the view is a new migration with the
+#: new text, and this constant follows (a test compares the head's view with it).
 #:
 #: Counts are in records. A checkpointed row group counts its kept records as done for every
 #: column (its task rows are gone). In a live row group a cell task counts 1 and a batch or

@@ -221,6 +221,18 @@ class SqlStore:
             return [RunInfo(*row) for row in rows]
 
     @_translate_errors
+    def record_counts(self) -> dict[str, tuple[int, int]]:
+        from pipeline.store import admin
+
+        return admin.record_counts(self._reader)
+
+    @_translate_errors
+    def delete_run(self, run_id: str) -> dict[str, int]:
+        from pipeline.store import admin
+
+        return admin.delete_run(self._engine, run_id, where=self.url_text, fresh_s=WORKER_HEARTBEAT_FRESH_S)
+
+    @_translate_errors
     def set_run_status(self, run_id: str, status: str) -> None:
         if status not in RUN_STATES:
             raise ValueError(f"unknown run status {status!r}; one of {RUN_STATES}")

@@ -12,7 +12,6 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
 
 from pipeline.errors import ReadOnlyQueryError, StoreError
-from pipeline.store import readonly
 from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
 
 __all__ = ["READ_ONLY", "READ_QUERY_TIMEOUT_S", "create_engine", "read_query", "sqlite_file", "upsert_tasks"]
@@ -111,6 +110,8 @@ def _authorize(action, arg1, arg2, _db, _trigger):
     if action in _ALLOWED_ACTIONS:
         return sqlite3.SQLITE_OK
     if action == sqlite3.SQLITE_FUNCTION:
+        from pipeline.store import readonly  # loaded by read_query already
+
         return sqlite3.SQLITE_DENY if readonly.refused_function(arg2 or "") else sqlite3.SQLITE_OK
     if action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master":
         # Asked while SQLite sets up a table-valued PRAGMA (SELECT * FROM pragma_table_info(...)).
@@ -149,6 +150,8 @@ def read_query(url: URL, sql: str, *, timeout_s: float = READ_QUERY_TIMEOUT_S) -
     connection that cannot write: the file opened ``mode=ro``, ``PRAGMA query_only``, extension
     loading off, and an authorizer that allows reads only. Stopped after ``timeout_s``.
     ReadOnlyQueryError for a statement refused, StoreError for any other failure."""
+    from pipeline.store import readonly  # sqlparse: only `pipeline sql` pays for it
+
     statement = readonly.single_read_statement(sql, "sqlite")
     deadline = time.monotonic() + timeout_s
     try:
