@@ -5,6 +5,7 @@ values to python columns (cell and batch mode), to templates and to every export
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import textwrap
 from pathlib import Path
@@ -171,3 +172,48 @@ def test_a_csv_column_with_any_text_stays_text_as_written(tmp_path):
     # field missing (not NaN)
     assert [r["score"] for r in records] == ["1", "NA", "3"]
     assert [r["amount"] for r in records] == [2.5, None, 1000.0]
+
+
+def run_small(tmp_path: Path, seed_name: str, columns: str, records: int) -> list[dict]:
+    """Run a pipeline of one seed_dataset column over ``seed_name`` (in tmp_path/cfg); the JSONL export."""
+    folder = tmp_path / "cfg"
+    (folder / "cfg.yaml").write_text(textwrap.dedent(f"""\
+        name: small
+        num_records: {records}
+        seed: 1
+        columns:
+          - {{name: seed, type: seed_dataset, path: {seed_name}, columns: [{columns}], order: sequential}}
+        """))
+    home = tmp_path / "home"
+    cli("run", str(folder / "cfg.yaml"), "--run-id", "s", "--quiet", home=home, check=True)
+    cli("export", "s", "--output", str(tmp_path / "out.jsonl"), home=home, check=True)
+    return [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+
+def test_a_csv_with_an_int_beyond_64_bits_is_read_with_its_other_columns_as_written(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "big.csv").write_text("big,n,code\n99999999999999999999,1,NA\n1,,null\n")
+    records = run_small(tmp_path, "big.csv", "big, n, code", 2)
+    assert records == [{"big": "99999999999999999999", "n": 1, "code": "NA"},
+                        {"big": "1", "n": None, "code": "null"}]
+
+
+def test_parquet_seed_values_keep_nan_nulls_dates_and_struct_ints_apart(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    pq.write_table(pa.table({
+        "f": pa.array([1.5, float("nan"), None]),
+        "day": pa.array([dt.date(2024, 2, 29), None, dt.date(2000, 1, 1)]),
+        "st": pa.array([{"a": 1}, None, {"a": 2}]),
+        "cat": pa.array(["x", None, "NA"]).dictionary_encode(),
+    }), tmp_path / "cfg" / "values.parquet")
+    records = run_small(tmp_path, "values.parquet", "f, day, st, cat", 3)
+    # JSONL has no NaN (null, as for every export of NaN); the exported Parquet keeps it
+    assert records == [{"f": 1.5, "day": "2024-02-29", "st": {"a": 1}, "cat": "x"},
+                       {"f": None, "day": None, "st": None, "cat": None},
+                       {"f": None, "day": "2000-01-01", "st": {"a": 2}, "cat": "NA"}]
+    cli("export", "s", "--output", str(tmp_path / "out.parquet"), home=tmp_path / "home", check=True)
+    table = pq.read_table(tmp_path / "out.parquet")
+    f = table.column("f").to_pylist()
+    assert f[0] == 1.5 and f[1] != f[1] and f[2] is None  # NaN stays NaN, null stays null
+    assert table.schema.field("day").type == pa.date32()
+    assert table.column("st").to_pylist() == [{"a": 1}, None, {"a": 2}]
