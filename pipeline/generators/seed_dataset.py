@@ -47,7 +47,7 @@ class SeedRows:
 
     __slots__ = ("columns", "num_rows")
 
-    def __init__(self, columns: dict[str, pa.Array | np.ndarray], num_rows: int) -> None:
+    def __init__(self, columns: dict[str, pa.Array | list], num_rows: int) -> None:
         self.columns = columns
         self.num_rows = num_rows
 
@@ -57,9 +57,14 @@ class SeedRows:
     def take(self, rows: np.ndarray) -> dict[str, list]:
         """``{column: [value of each row in rows]}``; ``rows`` are positions 0..n-1 (int64)."""
         out = {}
+        positions = None
         for name, data in self.columns.items():
-            # Arrow's own Python values (to_pandas would make ints beside a null 1.0 and NaN).
-            out[name] = data.take(rows).to_pylist() if isinstance(data, pa.Array) else data[rows].tolist()
+            if isinstance(data, pa.Array):
+                # Arrow's own Python values (to_pandas would make ints beside a null 1.0 and NaN).
+                out[name] = data.take(rows).to_pylist()
+            else:
+                positions = rows.tolist() if positions is None else positions
+                out[name] = [data[i] for i in positions]
         return out
 
 
@@ -97,12 +102,8 @@ def _read(path: Path, kind: str, columns: tuple[str, ...]) -> tuple[list[str], d
                     raise ValueError(f"line {number} is not a JSON object")
                 records.append(record)
     names = list(dict.fromkeys(key for record in records for key in record))
-    # The parsed values themselves, in object arrays; a key a record lacks is missing (None).
-    found = {}
-    for c in columns:
-        if c in names:
-            found[c] = np.empty(len(records), dtype=object)
-            found[c][:] = [r.get(c) for r in records]
+    # The parsed values themselves; a key a record lacks is missing (None).
+    found = {c: [r.get(c) for r in records] for c in columns if c in names}
     return names, found, len(records)
 
 
