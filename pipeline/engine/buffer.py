@@ -20,7 +20,9 @@ import hashlib
 import os
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
+from pandas.api.types import infer_dtype
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -28,6 +30,8 @@ from pipeline.errors import UnstorableValueError
 from pipeline.values import encode, prepare
 
 __all__ = ["JSON_FIELD", "RowGroupBuffer", "column_array", "normalize_batch", "normalize_cell", "write_parquet_atomic"]
+
+_FLOAT64 = np.dtype("float64")
 
 
 class RowGroupBuffer:
@@ -44,7 +48,8 @@ class RowGroupBuffer:
         return {c: cols[c][r] for c in names}
 
     def frame(self, rows: Sequence[int], names: Sequence[str]) -> pd.DataFrame:
-        """The given records (row indexes) as a DataFrame indexed by global record index."""
+        """The given records (row indexes) as a DataFrame indexed by global record index (what a
+        batch generator receives). A column of ints with missing values is Int64 (pd.NA)."""
         index = pd.RangeIndex(self.start, self.start + self.n) if len(rows) == self.n else \
             pd.Index([self.start + r for r in rows], dtype="int64")
         cols = self.cols
@@ -52,7 +57,13 @@ class RowGroupBuffer:
             data = {c: cols[c] for c in names}
         else:
             data = {c: [cols[c][r] for r in rows] for c in names}
-        return pd.DataFrame(data, index=index)
+        frame = pd.DataFrame(data, index=index)
+        for c in names:
+            # Ints beside a missing value stay ints: pandas would make 1 and None 1.0 and NaN;
+            # Int64 holds 1 and pd.NA. Only float64 columns can be such a column: one check each.
+            if frame[c].dtype == _FLOAT64 and infer_dtype(data[c], skipna=True) == "integer":
+                frame[c] = pd.array(data[c], dtype="Int64")
+        return frame
 
     def unstorable(self, column: str, r: int, exc: UnstorableValueError) -> UnstorableValueError:
         """The cell's error: which column, which record, and why (contract section 9)."""

@@ -3,6 +3,10 @@
 Which seed row a record takes is a function of its global record index only (and, for
 ``shuffle``, of the config seed and the entry name), so a resumed run neither replays nor skips a
 seed row, whatever the row groups and workers did before.
+
+Values are read as written (contract section 10): in CSV only an empty field is missing ("NA",
+"null", "NaN" are text), an int beside a missing value stays an int in every format, and a
+missing value is None, never NaN.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.generators.base import Generator
 from pipeline.generators.samplers import derive_keys, hash64
@@ -22,7 +28,7 @@ from pipeline.generators.samplers import derive_keys, hash64
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig, SeedDatasetColumn
 
-__all__ = ["SEED_FORMATS", "SeedDatasetGenerator", "read_seed_file", "resolve_seed_path", "shuffle_permutation"]
+__all__ = ["SEED_FORMATS", "SeedDatasetGenerator", "SeedRows", "read_seed_file", "resolve_seed_path", "shuffle_permutation"]
 
 #: File name endings understood, and the reader of each.
 SEED_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -33,11 +39,58 @@ def resolve_seed_path(path: str, base_dir: Path) -> Path:
     return (Path(base_dir) / Path(path).expanduser()).resolve()
 
 
-def _read(path: Path, kind: str) -> pd.DataFrame:
+class SeedRows:
+    """The listed columns of a seed file, rows 0..n-1, kept as read (Arrow arrays, or for JSONL
+    the parsed values) and turned into Python values only for the rows a batch takes: every
+    value exactly as written (an int beside a null stays an int, a null is None, a NaN written
+    in a float column stays NaN, a struct's ints stay ints, a date a date)."""
+
+    __slots__ = ("columns", "num_rows")
+
+    def __init__(self, columns: dict[str, pa.Array | list], num_rows: int) -> None:
+        self.columns = columns
+        self.num_rows = num_rows
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def take(self, rows: np.ndarray) -> dict[str, list]:
+        """``{column: [value of each row in rows]}``; ``rows`` are positions 0..n-1 (int64)."""
+        out = {}
+        positions = None
+        for name, data in self.columns.items():
+            if isinstance(data, pa.Array):
+                # Arrow's own Python values (to_pandas would make ints beside a null 1.0 and NaN).
+                out[name] = data.take(rows).to_pylist()
+            else:
+                positions = rows.tolist() if positions is None else positions
+                out[name] = [data[i] for i in positions]
+        return out
+
+
+def _read(path: Path, kind: str, columns: tuple[str, ...]) -> tuple[list[str], dict[str, Any], int]:
+    """``(every column name in the file, {listed column found: its values}, number of rows)``,
+    values as written (README, "Seed datasets"): no NA guessing, a missing value is None."""
     if kind == "parquet":
-        return pd.read_parquet(path)
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in columns if c in names])
+        return names, {c: table.column(c).combine_chunks() for c in table.column_names}, table.num_rows
     if kind == "csv":
-        return pd.read_csv(path)
+        # Only an empty field is missing: "NA", "N/A", "null", "None", "NaN", "n/a", "#N/A", ...
+        # are text. pandas' parser still reads a column whose every field is a number as numbers
+        # (and true/false as booleans); a column with any other text is text. Its pyarrow
+        # backend keeps an int column with empty fields as ints, and reads faster than the default.
+        options = {"keep_default_na": False, "na_values": [""]}
+        try:
+            frame = pd.read_csv(path, dtype_backend="pyarrow", **options)
+        except OverflowError:
+            # pandas (3.x) cannot hand a column holding an int beyond 64 bits to Arrow; its
+            # nullable NumPy backend reads it (as text, as written), a little slower.
+            frame = pd.read_csv(path, dtype_backend="numpy_nullable", **options)
+        names = [str(c) for c in frame.columns]
+        found = [c for c in columns if c in frame.columns]
+        table = pa.Table.from_pandas(frame.loc[:, found], preserve_index=False)
+        return names, {c: table.column(c).combine_chunks() for c in found}, len(frame)
     # json rather than pandas.read_json: values stay as written, with no guessing of dates
     # from column names, whatever the pandas version.
     records = []
@@ -48,32 +101,35 @@ def _read(path: Path, kind: str) -> pd.DataFrame:
                 if not isinstance(record, dict):
                     raise ValueError(f"line {number} is not a JSON object")
                 records.append(record)
-    return pd.DataFrame.from_records(records)
+    names = list(dict.fromkeys(key for record in records for key in record))
+    # The parsed values themselves; a key a record lacks is missing (None).
+    found = {c: [r.get(c) for r in records] for c in columns if c in names}
+    return names, found, len(records)
 
 
 @functools.lru_cache(maxsize=8)
-def _load(path: Path, mtime_ns: int, size: int, columns: tuple[str, ...]) -> pd.DataFrame:
+def _load(path: Path, mtime_ns: int, size: int, columns: tuple[str, ...]) -> SeedRows:
     # Keyed on mtime and size so that validation and the generator share one read, and an edited
     # file is read again.
     kind = SEED_FORMATS[path.suffix.lower()]
     try:
-        frame = _read(path, kind)
+        names, found, num_rows = _read(path, kind, columns)
     except Exception as exc:
         raise ValueError(f"cannot read seed file {path} as {kind}: {exc}") from exc
-    missing = [c for c in columns if c not in frame.columns]
+    missing = [c for c in columns if c not in found]
     if missing:
-        have = ", ".join(map(str, frame.columns)) or "none"
+        have = ", ".join(names) or "none"
         raise ValueError(
             f"seed file {path} has no column {', '.join(repr(c) for c in missing)} "
             f"(it has: {have}); fix 'columns'"
         )
-    if len(frame) == 0:
+    if num_rows == 0:
         raise ValueError(f"seed file {path} has no rows; a seed dataset needs at least one")
-    return frame.loc[:, list(columns)].reset_index(drop=True)
+    return SeedRows({c: found[c] for c in columns}, num_rows)
 
 
-def read_seed_file(path: Path, columns: list[str] | tuple[str, ...]) -> pd.DataFrame:
-    """The listed columns of a seed file, indexed 0..n-1.
+def read_seed_file(path: Path, columns: list[str] | tuple[str, ...]) -> SeedRows:
+    """The listed columns of a seed file (:class:`SeedRows`).
 
     Raises FileNotFoundError, or ValueError for an unknown format, an unreadable file, a missing
     column or an empty file; each message says what to fix. The result is shared: do not mutate.
@@ -126,18 +182,18 @@ class SeedDatasetGenerator(Generator):
     def __init__(self, column: SeedDatasetColumn, config: PipelineConfig):
         self.name = column.name
         self.outputs = column.outputs
-        self.frame = read_seed_file(resolve_seed_path(column.path, config.base_dir), column.columns)
-        n = len(self.frame)
+        self.seed = read_seed_file(resolve_seed_path(column.path, config.base_dir), column.columns)
+        n = len(self.seed)
         self._rows = shuffle_permutation(n, config.seed, column.name) if column.order == "shuffle" else None
 
     def generate(self, data: Any) -> pd.DataFrame:
+        """The seed rows of the records in ``data.index``, as object columns of exact values."""
         index = data.index
-        rows = index.to_numpy(dtype=np.int64) % len(self.frame)
+        rows = index.to_numpy(dtype=np.int64) % len(self.seed)
         if self._rows is not None:
             rows = self._rows[rows]
-        out = self.frame.iloc[rows]
-        out.index = index
-        return out
+        values = self.seed.take(rows)
+        return pd.DataFrame({c: pd.Series(v, index=index, dtype=object) for c, v in values.items()}, index=index)
 
     async def agenerate(self, data: Any) -> pd.DataFrame:
         # A few hundred microseconds of indexing: cheaper on the loop than a thread hop.
