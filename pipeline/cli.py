@@ -449,7 +449,11 @@ def preview(config: str, n: int, as_json: bool, show_prompts: bool, no_check_mod
     no state store, no file under --home (accepted like everywhere, not used)."""
     from pipeline import previews
 
-    result = previews.compute_preview(config, n, check_models=not no_check_models, show_prompts=show_prompts)
+    try:
+        result = previews.compute_preview(config, n, check_models=not no_check_models, show_prompts=show_prompts)
+    except KeyboardInterrupt:  # nothing was created: nothing to record or resume
+        click.echo("preview: interrupted", err=True)
+        sys.exit(SIGNAL_EXIT[signal.SIGINT])
     if as_json:
         click.echo(previews.to_json(result))
     else:
@@ -463,7 +467,8 @@ def preview(config: str, n: int, as_json: bool, show_prompts: bool, no_check_mod
     if lines:
         click.echo("\n".join(lines), err=True)
     if result.status == "failed" or not result.records:
-        why = "too many tasks failed (shutdown_error_rate)" if result.records else "no record came out"
+        why = result.reason or ("too many tasks failed (shutdown_error_rate)" if result.records else
+                                "no record came out")
         click.echo(f"preview: {why}; fix the cause above", err=True)
         sys.exit(EXIT_FAILED)
 

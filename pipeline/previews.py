@@ -47,7 +47,7 @@ class Preview:
     as in ``export``. ``prompts``: per record (same order), ``{llm column: rendered prompt}``
     when asked for. ``failures``: ``[{"column", "error", "count", "example"}]`` as in
     ``status --json``. ``status``: ``complete``, or ``failed`` when the share of failed tasks
-    reached ``shutdown_error_rate``. ``computed``: records computed (``n``, at most the
+    reached ``shutdown_error_rate`` or a model stayed down (``reason`` says which). ``computed``: records computed (``n``, at most the
     config's ``num_records``)."""
 
     columns: list[str]
@@ -56,6 +56,7 @@ class Preview:
     computed: int
     failures: list[dict[str, Any]] = field(default_factory=list)
     prompts: list[dict[str, str]] | None = None
+    reason: str | None = None  # why it ended 'failed' (the error rate, a model that stayed down)
 
 
 def compute_preview(config: PipelineConfig | str | os.PathLike, n: int = DEFAULT_RECORDS, *,
@@ -113,12 +114,15 @@ def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
         job = _Job(store, _RUN_ID, cfg, Path(scratch), progress=None, trace=False, graph=graph)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             status = runner.run(job.main())
-        job.finish(status)
+        outcome = job.finish(status)
         if status not in ("complete", "failed"):
             raise PipelineError(f"the preview stopped before it finished ({status})")
         records = list(read_dataset(store, _RUN_ID, Path(scratch)).records())
     prompts = _prompts(job.plan, records) if show_prompts else None
-    return Preview(list(graph.columns), records, status, cfg.num_records, _failures(store, _RUN_ID), prompts)
+    # A stop reason may end in advice to resume the run: there is none to resume here.
+    reason = outcome.reason.split("; no record was dropped")[0].split("; fix the cause")[0] if outcome.reason else None
+    return Preview(list(graph.columns), records, status, cfg.num_records, _failures(store, _RUN_ID), prompts,
+                   reason)
 
 
 def _prompts(plan: Any, records: list[dict[str, Any]]) -> list[dict[str, str]]:
