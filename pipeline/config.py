@@ -29,6 +29,7 @@ __all__ = [
     "LlmJudgeColumn",
     "LlmStructuredColumn",
     "LlmTextColumn",
+    "EnvValue",
     "ModelConfig",
     "PipelineConfig",
     "PythonColumn",
@@ -80,12 +81,38 @@ class Settings(_Strict):
     render_timeout_s: float = Field(10.0, gt=0, le=MAX_DURATION_S)  # a template renders within this, or fails its cell
 
 
+#: Per-minute budgets: far above any provider's, far below float trouble.
+MAX_RATE_PER_MINUTE = 1e12
+#: Price per million tokens, in any currency.
+MAX_PRICE = 1e9
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"  # an HTTP token (RFC 9110)
+# Headers the client owns: a second Authorization would clash with the key.
+_RESERVED_HEADERS = frozenset({"authorization", "content-type", "content-length", "host", "accept"})
+
+
+class EnvValue(_Strict):
+    """A header value read from the environment at each request: ``{env: NAME}``."""
+
+    env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class ModelConfig(_Strict):
     base_url: str
     model: str
     api_key_env: str | None = None
     max_parallel_requests: int = Field(16, gt=0, le=MAX_IN_FLIGHT_TASKS)
     timeout_s: float = Field(60.0, gt=0, le=MAX_DURATION_S)
+    # Pacing (pipeline.llm.pacing): budgets per minute, for this process's requests to the model.
+    max_requests_per_minute: float | None = Field(None, gt=0, le=MAX_RATE_PER_MINUTE)
+    max_tokens_per_minute: float | None = Field(None, gt=0, le=MAX_RATE_PER_MINUTE)
+    # Provider options: header values are secrets (never stored, logged or fingerprinted).
+    extra_headers: dict[Annotated[str, Field(pattern=HEADER_NAME_PATTERN)], Union[str, EnvValue]] = Field(
+        default_factory=dict)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    api_key_header: str | None = Field(None, pattern=HEADER_NAME_PATTERN)
+    # Cost, in the currency of the prices (per million tokens).
+    price_per_million_input_tokens: float | None = Field(None, ge=0, le=MAX_PRICE)
+    price_per_million_output_tokens: float | None = Field(None, ge=0, le=MAX_PRICE)
 
     @field_validator("api_key_env", mode="before")
     @classmethod
@@ -100,6 +127,53 @@ class ModelConfig(_Strict):
                 "NAME here: keys never go in the file"
             )
         return value
+
+    @field_validator("extra_headers")
+    @classmethod
+    def _no_key_in_a_header(cls, headers: dict[str, Any]) -> dict[str, Any]:
+        for name, value in headers.items():
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"extra_headers may not set '{name}' (the client sets it); "
+                                 "use api_key_env / api_key_header for the key")
+            if isinstance(value, str) and redact.looks_like_key(value):
+                raise ValueError(
+                    f"extra_headers.{name} looks like a key (it starts with {value[:3]!r}); write "
+                    f"{{env: NAME}} and export NAME=<the value>: keys never go in the file")
+        return headers
+
+    @field_validator("extra_body")
+    @classmethod
+    def _body_leaves_the_request_alone(cls, body: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(body) & {"model", "messages", "stream"})
+        if taken:
+            raise ValueError(f"extra_body may not set {', '.join(taken)} (the client sets them)")
+        return body
+
+    @model_validator(mode="after")
+    def _key_header_needs_a_key(self) -> "ModelConfig":
+        if self.api_key_header is not None and self.api_key_env is None:
+            raise ValueError("api_key_header names the header the key goes in; set api_key_env too")
+        return self
+
+    def answer_facts(self) -> dict[str, Any]:
+        """What of this model decides its answers, for fingerprints: ``base_url``, ``model``,
+        and ``extra_body`` when set (its fields, such as ``top_p`` or a reasoning effort, change
+        answers). Never a key or a header: headers carry credentials, not answers."""
+        facts: dict[str, Any] = {"base_url": self.base_url, "model": self.model}
+        if self.extra_body:
+            facts["extra_body"] = self.extra_body
+        return facts
+
+    def header_envs(self) -> list[str]:
+        """The env vars whose values the extra headers send."""
+        return [value.env for value in self.extra_headers.values() if isinstance(value, EnvValue)]
+
+    @property
+    def prices(self) -> tuple[float, float] | None:
+        """``(input, output)`` price per million tokens, or None when neither is set."""
+        if self.price_per_million_input_tokens is None and self.price_per_million_output_tokens is None:
+            return None
+        return (self.price_per_million_input_tokens or 0.0, self.price_per_million_output_tokens or 0.0)
 
 
 # Columns.
@@ -328,7 +402,7 @@ class PipelineConfig(_Strict):
             "columns": [c.model_dump(mode="json", by_alias=True) for c in self.columns],
             # Only the models in use: an unused alias does not change a value.
             "models": {
-                alias: {"base_url": self.models[alias].base_url, "model": self.models[alias].model}
+                alias: self.models[alias].answer_facts()
                 for alias in sorted(self.used_models())
                 if alias in self.models
             },
@@ -510,6 +584,13 @@ def _check_models(config: PipelineConfig, where: str) -> None:
                 f"set; export {env}=<your key> before running (keys never go in the file)",
                 path=where, column=users[0],
             )
+        for name, value in config.models[alias].extra_headers.items():
+            if isinstance(value, EnvValue) and not os.environ.get(value.env):
+                raise ConfigError(
+                    f"model '{alias}': extra_headers.{name} is read from the environment variable "
+                    f"{value.env}, which is not set; export {value.env}=<value> before running",
+                    path=where, column=users[0],
+                )
 
 
 def _check_python(column: PythonColumn, config: PipelineConfig, where: str) -> None:
