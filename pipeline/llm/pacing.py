@@ -9,17 +9,24 @@ spent); the limit sets one timer for when room comes back. Every call is O(1).
 Gates, each a token bucket (continuous refill, may run into debt):
 
 - ``max_requests_per_minute``: capacity N, refilled at N/60 per second; a task takes 1 when it
-  starts and corrects to the requests it really sent when it ends (re-asks count);
+  starts and corrects to the requests it really sent when it ends (re-asks count). A budget
+  starts with one second's share, not a full minute's: the server's own bucket may have been
+  spent by another process, and a minute's burst would meet 429s;
 - ``max_tokens_per_minute``: likewise in tokens; a task reserves its column's ``max_tokens``
-  (:data:`DEFAULT_RESERVED_TOKENS` when unset) until its usage is known, then the reservation
-  is corrected to the prompt + completion tokens the server reported;
+  until its usage is known, then the reservation is corrected to the prompt + completion
+  tokens the server reported. A column without ``max_tokens`` reserves
+  :data:`DEFAULT_RESERVED_TOKENS` until the model has answered 8 requests, then twice the mean
+  tokens of its answers so far (at most the default);
 - the server's own counts: ``x-ratelimit-remaining-requests`` / ``-tokens`` with
   ``x-ratelimit-reset-requests`` / ``-tokens`` (durations ``1s``, ``6m0s``, ``250ms``, or plain
   seconds) and, when sent, ``x-ratelimit-limit-requests`` / ``-tokens``. Each answer that
-  carries them re-syncs a bucket: its level is what remains less what this process has in
-  flight (the server may not have counted those yet). With the limit known, the bucket refills
-  as OpenAI's does, ``(limit - remaining) / reset`` per second; without it, nothing more is
-  sent once the remainder is spent, until the reset.
+  carries them re-syncs a bucket. With the limit known, the bucket refills as OpenAI's does,
+  ``(limit - remaining) / reset`` per second, and its level is kept within what the answer
+  allows: at least ``remaining`` less what this process has in flight (the server may not have
+  counted those yet), at most ``remaining + 1`` (the server rounds down); within that range the
+  bucket's own count stands, so requests in flight are not subtracted twice. Without the limit,
+  the level is ``remaining`` less what is in flight, and nothing more is sent once it is spent,
+  until the reset.
 
 Why a module and not a library: the engine needs a check that never waits and says how long
 until there is room (it parks no task holding a permit), reservations corrected after the fact
@@ -123,9 +130,9 @@ class Pacer:
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
         self.prices = prices
-        self._requests = Bucket(requests_per_minute, requests_per_minute / 60, requests_per_minute, now) \
+        self._requests = Bucket(requests_per_minute, requests_per_minute / 60, requests_per_minute / 60, now) \
             if requests_per_minute else None
-        self._tokens = Bucket(tokens_per_minute, tokens_per_minute / 60, tokens_per_minute, now) \
+        self._tokens = Bucket(tokens_per_minute, tokens_per_minute / 60, tokens_per_minute / 60, now) \
             if tokens_per_minute else None
         self._server_requests: Bucket | None = None
         self._server_tokens: Bucket | None = None
@@ -133,8 +140,12 @@ class Pacer:
         self.reserved = 0
         #: Seconds until room, as of the last refusal of :meth:`try_take`.
         self.wait_s = 0.0
-        #: How often a task had to wait for room (count of refusals).
+        #: How many times requests were held back for room (episodes, not refusals).
         self.paced = 0
+        self._holding = False
+        self._fresh = True
+        self._default_tokens = DEFAULT_RESERVED_TOKENS
+        self._answered = self._answered_tokens = 0
         #: The last ``x-ratelimit-*`` headers an answer carried, and when (Unix seconds).
         self.headers: dict[str, str] = {}
         self.headers_at: float | None = None
@@ -152,20 +163,28 @@ class Pacer:
         """Reserve one request and ``max_tokens`` (or the default) if every gate has room now:
         returns the tokens reserved (give them to :meth:`settle`). Else -1, with ``wait_s``
         set to the seconds until room."""
-        tokens = max_tokens if max_tokens else DEFAULT_RESERVED_TOKENS
+        tokens = max_tokens if max_tokens else self._default_tokens
         gates = (self._requests, self._server_requests, self._tokens, self._server_tokens)
         if gates == (None, None, None, None):
             self.reserved += tokens
             return tokens
         now = self.clock()
+        if self._fresh:  # a budget's share starts with the first request, not with the config
+            self._fresh = False
+            for gate in (self._requests, self._tokens):
+                if gate is not None:
+                    gate.stamp = now
         wait = 0.0
         for gate, amount in zip(gates, (1, 1, tokens, tokens)):
             if gate is not None:
                 wait = max(wait, gate.wait_s(amount, now))
         if wait > 0:
             self.wait_s = wait
-            self.paced += 1
+            if not self._holding:
+                self._holding = True
+                self.paced += 1
             return -1
+        self._holding = False
         for gate, amount in zip(gates, (1, 1, tokens, tokens)):
             if gate is not None:
                 gate.take(amount, now)
@@ -176,6 +195,12 @@ class Pacer:
         """A task ended: it had reserved ``reserved`` tokens (and 1 request), it sent
         ``requests`` requests that used ``tokens`` tokens in all. The buckets are corrected."""
         self.reserved -= reserved
+        if requests > 0 and tokens > 0:
+            self._answered += requests
+            self._answered_tokens += tokens
+            if self._answered >= 8:
+                mean = self._answered_tokens / self._answered
+                self._default_tokens = max(1, min(DEFAULT_RESERVED_TOKENS, math.ceil(2 * mean)))
         now = self.clock()
         for gate, extra in ((self._requests, requests - 1), (self._server_requests, requests - 1),
                             (self._tokens, tokens - reserved), (self._server_tokens, tokens - reserved)):
@@ -204,12 +229,12 @@ class Pacer:
         now = self.clock()
         others = max(0, in_use - 1)
         self._server_requests = _server_bucket(
-            _number(remaining_requests), headers.get("x-ratelimit-reset-requests"),
+            self._server_requests, _number(remaining_requests), headers.get("x-ratelimit-reset-requests"),
             headers.get("x-ratelimit-limit-requests"), others, now)
         # Of the tokens reserved in flight, the mean share of one request is this answer's own.
         in_flight_tokens = self.reserved * others / in_use if in_use else 0
         self._server_tokens = _server_bucket(
-            _number(remaining_tokens), headers.get("x-ratelimit-reset-tokens"),
+            self._server_tokens, _number(remaining_tokens), headers.get("x-ratelimit-reset-tokens"),
             headers.get("x-ratelimit-limit-tokens"), in_flight_tokens, now)
 
     # -- what status shows ------------------------------------------------------------------
@@ -222,7 +247,7 @@ class Pacer:
     def snapshot(self) -> dict[str, Any]:
         """``{"requests_per_minute", "tokens_per_minute"}`` (measured over the last minute, or
         since the start when shorter), the budgets ``max_requests_per_minute`` /
-        ``max_tokens_per_minute``, ``paced`` (waits for room), ``headers`` (the last
+        ``max_tokens_per_minute``, ``paced`` (times requests were held back), ``headers`` (the last
         ``x-ratelimit-*`` seen) and ``headers_at``. The same dict for a second at a time."""
         now = self.clock()
         if now - self._snapshot_at < self.SNAPSHOT_EVERY_S and self._snapshot is not None:
@@ -247,15 +272,19 @@ class Pacer:
         return self._snapshot
 
 
-def _server_bucket(remaining: float | None, reset: str | None, limit: str | None, in_flight: float,
-                   now: float) -> Bucket | None:
-    """The bucket the server's headers describe, or None when they set no bound."""
+def _server_bucket(old: Bucket | None, remaining: float | None, reset: str | None, limit: str | None,
+                   in_flight: float, now: float) -> Bucket | None:
+    """The bucket the server's headers describe (``old``: the one they described before), or
+    None when they set no bound."""
     if remaining is None:
         return None
     reset_s = parse_duration(reset)
     total = _number(limit)
     level = remaining - in_flight
     if total is not None and total > 0:
+        if old is not None and old.until == math.inf:
+            own = min(old.capacity, old.level + (now - old.stamp) * old.rate)
+            level = min(max(own, level), remaining + 1)
         if reset_s and remaining < total:
             return Bucket(total, (total - remaining) / reset_s, level, now)
         return Bucket(total, total / 60, level, now)  # full, or no reset given: a per-minute limit
