@@ -202,10 +202,11 @@ class Pacer:
                 mean = self._answered_tokens / self._answered
                 self._default_tokens = max(1, min(DEFAULT_RESERVED_TOKENS, math.ceil(2 * mean)))
         now = self.clock()
-        for gate, extra in ((self._requests, requests - 1), (self._server_requests, requests - 1),
-                            (self._tokens, tokens - reserved), (self._server_tokens, tokens - reserved)):
-            if gate is not None and extra:
-                gate.take(extra, now)
+        if requests != 1 or tokens != reserved:
+            for gate, extra in ((self._requests, requests - 1), (self._server_requests, requests - 1),
+                                (self._tokens, tokens - reserved), (self._server_tokens, tokens - reserved)):
+                if gate is not None and extra:
+                    gate.take(extra, now)
         second = int(now)
         minute = self._minute
         if minute and minute[-1][0] == second:
