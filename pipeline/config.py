@@ -17,8 +17,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import redact, templates
+from pipeline import model_options, redact, templates
 from pipeline.errors import ConfigError
+from pipeline.model_options import HEADER_NAME_PATTERN, MAX_PRICE, MAX_RATE_PER_MINUTE, EnvValue
 from pipeline.generators.python import import_callable, is_generator_class, module_source_file
 from pipeline.generators.samplers import SAMPLER_PARAMS
 from pipeline.generators.seed_dataset import file_digest, read_seed_file, resolve_seed_path
@@ -81,21 +82,6 @@ class Settings(_Strict):
     render_timeout_s: float = Field(10.0, gt=0, le=MAX_DURATION_S)  # a template renders within this, or fails its cell
 
 
-#: Per-minute budgets: far above any provider's, far below float trouble.
-MAX_RATE_PER_MINUTE = 1e12
-#: Price per million tokens, in any currency.
-MAX_PRICE = 1e9
-HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"  # an HTTP token (RFC 9110)
-# Headers the client owns: a second Authorization would clash with the key.
-_RESERVED_HEADERS = frozenset({"authorization", "content-type", "content-length", "host", "accept"})
-
-
-class EnvValue(_Strict):
-    """A header value read from the environment at each request: ``{env: NAME}``."""
-
-    env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
 class ModelConfig(_Strict):
     base_url: str
     model: str
@@ -128,26 +114,8 @@ class ModelConfig(_Strict):
             )
         return value
 
-    @field_validator("extra_headers")
-    @classmethod
-    def _no_key_in_a_header(cls, headers: dict[str, Any]) -> dict[str, Any]:
-        for name, value in headers.items():
-            if name.lower() in _RESERVED_HEADERS:
-                raise ValueError(f"extra_headers may not set '{name}' (the client sets it); "
-                                 "use api_key_env / api_key_header for the key")
-            if isinstance(value, str) and redact.looks_like_key(value):
-                raise ValueError(
-                    f"extra_headers.{name} looks like a key (it starts with {value[:3]!r}); write "
-                    f"{{env: NAME}} and export NAME=<the value>: keys never go in the file")
-        return headers
-
-    @field_validator("extra_body")
-    @classmethod
-    def _body_leaves_the_request_alone(cls, body: dict[str, Any]) -> dict[str, Any]:
-        taken = sorted(set(body) & {"model", "messages", "stream"})
-        if taken:
-            raise ValueError(f"extra_body may not set {', '.join(taken)} (the client sets them)")
-        return body
+    _headers_ok = field_validator("extra_headers")(model_options.check_extra_headers)
+    _body_ok = field_validator("extra_body")(model_options.check_extra_body)
 
     @model_validator(mode="after")
     def _key_header_needs_a_key(self) -> "ModelConfig":
@@ -156,17 +124,8 @@ class ModelConfig(_Strict):
         return self
 
     def answer_facts(self) -> dict[str, Any]:
-        """What of this model decides its answers, for fingerprints: ``base_url``, ``model``,
-        and ``extra_body`` when set (its fields, such as ``top_p`` or a reasoning effort, change
-        answers). Never a key or a header: headers carry credentials, not answers."""
-        facts: dict[str, Any] = {"base_url": self.base_url, "model": self.model}
-        if self.extra_body:
-            facts["extra_body"] = self.extra_body
-        return facts
-
-    def header_envs(self) -> list[str]:
-        """The env vars whose values the extra headers send."""
-        return [value.env for value in self.extra_headers.values() if isinstance(value, EnvValue)]
+        """See :func:`pipeline.model_options.answer_facts` (fingerprints)."""
+        return model_options.answer_facts(self)
 
     @property
     def prices(self) -> tuple[float, float] | None:
@@ -584,13 +543,12 @@ def _check_models(config: PipelineConfig, where: str) -> None:
                 f"set; export {env}=<your key> before running (keys never go in the file)",
                 path=where, column=users[0],
             )
-        for name, value in config.models[alias].extra_headers.items():
-            if isinstance(value, EnvValue) and not os.environ.get(value.env):
-                raise ConfigError(
-                    f"model '{alias}': extra_headers.{name} is read from the environment variable "
-                    f"{value.env}, which is not set; export {value.env}=<value> before running",
-                    path=where, column=users[0],
-                )
+        for name, env in model_options.unset_header_envs(config.models[alias]):
+            raise ConfigError(
+                f"model '{alias}': extra_headers.{name} is read from the environment variable "
+                f"{env}, which is not set; export {env}=<value> before running",
+                path=where, column=users[0],
+            )
 
 
 def _check_python(column: PythonColumn, config: PipelineConfig, where: str) -> None:
