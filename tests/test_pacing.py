@@ -341,3 +341,17 @@ async def test_a_paced_limit_takes_no_permit_and_wakes_its_dispatcher_when_there
     limit.on_available = woken.set
     await asyncio.wait_for(woken.wait(), 10)
     assert limit.try_acquire(5) and limit.in_use == held + 1
+
+
+def test_cost_and_the_pacing_snapshot_are_recorded_in_postgresql_too(tmp_path, fake_server, postgres_url):
+    url = fake_server(latency_ms=5, rpm_limit=6000)
+    extra = "price_per_million_input_tokens: 1\nprice_per_million_output_tokens: 3\nmax_requests_per_minute: 6000\n"
+    cfg = write_config(tmp_path / "a", url, records=10, model_extra=extra)
+    home = tmp_path / "home"
+    proc = cli("run", str(cfg), "--run-id", "pg", home=home, db=postgres_url, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(cli("status", "pg", "--json", home=home, db=postgres_url, check=True).stdout)
+    m = s["models"]["w"]
+    assert m["cost"] == pytest.approx((m["prompt_tokens"] + 3 * m["completion_tokens"]) / 1e6)
+    assert m["max_requests_per_minute"] == 6000
+    assert m["rate_limit_headers"]["x-ratelimit-limit-requests"] == "6000"
