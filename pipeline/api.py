@@ -643,7 +643,9 @@ def _status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str,
         eta = max(0.0, (info.num_records - progress_records - dropped) / rate)
     elif state == "complete":
         eta = 0.0
-    return {
+    from pipeline.costs import add_costs
+
+    out = {
         "run_id": run_id, "name": info.name, "status": state, "num_records": info.num_records,
         "records_done": done, "records_dropped": dropped, "columns": columns,
         "row_groups": {"total": groups["total"], "checkpointed": groups["checkpointed"],
@@ -652,6 +654,8 @@ def _status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint, "damaged_files": damaged,
         "failures": _failures(store, run_id), "leases": store.leases(run_id),
     }
+    add_costs(out, info.config)  # models.<alias>.projected_cost and "cost": {"spent", "projected"}
+    return out
 
 
 def _failures(store: Store, run_id: str) -> list[dict[str, Any]]:

@@ -132,12 +132,43 @@ def _summary(s: dict, home: str | None) -> str:
              f"{s['records_dropped']:,} dropped"]
     lines += _failure_lines(s["failures"])
     for alias, m in (s.get("models") or {}).items():
+        cost = "" if m.get("cost") is None else f", cost {_money(m['cost'])}"
         lines.append(f"model {alias}: {m['requests']:,} requests, {m['rate_limited']:,} rate-limited (429), "
-                     f"{m['prompt_tokens']:,} prompt + {m['completion_tokens']:,} completion tokens")
+                     f"{m['prompt_tokens']:,} prompt + {m['completion_tokens']:,} completion tokens{cost}")
+    if s.get("cost"):
+        lines.append(f"cost: {_money(s['cost']['spent'])} spent")
     if s["records_done"]:
         where = f" --home {shlex.quote(home)}" if home else ""
         lines.append(f"export: pipeline export {s['run_id']} --output {s['run_id']}.parquet{where}")
     return "\n".join(lines)
+
+
+def _money(amount: float | None) -> str:
+    """Money in the prices' currency: 4 decimals (cents of a cent matter per record)."""
+    return "-" if amount is None else f"{amount:,.4f}"
+
+
+def _model_lines(models: dict, cost: dict | None) -> list[str]:
+    """The model table of ``status``: usage, concurrency, pacing, and money."""
+    lines = [f"{'model':<12} {'requests':>9} {'prompt tok':>11} {'compl. tok':>11} {'429s':>6} "
+             f"{'concurrency':>11} {'saved by resume':>15} {'req/min':>8} {'tok/min':>9} {'cost':>10}"]
+    for alias, m in models.items():
+        conc = "-" if m["concurrency"] is None else str(m["concurrency"])
+        rpm = "-" if m.get("requests_per_minute") is None else f"{m['requests_per_minute']:,.0f}"
+        tpm = "-" if m.get("tokens_per_minute") is None else f"{m['tokens_per_minute']:,.0f}"
+        lines.append(f"{alias:<12} {m['requests']:>9,} {m['prompt_tokens']:>11,} {m['completion_tokens']:>11,} "
+                     f"{m['rate_limited']:>6,} {conc:>11} {m['calls_saved']:>15,} {rpm:>8} {tpm:>9} "
+                     f"{_money(m.get('cost')):>10}")
+        budgets = [f"{m[k]:,g} {unit}/min" for k, unit in (("max_requests_per_minute", "requests"),
+                                                           ("max_tokens_per_minute", "tokens")) if m.get(k)]
+        if budgets:
+            lines.append(f"  {alias}: paced to {', '.join(budgets)}; waited for room {m.get('paced') or 0:,} times")
+        if m.get("rate_limit_headers"):
+            shown = ", ".join(f"{k.removeprefix('x-ratelimit-')}={v}" for k, v in m["rate_limit_headers"].items())
+            lines.append(f"  {alias}: last rate-limit headers: {shown}")
+    if cost:
+        lines.append(f"cost: {_money(cost['spent'])} spent, {_money(cost['projected'])} projected for the run")
+    return lines
 
 
 def _failure_lines(failures: list[dict], most: int = 10) -> list[str]:
@@ -275,12 +306,7 @@ def _status_text(s: dict) -> str:
         lines.append(f"damaged file: row group {d['row_group']}: {d['path']} ({d['problem']}); "
                      f"`pipeline resume {s['run_id']} --repair` computes it again")
     if s.get("models"):
-        lines.append(f"{'model':<12} {'requests':>9} {'prompt tok':>11} {'compl. tok':>11} {'429s':>6} "
-                     f"{'concurrency':>11} {'saved by resume':>15}")
-        for alias, m in s["models"].items():
-            conc = "-" if m["concurrency"] is None else str(m["concurrency"])
-            lines.append(f"{alias:<12} {m['requests']:>9,} {m['prompt_tokens']:>11,} {m['completion_tokens']:>11,} "
-                         f"{m['rate_limited']:>6,} {conc:>11} {m['calls_saved']:>15,}")
+        lines += _model_lines(s["models"], s.get("cost"))
     return "\n".join(lines)
 
 

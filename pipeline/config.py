@@ -18,9 +18,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import redact, templates
+from pipeline import model_options, redact, templates
 from pipeline.engine.options import SchedulerOptions
 from pipeline.errors import ConfigError
+from pipeline.model_options import HEADER_NAME_PATTERN, MAX_PRICE, MAX_RATE_PER_MINUTE, EnvValue
 from pipeline.surface import flag
 from pipeline.generators.python import import_callable, is_generator_class, module_source_file
 from pipeline.generators.row_reads import undeclared_message, undeclared_reads
@@ -34,6 +35,7 @@ __all__ = [
     "LlmJudgeColumn",
     "LlmStructuredColumn",
     "LlmTextColumn",
+    "EnvValue",
     "ModelConfig",
     "PipelineConfig",
     "PythonColumn",
@@ -95,6 +97,17 @@ class ModelConfig(_Strict):
     api_key_env: str | None = None
     max_parallel_requests: int = Field(16, gt=0, le=MAX_IN_FLIGHT_TASKS)
     timeout_s: float = Field(60.0, gt=0, le=MAX_DURATION_S)
+    # Pacing (pipeline.llm.pacing): budgets per minute, for this process's requests to the model.
+    max_requests_per_minute: float | None = Field(None, gt=0, le=MAX_RATE_PER_MINUTE)
+    max_tokens_per_minute: float | None = Field(None, gt=0, le=MAX_RATE_PER_MINUTE)
+    # Provider options: header values are secrets (never stored, logged or fingerprinted).
+    extra_headers: dict[Annotated[str, Field(pattern=HEADER_NAME_PATTERN)], Union[str, EnvValue]] = Field(
+        default_factory=dict)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    api_key_header: str | None = Field(None, pattern=HEADER_NAME_PATTERN)
+    # Cost, in the currency of the prices (per million tokens).
+    price_per_million_input_tokens: float | None = Field(None, ge=0, le=MAX_PRICE)
+    price_per_million_output_tokens: float | None = Field(None, ge=0, le=MAX_PRICE)
 
     @field_validator("base_url")
     @classmethod
@@ -116,6 +129,26 @@ class ModelConfig(_Strict):
                 "NAME here: keys never go in the file"
             )
         return value
+
+    _headers_ok = field_validator("extra_headers")(model_options.check_extra_headers)
+    _body_ok = field_validator("extra_body")(model_options.check_extra_body)
+
+    @model_validator(mode="after")
+    def _key_header_needs_a_key(self) -> "ModelConfig":
+        if self.api_key_header is not None and self.api_key_env is None:
+            raise ValueError("api_key_header names the header the key goes in; set api_key_env too")
+        return self
+
+    def answer_facts(self) -> dict[str, Any]:
+        """See :func:`pipeline.model_options.answer_facts` (fingerprints)."""
+        return model_options.answer_facts(self)
+
+    @property
+    def prices(self) -> tuple[float, float] | None:
+        """``(input, output)`` price per million tokens, or None when neither is set."""
+        if self.price_per_million_input_tokens is None and self.price_per_million_output_tokens is None:
+            return None
+        return (self.price_per_million_input_tokens or 0.0, self.price_per_million_output_tokens or 0.0)
 
 
 # Columns.
@@ -344,7 +377,7 @@ class PipelineConfig(_Strict):
             "columns": [c.model_dump(mode="json", by_alias=True) for c in self.columns],
             # Only the models in use: an unused alias does not change a value.
             "models": {
-                alias: {"base_url": self.models[alias].base_url, "model": self.models[alias].model}
+                alias: self.models[alias].answer_facts()
                 for alias in sorted(self.used_models())
                 if alias in self.models
             },
@@ -524,6 +557,12 @@ def _check_models(config: PipelineConfig, where: str) -> None:
             raise ConfigError(
                 f"model '{alias}' takes its API key from the environment variable {env}, which is not "
                 f"set; export {env}=<your key> before running (keys never go in the file)",
+                path=where, column=users[0],
+            )
+        for name, env in model_options.unset_header_envs(config.models[alias]):
+            raise ConfigError(
+                f"model '{alias}': extra_headers.{name} is read from the environment variable "
+                f"{env}, which is not set; export {env}=<value> before running",
                 path=where, column=users[0],
             )
 

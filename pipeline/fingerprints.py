@@ -90,7 +90,8 @@ def column_facts(column: Any, config: PipelineConfig, files: dict[str, str | Non
     """What decides the values of one config entry (the documented input of its fingerprint):
 
     - ``entry``: the entry as stored in the run's config (every key, defaults filled in);
-    - ``model``: ``base_url`` and ``model`` of its alias (llm_* columns; never a key);
+    - ``model``: ``base_url`` and ``model`` of its alias, and its ``extra_body`` when set
+      (llm_* columns; never a key, never ``extra_headers``);
     - ``module``: the digest of its python module's file (python columns; None without one);
     - ``seed_file``: the digest of its seed file (seed_dataset columns);
     - ``seed``: the config's seed where values draw from it (samplers; seed_dataset with
@@ -102,7 +103,7 @@ def column_facts(column: Any, config: PipelineConfig, files: dict[str, str | Non
     facts: dict[str, Any] = {"v": FACTS_VERSION, "entry": column.model_dump(mode="json", by_alias=True)}
     if column.type in ("llm_text", "llm_structured", "llm_judge"):
         model = config.models[column.model]
-        facts["model"] = {"base_url": model.base_url, "model": model.model}
+        facts["model"] = model.answer_facts()
     elif column.type == "python":
         path = module_source_file(column.function, config.base_dir)
         facts["module"] = files.get(str(path.resolve())) if path is not None else None

@@ -11,7 +11,8 @@ logs or the output. Every message on its way out passes through :func:`redact`:
 
 What is redacted:
 
-- the VALUES of the environment variables named by every model's ``api_key_env`` of every
+- the VALUES of the environment variables named by every model's ``api_key_env`` (and its
+  ``extra_headers`` written ``{env: NAME}``) of every
   config this process loaded or built a runtime for (:func:`register_config`), and of every key
   the LLM client sent (:func:`register_secret`); values shorter than :data:`MIN_SECRET_CHARS`
   are not secrets worth the noise of blanking them;
@@ -39,6 +40,7 @@ __all__ = [
     "MIN_SECRET_CHARS",
     "excepthook",
     "install_log_redaction",
+    "looks_like_key",
     "looks_like_secret",
     "redact",
     "redact_secrets",
@@ -105,6 +107,11 @@ def register_config(config: Any) -> None:
         name = model.get("api_key_env") if isinstance(model, dict) else getattr(model, "api_key_env", None)
         if isinstance(name, str):
             register_env(name)
+        headers = model.get("extra_headers") if isinstance(model, dict) else getattr(model, "extra_headers", None)
+        for value in (headers or {}).values():  # {env: NAME} header values are secrets too
+            env = value.get("env") if isinstance(value, dict) else getattr(value, "env", None)
+            if isinstance(env, str):
+                register_env(env)
 
 
 def redact_secrets(text: str) -> str:
@@ -133,6 +140,21 @@ def redact(text: Any) -> Any:
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY_PREFIXES = ("sk-", "sk_", "rk-", "pk-", "nvapi-", "xai-", "gsk_", "hf_", "ghp_", "gho_", "ghs_",
                  "github_pat_", "glpat-", "AIza", "Bearer ", "bearer ")
+
+
+def looks_like_key(value: str) -> bool:
+    """Whether a header value written in a config file is rather a key: a provider's key
+    shape, a credential scheme (``Bearer ...``), or one long word of letters and digits (20+
+    characters, a quarter of them digits or mixed case with digits), as keys are and
+    ``2024-02-01`` or ``my-team`` are not."""
+    value = value.strip()
+    if value.startswith(_KEY_PREFIXES) or re.match(r"(?i)(bearer|basic|token)\s", value):
+        return True
+    if len(value) < 20 or any(ch.isspace() for ch in value):
+        return False
+    digits = sum(ch.isdigit() for ch in value)
+    mixed_case = any(ch.islower() for ch in value) and any(ch.isupper() for ch in value)
+    return digits * 4 >= len(value) or (mixed_case and digits >= 2)
 
 
 def looks_like_secret(name: str) -> bool:

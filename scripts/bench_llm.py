@@ -3,6 +3,7 @@
     python scripts/bench_llm.py                # the table, medians of 3 runs per case
     python scripts/bench_llm.py --repeat 5
     python scripts/bench_llm.py --diagnose     # also: permits in use, and the HTTP clients compared
+    python scripts/bench_llm.py --section pacing   # pacing against per-minute limits (bench_pacing.py)
 
 The dual shape: 200 records; 3 writer columns (``llm_text``) on model A, each followed by a
 judge column (``llm_judge``) on model B that reads it: 1,200 calls, 600 per model. The server
@@ -546,13 +547,18 @@ def burst_section(repeat: int = 3) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--section", choices=["dual", "burst", "all"], default="all")
+    parser.add_argument("--section", choices=["dual", "burst", "pacing", "all"], default="all")
     parser.add_argument("--diagnose", action="store_true", help="sample the permits in use during each run; compare the engine's parts and HTTP clients")
     args = parser.parse_args()
     if args.section in ("dual", "all"):
         dual_section(args.repeat, diagnose=args.diagnose)
     if args.section in ("burst", "all"):
         burst_section(args.repeat)
+    if args.section in ("pacing", "all"):  # issue 10: pacing against per-minute limits (scripts/bench_pacing.py)
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from bench_pacing import pacing_section
+
+        pacing_section()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,14 @@ Faults, deterministic per (model, messages, attempt number):
   ``[[echo-auth]]`` puts the request's Authorization header into the answer (its text, which is
   then no JSON, or its error body), as a careless server might.
 - ``echo_auth``: every error body quotes the request's Authorization header.
+- ``rpm_limit`` / ``tpm_limit`` (``--rpm-limit``, ``--tpm-limit``; 0: none): requests and tokens
+  per minute per model, enforced and announced as OpenAI does (scripts/fake_llm_limits.py):
+  ``x-ratelimit-*`` headers on every chat answer, 429 with ``retry-after-ms`` past them;
+  ``limits_start_s`` starts the buckets with that many seconds' share (default: a full minute's),
+  ``limit_headers=False`` sends no headers.
+- ``GET /last`` returns the headers and JSON body of the last request of each kind (``run``:
+  the run's own chat calls, ``preflight``, ``probe``, ``list_models``), for tests that check
+  what reaches a server (extra headers, body fields, the key's header).
 
 Every answer, faults included, comes after the latency. ``GET /stats`` returns, per model,
 requests, 429s, 5xx and the highest number of requests in flight at once (``models``). Requests
@@ -104,6 +112,10 @@ class FakeOptions:
     require_key: str | None = None
     echo_auth: bool = False
     models: tuple[str, ...] = ()
+    rpm_limit: float = 0.0
+    tpm_limit: float = 0.0
+    limits_start_s: float | None = None
+    limit_headers: bool = True
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -145,6 +157,11 @@ class FakeLlmServer:
         self._list_models = 0
         self._unknown_model = 0
         self._started = time.monotonic()
+        self._limits = _limits_module().RateLimits(
+            self.options.rpm_limit, self.options.tpm_limit, start_s=self.options.limits_start_s,
+            headers=self.options.limit_headers) \
+            if self.options.rpm_limit > 0 or self.options.tpm_limit > 0 else None
+        self._last: dict[str, Any] = {}  # kind -> {"headers", "body"} of the last such request
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         loop = asyncio.get_running_loop()
@@ -176,8 +193,11 @@ class FakeLlmServer:
         path = path.rstrip("/")
         if method == "GET" and path == "/stats":
             return 0.0, 200, {}, self.stats(), None
+        if method == "GET" and path == "/last":
+            return 0.0, 200, {}, self._last, None
         if method == "GET" and path in ("/v1/models", "/models"):
             self._list_models += 1
+            self._last["list_models"] = {"headers": dict(headers), "body": None}
             if not self._key_ok(headers):
                 return 0.0, 401, {}, _error("missing or wrong API key", "invalid_api_key"), None
             models = [{"id": m, "object": "model"} for m in (self.options.models or sorted(self._stats))]
@@ -214,6 +234,8 @@ class FakeLlmServer:
             return 0.0, 404, {}, _error(f"The model `{model}` does not exist", "model_not_found"), None
         table = (self._preflight if "x-pipeline-preflight" in headers
                  else self._probes if "x-pipeline-probe" in headers else self._stats)
+        kind = "preflight" if table is self._preflight else "probe" if table is self._probes else "run"
+        self._last[kind] = {"headers": dict(headers), "body": request}
         stats = table.get(model)
         if stats is None:
             stats = table[model] = _ModelStats()
@@ -243,7 +265,14 @@ class FakeLlmServer:
         if status != 200:
             return delay_s, status, extra, _error(f"injected HTTP {status}{echo}", "injected"), sent
         echoed = f"Here is what you sent: Authorization: {auth}" if "[[echo-auth]]" in joined else None
-        return delay_s, 200, {}, self._completion(request, model, texts, key, echoed), sent
+        completion = self._completion(request, model, texts, key, echoed)
+        limit_headers: dict = {}
+        if self._limits is not None:
+            admitted, limit_headers = self._limits.admit(model, completion["usage"]["total_tokens"])
+            if not admitted:
+                stats.rate_limited += 1
+                return delay_s, 429, limit_headers, _error("rate limit reached", "rate_limit_exceeded"), sent
+        return delay_s, 200, limit_headers, completion, sent
 
     def _fault(self, model: str, key: str, attempt: int, markers: dict, elapsed: float) -> tuple[int, dict]:
         options = self.options
@@ -539,6 +568,20 @@ def _encode(status: int, payload: Any, extra: dict, *, keep_alive: bool) -> byte
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def _limits_module() -> Any:
+    """scripts/fake_llm_limits.py, loaded by path (this file is loaded by path in tests)."""
+    import importlib.util
+    from pathlib import Path
+
+    name = "fake_llm_limits"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_llm_limits.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def start_server(*, port: int = 0, **options: Any) -> tuple[str, Callable[[], None]]:
     """Serve from a background thread. Returns the base URL (ending in /v1) and ``stop()``.
 
@@ -595,6 +638,11 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--require-key", metavar="KEY", help="answer 401 without 'Authorization: Bearer KEY'")
     parser.add_argument("--echo-auth", action="store_true", help="quote the Authorization header in error bodies")
+    parser.add_argument("--rpm-limit", type=float, default=0.0, help="requests per minute per model (0: none)")
+    parser.add_argument("--tpm-limit", type=float, default=0.0, help="tokens per minute per model (0: none)")
+    parser.add_argument("--limits-start-s", type=float, default=None,
+                        help="rate-limit buckets start with this many seconds' share (default: a minute's)")
+    parser.add_argument("--no-limit-headers", action="store_true", help="send no x-ratelimit-* headers")
     parser.add_argument("--models", metavar="A,B", default="",
                         help="serve only these models: list them, and 404 chat requests for others")
     return parser.parse_args(list(argv) if argv is not None else None)
@@ -613,6 +661,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         require_key=args.require_key,
         echo_auth=args.echo_auth,
         models=tuple(m for m in args.models.split(",") if m),
+        rpm_limit=args.rpm_limit,
+        tpm_limit=args.tpm_limit,
+        limits_start_s=args.limits_start_s,
+        limit_headers=not args.no_limit_headers,
     )
 
     async def serve() -> None:

@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from pipeline.errors import ReadOnlyQueryError, RunExistsError, RunNotFoundError, StoreError
+from pipeline.store.usage import PACING_KEYS
 from pipeline.store import SqlStore, open_store
 from pipeline.store.base import (
     COMPLETE,
@@ -614,9 +615,28 @@ def test_model_usage_is_recorded_with_each_transition_and_a_zombie_adds_nothing(
     ])
     assert lost == {0}
     assert store.model_usage(run.run_id) == {"writer": {"requests": 3, "prompt_tokens": 20, "completion_tokens": 8,
-                                                        "rate_limited": 1, "concurrency": 8, "calls_saved": 0}}
+                                                        "rate_limited": 1, "concurrency": 8, "calls_saved": 0,
+                                                        "cost": None, **dict.fromkeys(PACING_KEYS)}}
     _, rows = store.read_query(f"SELECT row_index, requests, prompt_tokens FROM tasks WHERE run_id = '{run.run_id}' "
                                "ORDER BY row_index")
     assert [tuple(r) for r in rows] == [(0, 1, 10), (1, 2, 10)]
     store.add_calls_saved(run.run_id, {("writer", "x"): 5})
     assert store.model_usage(run.run_id)["writer"]["calls_saved"] == 5
+
+
+def test_model_usage_adds_up_the_cost_and_keeps_the_latest_pacing_snapshot(store):
+    run = new_run()
+    store.create_run(run)
+    [claim] = store.claim_row_groups(run.run_id, 1, 60)
+    rg = claim.row_group
+    first = {"requests_per_minute": 60.0, "tokens_per_minute": 600.0, "max_requests_per_minute": 100,
+             "max_tokens_per_minute": None, "paced": 1, "headers": {"x-ratelimit-remaining-requests": "5"},
+             "headers_at": 1.0}
+    later = dict(first, tokens_per_minute=900.0, headers={"x-ratelimit-remaining-requests": "4"})
+    store.record(run.run_id, [(DONE, rg, "x", 0, "cell", encode("a"), ("writer", 1, 10, 4, 0, 8, 0.25, first))])
+    store.record(run.run_id, [(DONE, rg, "x", 1, "cell", encode("b"), ("writer", 1, 10, 4, 0, 8, 0.5, later)),
+                              (DONE, rg, "y", 1, "cell", encode("c"), ("writer", 1, 10, 4, 0, 8, None, None))])
+    m = store.model_usage(run.run_id)["writer"]
+    assert m["cost"] == pytest.approx(0.75)
+    assert m["tokens_per_minute"] == 900.0 and m["max_requests_per_minute"] == 100
+    assert m["rate_limit_headers"] == {"x-ratelimit-remaining-requests": "4"}

@@ -1,7 +1,7 @@
 """Per-attempt traces of runs traced with --trace (task_traces), read by `pipeline report`.
 
 Revision ID: 0009
-Revises: 0005 (re-chained on merge)
+Revises: 0007 (re-chained on merge)
 Create Date: 2026-11-30
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: Union[str, Sequence[str], None] = "0005"
+down_revision: Union[str, Sequence[str], None] = "0007"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 

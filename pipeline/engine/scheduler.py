@@ -364,10 +364,10 @@ class Scheduler:
                 if rg.dead or (r is not None and rg.tracker.dropped[r]):
                     lane.popleft()
                     continue
-                if not limit.try_acquire():
+                if not limit.try_acquire(nodes[j].max_tokens):  # no permit, or no room in its pace
                     break
                 lane.popleft()
-                start(rg, nodes[j], r, False)
+                start(rg, nodes[j], r, False, limit.last_reserved)
         if self._stateful is not None and self._in_flight < self._max_in_flight:
             for j, rg, r in self._stateful.take(self._live):
                 try:
@@ -381,12 +381,12 @@ class Scheduler:
                 if self._in_flight >= self._max_in_flight:
                     break
 
-    def _start(self, rg: _RowGroup, node: Any, r: int | None, counted: bool) -> None:
+    def _start(self, rg: _RowGroup, node: Any, r: int | None, counted: bool, reserved: int = 0) -> None:
         if counted:
             self._in_flight += 1
         key = (rg.id, node.index, r)
         self._unannounced[key] = [rg.id, node.name, r, node.task_type, False]
-        self._running[key] = self._loop.create_task(self._exec(rg, node, r, key, counted))
+        self._running[key] = self._loop.create_task(self._exec(rg, node, r, key, counted, reserved))
 
     def _announce(self) -> list[tuple]:
         """On the writer thread, before a commit: STARTED for tasks still running. Single dict
@@ -407,7 +407,8 @@ class Scheduler:
         if entry is not None:
             entry[4] = True
 
-    async def _exec(self, rg: _RowGroup, node: Any, r: int | None, key: tuple, counted: bool) -> None:
+    async def _exec(self, rg: _RowGroup, node: Any, r: int | None, key: tuple, counted: bool,
+                    reserved: int = 0) -> None:
         trace = None
         if self._trace:
             trace = TaskTrace(node.name, rg.id, r, node.task_type, dispatched_at=time.perf_counter())
@@ -471,7 +472,8 @@ class Scheduler:
             else:
                 node.limit.release(rate_limited=isinstance(error, ModelRateLimitError), outage=is_outage(error),
                                    answered=error is None or usage[0] > 0,
-                                   error=None if error is None else _describe(error))
+                                   error=None if error is None else _describe(error),
+                                   reserved=reserved, requests=usage[0], tokens=usage[1] + usage[2])
             if node.stateful and not deferred:  # a deferred stateful task keeps its generator
                 self._stateful.release(node.index)
             self._pump()
@@ -479,8 +481,12 @@ class Scheduler:
     # -- results --------------------------------------------------------------------------
     def _usage(self, node: Any, usage: list[int], exc: BaseException | None = None) -> tuple:
         """The usage field of a model-limited task's event (see pipeline.store.base)."""
+        pacer = getattr(node.limit, "pacer", None)
+        if pacer is None:
+            return (node.model, usage[0], usage[1], usage[2], int(isinstance(exc, ModelRateLimitError)),
+                    node.limit.limit)
         return (node.model, usage[0], usage[1], usage[2], int(isinstance(exc, ModelRateLimitError)),
-                node.limit.limit)
+                node.limit.limit, pacer.cost(usage[1], usage[2]), pacer.snapshot())
 
     def _cell_done(self, rg: _RowGroup, node: Any, r: int, value: Any, text: str,
                    usage: list | None = None) -> None:

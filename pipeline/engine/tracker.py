@@ -31,7 +31,7 @@ class PlanNode:
 
     __slots__ = ("index", "name", "strategy", "task_type", "outputs", "depends_on", "stateful",
                  "is_cell", "is_root", "cell_down", "batch_down", "n_cell_ups", "n_batch_ups",
-                 "gen", "is_async", "limit", "single", "model")
+                 "gen", "is_async", "limit", "single", "model", "max_tokens")
 
     def __init__(self, index: int, node: Any):
         self.index = index
@@ -52,6 +52,7 @@ class PlanNode:
         self.is_async = False
         self.limit: Any = None
         self.model: str | None = None  # model alias of a model-limited generator
+        self.max_tokens: int | None = None  # what one of its requests reserves (pacing)
 
 
 class Plan:
@@ -74,6 +75,8 @@ class Plan:
                 pn.is_async = bool(getattr(gen, "is_async", False))
                 pn.limit = getattr(gen, "limit", None)
                 pn.model = getattr(gen, "model_alias", None) or (node.name if pn.limit is not None else None)
+                max_tokens = getattr(gen, "max_tokens", None)
+                pn.max_tokens = max_tokens if isinstance(max_tokens, int) else None
         self.columns = graph.columns
         self.stateful = [n for n in self.nodes if n.stateful]
 

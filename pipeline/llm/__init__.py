@@ -1,8 +1,8 @@
 """The LLM layer: an OpenAI-compatible client, its error mapping, and per-model AIMD limits.
 
 One :class:`LlmRuntime` per loaded config and process holds what must be shared by every
-``llm_*`` column of that config: one pooled HTTP client, and one :class:`AdaptiveLimit` per
-model alias (two columns on the same model compete for the same server capacity, so they must
+``llm_*`` column of that config: one pooled HTTP client, and one :class:`AdaptiveLimit` (with
+its :class:`~pipeline.llm.pacing.Pacer`) per model alias (two columns on the same model compete for the same server capacity, so they must
 see the same 429s and share one limit). :func:`get_runtime` returns it, creating it on first use.
 
 The engine closes the pools of its run's runtimes (``await runtime.aclose()``) when its event
@@ -24,6 +24,7 @@ from pipeline.llm.client import (
     parse_retry_after,
 )
 from pipeline.llm.health import ANSWERED, OUTAGE, RATE_LIMITED, ModelHealth
+from pipeline.llm.pacing import Pacer
 from pipeline.llm.throttle import AdaptiveLimit
 from pipeline.redact import register_env
 
@@ -36,6 +37,7 @@ __all__ = [
     "ModelEndpoint",
     "ModelOutputError",
     "ModelRequestError",
+    "Pacer",
     "aclose_runtimes",
     "get_runtime",
     "parse_retry_after",
@@ -54,12 +56,21 @@ class LlmRuntime:
         }
         for endpoint in self.endpoints.values():  # their keys are blanked out of every message
             register_env(endpoint.api_key_env)
+            for _, value in endpoint.extra_headers:
+                if type(value) is tuple:
+                    register_env(value[1])
         self.limits: dict[str, AdaptiveLimit] = {
             alias: AdaptiveLimit(max(1, endpoint.max_parallel_requests)) for alias, endpoint in self.endpoints.items()
         }
+        for alias, model in (models or {}).items():
+            limit = self.limits[alias]
+            limit.pacer = Pacer(requests_per_minute=getattr(model, "max_requests_per_minute", None),
+                                tokens_per_minute=getattr(model, "max_tokens_per_minute", None),
+                                prices=getattr(model, "prices", None))
         # Every permit can hold a connection; more would only sit idle.
         pool = sum(limit.max_limit for limit in self.limits.values())
         self.client = LlmClient(max_connections=max(1, pool))
+        self.client.observers.update({alias: limit.observe for alias, limit in self.limits.items()})
         for alias, limit in self.limits.items():
             endpoint = self.endpoints[alias]
             limit.attach_health(ModelHealth(endpoint.where, probe=lambda e=endpoint: self.probe(e)))

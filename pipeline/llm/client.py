@@ -18,8 +18,18 @@ HTTP is aiohttp (C HTTP parser, keep-alive pool): one ``ClientSession`` per clie
 loop, created lazily on the loop of the first request. Proxies come from the environment
 (``HTTP(S)_PROXY``, ``NO_PROXY``), resolved once per URL and session; ``.netrc`` is not read.
 
-Secrets: the API key is read from the environment at the moment of each request and lives only
-in that request's headers (and in :mod:`pipeline.redact`'s registry, which blanks it out of every
+Provider options (per model): ``extra_headers`` are sent with every request (a value written
+``{env: NAME}`` is read from the environment at each request, like the key); ``extra_body`` is
+merged into every request's JSON (the client's own fields win where both set one);
+``api_key_header`` sends the key as that header's raw value (``api-key: KEY``, as Azure OpenAI
+wants) instead of ``Authorization: Bearer KEY``. The preflight and the health probes send the
+same headers and body fields.
+
+Every answer's headers go to ``LlmClient.observers[alias]`` (the model's pacer reads its
+``x-ratelimit-*``; :mod:`pipeline.llm.pacing`).
+
+Secrets: the API key (and every env-read header value) is read from the environment at the
+moment of each request and lives only in that request's headers (and in :mod:`pipeline.redact`'s registry, which blanks it out of every
 message and answer). It is never stored on an object, never put in a message, and the
 frames that hold it are never part of a raised exception's traceback (errors are built there
 and raised by the caller). aiohttp exceptions, which carry the request and its headers, are
@@ -38,9 +48,9 @@ import os
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import aiohttp
 
@@ -88,10 +98,22 @@ class ModelEndpoint:
     api_key_env: str | None = None
     timeout_s: float = 60.0
     max_parallel_requests: int = 16
+    #: ``(name, value)``: a value is the text sent, or ``("env", NAME)`` to read it from NAME.
+    extra_headers: tuple[tuple[str, str | tuple[str, str]], ...] = ()
+    extra_body: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: The header the key goes in, raw (``api-key``); None: ``Authorization: Bearer KEY``.
+    api_key_header: str | None = None
+
+    def __repr__(self) -> str:  # header values stay out of reprs
+        return f"ModelEndpoint(alias={self.alias!r}, where={self.where!r}, model={self.model!r})"
 
     @classmethod
     def from_config(cls, alias: str, model_config: Any) -> "ModelEndpoint":
         """Build from a config's model entry (anything with the ModelConfig attributes)."""
+        headers = []
+        for name, value in (getattr(model_config, "extra_headers", None) or {}).items():
+            env = value.get("env") if isinstance(value, dict) else getattr(value, "env", None)
+            headers.append((name, ("env", env) if env is not None else str(value)))
         return cls(
             alias=alias,
             base_url=str(model_config.base_url),
@@ -99,6 +121,9 @@ class ModelEndpoint:
             api_key_env=getattr(model_config, "api_key_env", None),
             timeout_s=float(getattr(model_config, "timeout_s", 60.0)),
             max_parallel_requests=int(getattr(model_config, "max_parallel_requests", 16)),
+            extra_headers=tuple(headers),
+            extra_body=dict(getattr(model_config, "extra_body", None) or {}),
+            api_key_header=getattr(model_config, "api_key_header", None),
         )
 
     @property
@@ -159,6 +184,8 @@ class LlmClient:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._proxies: dict[str, str | None] = {}  # endpoint URL -> proxy URL (or None), per pool
+        #: alias -> called with the headers of every answer of that model (pacing).
+        self.observers: dict[str, Callable[[Mapping[str, str]], None]] = {}
 
     def __repr__(self) -> str:
         state = "open" if self._session is not None else "closed"
@@ -184,7 +211,7 @@ class LlmClient:
 
         Raises the errors of the module docstring; nothing else escapes but cancellation.
         """
-        payload: dict[str, Any] = {"model": endpoint.model, "messages": list(messages)}
+        payload: dict[str, Any] = {**endpoint.extra_body, "model": endpoint.model, "messages": list(messages)}
         if temperature is not None:
             payload["temperature"] = temperature
         if max_tokens is not None:
@@ -207,6 +234,8 @@ class LlmClient:
         Returns the answer (status below 300: ``status_code``, ``headers``, ``body``) or the
         error of the module docstring for any other outcome; never raises but cancellation.
         """
+        if isinstance(payload, dict) and method == "POST" and endpoint.extra_body:
+            payload = {**endpoint.extra_body, **payload}
         body = None if payload is None else json.dumps(payload).encode()
         url = endpoint.base_url.rstrip("/") + path
         return await self._post(endpoint, body, method=method, url=url, extra_headers=headers)
@@ -218,6 +247,18 @@ class LlmClient:
         # For the same reason every exception of the HTTP layer is caught here: its traceback
         # runs through aiohttp frames whose locals hold the request headers.
         headers = {"Accept": "application/json", "Content-Type": "application/json", **(extra_headers or {})}
+        for name, value in endpoint.extra_headers:
+            if type(value) is tuple:  # ("env", NAME)
+                secret = os.environ.get(value[1])
+                if not secret:
+                    return ModelRequestError(
+                        f"{endpoint.where}: the environment variable {value[1]} (of extra_headers.{name}) "
+                        "is not set; export it and resume the run")
+                register_secret(secret)
+                headers[name] = secret
+                del secret
+            else:
+                headers[name] = value
         if endpoint.api_key_env:
             key = os.environ.get(endpoint.api_key_env)
             if not key:
@@ -226,7 +267,10 @@ class LlmClient:
                     "(its api_key_env) is not set; export it and resume the run"
                 )
             register_secret(key)  # a server may echo it: every message it could reach is redacted
-            headers["Authorization"] = f"Bearer {key}"
+            if endpoint.api_key_header:
+                headers[endpoint.api_key_header] = key
+            else:
+                headers["Authorization"] = f"Bearer {key}"
             del key
         session, one_off = await self._session_for_running_loop()
         url = url or endpoint.url
@@ -258,6 +302,9 @@ class LlmClient:
             headers.clear()  # nothing of the key stays in this frame's locals
             if one_off:
                 await session.close()
+        observe = self.observers.get(endpoint.alias)
+        if observe is not None:
+            observe(answer.headers)
         if answer.status_code >= 300:
             return _status_error(endpoint, answer)
         return answer

@@ -34,6 +34,12 @@ acquires a permit before it runs an LLM task and releases it when the task ends.
 A limit may carry a :class:`~pipeline.llm.health.ModelHealth` (``health``): while it says the
 endpoint is down, no permit is handed out, and :meth:`AdaptiveLimit.release` reports each
 call's outcome to it.
+
+A limit may carry a :class:`~pipeline.llm.pacing.Pacer` (``pacer``): a permit is handed out only
+when the model's per-minute budgets and the server's ``x-ratelimit-*`` counts have room
+(:meth:`AdaptiveLimit.try_acquire` reserves a request and its tokens); otherwise nothing is
+taken, and a timer calls ``on_available`` when there is room again. A task that waits for room
+so holds no permit and spends no attempt.
 """
 
 from __future__ import annotations
@@ -42,10 +48,13 @@ import asyncio
 import collections
 import contextlib
 import math
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Mapping
 
 from pipeline.errors import ModelRateLimitError, is_outage
 from pipeline.llm.health import ANSWERED, OUTAGE, RATE_LIMITED, ModelHealth
+
+if TYPE_CHECKING:
+    from pipeline.llm.pacing import Pacer
 
 __all__ = ["AdaptiveLimit"]
 
@@ -106,9 +115,16 @@ class AdaptiveLimit:
         self._requests = 0
         self._rate_limited = 0
         self._cuts = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # (future, max_tokens): the future's result is the tokens reserved for it
+        self._waiters: collections.deque[tuple[asyncio.Future[int], int | None]] = collections.deque()
         #: The endpoint's circuit breaker (set by the runtime); None: always up.
         self.health: ModelHealth | None = None
+        #: The model's pacing (set by the runtime); None: no pacing.
+        self.pacer: Pacer | None = None
+        #: Tokens the last successful :meth:`try_acquire` reserved; give them back to release().
+        self.last_reserved = 0
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_due = math.inf
 
     def attach_health(self, health: ModelHealth) -> None:
         """Gate permits on ``health`` and reopen when the endpoint answers again."""
@@ -118,40 +134,54 @@ class AdaptiveLimit:
     def __repr__(self) -> str:
         return f"AdaptiveLimit(limit={self.limit}, in_use={self.in_use}, max_limit={self.max_limit})"
 
-    def try_acquire(self) -> bool:
-        """Take a permit if one is free now. Never waits."""
+    def try_acquire(self, max_tokens: int | None = None) -> bool:
+        """Take a permit if one is free now and the pacer has room for a request of
+        ``max_tokens`` (``last_reserved`` then holds the tokens reserved). Never waits."""
         # Waiters of acquire() come first, so a busy dispatcher cannot starve them.
         if self.in_use < self.limit and not self._waiters and not (self.health is not None and self.health.down):
+            pacer = self.pacer
+            if pacer is not None:
+                reserved = pacer.try_take(max_tokens, self.in_use)
+                if reserved < 0:
+                    self._wake_after(pacer.wait_s)
+                    return False
+                self.last_reserved = reserved
             self.in_use += 1
             return True
         return False
 
-    async def acquire(self) -> None:
-        """Wait for a permit (first come, first served). Cancellation leaves no permit taken."""
-        if self.try_acquire():
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+    async def acquire(self, max_tokens: int | None = None) -> int:
+        """Wait for a permit (first come, first served); returns the tokens reserved.
+        Cancellation leaves no permit taken."""
+        if self.try_acquire(max_tokens):
+            return self.last_reserved
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        entry = (future, max_tokens)
+        self._waiters.append(entry)
         try:
-            await future
+            return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 # The permit was handed over just as we were cancelled: give it back.
-                self.release()
+                self.release(reserved=future.result(), requests=0, tokens=0)
             else:
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(future)
+                    self._waiters.remove(entry)
             raise
 
     def release(self, *, rate_limited: bool = False, outage: bool = False, answered: bool = True,
-                error: str | None = None) -> None:
+                error: str | None = None, reserved: int = 0, requests: int | None = None,
+                tokens: int | None = None) -> None:
         """Give a permit back; ``rate_limited`` says the request ended with HTTP 429, ``outage``
         that the endpoint failed (:func:`pipeline.errors.is_outage`), ``answered`` (when neither)
         that it answered at least once (false: no request was made). ``error`` describes an
-        outage for the health log."""
+        outage for the health log. For the pacer: ``reserved`` (what the acquire reserved),
+        ``requests`` sent and ``tokens`` used in all (None: 1 request, as reserved)."""
         if self.in_use <= 0:
             raise RuntimeError("AdaptiveLimit.release() without a matching acquire")
         self.in_use -= 1
+        if self.pacer is not None:
+            self.pacer.settle(reserved, 1 if requests is None else requests, reserved if tokens is None else tokens)
         health = self.health
         if health is not None:
             if rate_limited:
@@ -184,10 +214,10 @@ class AdaptiveLimit:
         self._hand_over()
 
     @contextlib.asynccontextmanager
-    async def permit(self) -> AsyncIterator[None]:
+    async def permit(self, max_tokens: int | None = None) -> AsyncIterator[None]:
         """``async with limit.permit():`` acquires, and releases with the outcome of the body
         (a :class:`~pipeline.errors.ModelRateLimitError`, an outage, or an answer)."""
-        await self.acquire()
+        reserved = await self.acquire(max_tokens)
         rate_limited = outage = False
         try:
             yield
@@ -198,7 +228,12 @@ class AdaptiveLimit:
             outage = is_outage(exc)
             raise
         finally:
-            self.release(rate_limited=rate_limited, outage=outage)
+            self.release(rate_limited=rate_limited, outage=outage, reserved=reserved)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """An answer's headers, for the pacer (``x-ratelimit-*``); called by the client."""
+        if self.pacer is not None:
+            self.pacer.observe(headers, self.in_use)
 
     def stats(self) -> dict[str, int]:
         """Counters for progress displays and benchmarks."""
@@ -225,11 +260,42 @@ class AdaptiveLimit:
     def _hand_over(self) -> None:
         if self.health is not None and self.health.down:
             return
+        pacer = self.pacer
         while self._waiters and self.in_use < self.limit:
-            future = self._waiters.popleft()
+            future, max_tokens = self._waiters[0]
             if future.done():  # cancelled while queued
+                self._waiters.popleft()
                 continue
+            reserved = 0
+            if pacer is not None:
+                reserved = pacer.try_take(max_tokens, self.in_use)
+                if reserved < 0:
+                    self._wake_after(pacer.wait_s)
+                    return
+            self._waiters.popleft()
             self.in_use += 1
-            future.set_result(None)
+            future.set_result(reserved)
         if self.in_use < self.limit and self.on_available is not None:
             self.on_available()
+
+    def _wake_after(self, delay_s: float) -> None:
+        """One timer at a time: hand over again once the pacer has room (at most a minute on,
+        then it looks again)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # used off a loop (a test): the caller asks again
+            return
+        delay_s = min(max(delay_s, 0.001), 60.0)
+        now = loop.time()
+        due = now + delay_s
+        if self._wake is not None:
+            # A timer past due belongs to a loop that ended (a run before this one): replace it.
+            if now - 1.0 <= self._wake_due <= due + 0.001:
+                return
+            self._wake.cancel()
+        self._wake_due = due
+        self._wake = loop.call_at(due, self._woken)
+
+    def _woken(self) -> None:
+        self._wake, self._wake_due = None, math.inf
+        self._hand_over()

@@ -26,7 +26,9 @@ Events (``kind`` first)::
 
 DONE, DEFERRED and FAILED events of a task that called a model carry one more field, its usage
 in that attempt: ``(model, requests, prompt_tokens, completion_tokens, rate_limited,
-concurrency)``; it is recorded with the transition, in the same transaction.
+concurrency)``, optionally followed by ``cost`` (money at the model's prices, or None) and the
+model's pacing snapshot (:meth:`pipeline.llm.pacing.Pacer.snapshot`, or None); it is recorded
+with the transition, in the same transaction.
 
 ``text`` is the JSON text (:func:`pipeline.values.prepare`) of what the generator produced,
 made canonical and encoded once, on the event loop, when the task finished: for a cell task of
@@ -335,7 +337,10 @@ class Store(Protocol):
 
     def model_usage(self, run_id: str) -> dict[str, dict[str, int]]:
         """``{model alias: {"requests", "prompt_tokens", "completion_tokens", "rate_limited",
-        "concurrency", "calls_saved"}}`` summed over the run's generators."""
+        "concurrency", "calls_saved", "cost", "requests_per_minute", "tokens_per_minute",
+        "max_requests_per_minute", "max_tokens_per_minute", "paced", "rate_limit_headers"}}``
+        summed over the run's generators; ``cost`` is None without prices, the pacing facts are
+        the latest its process recorded (None before any)."""
 
     def generator_states(self, run_id: str) -> dict[str, tuple[int, Any]]:
         """``{generator: (row group, state)}``: the state each stateful generator recorded

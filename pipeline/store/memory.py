@@ -266,13 +266,19 @@ class MemoryStore:
                 elif kind == FAILED:
                     t["attempts"], t["last_error"] = ev[5]
                 if len(ev) > 6:  # model usage of this attempt
-                    model, n, p, c, limited, concurrency = ev[6]
+                    model, n, p, c, limited, concurrency, *more = ev[6]
                     u = self._usage_row(run, model, ev[2])
                     for k, v in (("requests", n), ("prompt_tokens", p), ("completion_tokens", c)):
                         u[k] += v
                         t[k] = (t.get(k) or 0) + v
                     u["rate_limited"] += limited
                     u["concurrency"] = concurrency
+                    u["updated_at"] = now
+                    if more:
+                        if more[0] is not None:
+                            u["cost"] = (u["cost"] or 0.0) + more[0]
+                        if more[1] is not None:
+                            u["pacing"] = dict(more[1])
         for rg in lost:
             self._epochs.pop((run_id, rg), None)
         return lost
@@ -418,19 +424,17 @@ class MemoryStore:
     def _usage_row(run: dict, model: str, generator: str) -> dict:
         return run["usage"].setdefault((model, generator), {
             "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "rate_limited": 0, "concurrency": None,
-            "calls_saved": 0})
+            "calls_saved": 0, "cost": None, "pacing": None, "updated_at": 0.0})
 
     def model_usage(self, run_id: str) -> dict[str, dict[str, int]]:
+        from pipeline.store.usage import merge_row
+
         with self._lock:
             out: dict[str, dict] = {}
-            for (model, _), u in sorted(self._run(run_id)["usage"].items()):
-                m = out.setdefault(model, {k: 0 for k in u} | {"concurrency": None})
-                for k, v in u.items():
-                    if k == "concurrency":
-                        m[k] = v if v is not None else m[k]
-                    else:
-                        m[k] += v
-            return out
+            rows = sorted(self._run(run_id)["usage"].items(), key=lambda item: (item[1]["updated_at"], item[0]))
+            for (model, _), u in rows:
+                merge_row(out, model, u, u["pacing"])
+            return dict(sorted(out.items()))
 
     def add_calls_saved(self, run_id: str, saved: dict[tuple[str, str], int]) -> None:
         with self._lock:

@@ -212,6 +212,10 @@ model_usage = sa.Table(
     sa.Column("concurrency", sa.Integer, nullable=True),
     sa.Column("calls_saved", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("updated_at", Time, nullable=False),
+    # Money spent at the model's configured prices (NULL without prices), and the model's pacing
+    # as its process last saw it: JSON of pipeline.llm.pacing.Pacer.snapshot() (0007).
+    sa.Column("cost", sa.Double, nullable=True),
+    sa.Column("pacing_json", sa.Text, nullable=True),
 )
 
 workers = sa.Table(

@@ -1,10 +1,11 @@
 """Model usage in the state store: requests and tokens per task (while its row group is live)
 and summed per run, model alias and generator in ``model_usage`` (kept after compaction), with
-the model's last concurrency and the finished calls resumes saved. Same SQL on SQLite and
-PostgreSQL."""
+the model's last concurrency, the finished calls resumes saved, the money spent (``cost``) and
+the model's last pacing snapshot (``pacing_json``). Same SQL on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import sqlalchemy as sa
@@ -18,12 +19,14 @@ _TASK_USAGE = sa.text(
     "WHERE run_id = :r AND row_group = :rg AND column_name = :g AND slot = :s")
 _MODEL_USAGE = sa.text(
     "INSERT INTO model_usage (run_id, model, generator, requests, prompt_tokens, completion_tokens, rate_limited, "
-    "concurrency, calls_saved, updated_at) VALUES (:r, :m, :g, :n, :p, :c, :l, :k, 0, :t) "
+    "concurrency, calls_saved, updated_at, cost, pacing_json) VALUES (:r, :m, :g, :n, :p, :c, :l, :k, 0, :t, :cost, :pj) "
     "ON CONFLICT (run_id, model, generator) DO UPDATE SET requests = model_usage.requests + excluded.requests, "
     "prompt_tokens = model_usage.prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = model_usage.completion_tokens + excluded.completion_tokens, "
     "rate_limited = model_usage.rate_limited + excluded.rate_limited, "
-    "concurrency = excluded.concurrency, updated_at = excluded.updated_at")
+    "concurrency = excluded.concurrency, updated_at = excluded.updated_at, "
+    "cost = CASE WHEN excluded.cost IS NULL THEN model_usage.cost ELSE COALESCE(model_usage.cost, 0) + excluded.cost END, "
+    "pacing_json = COALESCE(excluded.pacing_json, model_usage.pacing_json)")
 _CALLS_SAVED = sa.text(
     "INSERT INTO model_usage (run_id, model, generator, calls_saved, updated_at) VALUES (:r, :m, :g, :n, :t) "
     "ON CONFLICT (run_id, model, generator) DO UPDATE SET "
@@ -32,51 +35,78 @@ _CALLS_SAVED = sa.text(
 
 def write(conn: Connection, run_id: str, now: float, ours: dict, usage: list) -> None:
     """``usage``: ``[((rg, generator, row_index), (model, requests, prompt, completion,
-    rate_limited, concurrency))]`` from one journal batch. Only row groups this owner holds
-    (``ours``) count: a fenced-out zombie's calls are not added."""
+    rate_limited, concurrency[, cost, pacing snapshot]))]`` from one journal batch. Only row
+    groups this owner holds (``ours``) count: a fenced-out zombie's calls are not added. The
+    batch's last snapshot per model is stored (JSON, once per batch)."""
     per_task: dict[tuple, list[int]] = {}
     per_model: dict[tuple[str, str], list] = {}
-    for key, (model, n, p, c, limited, concurrency) in usage:
+    for key, (model, n, p, c, limited, concurrency, *more) in usage:
         if key[0] not in ours:
             continue
         t = per_task.setdefault(key, [0, 0, 0])
         t[0] += n
         t[1] += p
         t[2] += c
-        m = per_model.setdefault((model, key[1]), [0, 0, 0, 0, None])
+        m = per_model.setdefault((model, key[1]), [0, 0, 0, 0, None, None, None])
         m[0] += n
         m[1] += p
         m[2] += c
         m[3] += limited
         m[4] = concurrency
+        if more:
+            cost, snapshot = more
+            if cost is not None:
+                m[5] = (m[5] or 0.0) + cost
+            if snapshot is not None:
+                m[6] = snapshot
     if not per_task:
         return
     conn.execute(_TASK_USAGE, [
         {"r": run_id, "rg": rg, "g": gen, "s": -1 if ri is None else ri, "n": n, "p": p, "c": c}
         for (rg, gen, ri), (n, p, c) in per_task.items()])
     conn.execute(_MODEL_USAGE, [
-        {"r": run_id, "m": model, "g": gen, "n": n, "p": p, "c": c, "l": limited, "k": concurrency, "t": now}
-        for (model, gen), (n, p, c, limited, concurrency) in per_model.items()])
+        {"r": run_id, "m": model, "g": gen, "n": n, "p": p, "c": c, "l": limited, "k": concurrency, "t": now,
+         "cost": cost, "pj": None if snapshot is None else json.dumps(snapshot)}
+        for (model, gen), (n, p, c, limited, concurrency, cost, snapshot) in per_model.items()])
 
 
 def read(conn: Connection, run_id: str) -> dict[str, dict[str, int]]:
     """``{model alias: {requests, prompt_tokens, completion_tokens, rate_limited, concurrency,
-    calls_saved}}`` summed over the run's generators."""
-    out: dict[str, dict[str, int]] = {}
+    calls_saved, cost, <pacing>}}`` summed over the run's generators (see :func:`merge_row`)."""
+    out: dict[str, dict] = {}
     rows = conn.execute(sa.text(
-        "SELECT model, requests, prompt_tokens, completion_tokens, rate_limited, concurrency, calls_saved "
-        "FROM model_usage WHERE run_id = :r ORDER BY model, generator"), {"r": run_id}).all()
-    for model, n, p, c, limited, concurrency, saved in rows:
-        m = out.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                   "rate_limited": 0, "concurrency": None, "calls_saved": 0})
-        m["requests"] += n
-        m["prompt_tokens"] += p
-        m["completion_tokens"] += c
-        m["rate_limited"] += limited
-        m["calls_saved"] += saved
-        if concurrency is not None:
-            m["concurrency"] = concurrency
-    return out
+        "SELECT model, requests, prompt_tokens, completion_tokens, rate_limited, concurrency, calls_saved, "
+        "cost, pacing_json, updated_at FROM model_usage WHERE run_id = :r ORDER BY updated_at, model, generator"),
+        {"r": run_id}).all()
+    for model, n, p, c, limited, concurrency, saved, cost, pacing, _ in rows:
+        merge_row(out, model, {"requests": n, "prompt_tokens": p, "completion_tokens": c, "rate_limited": limited,
+                               "concurrency": concurrency, "calls_saved": saved, "cost": cost},
+                  json.loads(pacing) if pacing else None)
+    return dict(sorted(out.items()))
+
+
+#: The pacing facts of a model in ``model_usage`` reads (None until its process saw them).
+PACING_KEYS = ("requests_per_minute", "tokens_per_minute", "max_requests_per_minute", "max_tokens_per_minute",
+               "paced", "rate_limit_headers")
+
+
+def merge_row(out: dict, model: str, row: dict, pacing: dict | None) -> None:
+    """Add one generator's row to ``out[model]``; rows come oldest first, so the latest
+    concurrency and pacing snapshot win. ``cost`` stays None when no row has one."""
+    m = out.get(model)
+    if m is None:
+        m = out[model] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "rate_limited": 0,
+                          "concurrency": None, "calls_saved": 0, "cost": None, **dict.fromkeys(PACING_KEYS)}
+    for k in ("requests", "prompt_tokens", "completion_tokens", "rate_limited", "calls_saved"):
+        m[k] += row[k]
+    if row["concurrency"] is not None:
+        m["concurrency"] = row["concurrency"]
+    if row.get("cost") is not None:
+        m["cost"] = (m["cost"] or 0.0) + row["cost"]
+    if pacing:
+        for k in PACING_KEYS[:-1]:
+            m[k] = pacing.get(k)
+        m["rate_limit_headers"] = pacing.get("headers") or {}
 
 
 def add_calls_saved(conn: Connection, run_id: str, saved: dict[tuple[str, str], int]) -> None:
