@@ -1,8 +1,9 @@
 """Who this process is, and whether the owner of a lease is still alive.
 
-An owner id is ``host:pid:start:token``. ``start`` is the process start time (clock ticks since
-boot, from /proc), so a recycled pid is not mistaken for the old owner. On the same host a lease
-whose owner process is gone is free at once; leases of other hosts expire after ``lease_s``.
+An owner id is ``host:pid:start:token``. ``start`` is the process's creation time (milliseconds
+since the epoch, from psutil: Linux, macOS, Windows), so a recycled pid is not mistaken for the
+old owner. On the same host a lease whose owner process is gone (or a zombie: killed, not yet
+reaped) is free at once; leases of other hosts expire after ``lease_s``.
 """
 
 from __future__ import annotations
@@ -11,22 +12,24 @@ import os
 import secrets
 import socket
 
+import psutil
+
 __all__ = ["make_owner_id", "owner_is_gone", "HOST"]
 
 HOST = socket.gethostname()
 
 
 def _process_start(pid: int) -> str | None:
+    """The process's creation time in ms as text, or None when it is gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        return str(int(process.create_time() * 1000))
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
-    # The command name (field 2) may hold spaces and parentheses; fields resume after the last ')'.
-    rest = stat.rsplit(")", 1)[-1].split()
-    if not rest or rest[0] in ("Z", "X"):  # field 3, the state: a killed child not yet reaped is gone
-        return None
-    return rest[19] if len(rest) > 19 else None  # field 22: starttime
+    except psutil.AccessDenied:  # alive, but not ours to inspect
+        return "?"
 
 
 def make_owner_id() -> str:
@@ -47,16 +50,6 @@ def owner_is_gone(owner: str | None) -> bool:
     except ValueError:
         return False
     start = _process_start(pid)
-    if start is None:  # no /proc entry: gone on Linux; elsewhere ask the kernel
-        return True if os.path.isdir("/proc/self") else not _pid_alive(pid)
-    return parts[2] != "0" and start != parts[2]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    if start is None:
         return True
-    return True
+    return parts[2] != "0" and start != "?" and start != parts[2]
