@@ -136,7 +136,10 @@ def child_api(spec: dict) -> dict:
     """A shape through ``pipeline.run`` after a warm-up run in the same home."""
     import pipeline
 
+    for name in ("BENCH_SLEEP", "BENCH_RETRY", "BENCH_FAIL"):  # a batch runs several cases in one process
+        os.environ.pop(name, None)
     os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
+    sys.modules.pop("cmp_fns", None)  # this case's functions module, from its own folder
     folder = Path(tempfile.mkdtemp(prefix="bench-cmp-"))
     home = folder / "home"
     path = write_config(folder, spec["shape"], spec["records"], columns=spec.get("columns", 10))
@@ -242,10 +245,28 @@ def child_cold(spec: dict) -> dict:
     return out
 
 
-CHILDREN = {"api": child_api, "llm": child_llm, "resume": child_resume, "cold": child_cold}
+def child_batch(spec: dict) -> list[dict]:
+    """Several api cases in one process (``--quick`` only: process starts dominate tiny cases)."""
+    return [child_api(one) for one in spec["specs"]]
+
+
+CHILDREN = {"api": child_api, "llm": child_llm, "resume": child_resume, "cold": child_cold, "batch": child_batch}
+#: results of --quick's batched children, by the JSON of their spec
+_PREFETCHED: dict[str, dict] = {}
+
+
+def prefetch(specs: list[dict], ref_specs: list[dict], ref_python: str | None) -> None:
+    """Runs ``specs`` in one child and ``ref_specs`` in one reference process (``--quick``)."""
+    results = run_child({"kind": "batch", "specs": specs}) if specs else []
+    _PREFETCHED.update({json.dumps(["ours", sp]): r for sp, r in zip(specs, results)})
+    if ref_specs and ref_python:
+        results = run_reference(ref_python, ref_specs)
+        _PREFETCHED.update({json.dumps(["ref", sp]): r for sp, r in zip(ref_specs, results)})
 
 
 def run_child(spec: dict) -> dict:
+    if json.dumps(["ours", spec]) in _PREFETCHED:
+        return _PREFETCHED.pop(json.dumps(["ours", spec]))
     out = subprocess.run([sys.executable, str(HERE / "bench.py"), "--compare-child", json.dumps(spec)],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode:
@@ -253,7 +274,9 @@ def run_child(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_reference(python: str, spec: dict) -> dict:
+def run_reference(python: str, spec: dict | list) -> dict | list:
+    if json.dumps(["ref", spec]) in _PREFETCHED:
+        return _PREFETCHED.pop(json.dumps(["ref", spec]))
     out = subprocess.run([python, str(HERE / "bench_reference.py"), json.dumps(spec)], capture_output=True,
                          text=True, cwd=ROOT)
     if out.returncode:
@@ -371,7 +394,11 @@ def compare(args) -> dict:
     if ref_python is None:
         print(SKIPPED, flush=True)
     figures = {}
-    for case in cases(args.quick, args.scale):
+    todo = cases(args.quick, args.scale)
+    if args.quick:
+        prefetch([{**c["ours"], "seed": 100} for c in todo if c["ours"]["kind"] == "api"],
+                 [c["ref"] for c in todo if c.get("ref")], ref_python)
+    for case in todo:
         res = measure(case, repeat, ref_python)
         if case["kind"] == "cold":  # one child times both: a new home, then the same home again
             for home in ("fresh", "existing"):

@@ -5,7 +5,7 @@ from ``pipeline``.
 
     python scripts/bench_reference.py '{"kind": "latency", "shape": "dual", "records": 200}'
 
-Prints one JSON line: ``{"seconds": wall of scheduler.run(), "tasks": cells + batch tasks run,
+Prints one JSON line (a list of them for a list of specs): ``{"seconds": wall of scheduler.run(), "tasks": cells + batch tasks run,
 "peak_rss_mb": ..., "rss_before_mb": ...}``. The graph, tracker, generators and scheduler are
 built before the clock starts (as our timing excludes imports and the store's schema); a warm-up
 run of the same shape on 2 row groups comes first in the same process.
@@ -145,6 +145,13 @@ def build(spec: dict, records: int):
 def main() -> None:
     logging.disable(logging.CRITICAL)  # its per-row-group progress lines are not part of the figure
     spec = json.loads(sys.argv[1])
+    if isinstance(spec, list):  # several cases in one process (bench --compare --quick)
+        print(json.dumps([one(s) for s in spec]))
+    else:
+        print(json.dumps(one(spec)))
+
+
+def one(spec: dict) -> dict:
     scheduler, _ = build(spec, min(spec["records"], 2 * spec["row_group_size"]))
     asyncio.run(scheduler.run())  # warm-up: lazy imports, first-call caches
     scheduler, tasks = build(spec, spec["records"])
@@ -153,7 +160,7 @@ def main() -> None:
     asyncio.run(scheduler.run())
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "tasks": tasks, "peak_rss_mb": rss, "rss_before_mb": rss_before}))
+    return {"seconds": seconds, "tasks": tasks, "peak_rss_mb": rss, "rss_before_mb": rss_before}
 
 
 if __name__ == "__main__":
