@@ -5,7 +5,7 @@
     python scripts/bench.py --section latency  # the dual shape with 50 ms python cells (no HTTP)
     python scripts/bench.py --section dual  # LLM "dual" shape against the fake server
     python scripts/bench.py --compare --json out.json  # issue 12: every case, ours beside the reference
-    python scripts/bench.py --compare --quick  # the same cases at tiny sizes (seconds)
+    python scripts/bench.py --compare --quick  # the same cases at tiny sizes (a smoke test)
 
 Engine shape (issue 2): a 10-column pipeline of no-op async python columns: one sampler root,
 8 cell columns reading it, one batch column reading them all; row groups of 1,000. Each case
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compare", action="store_true",
                         help="every case of issue 12, ours beside the reference (scripts/bench_compare.py)")
-    parser.add_argument("--quick", action="store_true", help="with --compare: tiny sizes, one run each (seconds)")
+    parser.add_argument("--quick", action="store_true", help="with --compare: tiny sizes, one run each, cases batched in one process (a smoke test)")
     parser.add_argument("--scale", action="store_true",
                         help="with --compare: also 1,000,000 x 10 (ours) and the reference's 100,000 x 10 (minutes)")
     parser.add_argument("--json", metavar="FILE", help="with --compare: also write the figures as JSON")
