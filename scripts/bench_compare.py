@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -132,6 +133,26 @@ def rss_mb() -> float:
 
 
 # -- children: one case each, in a fresh process ------------------------------------------------
+_FOLDERS: list[Path] = []
+
+
+def new_folder(prefix: str) -> Path:
+    """A temporary folder that the child removes when it is done (removes_its_folders)."""
+    _FOLDERS.append(Path(tempfile.mkdtemp(prefix=prefix)))
+    return _FOLDERS[-1]
+
+
+def removes_its_folders(fn):
+    def wrapper(spec: dict) -> dict:
+        try:
+            return fn(spec)
+        finally:
+            while _FOLDERS:
+                shutil.rmtree(_FOLDERS.pop(), ignore_errors=True)
+    return wrapper
+
+
+@removes_its_folders
 def child_api(spec: dict) -> dict:
     """A shape through ``pipeline.run`` after a warm-up run in the same home."""
     import pipeline
@@ -140,7 +161,7 @@ def child_api(spec: dict) -> dict:
         os.environ.pop(name, None)
     os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
     sys.modules.pop("cmp_fns", None)  # this case's functions module, from its own folder
-    folder = Path(tempfile.mkdtemp(prefix="bench-cmp-"))
+    folder = new_folder("bench-cmp-")
     home = folder / "home"
     path = write_config(folder, spec["shape"], spec["records"], columns=spec.get("columns", 10))
     size = 1000 if spec["shape"] == "noop" else 50
@@ -209,8 +230,9 @@ def first_cell_after(t0: float, mark: Path) -> float:
     return float(mark.read_text()) - t0
 
 
+@removes_its_folders
 def child_resume(spec: dict) -> dict:
-    folder = Path(tempfile.mkdtemp(prefix="bench-resume-"))
+    folder = new_folder("bench-resume-")
     home = str(folder / "home")
     path = write_config(folder, "noop", spec["records"], columns=10)
     half = folder / "half"
@@ -228,8 +250,9 @@ def child_resume(spec: dict) -> dict:
     return {"seconds": first_cell_after(t0, first), "wall_s": wall}
 
 
+@removes_its_folders
 def child_cold(spec: dict) -> dict:
-    folder = Path(tempfile.mkdtemp(prefix="bench-cold-"))
+    folder = new_folder("bench-cold-")
     home = str(folder / "home")
     path = write_config(folder, "noop", spec["records"], columns=3)
     out = {}
