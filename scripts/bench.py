@@ -4,6 +4,8 @@
     python scripts/bench.py --records 10000 --repeat 3
     python scripts/bench.py --section latency  # the dual shape with 50 ms python cells (no HTTP)
     python scripts/bench.py --section dual  # LLM "dual" shape against the fake server
+    python scripts/bench.py --compare --json out.json  # issue 12: every case, ours beside the reference
+    python scripts/bench.py --compare --quick  # the same cases at tiny sizes (a smoke test)
 
 Engine shape (issue 2): a 10-column pipeline of no-op async python columns: one sampler root,
 8 cell columns reading it, one batch column reading them all; row groups of 1,000. Each case
@@ -27,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 CELLS = 8
 
@@ -169,9 +172,29 @@ def main() -> None:
     parser.add_argument("--section", choices=["engine", "latency", "dual", "all"], default="engine")
     parser.add_argument("--records", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--compare", action="store_true",
+                        help="every case of issue 12, ours beside the reference (scripts/bench_compare.py)")
+    parser.add_argument("--quick", action="store_true", help="with --compare: tiny sizes, one run each, cases batched in one process (a smoke test)")
+    parser.add_argument("--scale", action="store_true",
+                        help="with --compare: also 1,000,000 x 10 (ours) and the reference's 100,000 x 10 (minutes)")
+    parser.add_argument("--json", metavar="FILE", help="with --compare: also write the figures as JSON")
+    parser.add_argument("--no-reference", action="store_true", help="with --compare: ours only")
+    parser.add_argument("--reference-python", metavar="PATH",
+                        help="with --compare: the interpreter that has data-designer-engine 0.9.7")
+    parser.add_argument("--verbose", action="store_true", help="with --compare: print each case's figures as it ends")
+    parser.add_argument("--compare-child", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(one_case(args.child[0], int(args.child[1]))))
+        return
+    if args.compare or args.compare_child:
+        import bench_compare
+
+        if args.compare_child:
+            spec = json.loads(args.compare_child)
+            print(json.dumps(bench_compare.CHILDREN[spec["kind"]](spec)))
+        else:
+            bench_compare.compare(args)
         return
     if args.section in ("engine", "all"):
         engine_section(args.records, args.repeat)
