@@ -448,7 +448,7 @@ def config_from_json(text: str) -> PipelineConfig:
     return _build(raw, base_dir=Path(base_dir), source=source)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: ~8x faster where built
     """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
