@@ -4,6 +4,8 @@
     python scripts/bench.py --records 10000 --repeat 3
     python scripts/bench.py --section latency  # the dual shape with 50 ms python cells (no HTTP)
     python scripts/bench.py --section dual  # LLM "dual" shape against the fake server
+    python scripts/bench.py --section tracing --records 10000  # the cost of --trace (on / off)
+    python scripts/bench.py --section commands  # status, runs, sql, export, --help on a 100,000-record store
     python scripts/bench.py --compare --json out.json  # issue 12: every case, ours beside the reference
     python scripts/bench.py --compare --quick  # the same cases at tiny sizes (a smoke test)
 
@@ -67,6 +69,8 @@ def one_case(store_kind: str, records: int) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     cfg = load_config(write_config(folder, records))
     graph = build_graph(cfg)
+    traced = store_kind.endswith("+trace")
+    store_kind = store_kind.removesuffix("+trace")
     if store_kind == "memory":
         from pipeline.store.memory import MemoryStore
         store = MemoryStore()
@@ -81,12 +85,25 @@ def one_case(store_kind: str, records: int) -> dict:
     plan = Plan(graph, build_generators(cfg))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sched = Scheduler(plan, store, "bench", num_records=records, row_group_size=cfg.row_group_size,
-                      home=str(folder), options=SchedulerOptions.from_settings(cfg.settings))
+                      home=str(folder), options=SchedulerOptions.from_settings(cfg.settings, trace=traced))
     from pipeline.api import _loop_factory  # the event loop `pipeline run` uses (uvloop if installed)
+    from pipeline.engine.tracing import TraceWriter
+
+    tracer = TraceWriter(sched, store, "bench") if traced else None
+
+    async def main() -> str:
+        writer = asyncio.get_running_loop().create_task(tracer.run()) if tracer else None
+        try:
+            return await sched.run()
+        finally:
+            if writer is not None:
+                writer.cancel()
 
     t0 = time.perf_counter()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        status = runner.run(sched.run())
+        status = runner.run(main())
+    if tracer is not None:
+        tracer.flush()
     elapsed = time.perf_counter() - t0
     assert status == "complete", status
     tasks = sched.stats.tasks_done
@@ -124,6 +141,23 @@ def engine_section(records_list: list[int], repeat: int) -> None:
         cost = 1 - rates["sqlite"] / rates["memory"]
         print(f"{records:>9,}  sqlite/memory = {rates['sqlite'] / rates['memory']:.2f} "
               f"(durable store costs {cost:.0%}); reference engine: 5,300-7,300 tasks/s in memory")
+
+
+def tracing_section(records: int, repeat: int) -> None:
+    """The cost of --trace: the engine case on SQLite with every attempt recorded, and without."""
+    rates = {}
+    for kind in ("sqlite", "sqlite+trace"):
+        rates[kind] = statistics.median(run_child(kind, records)["tasks_per_s"] for _ in range(repeat))
+    print(f"tracing: {records:,} records x 10 columns on SQLite, median of {repeat}: off {rates['sqlite']:,.0f} "
+          f"tasks/s, on {rates['sqlite+trace']:,.0f} tasks/s, on/off = {rates['sqlite+trace'] / rates['sqlite']:.2f}")
+
+
+def commands_section(records: int, repeat: int) -> None:
+    """`status`, `runs`, `sql`, `export` and `--help` on a store holding a run of ``records``
+    records (scripts/command_times.py, each command in a fresh process)."""
+    print(f"commands on a store with a {records:,}-record run (scripts/command_times.py):", flush=True)
+    subprocess.run([sys.executable, str(Path(__file__).with_name("command_times.py")), "--records", str(records),
+                    "--repeat", str(repeat)], check=True, cwd=ROOT)
 
 
 LATENCY_FNS = """
@@ -169,7 +203,8 @@ def latency_section(repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=2, metavar=("STORE", "RECORDS"), help=argparse.SUPPRESS)
-    parser.add_argument("--section", choices=["engine", "latency", "dual", "all"], default="engine")
+    parser.add_argument("--section", choices=["engine", "latency", "dual", "tracing", "commands", "all"],
+                        default="engine")
     parser.add_argument("--records", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compare", action="store_true",
@@ -200,6 +235,10 @@ def main() -> None:
         engine_section(args.records, args.repeat)
     if args.section in ("latency", "all"):
         latency_section(args.repeat)
+    if args.section in ("tracing", "all"):
+        tracing_section(args.records[0], args.repeat)
+    if args.section in ("commands", "all"):
+        commands_section(100_000 if args.records == [10_000, 100_000] else args.records[-1], args.repeat)
     if args.section in ("dual", "all"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_llm import dual_section
