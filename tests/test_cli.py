@@ -104,7 +104,7 @@ def test_db_upgrade_and_current(tmp_path):
     home = tmp_path / "h"
     up = cli("db", "upgrade", home=home, check=True)
     cur = cli("db", "current", home=home, check=True).stdout
-    assert "0005" in up.stdout and "current: 0005" in cur and "head: 0005" in cur
+    assert "0006" in up.stdout and "current: 0006" in cur and "head: 0006" in cur
 
 
 def assert_nothing_created(home: Path, run_id: str | None = None) -> None:

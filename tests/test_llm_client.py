@@ -21,7 +21,7 @@ from pipeline.errors import (
     ModelTimeoutError,
     is_retryable,
 )
-from pipeline.generators.llm import _loads_lenient, judge_schema, make_llm_generator
+from pipeline.generators.llm import judge_schema, make_llm_generator
 from pipeline.llm import (
     LlmClient,
     ModelEndpoint,
@@ -450,12 +450,6 @@ async def test_malformed_structured_output_is_reasked_then_fails_for_good(server
         await generator.agenerate({"thing": "a lamp"})
     assert not is_retryable(caught.value)
     assert generator.usage["requests"] == 3
-
-
-def test_answers_in_code_fences_are_parsed():
-    assert _loads_lenient('```json\n{"a": 1}\n```') == {"a": 1}
-    assert _loads_lenient('Here you go:\n```\n[1, 2]\n```\nEnjoy.') == [1, 2]
-    assert _loads_lenient(' {"a": "```"} ') == {"a": "```"}
 
 
 async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url, runtimes):

@@ -81,7 +81,7 @@ def test_a_store_at_0001_with_runs_upgrades_to_head_keeping_its_data(empty_db_ur
         engine.dispose()
     store = open_store(empty_db_url)  # upgrades on open
     try:
-        assert migrate.current(empty_db_url) == migrate.head() == "0005"
+        assert migrate.current(empty_db_url) == migrate.head() == "0006"
         assert store.get_run("old").status == "interrupted"
         assert store.load_row_group("old", 0).done == {("c", 3): 7}
         assert store.model_usage("old") == {}
@@ -140,7 +140,7 @@ def test_the_migrations_ship_inside_the_package():
     assert root.joinpath("env.py").is_file()
     assert root.joinpath("script.py.mako").is_file()
     assert root.joinpath("versions", "0001_initial.py").is_file()
-    assert migrate.head() == "0005"
+    assert migrate.head() == "0006"
 
 
 def test_new_stores_opened_by_several_threads_at_once_all_reach_head(tmp_path):

@@ -57,6 +57,7 @@ class MemoryStore:
                 "dropped": {},  # rg -> set of row indexes
                 "workers": {},
                 "usage": {},  # (model, generator) -> dict
+                "truncated": {},  # generator -> kept text answers cut by length
                 "states": {},  # generator -> {row group: state}
                 "fingerprints": {(k, n): d for k, n, d in run.fingerprints},
                 "changes": [],  # dicts, as the rows of run_changes
@@ -228,13 +229,16 @@ class MemoryStore:
                 elif kind == FAILED:
                     t["attempts"], t["last_error"] = ev[5]
                 if len(ev) > 6:  # model usage of this attempt
-                    model, n, p, c, limited, concurrency = ev[6]
+                    model, n, p, c, limited, concurrency, finish_reason, truncated = ev[6]
                     u = self._usage_row(run, model, ev[2])
                     for k, v in (("requests", n), ("prompt_tokens", p), ("completion_tokens", c)):
                         u[k] += v
                         t[k] = (t.get(k) or 0) + v
                     u["rate_limited"] += limited
                     u["concurrency"] = concurrency
+                    if finish_reason is not None:
+                        t["finish_reason"] = finish_reason
+                    run["truncated"][ev[2]] = run["truncated"].get(ev[2], 0) + truncated
         for rg in lost:
             self._epochs.pop((run_id, rg), None)
         return lost
@@ -363,6 +367,7 @@ class MemoryStore:
             for col in sorted(run["columns"], key=lambda c: c.position):
                 c = dict(per_gen.get(col.generator, {"done": 0, "failed": 0, "deferred": 0, "in_flight": 0}))
                 c["done"] += done_ck
+                c["truncated"] = run["truncated"].get(col.generator, 0)
                 out[col.column_name] = c
             return out
 
