@@ -40,6 +40,12 @@ Faults, deterministic per (model, messages, attempt number):
   ``[[echo-auth]]`` puts the request's Authorization header into the answer (its text, which is
   then no JSON, or its error body), as a careless server might.
 - ``echo_auth``: every error body quotes the request's Authorization header.
+- ``replies`` (``--replies FILE.json``): exact answers, by name. A request whose messages hold
+  ``[[reply:NAME]]`` gets ``replies[NAME]``: a dict with any of ``content`` (a string, or None
+  for JSON null; default ""), ``reasoning_content``, ``reasoning``, ``finish_reason`` (default
+  ``stop``), or ``body`` (the whole response body, sent as it is). A list of them answers the
+  n-th request of a conversation (same model and first user message: re-asks included) with
+  item n, the last item ever after.
 
 Every answer, faults included, comes after the latency. ``GET /stats`` returns, per model,
 requests, 429s, 5xx and the highest number of requests in flight at once (``models``). Requests
@@ -72,6 +78,7 @@ from typing import Any, Callable, Iterable
 __all__ = ["Burst", "FakeLlmServer", "FakeOptions", "main", "sample_from_schema", "start_server"]
 
 _MARKER = re.compile(r"\[\[(status|retry-after|retry-after-ms|status-attempts|sleep-ms):([^\]]*)\]\]")
+_REPLY = re.compile(r"\[\[reply:([^\]]+)\]\]")
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class FakeOptions:
     require_key: str | None = None
     echo_auth: bool = False
     models: tuple[str, ...] = ()
+    replies: dict | None = None
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -139,6 +147,7 @@ class FakeLlmServer:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
         self._attempts: dict[str, int] = {}
+        self._replies_sent: dict[tuple, int] = {}  # (reply name, model, first user message) -> count
         self._stats: dict[str, _ModelStats] = {}
         self._preflight: dict[str, _ModelStats] = {}  # the preflight's chat requests, kept apart
         self._probes: dict[str, _ModelStats] = {}  # the engine's health probes, kept apart
@@ -243,7 +252,35 @@ class FakeLlmServer:
         if status != 200:
             return delay_s, status, extra, _error(f"injected HTTP {status}{echo}", "injected"), sent
         echoed = f"Here is what you sent: Authorization: {auth}" if "[[echo-auth]]" in joined else None
+        reply = _REPLY.search(joined) if "[[reply:" in joined else None
+        if reply is not None and options.replies and reply.group(1) in options.replies:
+            return delay_s, 200, {}, self._reply(reply.group(1), model, messages, texts), sent
         return delay_s, 200, {}, self._completion(request, model, texts, key, echoed), sent
+
+    def _reply(self, name: str, model: str, messages: list, texts: list[str]) -> dict | bytes:
+        """The exact answer ``replies[name]`` (see the module docstring)."""
+        chosen = self.options.replies[name]
+        if isinstance(chosen, list):
+            first_user = next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
+            key = (name, model, first_user)
+            n = self._replies_sent.get(key, 0)
+            self._replies_sent[key] = n + 1
+            chosen = chosen[min(n, len(chosen) - 1)]
+        if "body" in chosen:
+            body = chosen["body"]
+            return body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        message: dict[str, Any] = {"role": "assistant", "content": chosen.get("content", "")}
+        for field in ("reasoning_content", "reasoning"):
+            if field in chosen:
+                message[field] = chosen[field]
+        prompt_tokens = sum(len(t.split()) for t in texts)
+        completion_tokens = len(str(message["content"] or "").split())
+        return {
+            "id": f"chatcmpl-reply-{name}", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": chosen.get("finish_reason", "stop")}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
 
     def _fault(self, model: str, key: str, attempt: int, markers: dict, elapsed: float) -> tuple[int, dict]:
         options = self.options
@@ -524,7 +561,7 @@ def _error(message: str, code: str) -> dict:
 
 
 def _encode(status: int, payload: Any, extra: dict, *, keep_alive: bool) -> bytes:
-    body = json.dumps(payload).encode()
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     try:
         reason = http.HTTPStatus(status).phrase
     except ValueError:
@@ -595,6 +632,8 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--require-key", metavar="KEY", help="answer 401 without 'Authorization: Bearer KEY'")
     parser.add_argument("--echo-auth", action="store_true", help="quote the Authorization header in error bodies")
+    parser.add_argument("--replies", metavar="FILE",
+                        help="a JSON file of exact answers by name, chosen by [[reply:NAME]] in a prompt")
     parser.add_argument("--models", metavar="A,B", default="",
                         help="serve only these models: list them, and 404 chat requests for others")
     return parser.parse_args(list(argv) if argv is not None else None)
@@ -613,6 +652,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         require_key=args.require_key,
         echo_auth=args.echo_auth,
         models=tuple(m for m in args.models.split(",") if m),
+        replies=json.loads(open(args.replies, encoding="utf-8").read()) if args.replies else None,
     )
 
     async def serve() -> None:

@@ -61,8 +61,8 @@ def text_problem(text: str, *, reasoning_chars: int = 0) -> str | None:
     if text and not text.isspace():
         return None
     if reasoning_chars:
-        return ("it is empty: the server sent only reasoning (reasoning_content), no answer text; "
-                "write the answer itself")
+        return ("it is empty: the server sent only reasoning (reasoning_content or reasoning), no answer "
+                "text; write the answer itself")
     return "it is empty" if not text else "it is only whitespace"
 
 
