@@ -37,6 +37,8 @@ JSON_SHAPES = [
     ("think holding brackets, then fenced JSON (gbrain#2559)",
      '<think>Claims [1] and {2}.</think>\n\n```json\n[{"claim": "x"}]\n```', [{"claim": "x"}]),
     ("only a closing </think> (template opened it)", 'I should answer.\n</think>\n{"a": 1}', {"a": 1}),
+    ("a lone </think> holding a draft before it", 'Maybe {"draft": 1}.\n</think>\n{"a": 1}', {"a": 1}),
+    ("a lone </think> inside a JSON string amid prose", 'Here: {"a": "x </think> y"} done', {"a": "x </think> y"}),
     ("think then prose then JSON", '<think>ok</think>Sure! Here is the JSON: {"a": 1}', {"a": 1}),
     ("think, then tool_call tags around the JSON (langchain#40147)",
      '<think>x</think> <tool_call> {"a": 1} </tool_call>', {"a": 1}),
@@ -101,6 +103,10 @@ CHECKED_SHAPES = [
      {"a": 2}),
     ("a whole text of the wrong shape: the checker's problem is reported", '{"b": 1}',
      (MALFORMED, "does not match the schema")),
+    ("a nested object of the right shape is not the answer", '{"b": {"a": 1}}',
+     (MALFORMED, "does not match the schema")),
+    ("nor in prose", 'Here: {"b": {"a": 1}} and that is all.', (MALFORMED, "does not match the schema")),
+    ("a second top-level value in prose is", 'Here: {"b": {"a": 1}} or rather {"a": 2}', {"a": 2}),
 ]
 
 

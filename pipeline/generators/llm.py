@@ -195,7 +195,9 @@ class LlmGenerator(Generator):
             if self._suffix:
                 messages.append({"role": "user", "content": self._suffix.lstrip()})
             return messages
-        field, template = ("prompt", self._prompt_text) if not self._prompt_blank else ("system_prompt", self._system_text)
+        field, template = "prompt", self._prompt_text
+        if self._prompt_blank and self._system_text is not None:
+            field, template = "system_prompt", self._system_text
         raise GenerationError(
             f"column '{self.column_name}': the {field} rendered to empty text (template "
             f"{_start(template or '', 120)!r}), so no request was sent; give the values it reads "

@@ -18,7 +18,8 @@ answer that is nothing but JSON):
        fence), closed by a fence of at least as many backticks at the START of a line, so a
        JSON string holding ```` ``` ```` is not cut; blocks are tried in order;
     4. the first complete JSON value in the text, prose around it ignored
-       (``json.JSONDecoder.raw_decode`` tried from each ``{`` and ``[``).
+       (``json.JSONDecoder.raw_decode`` tried from each ``{`` and ``[``; never from inside a
+       value already found, so a nested object is never taken for the answer).
 
     Steps 3 and 4 read the text after the think block, never the thoughts. A value found by
     a step is returned only if ``check`` accepts it (the caller's JSON Schema), so a
@@ -116,18 +117,28 @@ def _loads(candidate: str) -> _Found | _NotJson:
 
 def _candidates(text: str) -> Iterator[_Found | _NotJson]:
     """The values of steps 1-4, in order, and a _NotJson for each step that found none."""
-    stripped = text.strip()
-    yield _loads(stripped)
-    body = _after_think(text)
+    yield _loads(text.strip())
+    body, sure = _after_think(text)
     if body is None:
         yield _NotJson("it holds only an unfinished <think> block and no answer after it")
         return
     if body is not text:
         body = body.strip()
         if not body:
-            yield _NotJson("it holds only a <think> block and no answer after it")
+            if sure:
+                yield _NotJson("it holds only a <think> block and no answer after it")
+                return
+        else:
+            yield _loads(body)
+            yield from _inside(body)
+        if sure:
             return
-        yield _loads(body)
+    # No think block, or only a lone "</think>" that may as well sit in a JSON string.
+    yield from _inside(text)
+
+
+def _inside(body: str) -> Iterator[_Found | _NotJson]:
+    """Steps 3 and 4 on ``body``: its fenced blocks, then its top-level JSON values."""
     fenced = False
     for block in _fenced_blocks(body):
         fenced = True
@@ -136,13 +147,16 @@ def _candidates(text: str) -> Iterator[_Found | _NotJson]:
         else:
             yield _NotJson("its fenced block is empty")
     starts = 0
+    after = 0  # values inside a value found are not values of the text: never a nested object
     for match in _JSON_START.finditer(body):
         start = match.start()
+        if start < after:
+            continue
         starts += 1
         if starts > _MAX_SCAN_STARTS:
             break
         try:
-            value, _end = _DECODER.raw_decode(body, start)
+            value, after = _DECODER.raw_decode(body, start)
         except json.JSONDecodeError:
             continue
         yield _Found(value)
@@ -150,17 +164,16 @@ def _candidates(text: str) -> Iterator[_Found | _NotJson]:
         yield _NotJson("it holds no JSON object or array")
 
 
-def _after_think(text: str) -> str | None:
-    """The text after a leading think block; ``text`` itself (the same object) when there is
-    none; None when a think block opens and never closes (the answer is only thoughts)."""
+def _after_think(text: str) -> tuple[str | None, bool]:
+    """``(the text after a leading think block, sure)``: ``text`` itself (the same object) when
+    there is none; None when a think block opens and never closes (the answer is only
+    thoughts). ``sure`` is False for a lone ``</think>`` with no opening tag: servers whose chat
+    template opens the block send that, but so may a JSON string amid prose."""
     opened = _THINK_OPEN.match(text)
     closed = _THINK_CLOSE.search(text, opened.end() if opened else 0)
     if closed is None:
-        return None if opened else text
-    if not opened and text.lstrip().startswith(("{", "[")):
-        # No opening tag, and the text starts like JSON: "</think>" is inside its strings.
-        return text
-    return text[closed.end():]
+        return (None, True) if opened else (text, True)
+    return text[closed.end():], opened is not None
 
 
 def _fenced_blocks(text: str) -> Iterator[str]:
