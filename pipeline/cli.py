@@ -298,9 +298,10 @@ def _status_text(s: dict) -> str:
         rate += f", eta: {s['eta_s']:.0f}s"
     lines.append(rate)
     width = max([len(c) for c in s["columns"]] + [6])
-    lines.append(f"{'column':<{width}}  {'done':>10} {'failed':>8} {'deferred':>9} {'in_flight':>9}")
+    lines.append(f"{'column':<{width}}  {'done':>10} {'failed':>8} {'deferred':>9} {'in_flight':>9} {'truncated':>9}")
     for name, c in s["columns"].items():
-        lines.append(f"{name:<{width}}  {c['done']:>10,} {c['failed']:>8,} {c['deferred']:>9,} {c['in_flight']:>9,}")
+        lines.append(f"{name:<{width}}  {c['done']:>10,} {c['failed']:>8,} {c['deferred']:>9,} {c['in_flight']:>9,} "
+                     f"{c.get('truncated', 0):>9,}")
     lines += _failure_lines(s.get("failures") or [])
     for d in s.get("damaged_files", []):
         lines.append(f"damaged file: row group {d['row_group']}: {d['path']} ({d['problem']}); "

@@ -4,7 +4,8 @@ Config validation, the ``expression`` generator and the ``llm_*`` generators all
 module, so a template means the same thing everywhere: sandboxed (a config file is not trusted
 code) and bounded in steps, time and size (:mod:`pipeline.sandbox`), strict about undefined
 names (a typo must fail the cell, not render an empty string), no HTML autoescaping (the output
-is data and prompts, not web pages).
+is data and prompts, not web pages), a missing value (None, NaN, pandas NA) printed as the
+empty string.
 
 Generators render with :func:`render` (in a worker thread) or :func:`arender` (on the event
 loop): both bound the render by ``settings.render_timeout_s``; ``arender`` moves a render that
@@ -20,6 +21,7 @@ import json
 from typing import Any
 
 import jinja2
+import numpy as np
 from jinja2 import meta
 
 from pipeline.errors import ConfigError
@@ -64,12 +66,33 @@ def _tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, default=_json_default)
 
 
+_MISSING_TYPES = frozenset({"NAType", "NaTType"})  # pandas' NA and NaT, named: no pandas import here
+
+
+def _missing_as_empty(value: Any) -> Any:
+    """Jinja2's ``finalize``: a missing value (None, NaN, pandas NA/NaT) prints as ``""`` in
+    every ``{{ ... }}``, never ``None`` or ``nan`` (contract section 10). Text passes first."""
+    cls = value.__class__
+    if cls is str:
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, float):  # numpy's float64 too
+        return "" if value != value else value
+    if cls.__name__ in _MISSING_TYPES:
+        return ""
+    if isinstance(value, np.floating) and np.isnan(value):
+        return ""
+    return value
+
+
 def _make_environment() -> BoundedEnvironment:
     env = BoundedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
         timeout_s=DEFAULT_RENDER_TIMEOUT_S,
+        finalize=_missing_as_empty,
     )
     env.filters["tojson"] = _tojson
     return env

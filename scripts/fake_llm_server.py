@@ -48,6 +48,12 @@ Faults, deterministic per (model, messages, attempt number):
 - ``GET /last`` returns the headers and JSON body of the last request of each kind (``run``:
   the run's own chat calls, ``preflight``, ``probe``, ``list_models``), for tests that check
   what reaches a server (extra headers, body fields, the key's header).
+- ``replies`` (``--replies FILE.json``): exact answers, by name. A request whose messages hold
+  ``[[reply:NAME]]`` gets ``replies[NAME]``: a dict with any of ``content`` (a string, or None
+  for JSON null; default ""), ``reasoning_content``, ``reasoning``, ``finish_reason`` (default
+  ``stop``), or ``body`` (the whole response body, sent as it is). A list of them answers the
+  n-th request of a conversation (same model and first user message: re-asks included) with
+  item n, the last item ever after.
 
 Every answer, faults included, comes after the latency. ``GET /stats`` returns, per model,
 requests, 429s, 5xx and the highest number of requests in flight at once (``models``). Requests
@@ -80,6 +86,7 @@ from typing import Any, Callable, Iterable
 __all__ = ["Burst", "FakeLlmServer", "FakeOptions", "main", "sample_from_schema", "start_server"]
 
 _MARKER = re.compile(r"\[\[(status|retry-after|retry-after-ms|status-attempts|sleep-ms):([^\]]*)\]\]")
+_REPLY = re.compile(r"\[\[reply:([^\]]+)\]\]")
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class FakeOptions:
     tpm_limit: float = 0.0
     limits_start_s: float | None = None
     limit_headers: bool = True
+    replies: dict | None = None
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -151,6 +159,7 @@ class FakeLlmServer:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
         self._attempts: dict[str, int] = {}
+        self._replies_sent: dict[tuple, int] = {}  # (reply name, model, first user message) -> count
         self._stats: dict[str, _ModelStats] = {}
         self._preflight: dict[str, _ModelStats] = {}  # the preflight's chat requests, kept apart
         self._probes: dict[str, _ModelStats] = {}  # the engine's health probes, kept apart
@@ -265,6 +274,9 @@ class FakeLlmServer:
         if status != 200:
             return delay_s, status, extra, _error(f"injected HTTP {status}{echo}", "injected"), sent
         echoed = f"Here is what you sent: Authorization: {auth}" if "[[echo-auth]]" in joined else None
+        reply = _REPLY.search(joined) if "[[reply:" in joined else None
+        if reply is not None and options.replies and reply.group(1) in options.replies:
+            return delay_s, 200, {}, self._reply(reply.group(1), model, messages, texts), sent
         completion = self._completion(request, model, texts, key, echoed)
         limit_headers: dict = {}
         if self._limits is not None:
@@ -273,6 +285,31 @@ class FakeLlmServer:
                 stats.rate_limited += 1
                 return delay_s, 429, limit_headers, _error("rate limit reached", "rate_limit_exceeded"), sent
         return delay_s, 200, limit_headers, completion, sent
+
+    def _reply(self, name: str, model: str, messages: list, texts: list[str]) -> dict | bytes:
+        """The exact answer ``replies[name]`` (see the module docstring)."""
+        chosen = self.options.replies[name]
+        if isinstance(chosen, list):
+            first_user = next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
+            key = (name, model, first_user)
+            n = self._replies_sent.get(key, 0)
+            self._replies_sent[key] = n + 1
+            chosen = chosen[min(n, len(chosen) - 1)]
+        if "body" in chosen:
+            body = chosen["body"]
+            return body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        message: dict[str, Any] = {"role": "assistant", "content": chosen.get("content", "")}
+        for field in ("reasoning_content", "reasoning"):
+            if field in chosen:
+                message[field] = chosen[field]
+        prompt_tokens = sum(len(t.split()) for t in texts)
+        completion_tokens = len(str(message["content"] or "").split())
+        return {
+            "id": f"chatcmpl-reply-{name}", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": chosen.get("finish_reason", "stop")}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
 
     def _fault(self, model: str, key: str, attempt: int, markers: dict, elapsed: float) -> tuple[int, dict]:
         options = self.options
@@ -553,7 +590,7 @@ def _error(message: str, code: str) -> dict:
 
 
 def _encode(status: int, payload: Any, extra: dict, *, keep_alive: bool) -> bytes:
-    body = json.dumps(payload).encode()
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     try:
         reason = http.HTTPStatus(status).phrase
     except ValueError:
@@ -643,6 +680,8 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--limits-start-s", type=float, default=None,
                         help="rate-limit buckets start with this many seconds' share (default: a minute's)")
     parser.add_argument("--no-limit-headers", action="store_true", help="send no x-ratelimit-* headers")
+    parser.add_argument("--replies", metavar="FILE",
+                        help="a JSON file of exact answers by name, chosen by [[reply:NAME]] in a prompt")
     parser.add_argument("--models", metavar="A,B", default="",
                         help="serve only these models: list them, and 404 chat requests for others")
     return parser.parse_args(list(argv) if argv is not None else None)
@@ -665,6 +704,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         tpm_limit=args.tpm_limit,
         limits_start_s=args.limits_start_s,
         limit_headers=not args.no_limit_headers,
+        replies=json.loads(open(args.replies, encoding="utf-8").read()) if args.replies else None,
     )
 
     async def serve() -> None:

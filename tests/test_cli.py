@@ -36,7 +36,7 @@ def test_status_json_has_the_contract_shape(done_run):
     assert s["status"] == "complete" and s["num_records"] == 300 and s["records_done"] == 300
     assert s["row_groups"] == {"total": 2, "checkpointed": 2, "active": 0}
     assert list(s["columns"])[:3] == ["id", "product", "category"]
-    assert s["columns"]["review"] == {"done": 300, "failed": 0, "deferred": 0, "in_flight": 0}
+    assert s["columns"]["review"] == {"done": 300, "failed": 0, "deferred": 0, "in_flight": 0, "truncated": 0}
     # the rate: the run's 300 records over its wall time, in the JSON and in the text
     assert s["finished_at"] > s["created_at"]
     assert s["rate_records_s"] == pytest.approx(300 / (s["finished_at"] - s["created_at"]))

@@ -15,13 +15,14 @@ import pytest
 
 from pipeline.errors import (
     ConfigError,
+    GenerationError,
     ModelConnectionError,
     ModelRateLimitError,
     ModelServerError,
     ModelTimeoutError,
     is_retryable,
 )
-from pipeline.generators.llm import _loads_lenient, judge_schema, make_llm_generator
+from pipeline.generators.llm import judge_schema, make_llm_generator
 from pipeline.llm import (
     LlmClient,
     ModelEndpoint,
@@ -452,12 +453,6 @@ async def test_malformed_structured_output_is_reasked_then_fails_for_good(server
     assert generator.usage["requests"] == 3
 
 
-def test_answers_in_code_fences_are_parsed():
-    assert _loads_lenient('```json\n{"a": 1}\n```') == {"a": 1}
-    assert _loads_lenient('Here you go:\n```\n[1, 2]\n```\nEnjoy.') == [1, 2]
-    assert _loads_lenient(' {"a": "```"} ') == {"a": "```"}
-
-
 async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url, runtimes):
     rubric = {"clarity": "Is the text clear?", "tone": "Is the tone friendly?"}
     generator = make_llm_generator(
@@ -533,3 +528,75 @@ async def test_the_engine_pattern_backs_off_during_a_burst_of_429s_and_recovers(
         await generator.runtime.aclose()
     finally:
         stop()
+
+
+# --- prompts that render to nothing --------------------------------------------------------
+
+
+def requests_of(url, model):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/stats", timeout=10) as response:
+        return json.loads(response.read())["models"].get(model, {}).get("requests", 0)
+
+
+@pytest.mark.parametrize(("prompt", "system_prompt", "row", "field"), [
+    ("{{ word }}", None, {"word": None}, "the prompt"),
+    ("{{ word }}", None, {"word": "  \n "}, "the prompt"),
+    ("{{ word }}", "You are terse.", {"word": ""}, "the prompt"),  # a system prompt does not stand in
+    ("", "{{ word }}", {"word": None}, "the system_prompt"),  # prompt "": the system prompt is all there is
+], ids=["none", "whitespace", "with a system prompt", "system prompt only"])
+async def test_a_prompt_that_renders_empty_fails_without_a_request(server_url, runtimes, prompt, system_prompt, row,
+                                                                   field):
+    model = f"empty-{abs(hash((prompt, system_prompt, str(row))))}"
+    generator = make_llm_generator(make_column(prompt=prompt, system_prompt=system_prompt),
+                                   make_config(server_url, model=model))
+    with pytest.raises(GenerationError, match=f"'out': {field} rendered to empty text") as caught:
+        await generator.agenerate(row)
+    assert not is_retryable(caught.value)
+    assert generator.usage["requests"] == 0 and requests_of(server_url, model) == 0
+
+
+async def test_a_blank_prompt_leaves_the_system_prompt_as_the_whole_request(server_url, runtimes):
+    generator = make_llm_generator(make_column(prompt="", system_prompt="Name a {{ word }}."), make_config(server_url))
+    assert await generator.agenerate({"word": "colour"})  # the fake server answers a request with no user turn
+    assert generator.usage["requests"] == 1
+
+
+# --- finish_reason and reasoning fields ----------------------------------------------------
+
+REPLIES = {
+    "cut": {"content": "half an ans", "finish_reason": "length"},
+    "reasoning": {"content": "", "reasoning_content": "thinking hard"},
+    "null-reasoning": {"content": None, "reasoning": "thinking"},
+    "null": {"content": None, "finish_reason": "tool_calls"},
+    "no-reason": {"body": {"choices": [{"message": {"content": "hi"}}]}},
+    "odd-reason": {"body": {"choices": [{"message": {"content": "hi"}, "finish_reason": ["x"]}]}},
+}
+
+
+@pytest.fixture(scope="module")
+def replies_url():
+    url, stop = fake.start_server(replies=REPLIES)
+    yield url
+    stop()
+
+
+@pytest.mark.parametrize(("name", "text", "finish_reason", "reasoning_chars"), [
+    ("cut", "half an ans", "length", 0),
+    ("reasoning", "", "stop", len("thinking hard")),
+    ("null-reasoning", "", "stop", len("thinking")),
+    ("no-reason", "hi", None, 0),
+    ("odd-reason", "hi", None, 0),
+])
+async def test_a_completion_carries_its_finish_reason_and_reasoning(client, replies_url, name, text, finish_reason,
+                                                                    reasoning_chars):
+    completion = await client.complete(endpoint(replies_url), user(f"[[reply:{name}]]"))
+    assert (completion.text, completion.finish_reason, completion.reasoning_chars) == (text, finish_reason,
+                                                                                       reasoning_chars)
+
+
+async def test_null_content_without_reasoning_is_still_refused(client, replies_url):
+    with pytest.raises(ModelOutputError, match="no text.*tool_calls"):
+        await client.complete(endpoint(replies_url), user("[[reply:null]]"))

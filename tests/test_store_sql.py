@@ -606,10 +606,10 @@ def test_model_usage_is_recorded_with_each_transition_and_a_zombie_adds_nothing(
     [expired] = store.claim_row_groups(run.run_id, 1, -1)
     [kept] = store.claim_row_groups(run.run_id, 1, 60)
     other.claim_row_groups(run.run_id, 1, 60)  # takes row group 0 over
-    usage = ("writer", 1, 10, 4, 0, 8)
+    usage = ("writer", 1, 10, 4, 0, 8, "stop", 0, None, None)
     lost = store.record(run.run_id, [
         (DONE, 1, "x", 0, "cell", encode("a"), usage),
-        (DEFERRED, 1, "x", 1, "cell", (1, 0.0, "429"), ("writer", 1, 0, 0, 1, 4)),
+        (DEFERRED, 1, "x", 1, "cell", (1, 0.0, "429"), ("writer", 1, 0, 0, 1, 4, None, 0, None, None)),
         (DONE, 1, "x", 1, "cell", encode("b"), usage),
         (DONE, 0, "x", 0, "cell", encode("zombie"), usage),
     ])
@@ -633,10 +633,56 @@ def test_model_usage_adds_up_the_cost_and_keeps_the_latest_pacing_snapshot(store
              "max_tokens_per_minute": None, "paced": 1, "headers": {"x-ratelimit-remaining-requests": "5"},
              "headers_at": 1.0}
     later = dict(first, tokens_per_minute=900.0, headers={"x-ratelimit-remaining-requests": "4"})
-    store.record(run.run_id, [(DONE, rg, "x", 0, "cell", encode("a"), ("writer", 1, 10, 4, 0, 8, 0.25, first))])
-    store.record(run.run_id, [(DONE, rg, "x", 1, "cell", encode("b"), ("writer", 1, 10, 4, 0, 8, 0.5, later)),
-                              (DONE, rg, "y", 1, "cell", encode("c"), ("writer", 1, 10, 4, 0, 8, None, None))])
+    store.record(run.run_id, [(DONE, rg, "x", 0, "cell", encode("a"), ("writer", 1, 10, 4, 0, 8, None, 0, 0.25, first))])
+    store.record(run.run_id, [(DONE, rg, "x", 1, "cell", encode("b"), ("writer", 1, 10, 4, 0, 8, None, 0, 0.5, later)),
+                              (DONE, rg, "y", 1, "cell", encode("c"), ("writer", 1, 10, 4, 0, 8, None, 0, None, None))])
     m = store.model_usage(run.run_id)["writer"]
     assert m["cost"] == pytest.approx(0.75)
     assert m["tokens_per_minute"] == 900.0 and m["max_requests_per_minute"] == 100
     assert m["rate_limit_headers"] == {"x-ratelimit-remaining-requests": "4"}
+
+
+def truncated_usage(finish_reason, truncated=0):
+    return ("writer", 1, 10, 4, 0, 8, finish_reason, truncated, None, None)
+
+
+def test_finish_reason_is_kept_per_task_and_truncated_answers_are_counted_through_compaction(store):
+    run = new_run(num_records=20, row_group_size=10)
+    store.create_run(run)
+    store.claim_row_groups(run.run_id, 2, 60)
+    store.record(run.run_id, [
+        (DONE, 0, "x", 0, "cell", encode("cut"), truncated_usage("length", 1)),
+        (DONE, 0, "x", 1, "cell", encode("whole"), truncated_usage("stop")),
+        # a 429 (no answer: None) then a failure: the finish_reason of the last answer stays
+        (DEFERRED, 0, "x", 2, "cell", (1, 0.0, "bad"), truncated_usage("length")),
+        (DEFERRED, 0, "x", 2, "cell", (1, 0.0, "429"), truncated_usage(None)),
+        (FAILED, 0, "x", 2, "cell", (2, "ModelOutputError: cut"), truncated_usage(None)),
+        (DONE, 1, "x", 0, "cell", encode("cut too"), truncated_usage("length", 1)),
+    ])
+    query = (f"SELECT row_group, row_index, state, finish_reason FROM tasks WHERE run_id = '{run.run_id}' "
+             "ORDER BY row_group, row_index")
+    _, rows = store.read_query(query)
+    assert [tuple(r) for r in rows] == [(0, 0, "done", "length"), (0, 1, "done", "stop"), (0, 2, "failed", "length"),
+                                        (1, 0, "done", "length")]
+    assert store.column_counts(run.run_id)["x"]["truncated"] == 2
+    assert {c["truncated"] for name, c in store.column_counts(run.run_id).items() if name != "x"} == {0}
+    assert store.checkpoint_row_group(run.run_id, 0, f"runs/{run.run_id}/rg-00000.parquet", 1)
+    _, rows = store.read_query(query)
+    assert [tuple(r) for r in rows] == [(0, 2, "failed", "length"), (1, 0, "done", "length")]
+    assert store.column_counts(run.run_id)["x"]["truncated"] == 2  # the count outlives the rows
+
+
+def test_the_memory_store_counts_truncated_answers_and_keeps_finish_reason():
+    from pipeline.store.memory import MemoryStore
+
+    store = MemoryStore()
+    run = new_run(num_records=10, row_group_size=10)
+    store.create_run(run)
+    store.claim_row_groups(run.run_id, 1, 60)
+    store.record(run.run_id, [
+        (DONE, 0, "x", 0, "cell", encode("cut"), truncated_usage("length", 1)),
+        (FAILED, 0, "x", 1, "cell", (1, "ModelOutputError: cut"), truncated_usage("length")),
+    ])
+    assert store.column_counts(run.run_id)["x"]["truncated"] == 1
+    assert store.column_counts(run.run_id)["w"]["truncated"] == 0
+    assert store._run(run.run_id)["tasks"][(0, "x", 1)]["finish_reason"] == "length"

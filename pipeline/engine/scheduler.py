@@ -417,7 +417,7 @@ class Scheduler:
         deferred = False
         usage = None
         if not counted:  # a model-limited task: count its calls and tokens
-            usage = [0, 0, 0]
+            usage = [0, 0, 0, None, 0]  # see generators.base.task_usage
             task_usage.set(usage)
             if node.limit.health is not None and key not in self._waits:  # else: marked at its last failure
                 self._waits[key] = [0, node.limit.health.answers]
@@ -479,14 +479,12 @@ class Scheduler:
             self._pump()
 
     # -- results --------------------------------------------------------------------------
-    def _usage(self, node: Any, usage: list[int], exc: BaseException | None = None) -> tuple:
+    def _usage(self, node: Any, usage: list, exc: BaseException | None = None) -> tuple:
         """The usage field of a model-limited task's event (see pipeline.store.base)."""
         pacer = getattr(node.limit, "pacer", None)
-        if pacer is None:
-            return (node.model, usage[0], usage[1], usage[2], int(isinstance(exc, ModelRateLimitError)),
-                    node.limit.limit)
+        cost, snapshot = (None, None) if pacer is None else (pacer.cost(usage[1], usage[2]), pacer.snapshot())
         return (node.model, usage[0], usage[1], usage[2], int(isinstance(exc, ModelRateLimitError)),
-                node.limit.limit, pacer.cost(usage[1], usage[2]), pacer.snapshot())
+                node.limit.limit, usage[3], 0 if exc is not None else usage[4], cost, snapshot)
 
     def _cell_done(self, rg: _RowGroup, node: Any, r: int, value: Any, text: str,
                    usage: list | None = None) -> None:

@@ -25,10 +25,12 @@ from typing import Any, ClassVar
 __all__ = ["Generator", "task_usage"]
 
 #: Model usage of the task running in this context, ``[requests, prompt_tokens,
-#: completion_tokens]``, or None. Generators that call models add to it; the engine sets it for
+#: completion_tokens, finish_reason, truncated]``, or None: ``finish_reason`` of the last answer
+#: (str or None), ``truncated`` 1 when a text answer cut by ``length`` was kept (else 0).
+#: Generators that call models add to it; the engine sets it for
 #: each task of a model-limited generator and records it with the task. Each asyncio task runs
 #: in its own context, so concurrent tasks never mix their counts.
-task_usage: ContextVar[list[int] | None] = ContextVar("pipeline_task_usage", default=None)
+task_usage: ContextVar[list | None] = ContextVar("pipeline_task_usage", default=None)
 
 
 class Generator:

@@ -9,10 +9,17 @@ config's shared :class:`~pipeline.llm.LlmRuntime`, and returns:
 
 Structured answers are requested with ``response_format`` (json_schema; ``strict`` only for a
 schema OpenAI's strict mode accepts, see :func:`strict_compatible`, else the server would refuse
-every request with 400). An answer that
-does not parse or validate is re-asked, quoting the problem, at most ``REASKS`` more times in
-the same task; then the cell fails for good with :class:`~pipeline.llm.ModelOutputError` (the
-model has had its chances; a deferred retry would most likely repeat them).
+every request with 400), and read by :func:`pipeline.llm.answers.extract_json` (the whole text,
+after a ``<think>`` block, a fenced block, or the first JSON value amid prose). An answer that is
+empty (also one with only reasoning), or does not parse or validate, or a structured answer cut
+by ``finish_reason == "length"``, is malformed: it is re-asked (quoting the problem when there
+is text to quote) at most ``REASKS`` more times in the same task; then the cell fails for good
+with :class:`~pipeline.llm.ModelOutputError` (the model has had its chances; a deferred retry
+would most likely repeat them). An ``llm_text`` answer cut by ``length`` is kept, and counted
+as truncated (the engine's per-task usage list, see :data:`~pipeline.generators.base.task_usage`).
+
+A prompt that renders to empty or whitespace-only text fails its cell with GenerationError
+before any request (with ``prompt: ""`` in the config, the system prompt is the one checked).
 
 Concurrency is not limited here: the engine takes a permit from ``generator.limit`` (shared by
 every column on the same model alias) before running a task and gives it back after, with
@@ -22,7 +29,6 @@ every column on the same model alias) before running a task and gives it back af
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Any, Mapping
 
@@ -31,7 +37,8 @@ import jsonschema.exceptions
 
 from pipeline.errors import ConfigError, GenerationError
 from pipeline.generators.base import Generator, task_usage
-from pipeline.llm import LlmClient, LlmRuntime, ModelOutputError, get_runtime
+from pipeline.llm import Completion, LlmClient, LlmRuntime, ModelOutputError, get_runtime
+from pipeline.llm.answers import MalformedAnswer, extract_json, text_problem
 from pipeline.redact import redact
 from pipeline.templates import DEFAULT_RENDER_TIMEOUT_S, TemplateLimitError, arender, compile_template, render
 from pipeline.values import valid_unicode_deep
@@ -46,9 +53,6 @@ REASKS = 2
 # The bad answer quoted back in a re-ask is cut to this: enough to see the mistake, not a
 # second copy of a runaway answer.
 _QUOTED_ANSWER_CHARS = 4000
-
-_FENCED = re.compile(r"```[\w+-]*[ \t]*\r?\n?(.*?)```", re.DOTALL)
-
 
 def judge_schema(rubric: Mapping[str, str]) -> dict[str, Any]:
     """The JSON Schema of a judge's answer: every criterion, each with a score and a reasoning."""
@@ -97,10 +101,6 @@ def _judge_instructions(rubric: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-class _InvalidAnswer(Exception):
-    """An answer that does not parse or validate; its message goes back to the model."""
-
-
 class LlmGenerator(Generator):
     """One ``llm_*`` column. Create it with :func:`make_llm_generator`.
 
@@ -130,10 +130,13 @@ class LlmGenerator(Generator):
         self.max_tokens = getattr(column, "max_tokens", None)
 
         self._prompt = compile_template(column.prompt)
+        self._prompt_text: str = column.prompt
+        self._prompt_blank = not column.prompt.strip()  # prompt: "": the system prompt says it all
         settings = getattr(config, "settings", None)
         self.render_timeout_s = float(getattr(settings, "render_timeout_s", DEFAULT_RENDER_TIMEOUT_S))
         system_prompt = getattr(column, "system_prompt", None)
         self._system = compile_template(system_prompt) if system_prompt else None
+        self._system_text: str | None = system_prompt
         self._suffix = ""
         self._schema: dict[str, Any] | None = None
         # The config checked output_schema against its metaschema and that the rubric is not
@@ -182,13 +185,33 @@ class LlmGenerator(Generator):
         return asyncio.run(once())
 
     async def _run(self, row: Mapping[str, Any], client: LlmClient) -> Any:
-        messages = []
-        if self._system is not None:
-            messages.append({"role": "system", "content": await self._render(self._system, row, "system_prompt")})
-        messages.append({"role": "user", "content": await self._render(self._prompt, row, "prompt") + self._suffix})
+        messages = await self._messages(row)
         if self._schema is None:
-            return await self._ask(client, messages)
+            return await self._ask_text(client, messages)
         return await self._ask_json(client, messages)
+
+    async def _messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+        """The request's messages; GenerationError (permanent) for a prompt that renders to
+        empty or whitespace-only text: no request is sent for it."""
+        system = None if self._system is None else await self._render(self._system, row, "system_prompt")
+        prompt = await self._render(self._prompt, row, "prompt")
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        if prompt and not prompt.isspace():
+            messages.append({"role": "user", "content": prompt + self._suffix})
+            return messages
+        if self._prompt_blank and system and not system.isspace():
+            # prompt: "" in the config: the system prompt is the whole request.
+            if self._suffix:
+                messages.append({"role": "user", "content": self._suffix.lstrip()})
+            return messages
+        field, template = "prompt", self._prompt_text
+        if self._prompt_blank and self._system_text is not None:
+            field, template = "system_prompt", self._system_text
+        raise GenerationError(
+            f"column '{self.column_name}': the {field} rendered to empty text (template "
+            f"{_start(template or '', 120)!r}), so no request was sent; give the values it reads "
+            "some text for this record, or fix the template"
+        )
 
     async def _render(self, template: Any, row: Mapping[str, Any], field: str) -> str:
         # The same bounds as expression columns (pipeline.sandbox), naming the column.
@@ -197,7 +220,7 @@ class LlmGenerator(Generator):
         except TemplateLimitError as exc:
             raise GenerationError(f"column '{self.column_name}': {field}: {exc}") from exc
 
-    async def _ask(self, client: LlmClient, messages: list[dict[str, str]], **extra: Any) -> str:
+    async def _ask(self, client: LlmClient, messages: list[dict[str, str]], **extra: Any) -> Completion:
         self.usage["requests"] += 1
         per_task = task_usage.get()
         if per_task is not None:
@@ -210,17 +233,42 @@ class LlmGenerator(Generator):
         if per_task is not None:
             per_task[1] += completion.prompt_tokens
             per_task[2] += completion.completion_tokens
-        return completion.text
+            if len(per_task) > 3:  # the engine's list: the last answer's finish_reason is recorded
+                per_task[3] = completion.finish_reason
+        return completion
+
+    async def _ask_text(self, client: LlmClient, messages: list[dict[str, str]]) -> str:
+        problem = ""
+        finish_reason = None
+        for _ in range(1 + REASKS):
+            completion = await self._ask(client, messages)
+            finish_reason = completion.finish_reason
+            problem = text_problem(completion.text, reasoning_chars=completion.reasoning_chars)
+            if problem is None:
+                if finish_reason == "length":  # kept, and counted as truncated
+                    per_task = task_usage.get()
+                    if per_task is not None and len(per_task) > 4:
+                        per_task[4] = 1
+                return completion.text
+            # Nothing to quote back: the same request again (a sampled model may answer this time).
+        raise ModelOutputError(
+            f"column '{self.column_name}': {self.endpoint.where} gave no usable text in {1 + REASKS} "
+            f"requests; last problem: {problem} (finish_reason={finish_reason!r})"
+        )
 
     async def _ask_json(self, client: LlmClient, messages: list[dict[str, str]]) -> Any:
         conversation = messages
         last_problem = last_text = ""
         for _ in range(1 + REASKS):
-            text = await self._ask(client, conversation, response_format=self._response_format)
+            completion = await self._ask(client, conversation, response_format=self._response_format)
+            text = completion.text
             try:
-                return self._parse(text)
-            except _InvalidAnswer as problem:
+                return self._parse(completion)
+            except MalformedAnswer as problem:
                 last_problem, last_text = str(problem), text
+            if not text or text.isspace():
+                conversation = messages  # nothing to quote back: the same request again
+                continue
             # Only the latest mistake is quoted back: the conversation stays short.
             conversation = [
                 *messages,
@@ -236,31 +284,22 @@ class LlmGenerator(Generator):
             f"{1 + REASKS} requests; last problem: {redact(last_problem)}; last answer starts {_start(last_text)!r}"
         )
 
-    def _parse(self, text: str) -> Any:
+    def _parse(self, completion: Completion) -> Any:
+        if completion.finish_reason == "length":
+            raise MalformedAnswer("it was cut off at the token limit (finish_reason 'length'); give a shorter answer")
+        problem = text_problem(completion.text, reasoning_chars=completion.reasoning_chars)
+        if problem is not None:
+            raise MalformedAnswer(problem)
         # json.loads turns a "\ud83d" escape into a lone surrogate, which no store can hold.
-        value = valid_unicode_deep(_loads_lenient(text))
+        return valid_unicode_deep(extract_json(completion.text, self._check))
+
+    def _check(self, value: Any) -> str | None:
+        """None when ``value`` is valid against the column's schema, else the problem."""
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
-        if error is not None:
-            where = "/".join(str(part) for part in error.absolute_path) or "(root)"
-            raise _InvalidAnswer(f"it does not match the schema at {where}: {_start(error.message, 300)}")
-        return value
-
-
-def _loads_lenient(text: str) -> Any:
-    """JSON from an answer, also when wrapped in a ``` fence (models do that despite asking)."""
-    candidates = [text.strip()]
-    fenced = _FENCED.search(text)
-    if fenced:
-        candidates.append(fenced.group(1).strip())
-    problem = "it is empty"
-    for candidate in candidates:
-        if not candidate:
-            continue
-        try:
-            return json.loads(candidate)
-        except json.JSONDecodeError as exc:
-            problem = f"it is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-    raise _InvalidAnswer(problem)
+        if error is None:
+            return None
+        where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+        return f"it does not match the schema at {where}: {_start(error.message, 300)}"
 
 
 def _start(text: str, chars: int = 200) -> str:

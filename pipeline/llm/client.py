@@ -77,15 +77,24 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _BODY_SNIPPET_CHARS = 200
+_FINISH_REASON_CHARS = 64
 
 
 @dataclass(frozen=True)
 class Completion:
-    """The text of the first choice and the token counts the server reported (0 if none)."""
+    """The text of the first choice and the token counts the server reported (0 if none).
+
+    ``finish_reason``: why the model stopped, as the server said (``stop``, ``length``, ...;
+    None when it did not say). ``reasoning_chars``: the length of the choice's reasoning field
+    (``reasoning_content`` or ``reasoning``), 0 when there is none; a reasoning-only answer has
+    ``text == ""`` (see :mod:`pipeline.llm.answers`).
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str | None = None
+    reasoning_chars: int = 0
 
 
 @dataclass(frozen=True)
@@ -398,22 +407,30 @@ def _parse_completion(endpoint: ModelEndpoint, response: _Answer) -> Completion:
     try:
         data = response.json()
         choice = data["choices"][0]
-        content = choice["message"].get("content")
+        message = choice["message"]
+        content = message.get("content")
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
         usage = data.get("usage") or {}
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         completion_tokens = int(usage.get("completion_tokens") or 0)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         snippet = _snippet(response.text)
         raise ModelServerError(f"{endpoint.where}: a 200 answer that is not a chat completion: {snippet}") from None
+    reason = choice.get("finish_reason")
+    # Kept in tasks.finish_reason: a string of the usual size, or nothing.
+    finish_reason = valid_unicode(reason[:_FINISH_REASON_CHARS]) if isinstance(reason, str) else None
+    reasoning_chars = len(reasoning) if isinstance(reasoning, str) else 0
     if isinstance(content, list):  # some servers send content parts
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if content is None and reasoning_chars:
+        content = ""  # only reasoning (vLLM's reasoning parser, cut short): a malformed answer
     if not isinstance(content, str):
-        reason = choice.get("finish_reason")
-        raise ModelOutputError(f"{endpoint.where}: the answer has no text (finish_reason={reason!r})")
+        raise ModelOutputError(f"{endpoint.where}: the answer has no text (finish_reason={_snippet(repr(reason))})")
     # A server that echoes our key into its answer must not put it into the dataset; a "\ud83d"
     # escape in the JSON body is a lone surrogate, which no store can hold: U+FFFD.
     return Completion(text=valid_unicode(redact_secrets(content)), prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens)
+                      completion_tokens=completion_tokens, finish_reason=finish_reason,
+                      reasoning_chars=reasoning_chars)
 
 
 def _snippet(text: str) -> str:

@@ -26,9 +26,12 @@ Events (``kind`` first)::
 
 DONE, DEFERRED and FAILED events of a task that called a model carry one more field, its usage
 in that attempt: ``(model, requests, prompt_tokens, completion_tokens, rate_limited,
-concurrency)``, optionally followed by ``cost`` (money at the model's prices, or None) and the
-model's pacing snapshot (:meth:`pipeline.llm.pacing.Pacer.snapshot`, or None); it is recorded
-with the transition, in the same transaction.
+concurrency, finish_reason, truncated, cost, pacing)``; it is recorded with the transition, in the
+same transaction: ``finish_reason`` (the last answer's, str or None: None keeps the one recorded)
+in ``tasks.finish_reason``; ``truncated`` (1 for a kept text answer cut by ``length``, else 0)
+added to the generator's count in ``model_usage.truncated``, which compaction keeps; ``cost``
+(money at the model's prices, or None) added to ``model_usage.cost``; ``pacing`` the model's
+pacing snapshot (:meth:`pipeline.llm.pacing.Pacer.snapshot`, or None), the batch's last kept.
 
 ``text`` is the JSON text (:func:`pipeline.values.prepare`) of what the generator produced,
 made canonical and encoded once, on the event loop, when the task finished: for a cell task of
@@ -332,8 +335,10 @@ class Store(Protocol):
         RunNotFoundError."""
 
     def column_counts(self, run_id: str) -> dict[str, dict[str, int]]:
-        """``{column: {"done", "failed", "deferred", "in_flight"}}`` counted in records, in
-        config order (what the ``column_progress`` view shows)."""
+        """``{column: {"done", "failed", "deferred", "in_flight", "truncated"}}`` counted in
+        records, in config order (what the ``column_progress`` view shows); ``truncated``: the
+        kept text answers cut by ``finish_reason == "length"`` (``model_usage.truncated`` of the
+        column's generator, 0 for a column that calls no model)."""
 
     def model_usage(self, run_id: str) -> dict[str, dict[str, int]]:
         """``{model alias: {"requests", "prompt_tokens", "completion_tokens", "rate_limited",

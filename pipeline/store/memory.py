@@ -57,6 +57,7 @@ class MemoryStore:
                 "dropped": {},  # rg -> set of row indexes
                 "workers": {},
                 "usage": {},  # (model, generator) -> dict
+                "truncated": {},  # generator -> kept text answers cut by length
                 "states": {},  # generator -> {row group: state}
                 "fingerprints": {(k, n): d for k, n, d in run.fingerprints},
                 "changes": [],  # dicts, as the rows of run_changes
@@ -266,7 +267,7 @@ class MemoryStore:
                 elif kind == FAILED:
                     t["attempts"], t["last_error"] = ev[5]
                 if len(ev) > 6:  # model usage of this attempt
-                    model, n, p, c, limited, concurrency, *more = ev[6]
+                    model, n, p, c, limited, concurrency, finish_reason, truncated, cost, pacing = ev[6]
                     u = self._usage_row(run, model, ev[2])
                     for k, v in (("requests", n), ("prompt_tokens", p), ("completion_tokens", c)):
                         u[k] += v
@@ -274,11 +275,13 @@ class MemoryStore:
                     u["rate_limited"] += limited
                     u["concurrency"] = concurrency
                     u["updated_at"] = now
-                    if more:
-                        if more[0] is not None:
-                            u["cost"] = (u["cost"] or 0.0) + more[0]
-                        if more[1] is not None:
-                            u["pacing"] = dict(more[1])
+                    if cost is not None:
+                        u["cost"] = (u["cost"] or 0.0) + cost
+                    if pacing is not None:
+                        u["pacing"] = dict(pacing)
+                    if finish_reason is not None:
+                        t["finish_reason"] = finish_reason
+                    run["truncated"][ev[2]] = run["truncated"].get(ev[2], 0) + truncated
         for rg in lost:
             self._epochs.pop((run_id, rg), None)
         return lost
@@ -407,6 +410,7 @@ class MemoryStore:
             for col in sorted(run["columns"], key=lambda c: c.position):
                 c = dict(per_gen.get(col.generator, {"done": 0, "failed": 0, "deferred": 0, "in_flight": 0}))
                 c["done"] += done_ck
+                c["truncated"] = run["truncated"].get(col.generator, 0)
                 out[col.column_name] = c
             return out
 

@@ -27,7 +27,9 @@ Times are Unix seconds stored as floating point numbers (``time.time()``). To re
 ``tasks``
     One row per task that has started, keyed by ``slot`` = ``row_index`` for cell tasks and -1
     for from_scratch and batch tasks (whose ``row_index`` is NULL). ``column_name`` holds the
-    generator's name. ``value`` is the JSON of the result (:mod:`pipeline.values`). Rows of a
+    generator's name. ``value`` is the JSON of the result (:mod:`pipeline.values`).
+    ``requests``/``prompt_tokens``/``completion_tokens``/``finish_reason``: the model calls of an
+    ``llm_*`` task and why its last answer stopped (``stop``, ``length``, ...). Rows of a
     checkpointed row group are deleted (compaction), except ``failed`` ones and, in a row group
     with dropped records, the ``done`` rows of those records and of batch/from_scratch tasks
     (what `pipeline retry` needs to bring the records back; the view does not count them).
@@ -160,6 +162,8 @@ tasks = sa.Table(
     sa.Column("requests", sa.Integer, nullable=True),
     sa.Column("prompt_tokens", sa.BigInteger, nullable=True),
     sa.Column("completion_tokens", sa.BigInteger, nullable=True),
+    # Why the model stopped in the task's last answer (stop, length, ...): NULL for other tasks.
+    sa.Column("finish_reason", sa.String(64), nullable=True),
     # Salvage: "deferred tasks of this run whose time has come", in eligibility order. Partial,
     # so that the hot path's transitions between in_flight and done never touch it (measured:
     # a full index on state costs a third of the upsert rate on SQLite).
@@ -198,7 +202,8 @@ dropped_records = sa.Table(
 
 # Model usage per run, model alias and generator: the sums of the tasks' usage, kept after
 # compaction; ``concurrency`` is the model's adaptive limit at the last update; ``calls_saved``
-# counts finished model calls that resumes did not have to make again.
+# counts finished model calls that resumes did not have to make again; ``truncated`` the kept
+# llm_text answers cut by ``finish_reason = 'length'`` (status: columns.<name>.truncated).
 model_usage = sa.Table(
     "model_usage",
     metadata,
@@ -212,6 +217,7 @@ model_usage = sa.Table(
     sa.Column("concurrency", sa.Integer, nullable=True),
     sa.Column("calls_saved", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("updated_at", Time, nullable=False),
+    sa.Column("truncated", sa.BigInteger, nullable=False, server_default="0"),
     # Money spent at the model's configured prices (NULL without prices), and the model's pacing
     # as its process last saw it: JSON of pipeline.llm.pacing.Pacer.snapshot() (0007).
     sa.Column("cost", sa.Double, nullable=True),

@@ -725,16 +725,18 @@ class SqlStore:
         with self._reader.connect() as conn:
             rows = conn.execute(
                 sa.text(
-                    "SELECT p.column_name, p.rows_done, p.rows_failed, p.rows_deferred, p.rows_in_flight "
-                    "FROM column_progress p JOIN run_columns c "
+                    "SELECT p.column_name, c.generator, p.rows_done, p.rows_failed, p.rows_deferred, "
+                    "p.rows_in_flight FROM column_progress p JOIN run_columns c "
                     "ON c.run_id = p.run_id AND c.column_name = p.column_name "
                     "WHERE p.run_id = :r ORDER BY c.position"
                 ),
                 {"r": run_id},
             ).all()
+            truncated = usage_sql.truncated(conn, run_id)
         return {
-            name: {"done": int(done), "failed": int(failed), "deferred": int(deferred), "in_flight": int(in_flight)}
-            for name, done, failed, deferred, in_flight in rows
+            name: {"done": int(done), "failed": int(failed), "deferred": int(deferred), "in_flight": int(in_flight),
+                   "truncated": truncated.get(generator, 0)}
+            for name, generator, done, failed, deferred, in_flight in rows
         }
 
     @_translate_errors

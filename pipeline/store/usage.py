@@ -11,16 +11,18 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-__all__ = ["add_calls_saved", "read", "write"]
+__all__ = ["add_calls_saved", "read", "truncated", "write"]
 
 _TASK_USAGE = sa.text(
     "UPDATE tasks SET requests = COALESCE(requests, 0) + :n, prompt_tokens = COALESCE(prompt_tokens, 0) + :p, "
-    "completion_tokens = COALESCE(completion_tokens, 0) + :c "
+    "completion_tokens = COALESCE(completion_tokens, 0) + :c, finish_reason = COALESCE(:f, finish_reason) "
     "WHERE run_id = :r AND row_group = :rg AND column_name = :g AND slot = :s")
 _MODEL_USAGE = sa.text(
     "INSERT INTO model_usage (run_id, model, generator, requests, prompt_tokens, completion_tokens, rate_limited, "
-    "concurrency, calls_saved, updated_at, cost, pacing_json) VALUES (:r, :m, :g, :n, :p, :c, :l, :k, 0, :t, :cost, :pj) "
+    "concurrency, calls_saved, truncated, updated_at, cost, pacing_json) "
+    "VALUES (:r, :m, :g, :n, :p, :c, :l, :k, 0, :x, :t, :cost, :pj) "
     "ON CONFLICT (run_id, model, generator) DO UPDATE SET requests = model_usage.requests + excluded.requests, "
+    "truncated = model_usage.truncated + excluded.truncated, "
     "prompt_tokens = model_usage.prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = model_usage.completion_tokens + excluded.completion_tokens, "
     "rate_limited = model_usage.rate_limited + excluded.rate_limited, "
@@ -35,39 +37,48 @@ _CALLS_SAVED = sa.text(
 
 def write(conn: Connection, run_id: str, now: float, ours: dict, usage: list) -> None:
     """``usage``: ``[((rg, generator, row_index), (model, requests, prompt, completion,
-    rate_limited, concurrency[, cost, pacing snapshot]))]`` from one journal batch. Only row
-    groups this owner holds (``ours``) count: a fenced-out zombie's calls are not added. The
-    batch's last snapshot per model is stored (JSON, once per batch)."""
-    per_task: dict[tuple, list[int]] = {}
+    rate_limited, concurrency, finish_reason, truncated, cost, pacing snapshot))]`` from one
+    journal batch, in event order. Only row groups this owner holds (``ours``) count: a
+    fenced-out zombie's calls are not added. Two statements per batch, whatever its size: one
+    ``executemany`` per table; the batch's last pacing snapshot per model is stored (JSON)."""
+    per_task: dict[tuple, list] = {}
     per_model: dict[tuple[str, str], list] = {}
-    for key, (model, n, p, c, limited, concurrency, *more) in usage:
+    for key, (model, n, p, c, limited, concurrency, finish_reason, truncated, cost, snapshot) in usage:
         if key[0] not in ours:
             continue
-        t = per_task.setdefault(key, [0, 0, 0])
+        t = per_task.setdefault(key, [0, 0, 0, None])
         t[0] += n
         t[1] += p
         t[2] += c
-        m = per_model.setdefault((model, key[1]), [0, 0, 0, 0, None, None, None])
+        if finish_reason is not None:
+            t[3] = finish_reason  # the latest answer's
+        m = per_model.setdefault((model, key[1]), [0, 0, 0, 0, None, 0, None, None])
         m[0] += n
         m[1] += p
         m[2] += c
         m[3] += limited
         m[4] = concurrency
-        if more:
-            cost, snapshot = more
-            if cost is not None:
-                m[5] = (m[5] or 0.0) + cost
-            if snapshot is not None:
-                m[6] = snapshot
+        m[5] += truncated
+        if cost is not None:
+            m[6] = (m[6] or 0.0) + cost
+        if snapshot is not None:
+            m[7] = snapshot
     if not per_task:
         return
     conn.execute(_TASK_USAGE, [
-        {"r": run_id, "rg": rg, "g": gen, "s": -1 if ri is None else ri, "n": n, "p": p, "c": c}
-        for (rg, gen, ri), (n, p, c) in per_task.items()])
+        {"r": run_id, "rg": rg, "g": gen, "s": -1 if ri is None else ri, "n": n, "p": p, "c": c, "f": f}
+        for (rg, gen, ri), (n, p, c, f) in per_task.items()])
     conn.execute(_MODEL_USAGE, [
-        {"r": run_id, "m": model, "g": gen, "n": n, "p": p, "c": c, "l": limited, "k": concurrency, "t": now,
-         "cost": cost, "pj": None if snapshot is None else json.dumps(snapshot)}
-        for (model, gen), (n, p, c, limited, concurrency, cost, snapshot) in per_model.items()])
+        {"r": run_id, "m": model, "g": gen, "n": n, "p": p, "c": c, "l": limited, "k": concurrency, "x": x,
+         "t": now, "cost": cost, "pj": None if snapshot is None else json.dumps(snapshot)}
+        for (model, gen), (n, p, c, limited, concurrency, x, cost, snapshot) in per_model.items()])
+
+
+def truncated(conn: Connection, run_id: str) -> dict[str, int]:
+    """``{generator: kept text answers cut by length}`` of the run (generators with model usage)."""
+    rows = conn.execute(sa.text(
+        "SELECT generator, SUM(truncated) FROM model_usage WHERE run_id = :r GROUP BY generator"), {"r": run_id})
+    return {generator: int(n or 0) for generator, n in rows}
 
 
 def read(conn: Connection, run_id: str) -> dict[str, dict[str, int]]:
