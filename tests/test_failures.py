@@ -342,7 +342,10 @@ def test_a_config_holding_text_that_is_not_unicode_is_refused_before_anything_is
     home = tmp_path / "home"
     proc = cli("run", str(cfg), home=home)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "columns[0].params.values[0]" in proc.stderr and "not valid Unicode" in proc.stderr
+    # libyaml refuses the escape where it stands; the pure-Python parser reads it and the config
+    # check names the field: either way the message says where, and nothing is created.
+    assert ("columns[0].params.values[0]" in proc.stderr and "not valid Unicode" in proc.stderr) or \
+        ("line 4, column" in proc.stderr and "invalid Unicode" in proc.stderr), proc.stderr
     assert not home.exists()
 
 

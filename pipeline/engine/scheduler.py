@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
-import heapq
-import itertools
 import logging
-import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.engine.buffer import RowGroupBuffer, normalize_batch, normalize_cell, write_parquet_atomic
+from pipeline.engine.buffer import RowGroupBuffer, normalize_batch, normalize_cell
+from pipeline.engine.checkpoints import write_checkpoint
 from pipeline.engine.journal import Journal
 from pipeline.engine.options import RunStats, SchedulerOptions, TaskTrace
+from pipeline.engine.retries import RetryTimers
 from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan, RowGroupTracker
 from pipeline.engine.failures import FailureLog
@@ -94,9 +92,7 @@ class Scheduler:
                                        ) if plan.stateful else None
         # Stateful generators that implement state_dict() (their DONE events carry the state).
         self._state_idx = self._stateful.keeps_state if plan.stateful else frozenset()
-        self._deferred: list = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_due = 0.0
+        self._retries = RetryTimers(self._on_timer)
         self._attempts: dict[tuple, int] = {}
         # Model-limited tasks that failed without spending an attempt (429, unconfirmed
         # outage): key -> [waits so far, the model's answer count at its previous try].
@@ -112,7 +108,6 @@ class Scheduler:
         # announces (STARTED) only those still running when it commits; a task that starts and
         # finishes between two commits costs one DONE row and nothing else.
         self._unannounced: dict[tuple, list] = {}
-        self._seq = itertools.count()
         self._window: collections.deque = collections.deque()
         self._window_errors = 0
         self._stopping = False
@@ -138,6 +133,7 @@ class Scheduler:
         """Run until every row group of the run is checkpointed (``complete``), or until stopped
         (``interrupted``) or tripped by the error rate (``failed``)."""
         self._loop = loop = asyncio.get_running_loop()
+        self._retries.loop = loop
         self._done: asyncio.Future = loop.create_future()
         self._wake = asyncio.Event()
         self.journal.start()
@@ -153,8 +149,7 @@ class Scheduler:
             if watch is not None:
                 watch.cancel()
             await self._drain_tasks()
-            if self._timer is not None:
-                self._timer.cancel()
+            self._retries.cancel()
             if self._stateful is not None:
                 self._stateful.close()
             if self._live:  # finished row groups have left _live already
@@ -640,22 +635,14 @@ class Scheduler:
 
     # -- retries --------------------------------------------------------------------------
     def _defer(self, rg: _RowGroup, j: int, r: int | None, due: float) -> None:
-        heapq.heappush(self._deferred, (due, next(self._seq), rg, j, r))
+        self._retries.push(due, (rg, j, r))
         limit = self._nodes[j].limit
         if limit is not None:
             self._waiting[limit] += 1
-        if self._timer is None or self._timer_due > due:  # (uvloop's handles have no when())
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer, self._timer_due = self._loop.call_at(due, self._on_timer), due
 
     def _on_timer(self) -> None:
-        self._timer = None
-        now = self._loop.time()
-        heap, nodes = self._deferred, self._nodes
-        due = []
-        while heap and heap[0][0] <= now:
-            _, _, rg, j, r = heapq.heappop(heap)
+        nodes, due = self._nodes, []
+        for rg, j, r in self._retries.pop_due():
             limit = nodes[j].limit
             if limit is not None:
                 self._waiting[limit] -= 1
@@ -670,8 +657,6 @@ class Scheduler:
                 self._limited[node.limit].appendleft((rg, j, r))
             else:
                 self._ready.appendleft((rg, j, r))
-        if heap:
-            self._timer, self._timer_due = self._loop.call_at(heap[0][0], self._on_timer), heap[0][0]
         self._pump()
 
     # -- row groups -----------------------------------------------------------------------
@@ -716,41 +701,11 @@ class Scheduler:
             self._finish("failed")
 
     def _checkpoint(self, rg: _RowGroup) -> bool:
-        """On a side thread, after all the row group's events are committed: write its Parquet
-        file under a name that carries this worker's lease epoch (temporary name, fsync,
-        rename), then make it current through ``checkpoint_row_group``, whose transaction checks
-        the lease and records the path, size and digest. A worker that lost the lease writes
-        nothing, or removes the file it wrote: a stale worker never replaces the row group's
-        file (readers use only ``row_groups.path``). Once current, files of older epochs of the
-        row group go. Returns False when the lease was lost; raises after 3 failed attempts."""
-        epoch = self.store.lease_epoch(self.run_id, rg.id)
-        if epoch is None:
-            return False  # lost already: another worker owns the row group now
-        folder = os.path.join(self.home, "runs", self.run_id, "row_groups")
-        name = f"rg-{rg.id:06d}-e{epoch}.parquet"
-        path = os.path.join(folder, name)
+        """On a side thread, after all the row group's events are committed: its file, made
+        current under the lease (:func:`pipeline.engine.checkpoints.write_checkpoint`)."""
         live = rg.tracker.live_rows()  # none when every record was dropped: an empty file
-        last: Exception | None = None
-        for attempt in range(3):
-            try:
-                size, digest = write_parquet_atomic(rg.buffer.table(self.plan.columns, live), path)
-                current = self.store.checkpoint_row_group(
-                    self.run_id, rg.id, os.path.join("runs", self.run_id, "row_groups", name),
-                    rg.tracker.n_dropped, file_bytes=size, file_sha256=digest)
-            except Exception as exc:  # a full disk, a busy database: try again, then leave it to resume
-                last = exc
-                log.warning("checkpoint of row group %d failed (attempt %d): %s", rg.id, attempt + 1, exc)
-                time.sleep(0.1 * 2 ** attempt)
-                continue
-            # Ours is current: older epochs' files (a stale worker's, a damaged one) go. Not
-            # ours: the lease was taken over, and our file must never be mistaken for the
-            # row group's. Names of other epochs only: never the current file.
-            for gone in ([f"rg-{rg.id:06d}-e{e}.parquet" for e in range(1, epoch)] + [f"rg-{rg.id:06d}.parquet"]
-                         if current else [name]):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(folder, gone))
-            return current
-        raise OSError(f"could not write the checkpoint of row group {rg.id} to {path}: {_describe(last)}")
+        return write_checkpoint(self.store, self.run_id, self.home, rg.id,
+                                lambda: rg.buffer.table(self.plan.columns, live), rg.tracker.n_dropped, _describe)
 
     def _look_stateful(self) -> tuple[list[dict], dict]:
         """On the writer thread, for the stateful lanes: the row groups, then the generators'
