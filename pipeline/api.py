@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 # The engine, the config models, pandas and pyarrow are imported by the functions that run or
 # export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them.
 
-__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "resume", "retry", "run", "status",
-           "validate", "validate_run_id"]
+__all__ = ["RunResult", "export", "list_runs", "load_dataset", "open_state", "plan_change", "resume", "retry", "run",
+           "status", "validate", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -120,12 +120,15 @@ def _new_run_id(name: str) -> str:
 def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike | None = None,
         db: str | None = None, run_id: str | None = None, num_records: int | None = None,
         progress: Callable[[dict], None] | None = None, on_created: Callable[[str], None] | None = None,
-        trace: bool = False, start: bool = True, close_store: bool = True, check_models: bool = True) -> RunResult:
+        trace: bool = False, start: bool = True, close_store: bool = True, check_models: bool = True,
+        reuse: str | None = None) -> RunResult:
     """Validate ``config``, create the run and run it to the end (or until a signal).
     With ``start=False`` the run is only created (status ``interrupted``): workers start it.
     ``check_models`` first checks every model endpoint the config uses (pipeline.llm.preflight):
     one that is unreachable or refuses the key or the model raises ModelCheckError, and
-    nothing is created."""
+    nothing is created. ``reuse``: an earlier run of the same store whose recorded cells the new
+    run takes where it would compute them identically (``result.extra["reused"]``: ``{generator:
+    records}``; :func:`pipeline.changes.reuse_cells`)."""
     from pipeline.config import PipelineConfig, load_config
     from pipeline.fingerprints import fingerprints
     from pipeline.graph import build_graph
@@ -135,6 +138,9 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
         cfg = cfg.with_num_records(num_records)
     if run_id is not None:
         validate_run_id(run_id)
+    if reuse is not None:
+        validate_run_id(reuse)
+        _require_run_store(home, db, reuse)
     graph = build_graph(cfg)
     if check_models and cfg.used_models():
         from pipeline.llm.preflight import preflight
@@ -144,6 +150,8 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
     home_path, store = open_state(home, db)
     try:
         rid = run_id or _new_run_id(cfg.name)
+        if reuse is not None:
+            store.get_run(reuse)  # RunNotFoundError before anything is created
         store.create_run(NewRun(
             run_id=rid, name=cfg.name, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
             seed=cfg.seed, config=cfg.to_json(), fingerprint=cfg.fingerprint(),
@@ -153,13 +161,20 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
         with _Signals() as signals:
             try:
                 (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
+                reused = None
+                if reuse is not None:
+                    from pipeline.changes import reuse_cells
+
+                    reused = reuse_cells(store, reuse, rid, cfg, graph, prints, home_path)
                 if on_created is not None:
                     on_created(rid)
                 if not start:
                     store.set_run_status(rid, "interrupted")
                     return RunResult(rid, "created")
-                return _execute(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph,
-                                signals=signals)
+                result = _execute(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph,
+                                  signals=signals)
+                result.extra["reused"] = reused
+                return result
             except _Interrupted as stop:
                 return _interrupted(store, rid, stop.signum)
     finally:
@@ -169,24 +184,66 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
 
 def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None,
            progress: Callable[[dict], None] | None = None, trace: bool = False,
-           close_store: bool = True, repair: bool = False, accept_changes: bool = False) -> RunResult:
+           close_store: bool = True, repair: bool = False, accept_changes: bool = False,
+           config: PipelineConfig | str | os.PathLike | None = None) -> RunResult:
     """Continue a run exactly where it stopped (also: join it as one more worker).
+
+    ``config``: continue it under this config instead (CONTRACT section 11): the change is
+    applied first, in one transaction (:func:`pipeline.changes.apply_change`;
+    ``result.extra["change"]`` is its :class:`~pipeline.changes.ChangePlan`); RunBusyError,
+    changing nothing, while live workers hold the run.
 
     ``repair``: first check every checkpointed row-group file against the size and SHA-256
     its checkpoint recorded, and compute again the row groups whose file is missing or does
     not match (``result.extra["repaired"]``: ``[{"row_group", "path", "problem"}]``).
     Raises FilesChangedError when a python module or seed file the run reads changed since it
     started, unless ``accept_changes`` (pipeline.fingerprints.check_changed_files)."""
-    return _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
-                   repair=repair, accept_changes=accept_changes)
+    applied: dict = {}
+
+    def change(store: Store, info: Any, home_path: Path) -> PipelineConfig:
+        from pipeline.changes import apply_change
+
+        new_cfg = _load(config)
+        applied["change"] = apply_change(store, info, new_cfg, home_path)
+        return new_cfg
+
+    result = _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
+                     repair=repair, accept_changes=accept_changes, change=None if config is None else change)
+    result.extra.update(applied)
+    return result
+
+
+def _load(config: PipelineConfig | str | os.PathLike) -> PipelineConfig:
+    from pipeline.config import PipelineConfig, load_config
+
+    return config if isinstance(config, PipelineConfig) else load_config(config)
+
+
+def plan_change(run_id: str, config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike | None = None,
+                db: str | None = None) -> Any:
+    """What ``resume(run_id, config=config)`` would keep and compute, per column
+    (:class:`pipeline.changes.ChangePlan`); changes nothing."""
+    from pipeline.changes import plan_change as plan
+
+    validate_run_id(run_id)
+    new_cfg = _load(config)
+    _require_run_store(home, db, run_id)
+    home_path, store = open_state(home, db)
+    try:
+        return plan(store, store.get_run(run_id), new_cfg, home_path)
+    finally:
+        store.close()
 
 
 def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
             progress: Callable[[dict], None] | None, trace: bool, close_store: bool, repair: bool = False,
             accept_changes: bool = False,
-            before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None = None) -> RunResult:
+            before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None = None,
+            change: Callable[[Store, Any, Path], PipelineConfig] | None = None) -> RunResult:
     """resume, and retry: the changed-files check first (nothing changes if it refuses), then
-    ``before(store, run info, config, home)``, which may end it with its own result."""
+    ``before(store, run info, config, home)``, which may end it with its own result. With
+    ``change(store, run info, home)`` (resume --config), that applies the change and gives the
+    config to run on instead of the check."""
     from pipeline.config import config_from_json
     from pipeline.fingerprints import check_changed_files
 
@@ -195,9 +252,13 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
     home_path, store = open_state(home, db)
     try:
         info = store.get_run(run_id)
-        cfg = config_from_json(info.config)
-        # Before anything is changed or computed; also on a complete run (CONTRACT section 9).
-        check_changed_files(store, run_id, cfg, accept_changes)
+        if change is not None:  # its fingerprints compare every file
+            cfg = change(store, info, home_path)
+            info = store.get_run(run_id)
+        else:
+            cfg = config_from_json(info.config)
+            # Before anything is changed or computed; also on a complete run (CONTRACT section 9).
+            check_changed_files(store, run_id, cfg, accept_changes)
         extra: dict = {}
         if repair:
             from pipeline.dataset import check_files
@@ -378,16 +439,9 @@ def _generators_named(graph: Any, names: list[str], run_id: str) -> set[str]:
 
 def _lineage(graph: Any) -> Lineage:
     """The DAG as Store.reopen_failed needs it: transitive upstream and downstream per generator."""
-    upstream: dict[str, frozenset[str]] = {}
-    for node in graph.nodes:  # topological order: upstreams first
-        ups = set(node.upstream)
-        for u in node.upstream:
-            ups |= upstream[u]
-        upstream[node.name] = frozenset(ups)
-    downstream = {n.name: frozenset(m for m, ups in upstream.items() if n.name in ups) for n in graph.nodes}
-    return Lineage(outputs={n.name: n.outputs for n in graph.nodes},
-                   task_types={n.name: n.task_type for n in graph.nodes},
-                   upstream=upstream, downstream=downstream)
+    from pipeline.changes import lineage
+
+    return lineage(graph)
 
 
 def _execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
@@ -523,7 +577,7 @@ def _status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str,
                        "active": groups["active"] + groups["complete"]},
         "rate_records_s": rate, "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint, "damaged_files": damaged,
-        "failures": _failures(store, run_id),
+        "failures": _failures(store, run_id), "changes": store.run_changes(run_id),
     }
 
 

@@ -19,6 +19,7 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── ModelCheckError                a model endpoint the config uses is unreachable, or refuses
     │                                  the key or the model (the preflight of `run`/`validate`)
     ├── FilesChangedError              a python module or seed file changed since the run started
+    ├── RunBusyError                   a change to a run while workers hold its row groups
     ├── GenerationError                a generator failed; carries the original as __cause__
     └── UnstorableValueError           a generator's value has no exact stored form: fails its
                                        own cell (never retried), names column, record and why
@@ -51,6 +52,7 @@ __all__ = [
     "PipelineError",
     "ReadOnlyQueryError",
     "RetryableError",
+    "RunBusyError",
     "RunExistsError",
     "RunNotFoundError",
     "StoreError",
@@ -88,6 +90,10 @@ class RunNotFoundError(PipelineError):
 
 class RunExistsError(PipelineError):
     """A run with this id exists already."""
+
+
+class RunBusyError(PipelineError):
+    """A change to a run (``resume --config``) while live workers hold its row groups: stop them first."""
 
 
 class InvalidRunIdError(PipelineError):
