@@ -170,7 +170,7 @@ def build_change(store: Store, info: RunInfo, new_cfg: PipelineConfig) -> tuple[
     for gen in removed_gens:
         rows.append((COLUMN, gen, stored.get((COLUMN, gen)), None, "removed from the config"))
     new_text = new_cfg.to_json()
-    changed = new_text != info.config
+    changed = bool(new_text != info.config or recompute or removed_gens)
     if changed:
         what = [f"num_records {info.num_records:,} -> {new_cfg.num_records:,}"] if grew else []
         what += [f"{label}: {', '.join(gens)}" for label, gens in (

@@ -1,0 +1,449 @@
+"""Changing a run (CONTRACT section 11): `pipeline resume RUN_ID --config FILE [--plan]` recomputes
+exactly the cells of changed columns and their readers, keeps the rest, grows or shrinks the run;
+`pipeline run FILE --reuse RUN_ID` takes every cell it would compute identically from an earlier
+run. Python columns append a line per computed cell to a call log: it proves which cells ran, and
+each `--plan` is checked against it. Afterwards every export equals a fresh run's."""
+
+from __future__ import annotations
+
+import json
+import signal
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli, cli_env, cli_popen, read_calls
+
+MOD_UP = '''
+import os
+
+def _log(col, key):
+    fd = os.open(os.environ["PIPELINE_TEST_CALLS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{col},{key}\\n".encode())
+    finally:
+        os.close(fd)
+
+
+async def upper(row):
+    import asyncio
+    await asyncio.sleep(float(os.environ.get("PIPELINE_TEST_SLEEP", "0")))
+    _log("up", row["id"])
+    return row["word"].upper() + "-" + row["id"][:4]
+'''
+
+MOD_REST = '''
+from mod_up import _log
+
+
+def length(row):
+    _log("len", row["id"])
+    return len(row["up"]) + row["n"]
+
+
+def after(row):
+    _log("after", row["id"])
+    return row["tag"] + "/" + row["id"][:2]
+
+
+def extra(row):
+    _log("extra", row["id"])
+    return row["up"].lower()
+
+
+def total(df):
+    _log("total", df.index[0])
+    return df["len"].cumsum().tolist()
+'''
+
+COLUMNS = {
+    "id": "{name: id, type: sampler, sampler: uuid}",
+    "n": "{name: n, type: sampler, sampler: integer, params: {low: 0, high: 100}}",
+    "word": "{name: word, type: sampler, sampler: category, params: {values: [ant, bee, cat, dog]}}",
+    "up": '{name: up, type: python, function: "mod_up:upper", requires: [word, id]}',
+    "len": '{name: len, type: python, function: "mod_rest:length", requires: [up, n, id]}',
+    "tag": '{name: tag, type: expression, expr: "{{ word }}#{{ n }}"}',
+    "after": '{name: after, type: python, function: "mod_rest:after", requires: [tag, id]}',
+    "total": '{name: total, type: python, function: "mod_rest:total", mode: batch, requires: [len]}',
+}
+LOGGED = ("up", "len", "after", "total", "extra")
+
+
+def write_config(folder: Path, name: str = "cfg.yaml", *, records: int = 100, rg: int = 25,
+                 columns: dict | None = None, in_flight: int = 16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "mod_up.py").exists():
+        (folder / "mod_up.py").write_text(MOD_UP)
+        (folder / "mod_rest.py").write_text(MOD_REST)
+    entries = "\n".join(f"  - {c}" for c in (columns or COLUMNS).values())
+    path = folder / name
+    path.write_text(f"name: changed\nnum_records: {records}\nrow_group_size: {rg}\nseed: 5\n"
+                    f"settings: {{max_in_flight_tasks: {in_flight}, max_concurrent_row_groups: 2}}\n"
+                    f"columns:\n{entries}\n")
+    return path
+
+
+class Runner:
+    """The CLI with one home folder and one call log; ``take()`` the calls since the last take."""
+
+    def __init__(self, tmp_path: Path, db: str | None = None, sleep_s: float = 0.0):
+        self.home, self.calls, self.db = tmp_path / "home", tmp_path / "calls", db
+        self.env = cli_env(PIPELINE_TEST_CALLS=str(self.calls), PIPELINE_TEST_SLEEP=str(sleep_s))
+        self.seen = 0
+
+    def __call__(self, *args: str, code: int | None = 0):
+        proc = cli(*args, home=self.home, db=self.db, env=self.env, timeout=300)
+        if code is not None:
+            assert proc.returncode == code, f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def take(self) -> list[tuple[str, str]]:
+        calls = read_calls(self.calls)
+        new, self.seen = calls[self.seen:], len(calls)
+        return new
+
+    def export(self, run_id: str) -> list[dict]:
+        out = self.home.parent / f"{run_id}-{time.monotonic_ns()}.jsonl"
+        self("export", run_id, "--output", str(out))
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    def fresh(self, cfg: Path, run_id: str) -> list[dict]:
+        """The export of a fresh run of ``cfg`` (its calls are not counted)."""
+        self("run", str(cfg), "--run-id", run_id, "--quiet")
+        rows = self.export(run_id)
+        self.take()
+        return rows
+
+    def plan(self, run_id: str, cfg: Path) -> dict:
+        out = json.loads(self("resume", run_id, "--config", str(cfg), "--plan", "--json").stdout)
+        assert set(out) == {"columns"}
+        return out["columns"]
+
+    def status(self, run_id: str) -> dict:
+        return json.loads(self("status", run_id, "--json").stdout)
+
+    def sql(self, query: str) -> list[dict]:
+        return json.loads(self("sql", query, "--json").stdout)
+
+
+def per_column(calls) -> Counter:
+    return Counter(column for column, _ in calls)
+
+
+def assert_plan_ran(plan: dict, calls, rg_calls: dict | None = None) -> None:
+    """Every logged cell column computed exactly the cells its plan said; batch columns as told."""
+    ran = per_column(calls)
+    for column in ("up", "len", "after", "extra"):
+        if column in plan:
+            assert ran[column] == plan[column]["compute"], (column, plan[column], ran)
+    for column, n in (rg_calls or {}).items():
+        assert ran[column] == n, (column, ran)
+
+
+def interrupt(r: Runner, args: list[str], ups: int) -> None:
+    """Start `pipeline ARGS`, SIGTERM it once column ``up`` made ``ups`` more calls."""
+    def count() -> int:
+        return sum(1 for c, _ in read_calls(r.calls) if c == "up")
+
+    target = count() + ups
+    proc = cli_popen(*args, "--quiet", home=r.home, db=r.db, env=r.env)
+    deadline = time.monotonic() + 120
+    while count() < target:
+        assert proc.poll() is None, f"the run ended before it was interrupted: {proc.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+
+
+# -- resume --config ---------------------------------------------------------------------------
+def test_a_changed_template_recomputes_only_it_and_its_readers(tmp_path):
+    r = Runner(tmp_path)
+    cfg = write_config(tmp_path / "p")
+    r("run", str(cfg), "--run-id", "a", "--quiet")
+    assert per_column(r.take()) == {"up": 100, "len": 100, "after": 100, "total": 4}
+    new = write_config(tmp_path / "p", "new.yaml", columns={**COLUMNS, "tag": COLUMNS["tag"].replace("#", "@")})
+    plan = r.plan("a", new)
+    assert plan["tag"] == {"keep": 0, "compute": 100, "reason": "entry changed (expr)"}
+    assert plan["after"] == {"keep": 0, "compute": 100, "reason": "reads a changed column: tag"}
+    for column in ("id", "n", "word", "up", "len", "total"):
+        assert plan[column] == {"keep": 100, "compute": 0, "reason": "unchanged"}
+    assert r.take() == [] and r.status("a")["changes"] == []  # the plan changed nothing
+    proc = r("resume", "a", "--config", str(new), "--quiet")
+    assert "entry changed (expr)" in proc.stderr
+    calls = r.take()
+    assert per_column(calls) == {"after": 100}
+    assert_plan_ran(plan, calls)
+    assert r.export("a") == r.fresh(new, "fresh")
+    status = r("status", "a").stdout
+    assert "config changed 1 time(s)" in status and "computed again: after, tag" in status
+    changes = r.sql("select kind, name, old_digest, new_digest, detail from run_changes where run_id = 'a' "
+                    "order by change_id")
+    assert [(c["kind"], c["name"]) for c in changes] == [("config", str(new)), ("column", "tag"), ("column", "after")]
+    assert all(c["old_digest"] and c["new_digest"] and c["old_digest"] != c["new_digest"] for c in changes)
+    assert changes[1]["detail"] == "entry changed (expr); 100 recorded cells discarded, 100 to compute"
+    # The new fingerprints are the run's: the same config again changes nothing.
+    assert all(c["reason"] == "unchanged" and c["compute"] == 0 for c in r.plan("a", new).values())
+
+
+def test_a_changed_module_on_an_interrupted_run_recomputes_its_column_and_readers_only(tmp_path):
+    r = Runner(tmp_path, sleep_s=0.01)
+    cfg = write_config(tmp_path / "p", in_flight=4)
+    interrupt(r, ["run", str(cfg), "--run-id", "m"], ups=65)
+    r.take()
+    s = r.status("m")
+    assert s["status"] == "interrupted" and 0 < s["row_groups"]["checkpointed"] < 4
+    module = tmp_path / "p" / "mod_up.py"
+    module.write_text(MOD_UP.replace(".upper()", ".title()"))
+    plan = r.plan("m", cfg)
+    for column in ("up", "len", "total"):
+        assert plan[column]["keep"] == 0 and plan[column]["compute"] == 100, plan
+    assert plan["up"]["reason"] == "python module changed"
+    assert plan["len"]["reason"] == "reads a changed column: up"
+    after_done = s["columns"]["after"]["done"]
+    assert plan["after"] == {"keep": after_done, "compute": 100 - after_done, "reason": "unchanged"}
+    assert plan["tag"]["keep"] == s["columns"]["tag"]["done"]
+    r("resume", "m", "--config", str(cfg), "--quiet")
+    calls = r.take()
+    assert_plan_ran(plan, calls, {"total": 4})
+    assert r.export("m") == r.fresh(cfg, "fresh")
+
+
+def test_a_changed_judge_rubric_sends_only_judge_requests_again(tmp_path, fake_server):
+    from tests.test_llm_pipeline import RUBRIC, server_stats, three_columns_config
+
+    url = fake_server(latency_ms=2)
+    cfg = three_columns_config(tmp_path / "p", url, records=60)
+    r = Runner(tmp_path)
+    r("run", str(cfg), "--run-id", "j", "--quiet")
+    first = server_stats(url)["models"]
+    assert first["judge-model"]["requests"] == 60 and first["writer-model"]["requests"] == 120
+    rubric = {**RUBRIC, "tone": "Is the tone fair?"}
+    text = cfg.read_text().replace(json.dumps(RUBRIC), json.dumps(rubric))
+    new = cfg.with_name("new.yaml")
+    new.write_text(text)
+    plan = r.plan("j", new)
+    assert plan["grade"] == {"keep": 0, "compute": 60, "reason": "entry changed (rubric)"}
+    assert all(plan[c] == {"keep": 60, "compute": 0, "reason": "unchanged"} for c in ("id", "topic", "review", "facts"))
+    r("resume", "j", "--config", str(new), "--quiet")
+    second = server_stats(url)["models"]
+    assert second["writer-model"]["requests"] == 120  # not one writer request again
+    assert second["judge-model"]["requests"] == 60 + 60
+    rows = r.export("j")
+    assert len(rows) == 60 and all(set(row["grade"]) == set(rubric) for row in rows)
+    assert rows == r.fresh(new, "fresh")
+
+
+def test_an_added_column_is_computed_alone_and_a_removed_one_leaves_the_export(tmp_path):
+    r = Runner(tmp_path)
+    cfg = write_config(tmp_path / "p")
+    r("run", str(cfg), "--run-id", "x", "--quiet")
+    r.take()
+    added = write_config(tmp_path / "p", "added.yaml", columns={
+        **COLUMNS, "extra": '{name: extra, type: python, function: "mod_rest:extra", requires: [up, id]}'})
+    plan = r.plan("x", added)
+    assert plan["extra"] == {"keep": 0, "compute": 100, "reason": "new column"}
+    assert all(plan[c]["compute"] == 0 for c in COLUMNS)
+    r("resume", "x", "--config", str(added), "--quiet")
+    calls = r.take()
+    assert per_column(calls) == {"extra": 100}
+    assert r.export("x") == r.fresh(added, "fresh-added")
+
+    removed = write_config(tmp_path / "p", "removed.yaml",
+                           columns={k: v for k, v in COLUMNS.items() if k not in ("after", "extra")})
+    plan = r.plan("x", removed)
+    assert "after" not in plan and "extra" not in plan
+    assert all(c["compute"] == 0 and c["keep"] == 100 for c in plan.values())
+    text = r("resume", "x", "--config", str(removed), "--plan").stdout
+    assert "after" in text and "removed from the config" in text
+    r("resume", "x", "--config", str(removed), "--quiet")
+    assert r.take() == []
+    rows = r.export("x")
+    assert "after" not in rows[0] and "extra" not in rows[0]
+    assert rows == r.fresh(removed, "fresh-removed")
+    assert list(r.status("x")["columns"]) == ["id", "n", "word", "up", "len", "tag", "total"]
+
+
+def test_growing_100_to_150_records_computes_only_the_new_records(tmp_path):
+    r = Runner(tmp_path)
+    cfg = write_config(tmp_path / "p", records=100, rg=25)
+    r("run", str(cfg), "--run-id", "g", "--quiet")
+    old_ids = {k for c, k in r.take() if c == "up"}
+    old_rows = r.export("g")
+    grown = write_config(tmp_path / "p", "grown.yaml", records=150, rg=25)
+    plan = r.plan("g", grown)
+    assert all(c == {"keep": 100, "compute": 50, "reason": "unchanged; 50 new records"} for c in plan.values()), plan
+    r("resume", "g", "--config", str(grown), "--quiet")
+    calls = r.take()
+    assert_plan_ran(plan, calls, {"total": 2})
+    assert not old_ids & {k for c, k in calls if c != "total"}  # no old record computed again
+    rows = r.export("g")
+    assert rows[:100] == old_rows  # samplers and every cell of the old records kept
+    assert rows == r.fresh(grown, "fresh")
+    assert r.status("g")["num_records"] == 150
+
+
+def test_growing_into_a_partial_row_group_recomputes_only_its_batch_column(tmp_path):
+    r = Runner(tmp_path)
+    cfg = write_config(tmp_path / "p", records=100, rg=30)  # the last row group holds 10 records
+    r("run", str(cfg), "--run-id", "g", "--quiet")
+    r.take()
+    grown = write_config(tmp_path / "p", "grown.yaml", records=150, rg=30)
+    plan = r.plan("g", grown)
+    assert plan["up"] == {"keep": 100, "compute": 50, "reason": "unchanged; 50 new records"}
+    assert plan["id"]["keep"] == 100  # drawn again in the row group that grew: the same values
+    assert plan["total"] == {"keep": 90, "compute": 60, "reason": "unchanged; 50 new records"}
+    r("resume", "g", "--config", str(grown), "--quiet")
+    assert_plan_ran(plan, r.take(), {"total": 2})  # row group 3 (grown) and 4 (new)
+    assert r.export("g") == r.fresh(grown, "fresh")
+
+
+def test_shrinking_drops_the_records_past_the_end_and_computes_only_a_cut_batch(tmp_path):
+    r = Runner(tmp_path)
+    cfg = write_config(tmp_path / "p", records=100, rg=25)
+    r("run", str(cfg), "--run-id", "s", "--quiet")
+    r.take()
+    small = write_config(tmp_path / "p", "small.yaml", records=60, rg=25)
+    plan = r.plan("s", small)
+    assert plan["up"] == {"keep": 60, "compute": 0, "reason": "unchanged"}
+    assert plan["total"] == {"keep": 50, "compute": 10, "reason": "unchanged"}  # row group 2 was cut
+    r("resume", "s", "--config", str(small), "--quiet")
+    assert per_column(r.take()) == {"total": 1}
+    rows = r.export("s")
+    assert len(rows) == 60 and rows == r.fresh(small, "fresh")
+    s = r.status("s")
+    assert s["num_records"] == 60 and s["row_groups"]["total"] == 3 and s["status"] == "complete"
+
+
+def test_a_change_is_refused_while_a_worker_holds_the_run(tmp_path):
+    r = Runner(tmp_path, sleep_s=0.05)
+    cfg = write_config(tmp_path / "p", in_flight=2)
+    new = write_config(tmp_path / "p", "new.yaml", columns={**COLUMNS, "tag": COLUMNS["tag"].replace("#", "@")})
+    proc = cli_popen("run", str(cfg), "--run-id", "busy", "--quiet", home=r.home, env=r.env)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(c == "up" for c, _ in read_calls(r.calls)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        config = r.sql("select config from runs where run_id = 'busy'")[0]["config"]
+        refused = r("resume", "busy", "--config", str(new), code=2)
+        assert "live worker" in refused.stderr and "Stop them first" in refused.stderr
+        assert r.sql("select config from runs where run_id = 'busy'")[0]["config"] == config
+        assert r.sql("select count(*) as n from run_changes")[0]["n"] == 0
+        # --plan only reads: it answers while the worker runs
+        assert r.plan("busy", new)["tag"]["reason"] == "entry changed (expr)"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    r("resume", "busy", "--config", str(new), "--quiet")
+    assert r.export("busy") == r.fresh(new, "fresh")
+
+
+def test_plan_and_json_need_config_and_a_row_group_size_change_is_refused(tmp_path):
+    r = Runner(tmp_path)
+    cfg = write_config(tmp_path / "p")
+    r("run", str(cfg), "--run-id", "u", "--quiet")
+    assert "--config" in r("resume", "u", "--plan", code=2).stderr
+    other = write_config(tmp_path / "p", "rg.yaml", rg=20)
+    proc = r("resume", "u", "--config", str(other), code=2)
+    assert "row_group_size cannot change" in proc.stderr and "--reuse u" in proc.stderr
+
+
+# -- run --reuse ---------------------------------------------------------------------------------
+def test_reuse_takes_every_unchanged_cell_from_a_complete_run(tmp_path):
+    r = Runner(tmp_path)
+    cfg = write_config(tmp_path / "p")
+    r("run", str(cfg), "--run-id", "src", "--quiet")
+    r.take()
+    new = write_config(tmp_path / "p", "new.yaml", records=120,
+                       columns={**COLUMNS, "tag": COLUMNS["tag"].replace("#", "@")})
+    proc = r("run", str(new), "--run-id", "dst", "--reuse", "src", "--quiet")
+    assert "reused from run src" in proc.stderr
+    calls = r.take()
+    ran = per_column(calls)
+    # after reads the changed tag: all of it; the rest only for the 20 records src does not have
+    assert ran == {"after": 120, "up": 20, "len": 20, "total": 1}, ran
+    assert r.export("dst") == r.fresh(new, "fresh")
+    assert r.status("src")["num_records"] == 100  # the earlier run is not changed
+
+
+def test_reuse_takes_what_an_interrupted_run_has_and_copes_with_other_row_groups(tmp_path):
+    r = Runner(tmp_path, sleep_s=0.01)
+    cfg = write_config(tmp_path / "p", in_flight=4)
+    interrupt(r, ["run", str(cfg), "--run-id", "half"], ups=50)
+    r.take()
+    done = r.status("half")["columns"]
+    assert 0 < done["up"]["done"] < 100
+    r("run", str(cfg), "--run-id", "again", "--reuse", "half", "--quiet")
+    ran = per_column(r.take())
+    assert ran["up"] == 100 - done["up"]["done"] and ran["after"] == 100 - done["after"]["done"]
+    assert r.export("again") == r.fresh(cfg, "fresh")
+    # Row groups cut otherwise: cells are taken by record index, batch columns computed.
+    other = write_config(tmp_path / "p", "rg.yaml", rg=40)
+    r("run", str(other), "--run-id", "cut", "--reuse", "again", "--quiet")
+    assert per_column(r.take()) == {"total": 3}
+    assert r.export("cut") == r.export("fresh")
+
+
+def test_reuse_of_an_unknown_run_creates_nothing(tmp_path):
+    r = Runner(tmp_path)
+    cfg = write_config(tmp_path / "p")
+    r("run", str(cfg), "--run-id", "one", "--quiet")
+    proc = r("run", str(cfg), "--run-id", "two", "--reuse", "nope", code=2)
+    assert "nope" in proc.stderr
+    assert [x["run_id"] for x in json.loads(r("runs", "--json").stdout)] == ["one"]
+
+
+# -- a kill while a change is applied ----------------------------------------------------------
+def test_a_kill_while_a_change_is_applied_leaves_the_old_run_or_the_new_one(tmp_path):
+    r = Runner(tmp_path)
+    cfg = write_config(tmp_path / "p", records=6000, rg=50, in_flight=64)
+    r("run", str(cfg), "--run-id", "k", "--quiet")
+    r.take()
+    new = write_config(tmp_path / "p", "new.yaml", records=6000, rg=50, in_flight=64,
+                       columns={**COLUMNS, "tag": COLUMNS["tag"].replace("#", "@")})
+    old_config = r.sql("select config from runs where run_id = 'k'")[0]["config"]
+    outcomes = set()
+    for delay in (0.4, 0.8, 1.2, 1.6):
+        proc = cli_popen("resume", "k", "--config", str(new), "--quiet", home=r.home, env=r.env)
+        time.sleep(delay)  # a moment somewhere in start-up, the change's transaction, or the run after it
+        proc.kill()
+        proc.communicate(timeout=60)
+        config = r.sql("select config from runs where run_id = 'k'")[0]["config"]
+        changes = r.sql("select count(*) as n from run_changes where run_id = 'k'")[0]["n"]
+        active = r.sql("select count(*) as n from row_groups where run_id = 'k' and state <> 'checkpointed'")[0]["n"]
+        if config == old_config:  # not applied: nothing of it is there
+            assert changes == 0 and active == 0
+            outcomes.add("old")
+        else:
+            assert changes == 3  # config, tag, after: recorded once, with the change
+            outcomes.add("new")
+            break
+    r("resume", "k", "--config", str(new), "--quiet")
+    assert r.sql("select count(*) as n from run_changes where run_id = 'k'")[0]["n"] == 3
+    ran = per_column(r.take())
+    assert set(ran) == {"after"} and ran["after"] >= 6000  # nothing else computed again
+    assert r.export("k") == r.fresh(new, "fresh")
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+def test_a_changed_module_then_resume_on_postgres(tmp_path, postgres_url):
+    r = Runner(tmp_path, db=postgres_url, sleep_s=0.01)
+    cfg = write_config(tmp_path / "p", in_flight=4)
+    interrupt(r, ["run", str(cfg), "--run-id", "pg"], ups=40)
+    r.take()
+    (tmp_path / "p" / "mod_up.py").write_text(MOD_UP.replace(".upper()", ".title()"))
+    plan = r.plan("pg", cfg)
+    assert plan["up"]["compute"] == 100 and plan["len"]["reason"] == "reads a changed column: up"
+    r("resume", "pg", "--config", str(cfg), "--quiet")
+    assert_plan_ran(plan, r.take(), {"total": 4})
+    rows = r.export("pg")
+    assert rows == r.fresh(cfg, "fresh") and rows[0]["up"][1:].islower()
+    grown = write_config(tmp_path / "p", "grown.yaml", records=150)
+    r("run", str(grown), "--run-id", "pg2", "--reuse", "pg", "--quiet")
+    assert per_column(r.take()) == {"up": 50, "len": 50, "after": 50, "total": 2}
+    assert r.export("pg2") == r.fresh(grown, "fresh2")
