@@ -320,10 +320,11 @@ def test_shrinking_drops_the_records_past_the_end_and_computes_only_a_cut_batch(
 
 
 def test_a_change_is_refused_while_a_worker_holds_the_run(tmp_path):
-    r = Runner(tmp_path, sleep_s=0.05)
+    r = Runner(tmp_path)
     cfg = write_config(tmp_path / "p", in_flight=2)
     new = write_config(tmp_path / "p", "new.yaml", columns={**COLUMNS, "tag": COLUMNS["tag"].replace("#", "@")})
-    proc = cli_popen("run", str(cfg), "--run-id", "busy", "--quiet", home=r.home, env=r.env)
+    slow = {**r.env, "PIPELINE_TEST_SLEEP": "1.0"}  # it runs for minutes: still running when refused
+    proc = cli_popen("run", str(cfg), "--run-id", "busy", "--quiet", home=r.home, env=slow)
     try:
         deadline = time.monotonic() + 60
         while not any(c == "up" for c, _ in read_calls(r.calls)):
@@ -386,7 +387,7 @@ def test_reuse_takes_what_an_interrupted_run_has_and_copes_with_other_row_groups
     other = write_config(tmp_path / "p", "rg.yaml", rg=40)
     r("run", str(other), "--run-id", "cut", "--reuse", "again", "--quiet")
     assert per_column(r.take()) == {"total": 3}
-    assert r.export("cut") == r.export("fresh")
+    assert r.export("cut") == r.fresh(other, "fresh-cut")  # total sums per row group: its own values
 
 
 def test_reuse_of_an_unknown_run_creates_nothing(tmp_path):
