@@ -416,18 +416,21 @@ def test_a_kill_inside_the_change_transaction_leaves_the_old_run_and_resume_appl
     before_runs, before_groups = r.sql(runs), r.sql(groups)
     engine = sa.create_engine(postgres_url)
     try:
-        with engine.connect() as lock:
+        with engine.connect() as lock, engine.connect().execution_options(isolation_level="AUTOCOMMIT") as look:
             lock.execute(sa.text("begin"))
             lock.execute(sa.text("select 1 from row_groups where run_id = 'k' and row_group = 3 for update"))
+            me = lock.execute(sa.text("select pg_backend_pid()")).scalar()
             proc = cli_popen("resume", "k", "--config", str(new), "--quiet", home=r.home, db=postgres_url, env=r.env)
-            deadline = time.monotonic() + 120
-            waits_on_us = sa.text("select count(*) from pg_stat_activity "
-                                  "where pg_backend_pid() = any(pg_blocking_pids(pid))")
-            while not lock.execute(waits_on_us).scalar():
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-                time.sleep(0.05)
-            proc.kill()
-            proc.communicate(timeout=60)
+            try:
+                deadline = time.monotonic() + 90
+                waits_on_us = sa.text("select query from pg_stat_activity where :me = any(pg_blocking_pids(pid))")
+                while not (held := look.execute(waits_on_us, {"me": me}).scalars().all()):
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                    time.sleep(0.05)
+                assert held[0].startswith("UPDATE row_groups"), held  # rewriting row group 3, 0-2 done
+            finally:
+                proc.kill()
+                proc.communicate(timeout=60)
             lock.execute(sa.text("rollback"))
     finally:
         engine.dispose()
