@@ -54,6 +54,13 @@ def extra(row):
     return row["up"].lower()
 
 
+def picky(row):
+    _log("picky", row["id"])
+    if "word" not in row and row["n"] % 10 == 0:
+        raise ValueError(f"picky about {row['n']}")
+    return row["n"] * 2
+
+
 def total(df):
     _log("total", df.index[0])
     return df["len"].cumsum().tolist()
@@ -69,7 +76,7 @@ COLUMNS = {
     "after": '{name: after, type: python, function: "mod_rest:after", requires: [tag, id]}',
     "total": '{name: total, type: python, function: "mod_rest:total", mode: batch, requires: [len]}',
 }
-LOGGED = ("up", "len", "after", "total", "extra")
+LOGGED = ("up", "len", "after", "total", "extra", "picky")
 
 
 def write_config(folder: Path, name: str = "cfg.yaml", *, records: int = 100, rg: int = 25,
@@ -136,7 +143,7 @@ def per_column(calls) -> Counter:
 def assert_plan_ran(plan: dict, calls, rg_calls: dict | None = None) -> None:
     """Every logged cell column computed exactly the cells its plan said; batch columns as told."""
     ran = per_column(calls)
-    for column in ("up", "len", "after", "extra"):
+    for column in ("up", "len", "after", "extra", "picky"):
         if column in plan:
             assert ran[column] == plan[column]["compute"], (column, plan[column], ran)
     for column, n in (rg_calls or {}).items():
@@ -266,6 +273,31 @@ def test_an_added_column_is_computed_alone_and_a_removed_one_leaves_the_export(t
     assert "after" not in rows[0] and "extra" not in rows[0]
     assert rows == r.fresh(removed, "fresh-removed")
     assert list(r.status("x")["columns"]) == ["id", "n", "word", "up", "len", "tag", "total"]
+
+
+def test_records_dropped_by_a_changed_columns_failures_come_back(tmp_path):
+    r = Runner(tmp_path)
+    picky = '{name: picky, type: python, function: "mod_rest:picky", requires: [n, id]}'
+    columns = {**COLUMNS, "picky": picky, "label": '{name: label, type: expression, expr: "{{ picky }}+"}'}
+    cfg = write_config(tmp_path / "p", columns=columns)
+    r("run", str(cfg), "--run-id", "f", "--quiet")
+    r.take()
+    s = r.status("f")
+    dropped = s["records_dropped"]
+    assert dropped > 0 and s["failures"][0]["column"] == "picky"
+    fixed = write_config(tmp_path / "p", "fixed.yaml", columns={**columns, "picky": picky.replace("[n, id]",
+                                                                                                 "[n, id, word]")})
+    plan = r.plan("f", fixed)
+    assert plan["picky"] == {"keep": 0, "compute": 100, "reason": "entry changed (requires)"}
+    assert plan["label"]["compute"] == 100
+    assert plan["up"]["keep"] + plan["up"]["compute"] == 100 and plan["tag"]["compute"] <= dropped
+    r("resume", "f", "--config", str(fixed), "--quiet")
+    calls = r.take()
+    assert_plan_ran(plan, calls)
+    assert per_column(calls)["total"] == len({k for c, k in calls if c == "total"})  # each row group once at most
+    s = r.status("f")
+    assert s["records_dropped"] == 0 and s["failures"] == [] and s["records_done"] == 100
+    assert r.export("f") == r.fresh(fixed, "fresh")
 
 
 def test_growing_100_to_150_records_computes_only_the_new_records(tmp_path):
