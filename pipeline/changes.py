@@ -221,6 +221,11 @@ def apply_change(store: Store, info: RunInfo, new_cfg: PipelineConfig, home: Pat
                                            dry_run=True)
         return _counted(plan, result, graph)
     result = store.apply_config_change(info.run_id, change, read_file=file_reader(home, info.run_id))
+    for path in result.removed_paths:  # after the commit: files of row groups past the new end
+        try:
+            (home / path).unlink()
+        except OSError:
+            pass
     return _counted(plan, result, graph)
 
 

@@ -349,6 +349,8 @@ def test_shrinking_drops_the_records_past_the_end_and_computes_only_a_cut_batch(
     assert len(rows) == 60 and rows == r.fresh(small, "fresh")
     s = r.status("s")
     assert s["num_records"] == 60 and s["row_groups"]["total"] == 3 and s["status"] == "complete"
+    files = sorted(p.name for p in (r.home / "runs" / "s" / "row_groups").iterdir())
+    assert [f[:9] for f in files] == ["rg-000000", "rg-000001", "rg-000002"], files  # row group 3's went
 
 
 def test_a_change_is_refused_while_a_worker_holds_the_run(tmp_path):

@@ -69,6 +69,7 @@ class ChangeResult:
     row_groups: list[int] = field(default_factory=list)  # row groups reopened (active again)
     records_revived: int = 0  # dropped records back in the run
     row_groups_removed: int = 0  # past the new end
+    removed_paths: list[str] = field(default_factory=list)  # their files (relative to home), now no one's
 
     def add(self, gen: str, keep: int, compute: int, discarded: int = 0) -> None:
         self.keep[gen] = self.keep.get(gen, 0) + keep

@@ -119,6 +119,8 @@ def _write_run(conn: Connection, run_id: str, change: ConfigChange, result: Chan
     s, f, c = schema.generator_states, schema.run_fingerprints, schema.run_columns
     if past:  # past the new end (num_records shrank): gone, with what they held
         first = past[0]
+        result.removed_paths = [p for p in conn.execute(sa.select(g.c.path).where(
+            g.c.run_id == run_id, g.c.row_group >= first, g.c.path.is_not(None))).scalars()]
         for table in (t, d, s):
             conn.execute(table.delete().where(table.c.run_id == run_id, table.c.row_group >= first))
         conn.execute(g.delete().where(g.c.run_id == run_id, g.c.row_group >= first))
