@@ -8,6 +8,7 @@ SQLite or PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -251,6 +252,10 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
     _require_run_store(home, db, run_id)
     home_path, store = open_state(home, db)
     try:
+        store.get_run(run_id)  # RunNotFoundError before anything is written
+        # Registered before the config is read: a config change applied from now on sees this
+        # process and is refused; one applied before is in what is read below.
+        store.register_worker(run_id)
         info = store.get_run(run_id)
         if change is not None:  # its fingerprints compare every file
             cfg = change(store, info, home_path)
@@ -296,6 +301,8 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
         result.extra.update(extra)
         return result
     finally:
+        with contextlib.suppress(PipelineError):
+            store.unregister_worker(run_id)
         if close_store:
             store.close()
 

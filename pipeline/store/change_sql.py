@@ -24,8 +24,8 @@ ReadFile = Callable[[str], Mapping[str, list]]
 _CHUNK_ROWS = 5000
 
 
-def live_holders(conn: Connection, run_id: str, fresh_s: float) -> list[str]:
-    """Owners of live workers of the run, and of live leases on its row groups."""
+def live_holders(conn: Connection, run_id: str, fresh_s: float, me: str | None = None) -> list[str]:
+    """Owners of live workers of the run, and of live leases on its row groups (``me`` left out)."""
     w, g = schema.workers, schema.row_groups
     now = time.time()
     owners = set()
@@ -35,13 +35,14 @@ def live_holders(conn: Connection, run_id: str, fresh_s: float) -> list[str]:
     leases = conn.execute(sa.select(g.c.lease_owner).distinct().where(
         g.c.run_id == run_id, g.c.lease_owner.is_not(None), g.c.lease_expires_at > now)).scalars()
     owners.update(o for o in leases if not owner_is_gone(o))
+    owners.discard(me)
     return sorted(owners)
 
 
 def apply_change(conn: Connection, run_id: str, change: ConfigChange, read_file: ReadFile, *, dry_run: bool,
-                 fresh_s: float) -> ChangeResult:
+                 fresh_s: float, me: str | None = None) -> ChangeResult:
     """Plan (``dry_run``: and write nothing) or apply ``change`` to the run; RunBusyError when
-    live workers hold it (not checked by a dry run)."""
+    live workers other than ``me`` hold it (not checked by a dry run)."""
     runs, g = schema.runs, schema.row_groups
     query = sa.select(runs.c.num_records, runs.c.row_group_size).where(runs.c.run_id == run_id)
     # The run's row first, as claims lock it: no claim runs while the change is applied.
@@ -49,7 +50,7 @@ def apply_change(conn: Connection, run_id: str, change: ConfigChange, read_file:
     if run is None:
         raise RunNotFoundError(f"no run with id {run_id!r}; `pipeline runs` lists them")
     if not dry_run:
-        holders = live_holders(conn, run_id, fresh_s)
+        holders = live_holders(conn, run_id, fresh_s, me)
         if holders:
             raise RunBusyError(
                 f"run {run_id!r} has {len(holders)} live worker(s) ({', '.join(holders[:3])}"

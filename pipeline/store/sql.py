@@ -642,7 +642,7 @@ class SqlStore:
                                                fresh_s=WORKER_HEARTBEAT_FRESH_S)
         with self._engine.begin() as conn:
             out = change_sql.apply_change(conn, run_id, change, read_file, dry_run=False,
-                                          fresh_s=WORKER_HEARTBEAT_FRESH_S)
+                                          fresh_s=WORKER_HEARTBEAT_FRESH_S, me=self.owner)
         self._forget(run_id, out.row_groups)
         return out
 
