@@ -21,7 +21,7 @@ import os
 import signal
 from typing import TYPE_CHECKING, Callable
 
-from pipeline.api import RunResult, _checked_config, _create_run, _interrupted, _Job, _open_resume, _reopener
+from pipeline.api import RunResult, _checked_config, _create_run, _interrupted, _Job, _leave, _open_resume, _reopener
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -86,7 +86,7 @@ async def _continue(store: Store, run_id: str, cfg: PipelineConfig, home_path: P
         result.extra.update(extra)
         return result
     finally:
-        store.close()
+        _leave(store, run_id)
 
 
 async def _engine(store: Store, run_id: str, cfg: PipelineConfig, home_path: Path, *,

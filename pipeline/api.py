@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 # run or export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them
 # (tests/test_fast_commands.py checks what `status` imports).
 
-__all__ = ["RunResult", "delete_run", "export", "list_runs", "load_dataset", "open_state", "preview", "report", "resume",
-           "retry", "run", "status", "validate", "validate_run_id"]
+__all__ = ["RunResult", "delete_run", "export", "list_runs", "load_dataset", "open_state", "plan_change", "preview",
+           "report", "resume", "retry", "run", "status", "validate", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -129,30 +129,44 @@ def _new_run_id(name: str) -> str:
 def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike | None = None,
         db: str | None = None, run_id: str | None = None, num_records: int | None = None,
         progress: Callable[[dict], None] | None = None, on_created: Callable[[str], None] | None = None,
-        trace: bool = False, start: bool = True, close_store: bool = True, check_models: bool = True) -> RunResult:
+        trace: bool = False, start: bool = True, close_store: bool = True, check_models: bool = True,
+        reuse: str | None = None) -> RunResult:
     """Validate ``config``, create the run and run it to the end (or until a signal).
     With ``start=False`` the run is only created (status ``interrupted``): workers start it.
     ``check_models`` first checks every model endpoint the config uses (pipeline.llm.preflight):
     one that is unreachable or refuses the key or the model raises ModelCheckError, and
-    nothing is created."""
+    nothing is created. ``reuse``: an earlier run of the same store whose recorded cells the new
+    run takes where it would compute them identically (``result.extra["reused"]``: ``{generator:
+    records}``; :func:`pipeline.changes.reuse_cells`)."""
     refuse_running_loop("run")
     cfg, graph = _checked_config(config, num_records, run_id)
+    if reuse is not None:
+        validate_run_id(reuse)
+        _require_run_store(home, db, reuse)
     if check_models and cfg.used_models():
         from pipeline.llm.preflight import preflight
 
         preflight(cfg)
-    home_path, store, rid = _create_run(cfg, graph, home, db, run_id)
+    home_path, store, rid = _create_run(cfg, graph, home, db, run_id, reuse=reuse)
     try:
         with _Signals() as signals:
             try:
                 (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
+                reused = None
+                if reuse is not None:
+                    from pipeline.changes import reuse_cells
+                    from pipeline.fingerprints import fingerprints
+
+                    reused = reuse_cells(store, reuse, rid, cfg, graph, fingerprints(cfg, graph), home_path)
                 if on_created is not None:
                     on_created(rid)
                 if not start:
                     store.set_run_status(rid, "interrupted")
-                    return RunResult(rid, "created")
-                return _execute(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph,
-                                signals=signals)
+                    return RunResult(rid, "created", extra={"reused": reused})
+                result = _execute(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph,
+                                  signals=signals)
+                result.extra["reused"] = reused
+                return result
             except _Interrupted as stop:
                 return _interrupted(store, rid, stop.signum)
     finally:
@@ -163,10 +177,9 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
 def _checked_config(config: PipelineConfig | str | os.PathLike, num_records: int | None,
                     run_id: str | None) -> tuple[PipelineConfig, Any]:
     """The validated config (``num_records`` applied) and its graph; the run id checked."""
-    from pipeline.config import PipelineConfig, load_config
     from pipeline.graph import build_graph
 
-    cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+    cfg = _load(config)
     if num_records is not None:
         cfg = cfg.with_num_records(num_records)
     if run_id is not None:
@@ -174,9 +187,16 @@ def _checked_config(config: PipelineConfig | str | os.PathLike, num_records: int
     return cfg, build_graph(cfg)
 
 
+def _load(config: PipelineConfig | str | os.PathLike) -> PipelineConfig:
+    from pipeline.config import PipelineConfig, load_config
+
+    return config if isinstance(config, PipelineConfig) else load_config(config)
+
+
 def _create_run(cfg: PipelineConfig, graph: Any, home: str | os.PathLike | None, db: str | None,
-                run_id: str | None) -> tuple[Path, Store, str]:
-    """Create the run in the store: ``(home, store, run id)``. RunExistsError for a taken id."""
+                run_id: str | None, reuse: str | None = None) -> tuple[Path, Store, str]:
+    """Create the run in the store: ``(home, store, run id)``. RunExistsError for a taken id;
+    RunNotFoundError, creating nothing, when ``reuse`` names no run."""
     from pipeline.errors import RunExistsError
     from pipeline.fingerprints import fingerprints
 
@@ -184,6 +204,8 @@ def _create_run(cfg: PipelineConfig, graph: Any, home: str | os.PathLike | None,
     home_path, store = open_state(home, db)
     rid = run_id or _new_run_id(cfg.name)
     try:
+        if reuse is not None:
+            store.get_run(reuse)  # RunNotFoundError before anything is created
         store.create_run(NewRun(
             run_id=rid, name=cfg.name, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
             seed=cfg.seed, config=cfg.to_json(), fingerprint=cfg.fingerprint(),
@@ -220,29 +242,65 @@ def refuse_running_loop(name: str) -> None:
 
 def resume(run_id: str, *, home: str | os.PathLike | None = None, db: str | None = None,
            progress: Callable[[dict], None] | None = None, trace: bool = False,
-           close_store: bool = True, repair: bool = False, accept_changes: bool = False) -> RunResult:
+           close_store: bool = True, repair: bool = False, accept_changes: bool = False,
+           config: PipelineConfig | str | os.PathLike | None = None) -> RunResult:
     """Continue a run exactly where it stopped (also: join it as one more worker).
+
+    ``config``: continue it under this config instead (CONTRACT section 11): the change is
+    applied first, in one transaction (:func:`pipeline.changes.apply_change`;
+    ``result.extra["change"]`` is its :class:`~pipeline.changes.ChangePlan`); RunInUseError,
+    changing nothing, while live workers hold the run.
 
     ``repair``: first check every checkpointed row-group file against the size and SHA-256
     its checkpoint recorded, and compute again the row groups whose file is missing or does
     not match (``result.extra["repaired"]``: ``[{"row_group", "path", "problem"}]``).
     Raises FilesChangedError when a python module or seed file the run reads changed since it
     started, unless ``accept_changes`` (pipeline.fingerprints.check_changed_files)."""
-    return _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
-                   repair=repair, accept_changes=accept_changes)
+    applied: dict = {}
+
+    def change(store: Store, info: Any, home_path: Path) -> PipelineConfig:
+        from pipeline.changes import apply_change
+
+        new_cfg = _load(config)
+        applied["change"] = apply_change(store, info, new_cfg, home_path)
+        return new_cfg
+
+    result = _resume(run_id, home=home, db=db, progress=progress, trace=trace, close_store=close_store,
+                     repair=repair, accept_changes=accept_changes, change=None if config is None else change)
+    result.extra.update(applied)
+    return result
+
+
+def plan_change(run_id: str, config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike | None = None,
+                db: str | None = None) -> Any:
+    """What ``resume(run_id, config=config)`` would keep and compute, per column
+    (:class:`pipeline.changes.ChangePlan`); changes nothing."""
+    from pipeline.changes import plan_change as plan
+
+    validate_run_id(run_id)
+    new_cfg = _load(config)
+    _require_run_store(home, db, run_id)
+    home_path, store = open_state(home, db)
+    try:
+        return plan(store, store.get_run(run_id), new_cfg, home_path)
+    finally:
+        store.close()
 
 
 def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
             progress: Callable[[dict], None] | None, trace: bool, close_store: bool, repair: bool = False,
             accept_changes: bool = False,
             before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None = None,
+            change: Callable[[Store, Any, Path], PipelineConfig] | None = None,
             name: str = "resume") -> RunResult:
     """resume, and retry: the changed-files check first (nothing changes if it refuses), then
-    ``before(store, run info, config, home)``, which may end it with its own result."""
+    ``before(store, run info, config, home)``, which may end it with its own result. With
+    ``change(store, run info, home)`` (resume --config), that applies the change and gives the
+    config to run on instead of the check."""
     refuse_running_loop(name)
     home_path, store, cfg, extra, early = _open_resume(run_id, home=home, db=db, repair=repair,
                                                        accept_changes=accept_changes, before=before,
-                                                       close_store=close_store)
+                                                       change=change, close_store=close_store)
     try:
         if early is not None:
             return early
@@ -256,15 +314,27 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
         result.extra.update(extra)
         return result
     finally:
-        if close_store:
-            store.close()
+        _leave(store, run_id, close_store)
+
+
+def _leave(store: Store, run_id: str, close_store: bool = True) -> None:
+    """The end of a resume: this process is no longer one of the run's workers."""
+    import contextlib
+
+    with contextlib.suppress(PipelineError):
+        store.unregister_worker(run_id)
+    if close_store:
+        store.close()
 
 
 def _open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None, repair: bool,
                  accept_changes: bool, before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None,
+                 change: Callable[[Store, Any, Path], PipelineConfig] | None = None,
                  close_store: bool = True) -> tuple[Path, Store, PipelineConfig, dict, RunResult | None]:
     """Everything resume does before the engine runs: ``(home, store, config, extra, early)``;
-    ``early`` is the result when there is nothing to run. The store is closed on an error."""
+    ``early`` is the result when there is nothing to run. This process is registered as a
+    worker of the run (:func:`_leave` ends that); on an error it is unregistered and the store
+    closed."""
     from pipeline.config import config_from_json
     from pipeline.fingerprints import check_changed_files
 
@@ -272,10 +342,18 @@ def _open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
     _require_run_store(home, db, run_id)
     home_path, store = open_state(home, db)
     try:
+        store.get_run(run_id)  # RunNotFoundError before anything is written
+        # Registered before the config is read: a config change applied from now on sees this
+        # process and is refused; one applied before is in what is read below.
+        store.register_worker(run_id)
         info = store.get_run(run_id)
-        cfg = config_from_json(info.config)
-        # Before anything is changed or computed; also on a complete run (CONTRACT section 9).
-        check_changed_files(store, run_id, cfg, accept_changes)
+        if change is not None:  # its fingerprints compare every file
+            cfg = change(store, info, home_path)
+            info = store.get_run(run_id)
+        else:
+            cfg = config_from_json(info.config)
+            # Before anything is changed or computed; also on a complete run (CONTRACT section 9).
+            check_changed_files(store, run_id, cfg, accept_changes)
         extra: dict = {}
         if repair:
             from pipeline.file_checks import check_files
@@ -307,8 +385,7 @@ def _open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
                                                            extra={"already_complete": True, **extra})
         return home_path, store, cfg, extra, None
     except BaseException:
-        if close_store:
-            store.close()
+        _leave(store, run_id, close_store)
         raise
 
 
@@ -461,16 +538,9 @@ def _generators_named(graph: Any, names: list[str], run_id: str) -> set[str]:
 
 def _lineage(graph: Any) -> Lineage:
     """The DAG as Store.reopen_failed needs it: transitive upstream and downstream per generator."""
-    upstream: dict[str, frozenset[str]] = {}
-    for node in graph.nodes:  # topological order: upstreams first
-        ups = set(node.upstream)
-        for u in node.upstream:
-            ups |= upstream[u]
-        upstream[node.name] = frozenset(ups)
-    downstream = {n.name: frozenset(m for m, ups in upstream.items() if n.name in ups) for n in graph.nodes}
-    return Lineage(outputs={n.name: n.outputs for n in graph.nodes},
-                   task_types={n.name: n.task_type for n in graph.nodes},
-                   upstream=upstream, downstream=downstream)
+    from pipeline.changes import lineage
+
+    return lineage(graph)
 
 
 class _Job:
@@ -652,7 +722,7 @@ def _status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str,
                        "active": groups["active"] + groups["complete"]},
         "rate_records_s": rate, "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint, "damaged_files": damaged,
-        "failures": _failures(store, run_id), "leases": store.leases(run_id),
+        "failures": _failures(store, run_id), "leases": store.leases(run_id), "changes": store.run_changes(run_id),
     }
     add_costs(out, info.config)  # models.<alias>.projected_cost and "cost": {"spent", "projected"}
     return out

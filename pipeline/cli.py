@@ -200,10 +200,12 @@ def main() -> None:
 @click.option("--trace", is_flag=True, help="Write per-task timings to <home>/runs/<id>/traces.jsonl.")
 @click.option("--no-check-models", is_flag=True,
               help="Skip the check of the model endpoints (reachable, key and model accepted) before the run is created.")
+@click.option("--reuse", default=None, metavar="RUN_ID",
+              help="Take from this earlier run (same store) every cell the new run would compute identically.")
 @state_options
 @handle_errors
 def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, create_only: bool, trace: bool,
-        no_check_models: bool, home: str, db: str) -> None:
+        no_check_models: bool, reuse: str | None, home: str, db: str) -> None:
     """Validate CONFIG, create a run and run it to the end.
 
     Prints `run_id: <id>` as the first line of stdout."""
@@ -213,7 +215,12 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 
     result = api.run(config, home=home, db=db, run_id=run_id, num_records=num_records, on_created=created,
                      progress=None if quiet else Progress(), start=not create_only, trace=trace,
-                     close_store=create_only, check_models=not no_check_models)
+                     close_store=create_only, check_models=not no_check_models, reuse=reuse)
+    reused = result.extra.get("reused")
+    if reused is not None:
+        per = ", ".join(f"{name}: {n:,}" for name, n in reused.items() if n)
+        click.echo(f"reused from run {reuse}: {sum(reused.values()):,} cell(s)" + (f" ({per})" if per else ""),
+                   err=True)
     if result.status == "created":
         click.echo(f"created run {result.run_id}; start it with `pipeline worker {result.run_id}`", err=True)
         return
@@ -227,12 +234,30 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 @click.option("--repair", is_flag=True,
               help="Check every row-group file (size, SHA-256) and compute again those missing or damaged.")
 @click.option("--accept-changes", is_flag=True, help=ACCEPT_CHANGES_HELP)
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Continue under this changed config: recompute exactly the cells of changed columns and of "
+                   "the columns that read them, keep every other cell, compute new records if num_records grew.")
+@click.option("--plan", is_flag=True, help="With --config: print per column the cells kept and to compute, "
+              "and why; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as JSON.")
 @state_options
 @handle_errors
-def resume(run_id: str, quiet: bool, trace: bool, repair: bool, accept_changes: bool, home: str, db: str) -> None:
-    """Continue RUN_ID exactly where it stopped."""
+def resume(run_id: str, quiet: bool, trace: bool, repair: bool, accept_changes: bool, config: str | None, plan: bool,
+           as_json: bool, home: str, db: str) -> None:
+    """Continue RUN_ID exactly where it stopped (with --config: under a changed config)."""
+    if (plan or as_json) and config is None:
+        raise click.UsageError("--plan and --json go with --config FILE")
+    if as_json and not plan:
+        raise click.UsageError("--json goes with --plan")
+    if plan:
+        change = api.plan_change(run_id, config, home=home, db=db)
+        click.echo(json.dumps(change.to_json()) if as_json else change.to_text())
+        return
     result = api.resume(run_id, home=home, db=db, progress=None if quiet else Progress(), trace=trace,
-                        close_store=False, repair=repair, accept_changes=accept_changes)
+                        close_store=False, repair=repair, accept_changes=accept_changes, config=config)
+    change = result.extra.get("change")
+    if change is not None:
+        click.echo(change.to_text(), err=True)
     if repair:
         repaired = result.extra.get("repaired", [])
         for d in repaired:
@@ -303,6 +328,11 @@ def _status_text(s: dict) -> str:
         lines.append(f"{name:<{width}}  {c['done']:>10,} {c['failed']:>8,} {c['deferred']:>9,} {c['in_flight']:>9,} "
                      f"{c.get('truncated', 0):>9,}")
     lines += _failure_lines(s.get("failures") or [])
+    configs = [c for c in s.get("changes") or [] if c["kind"] == "config"]
+    if configs:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(configs[-1]["changed_at"]))
+        lines.append(f"config changed {len(configs)} time(s), last at {when}: {_clip(configs[-1]['detail'], 200)} "
+                     f"(table run_changes)")
     for d in s.get("damaged_files", []):
         lines.append(f"damaged file: row group {d['row_group']}: {d['path']} ({d['problem']}); "
                      f"`pipeline resume {s['run_id']} --repair` computes it again")

@@ -8,7 +8,7 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── ConfigError                    a config file is wrong (names the file, column and fix)
     ├── RunNotFoundError               unknown run id
     ├── RunExistsError                 the run id is already taken
-    ├── RunInUseError                  `pipeline rm` of a run that live workers still hold
+    ├── RunInUseError                  `pipeline rm` or `resume --config` of a run that live workers still hold
     ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
     ├── ReadOnlyQueryError             `pipeline sql` refused a text: not one statement that only reads
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
@@ -102,7 +102,8 @@ class RunExistsError(PipelineError):
 
 
 class RunInUseError(PipelineError):
-    """The run has live workers or leases, so it cannot be deleted now."""
+    """The run has live workers or leases, so it cannot be deleted (``rm``) or changed
+    (``resume --config``) now: stop them first."""
 
 
 class InvalidRunIdError(PipelineError):

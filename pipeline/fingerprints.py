@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
     from pipeline.store.base import Store
 
-__all__ = ["COLUMN", "FILE", "FileChange", "check_changed_files", "column_facts", "fingerprints", "read_files"]
+__all__ = ["COLUMN", "FILE", "FileChange", "check_changed_files", "column_digests", "column_facts", "fingerprints",
+           "read_files"]
 
 log = logging.getLogger("pipeline.fingerprints")
 
@@ -127,14 +128,22 @@ def fingerprints(config: PipelineConfig, graph: Any = None) -> dict[tuple[str, s
     graph = graph or build_graph(config)
     files = {name: _digest(name) for name in read_files(config)}
     out: dict[tuple[str, str], str] = {(FILE, name): d for name, d in files.items() if d is not None}
+    for name, (_facts, digest) in column_digests(config, graph, files).items():
+        out[(COLUMN, name)] = digest
+    return out
+
+
+def column_digests(config: PipelineConfig, graph: Any, files: dict[str, str | None]
+                   ) -> dict[str, tuple[dict[str, Any], str]]:
+    """``{generator: (column_facts, fingerprint)}`` in topological order, with ``files``
+    ``{absolute path: digest}`` as the files' digests (the current ones, or those a run recorded)."""
     entries = {c.name: c for c in config.columns}
-    columns: dict[str, str] = {}
+    out: dict[str, tuple[dict[str, Any], str]] = {}
     for node in graph.nodes:  # topological: every producer before its readers
-        reads = {col: columns[graph.producer[col]] for col in node.depends_on if graph.producer[col] != node.name}
+        reads = {col: out[graph.producer[col]][1] for col in node.depends_on if graph.producer[col] != node.name}
         facts = column_facts(entries[node.name], config, files, reads)
         text = json.dumps(facts, separators=(",", ":"), ensure_ascii=False)  # mapping order kept: it matters
-        columns[node.name] = hashlib.sha256(text.encode()).hexdigest()
-        out[(COLUMN, node.name)] = columns[node.name]
+        out[node.name] = (facts, hashlib.sha256(text.encode()).hexdigest())
     return out
 
 

@@ -8,6 +8,7 @@
     python scripts/bench.py --section commands  # status, runs, sql, export, --help on a 100,000-record store
     python scripts/bench.py --compare --json out.json  # issue 12: every case, ours beside the reference
     python scripts/bench.py --compare --quick  # the same cases at tiny sizes (a smoke test)
+    python scripts/bench.py --section change  # resume --config reopening 1 column of 100k records
 
 Engine shape (issue 2): a 10-column pipeline of no-op async python columns: one sampler root,
 8 cell columns reading it, one batch column reading them all; row groups of 1,000. Each case
@@ -203,7 +204,7 @@ def latency_section(repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=2, metavar=("STORE", "RECORDS"), help=argparse.SUPPRESS)
-    parser.add_argument("--section", choices=["engine", "latency", "dual", "tracing", "commands", "all"],
+    parser.add_argument("--section", choices=["engine", "latency", "dual", "tracing", "commands", "change", "all"],
                         default="engine")
     parser.add_argument("--records", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=3)
@@ -244,6 +245,11 @@ def main() -> None:
         from bench_llm import dual_section
 
         dual_section(repeat=args.repeat)
+    if args.section in ("change", "all"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_change import change_section
+
+        change_section()
 
 
 if __name__ == "__main__":

@@ -321,6 +321,28 @@ class Store(Protocol):
         delete their task rows and dropped records, in one transaction, so that they are
         computed again. Returns the row groups reopened (those that were checkpointed)."""
 
+    def apply_config_change(self, run_id: str, change: Any, *, read_file: Callable[[str], Mapping[str, list]],
+                            dry_run: bool = False) -> Any:
+        """`pipeline resume --config`: apply a :class:`pipeline.store.change_plan.ConfigChange`
+        in one transaction (see :mod:`pipeline.store.change_plan`): the run's config, columns,
+        fingerprints and ``num_records``; in every row group the tasks of generators computed
+        again deleted, the records their failures dropped back, checkpointed row groups that are
+        touched reopened with ``done`` rows from their file; row groups past the new end gone;
+        one ``run_changes`` row per entry of ``change.changes``. Returns the
+        :class:`~pipeline.store.change_plan.ChangeResult` (cells kept and to compute per
+        generator). RunInUseError, changing nothing, while live workers hold the run.
+        ``dry_run``: the same counts, nothing written, no worker check."""
+
+    def copy_cells(self, source: str, target: str, generators: Mapping[str, tuple[str, tuple[str, ...]]], *,
+                   read_file: Callable[[str], Mapping[str, list]]) -> dict[str, int]:
+        """`pipeline run --reuse`: copy run ``source``'s recorded values of ``generators``
+        (``{generator: (task_type, outputs)}``) into the new run ``target``, in one transaction
+        (:func:`pipeline.store.change_sql.copy_cells`); ``{generator: records copied}``."""
+
+    def run_changes(self, run_id: str) -> list[dict]:
+        """``{"changed_at", "kind", "name", "old_digest", "new_digest", "detail"}`` per row of
+        ``run_changes``, oldest first."""
+
     # -- reading --------------------------------------------------------------------------
     def row_groups(self, run_id: str) -> list[dict]:
         """``{"row_group", "num_rows", "state", "rows_dropped", "path", "lease_owner",

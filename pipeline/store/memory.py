@@ -127,6 +127,17 @@ class MemoryStore:
                                            kind=kind, name=name, old_digest=old, new_digest=new, detail=detail))
 
     # -- workers and leases ---------------------------------------------------------------
+    def run_changes(self, run_id: str) -> list[dict]:
+        with self._lock:
+            return [{k: c[k] for k in ("changed_at", "kind", "name", "old_digest", "new_digest", "detail")}
+                    for c in self._run(run_id)["changes"]]
+
+    def apply_config_change(self, run_id: str, change: Any, *, read_file: Any, dry_run: bool = False) -> Any:
+        raise NotImplementedError("changing a run's config needs a SQL store (SQLite or PostgreSQL)")
+
+    def copy_cells(self, source: str, target: str, generators: Any, *, read_file: Any) -> dict[str, int]:
+        raise NotImplementedError("reusing a run's cells needs a SQL store (SQLite or PostgreSQL)")
+
     def register_worker(self, run_id: str) -> None:
         with self._lock:
             self._run(run_id)["workers"][self.owner] = time.time()

@@ -42,8 +42,9 @@ from pipeline.store.base import (
     RunInfo,
     row_group_counts,
 )
-from pipeline.store import reopen_sql
+from pipeline.store import change_sql, reopen_sql
 from pipeline.store import traces as traces_sql
+from pipeline.store.change_plan import ChangeResult, ConfigChange
 from pipeline.store import usage as usage_sql
 from pipeline.store.reopen import task_filter
 from pipeline.workers import HOST, make_owner_id, owner_is_gone
@@ -668,6 +669,33 @@ class SqlStore:
             out = reopen_sql.reopen(conn, run_id, lineage, task_filter(generators, error), read_file)
         self._forget(run_id, out.row_groups)
         return out
+
+    @_translate_errors
+    def apply_config_change(self, run_id: str, change: ConfigChange, *, read_file: Callable[[str], Mapping[str, list]],
+                            dry_run: bool = False) -> ChangeResult:
+        if dry_run:
+            with self._reader.connect() as conn:
+                return change_sql.apply_change(conn, run_id, change, read_file, dry_run=True,
+                                               fresh_s=WORKER_HEARTBEAT_FRESH_S)
+        with self._engine.begin() as conn:
+            out = change_sql.apply_change(conn, run_id, change, read_file, dry_run=False,
+                                          fresh_s=WORKER_HEARTBEAT_FRESH_S, me=self.owner)
+        self._forget(run_id, out.row_groups)
+        return out
+
+    @_translate_errors
+    def copy_cells(self, source: str, target: str, generators: Mapping[str, tuple[str, tuple[str, ...]]], *,
+                   read_file: Callable[[str], Mapping[str, list]]) -> dict[str, int]:
+        with self._engine.begin() as conn:
+            return change_sql.copy_cells(conn, source, target, generators, read_file)
+
+    @_translate_errors
+    def run_changes(self, run_id: str) -> list[dict]:
+        c = schema.run_changes
+        with self._reader.connect() as conn:
+            rows = conn.execute(sa.select(c.c.changed_at, c.c.kind, c.c.name, c.c.old_digest, c.c.new_digest,
+                                          c.c.detail).where(c.c.run_id == run_id).order_by(c.c.change_id))
+            return [dict(row) for row in rows.mappings()]
 
     @_translate_errors
     def reopen_row_groups(self, run_id: str, row_groups: Sequence[int]) -> list[int]:
