@@ -15,11 +15,6 @@ from pipeline.store import migrate, open_store
 from pipeline.store.schema import metadata
 from pipeline.store.sql import make_engine
 
-try:
-    from conftest_store import empty_db_url  # noqa: F401  (fixture)
-except ImportError:  # tests/ became a package
-    from tests.conftest_store import empty_db_url  # noqa: F401
-
 TABLES = {"runs", "run_columns", "row_groups", "tasks", "dropped_records", "workers", "model_usage",
           "run_fingerprints", "run_changes", "generator_states"}
 
