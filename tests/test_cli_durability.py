@@ -30,7 +30,7 @@ def finish(proc, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def wait_for_line(proc, prefix: str, timeout: float = 30) -> str:
+def wait_for_line(proc, prefix: str, timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -278,10 +278,22 @@ def test_status_watch_refreshes_until_the_run_ends(tmp_path):
     env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"), PIPELINE_TEST_SLEEP="0.01")
     proc = cli_popen("run", str(cfg), "--run-id", "watched", "--quiet", home=home, env=env)
     wait_for_line(proc, "run_id:")
-    watch = cli("status", "watched", "--watch", "--json", "--interval", "0.3", home=home, timeout=120)
+    deadline = time.monotonic() + 120
+    while len(read_calls(tmp_path / "calls")) < 10:  # working (its worker registered)
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not start working"
+        time.sleep(0.01)
+    # The run holds still (a live process) until the watch has shown it running: on a loaded
+    # machine the watch's start could otherwise take longer than the whole run.
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        watch = cli_popen("status", "watched", "--watch", "--json", "--interval", "0.3", home=home)
+        first = watch.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    rest, err = watch.communicate(timeout=300)
     finish(proc)
-    snapshots = [json.loads(line) for line in watch.stdout.splitlines()]
-    assert watch.returncode == 0 and len(snapshots) >= 2
+    snapshots = [json.loads(line) for line in (first + rest).splitlines()]
+    assert watch.returncode == 0 and len(snapshots) >= 2, (err, [s["status"] for s in snapshots])
     assert snapshots[0]["status"] == "running" and snapshots[-1]["status"] == "complete"
     done = [s["columns"]["label"]["done"] for s in snapshots]
     assert done == sorted(done) and done[-1] == 600
