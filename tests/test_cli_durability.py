@@ -83,8 +83,9 @@ def test_sigkill_at_random_moments_then_resume_exports_the_uninterrupted_dataset
 
 def test_a_killed_run_not_yet_reaped_by_its_parent_is_interrupted_and_resumes_at_once(tmp_path):
     """SIGKILL without wait(): the process lingers as a zombie with its /proc entry. It is gone
-    all the same: status says interrupted, and resume takes the leases at once (lease_s is 30)."""
-    cfg = logged_pipeline(tmp_path / "p", records=2000, rg=100, in_flight=8)
+    all the same: status says interrupted, and resume takes the leases at once (lease_s is an
+    hour: a resume that waited for them to expire would not end)."""
+    cfg = logged_pipeline(tmp_path / "p", records=2000, rg=100, in_flight=8, extra_settings=", lease_s: 3600")
     home = tmp_path / "home"
     calls = tmp_path / "calls"
     proc = cli_popen("run", str(cfg), "--run-id", "z", "--quiet", home=home, env=cli_env(PIPELINE_TEST_CALLS=str(calls)))
@@ -101,9 +102,7 @@ def test_a_killed_run_not_yet_reaped_by_its_parent_is_interrupted_and_resumes_at
     try:
         status = json.loads(cli("status", "z", "--json", home=home, check=True).stdout)
         assert status["status"] == "interrupted"
-        started = time.monotonic()
-        cli("resume", "z", "--quiet", home=home, check=True, timeout=120, env=cli_env(PIPELINE_TEST_CALLS=str(calls)))
-        assert time.monotonic() - started < 20, "resume waited for the leases to expire"
+        cli("resume", "z", "--quiet", home=home, check=True, timeout=280, env=cli_env(PIPELINE_TEST_CALLS=str(calls)))
     finally:
         finish(proc)
     assert len(export_frame("z", home, tmp_path)) == 2000
@@ -116,9 +115,12 @@ def test_signal_stops_with_its_exit_code_and_the_run_resumes_to_the_same_data(tm
     env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"), PIPELINE_TEST_SLEEP="0.01")
     proc = cli_popen("run", str(cfg), "--run-id", "sig", "--quiet", home=home, env=env)
     wait_for_line(proc, "run_id:")
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while len(read_calls(tmp_path / "calls")) < 20:  # working
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not start working"
+        time.sleep(0.01)
     proc.send_signal(signum)
-    got, err = finish(proc, 30)
+    got, err = finish(proc, 120)
     assert got == code, err
     assert "pipeline resume sig" in err
     status = cli("status", "sig", "--json", home=home, check=True).stdout
@@ -132,6 +134,16 @@ def test_signal_stops_with_its_exit_code_and_the_run_resumes_to_the_same_data(tm
 
 STATEFUL_FNS = """
 import os, time
+
+def _gate():
+    # Each worker's tasks wait until two workers run (on a loaded machine one could
+    # otherwise take every row group before the others have started).
+    folder = os.environ["PIPELINE_TEST_GATE_DIR"]
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 120
+    while len(os.listdir(folder)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
 
 def step(row):
     # Logs when each task starts and ends, from whichever worker process runs it.
@@ -147,6 +159,7 @@ def step(row):
 
 def flaky(row):
     # Every third record fails once with a retryable error (in whichever worker runs it).
+    _gate()
     if int(row["i"]) % 3 == 0:
         try:
             os.close(os.open(os.path.join(os.environ["PIPELINE_TEST_FLAKY_DIR"], str(row["i"])),
@@ -175,11 +188,13 @@ def test_a_stateful_generator_runs_one_task_at_a_time_in_row_group_order_across_
     home = tmp_path / "home"
     log = tmp_path / "stateful.log"
     (tmp_path / "flaky").mkdir()  # retries (deferred tasks) go on while workers wait for each other
-    env = cli_env(PIPELINE_TEST_STATEFUL_LOG=str(log), PIPELINE_TEST_FLAKY_DIR=str(tmp_path / "flaky"))
+    (tmp_path / "gate").mkdir()
+    env = cli_env(PIPELINE_TEST_STATEFUL_LOG=str(log), PIPELINE_TEST_FLAKY_DIR=str(tmp_path / "flaky"),
+                  PIPELINE_TEST_GATE_DIR=str(tmp_path / "gate"))
     cli("run", str(folder / "cfg.yaml"), "--run-id", "ordered", "--create-only", home=home, check=True)
     workers = [cli_popen("worker", "ordered", "--quiet", home=home, env=env) for _ in range(3)]
     for w in workers:
-        code, err = finish(w, timeout=120)
+        code, err = finish(w)
         assert code == 0, err
     assert len(list((tmp_path / "flaky").iterdir())) == 40
     events = sorted((float(t), kind, int(rg), int(r), pid)
