@@ -57,6 +57,7 @@ def slow_env(calls: Path, sleep_s: float = 0.03) -> dict:
     return cli_env(PIPELINE_TEST_CALLS=str(calls), PIPELINE_TEST_SLEEP=str(sleep_s))
 
 
+@pytest.mark.slow
 def test_an_edited_module_refuses_resume_and_worker_until_accepted_and_the_change_is_recorded(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=200, rg=50, in_flight=8)
     module = cfg.parent / "logged_fns.py"
@@ -99,6 +100,7 @@ def test_an_edited_module_refuses_resume_and_worker_until_accepted_and_the_chang
     assert len(ups) == 200 and any(u[:3].isupper() for u in ups) and any(u[:3].islower() for u in ups)
 
 
+@pytest.mark.slow
 def test_an_edited_seed_file_refuses_resume_and_an_unchanged_one_does_not(tmp_path):
     folder = tmp_path / "p"
     cfg = logged_pipeline(folder, records=200, rg=50, in_flight=8)

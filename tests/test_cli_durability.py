@@ -39,6 +39,7 @@ def wait_for_line(proc, prefix: str, timeout: float = 120) -> str:
     raise AssertionError(f"no line starting with {prefix!r}")
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_exports_the_uninterrupted_dataset(tmp_path):
     """3,000 records, row groups of 100, 32 in flight, killed 5 times: nothing lost or doubled,
     and at most 2 x 32 extra executions per kill."""
@@ -81,6 +82,7 @@ def test_sigkill_at_random_moments_then_resume_exports_the_uninterrupted_dataset
     assert 0 <= extra <= 2 * 32 * kills, f"{extra} extra executions for {kills} kills"
 
 
+@pytest.mark.slow
 def test_a_killed_run_not_yet_reaped_by_its_parent_is_interrupted_and_resumes_at_once(tmp_path):
     """SIGKILL without wait(): the process lingers as a zombie with its /proc entry. It is gone
     all the same: status says interrupted, and resume takes the leases at once (lease_s is an
@@ -109,6 +111,7 @@ def test_a_killed_run_not_yet_reaped_by_its_parent_is_interrupted_and_resumes_at
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_stops_with_its_exit_code_and_the_run_resumes_to_the_same_data(tmp_path, signum, code):
     cfg = logged_pipeline(tmp_path / "p", records=600, rg=50, in_flight=8)
     home = tmp_path / "home"
@@ -171,6 +174,7 @@ def flaky(row):
 """
 
 
+@pytest.mark.slow
 def test_a_stateful_generator_runs_one_task_at_a_time_in_row_group_order_across_workers(tmp_path):
     """Three workers share the row groups; the stateful column still runs row group by row
     group, in order, one task at a time over all processes, while other tasks are retried."""
@@ -209,6 +213,7 @@ def test_a_stateful_generator_runs_one_task_at_a_time_in_row_group_order_across_
         assert running <= 1, "two tasks of the stateful generator ran at once"
 
 
+@pytest.mark.slow
 def test_two_workers_finish_a_run_with_no_task_executed_twice(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
     home = tmp_path / "home"
@@ -229,6 +234,7 @@ def test_two_workers_finish_a_run_with_no_task_executed_twice(tmp_path):
     assert '"status": "complete"' in status and owners.returncode == 0
 
 
+@pytest.mark.slow
 def test_reader_polling_progress_never_errors_and_sees_rows_done_only_grow(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1500, rg=100, in_flight=32)
     home = tmp_path / "home"
@@ -267,6 +273,7 @@ def test_reader_polling_progress_never_errors_and_sees_rows_done_only_grow(tmp_p
     assert exported == 1500 and {done for _, done in final} == {exported}
 
 
+@pytest.mark.slow
 def test_a_second_sigint_stops_at_once_and_the_run_stays_consistent(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=200, rg=50, in_flight=8)
     home = tmp_path / "home"
@@ -287,6 +294,7 @@ def test_a_second_sigint_stops_at_once_and_the_run_stays_consistent(tmp_path):
     assert len(export_frame("twice", home, tmp_path)) == 200
 
 
+@pytest.mark.slow
 def test_status_watch_refreshes_until_the_run_ends(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=600, rg=50, in_flight=8)
     home = tmp_path / "home"
@@ -314,6 +322,7 @@ def test_status_watch_refreshes_until_the_run_ends(tmp_path):
     assert done == sorted(done) and done[-1] == 600
 
 
+@pytest.mark.slow
 def test_the_python_api_runs_resumes_and_loads_what_export_writes(tmp_path, monkeypatch):
     import pipeline
 
@@ -330,6 +339,7 @@ def test_the_python_api_runs_resumes_and_loads_what_export_writes(tmp_path, monk
     assert [r["run_id"] for r in pipeline.list_runs(home=home)] == ["api"]
 
 
+@pytest.mark.slow
 def test_when_one_worker_dies_the_other_takes_its_row_groups_over_and_finishes(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
     home = tmp_path / "home"
@@ -350,6 +360,7 @@ def test_when_one_worker_dies_the_other_takes_its_row_groups_over_and_finishes(t
     pd.testing.assert_frame_equal(export_frame("takeover", home, tmp_path), export_frame("reference", home, tmp_path))
 
 
+@pytest.mark.slow
 def test_the_quickstart_killed_midway_resumes_to_the_same_dataset(tmp_path):
     """Seed file (shuffled), samplers, expression, async and sync python, batch python."""
     from tests.conftest import ROOT

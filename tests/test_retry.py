@@ -156,6 +156,7 @@ def cell_calls(calls) -> collections.Counter:
 # -- the bug-fix story -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_retry_after_the_bug_is_fixed_exports_what_a_clean_run_does_without_redoing_done_cells(tmp_path):
     runs = Runs(tmp_path)
     buggy = runs.run("buggy", "first", BUGGY_UP="1")
@@ -185,6 +186,7 @@ def test_retry_after_the_bug_is_fixed_exports_what_a_clean_run_does_without_redo
     assert len([c for c in runs.calls("retry") if c[0] == "total"]) == 4
 
 
+@pytest.mark.slow
 def test_retry_reopens_a_failed_batch_task_and_its_whole_row_group(tmp_path):
     runs = Runs(tmp_path)
     assert runs.run("buggy", "first", BUGGY_TOTAL="50").returncode == 0
@@ -200,6 +202,7 @@ def test_retry_reopens_a_failed_batch_task_and_its_whole_row_group(tmp_path):
     assert [(c[0], c[1]) for c in runs.calls("retry")] == [("total", "50")]
 
 
+@pytest.mark.slow
 def test_retry_filters_by_column_then_by_error_text(tmp_path):
     runs = Runs(tmp_path)
     assert runs.run("buggy", "first", BUGGY_UP="1", BUGGY_PAIR="1").returncode == 0
@@ -228,6 +231,7 @@ def test_retry_filters_by_column_then_by_error_text(tmp_path):
     runs.assert_same_export("buggy", "clean")
 
 
+@pytest.mark.slow
 def test_retry_of_an_unknown_column_exits_2_and_of_nothing_failed_exits_0_changing_nothing(tmp_path):
     runs = Runs(tmp_path, records=20, rg=10)
     assert runs.run("clean", "clean").returncode == 0
@@ -249,6 +253,7 @@ def test_retry_of_an_unknown_column_exits_2_and_of_nothing_failed_exits_0_changi
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="PIPELINE_TEST_POSTGRES_URL is not set")
+@pytest.mark.slow
 def test_retry_on_postgres_exports_what_a_clean_run_does(tmp_path, postgres_url):
     runs = Runs(tmp_path, db=postgres_url)
     assert runs.run("buggy", "first", BUGGY_UP="1").returncode == 0
@@ -263,6 +268,7 @@ def test_retry_on_postgres_exports_what_a_clean_run_does(tmp_path, postgres_url)
     assert not set(cell_calls(runs.calls("first"))) & set(again)
 
 
+@pytest.mark.slow
 def test_retry_with_a_worker_joining_finishes_with_the_same_export(tmp_path):
     # One row group at a time per process; the reopened cells wait for a gate that opens once
     # the worker has joined, so both processes take reopened row groups.

@@ -62,6 +62,7 @@ def run_measured(*args: str) -> tuple[subprocess.CompletedProcess, int]:
 
 
 @pytest.mark.parametrize("records,size", [(10_000_000, 1), (10**12, 1000)])
+@pytest.mark.slow
 def test_a_run_of_any_size_is_created_at_once_and_status_answers(tmp_path, records, size):
     cfg = tmp_path / "huge.yaml"
     cfg.write_text(HUGE.format(records=records, size=size))
@@ -80,6 +81,7 @@ def test_a_run_of_any_size_is_created_at_once_and_status_answers(tmp_path, recor
     assert all(c["done"] == 0 for c in status["columns"].values())
 
 
+@pytest.mark.slow
 def test_a_run_of_more_row_groups_than_one_batch_runs_exports_and_resumes_through_the_cli(tmp_path):
     cfg = tmp_path / "mid.yaml"
     cfg.write_text(HUGE.format(records=1_050, size=1).replace("columns:", "settings: {max_concurrent_row_groups: 8}\ncolumns:"))

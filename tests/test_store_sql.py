@@ -176,6 +176,7 @@ print(polls, len(errors), errors[:3], flush=True)
 """
 
 
+@pytest.mark.slow
 def test_readers_polling_the_view_never_fail_the_writer(tmp_path):
     path = tmp_path / "state.db"
     stop_file = tmp_path / "stop"
