@@ -475,7 +475,6 @@ def test_sigint_during_llm_calls_then_resume_exports_the_uninterrupted_dataset_w
     assert base_requests <= total <= base_requests + 2 * (2 * parallel), (total, base_requests)
 
 
-@pytest.mark.slow
 def test_two_runs_in_two_threads_do_not_close_each_others_connections(tmp_path):
     """pipeline.run from two threads at once (two configs, two event loops): the run that ends
     first closes its own HTTP pool only, so the other makes no extra request."""

@@ -48,6 +48,7 @@ def test_upgrade_head_gives_exactly_the_schema_and_the_view(empty_db_url):
     assert views == {"column_progress"}
 
 
+@pytest.mark.slow
 def test_downgrade_to_base_then_upgrade_round_trips(empty_db_url):
     migrate.upgrade(empty_db_url)
     migrate.downgrade(empty_db_url, "base")

@@ -147,7 +147,6 @@ def test_a_server_echoing_the_authorization_header_never_puts_the_key_in_store_l
     assert_no_key(key, home, outputs)
 
 
-@pytest.mark.slow
 def test_a_wrong_key_echoed_in_every_error_body_stays_out_of_the_output(tmp_path, fake_server):
     key, wrong = f"sk-right-{uuid.uuid4().hex}", f"sk-wrong-{uuid.uuid4().hex}"
     url = fake_server(require_key=key, echo_auth=True)
@@ -166,7 +165,6 @@ def test_a_wrong_key_echoed_in_every_error_body_stays_out_of_the_output(tmp_path
     assert_no_key(wrong, home, outputs)
 
 
-@pytest.mark.slow
 def test_a_key_pasted_into_api_key_env_is_refused_without_echoing_it(tmp_path):
     key = "sk-" + uuid.uuid4().hex
     folder = tmp_path / "p"

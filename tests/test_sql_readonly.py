@@ -189,7 +189,6 @@ def test_pipeline_sql_on_postgres_refuses_every_attempt_to_write_and_changes_not
 
 
 @pytest.mark.parametrize("query,columns", READS["both"] + READS["sqlite"])
-@pytest.mark.slow
 def test_pipeline_sql_on_sqlite_still_answers_reads(sqlite_store, query, columns):
     answers(sqlite_store[0], query, columns)
 
@@ -201,7 +200,6 @@ def test_pipeline_sql_on_postgres_still_answers_reads(postgres_store, query, col
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-@pytest.mark.slow
 def test_pipeline_sql_counts_progress_of_a_finished_run(request, backend):
     url = request.getfixturevalue(f"{'postgres' if backend == 'postgresql' else backend}_store")[0]
     progress = json.loads(cli("sql", "select column_name, rows_done from column_progress where run_id = 'done' "
