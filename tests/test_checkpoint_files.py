@@ -14,8 +14,7 @@ import pyarrow as pa
 from pipeline.store.base import DONE
 from pipeline.store.memory import MemoryStore
 from pipeline.values import encode
-from tests.engine_helpers import dataset, make_run, spec
-from tests.test_scheduler import AsyncFn
+from tests.engine_helpers import AsyncFn, dataset, make_run, spec
 
 
 def done_event(rg, generator, row_index, task_type, value):

@@ -14,8 +14,7 @@ import pytest
 
 from pipeline.store import open_store
 from tests.conftest import ROOT, cli, cli_env
-from tests.engine_helpers import dataset, make_run, spec
-from tests.test_scheduler import AsyncFn
+from tests.engine_helpers import AsyncFn, dataset, make_run, spec
 
 
 def test_the_engine_finishes_a_run_whose_row_groups_are_created_as_it_goes(tmp_path, db_url):

@@ -12,31 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import RetryableError
-from pipeline.generators.base import Generator
-from tests.engine_helpers import dataset, make_run, run_engine, spec
-
-
-class AsyncFn(Generator):
-    def __init__(self, fn, strategy="cell", stateful=False):
-        self.fn, self.strategy, self.is_stateful = fn, strategy, stateful
-
-    async def agenerate(self, data):
-        out = self.fn(data)
-        if asyncio.iscoroutine(out):
-            out = await out
-        return out
-
-
-class SyncFn(Generator):
-    def __init__(self, fn, strategy="cell"):
-        self.fn, self.strategy = fn, strategy
-
-    def generate(self, data):
-        return self.fn(data)
-
-
-def index_root():
-    return AsyncFn(lambda df: list(df.index), "batch")
+from tests.engine_helpers import AsyncFn, SyncFn, dataset, index_root, make_run, run_engine, spec
 
 
 def test_pipeline_of_cell_and_batch_columns_completes_with_values(tmp_path):
