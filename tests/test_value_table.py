@@ -291,6 +291,7 @@ def shown(value: Any) -> str:
     return text if len(text) < 200 else text[:200] + "..."
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_run_exports_what_the_uninterrupted_run_exports(runs):
     for fmt in ("csv", "jsonl"):
         assert runs[("whole", fmt)].read_bytes() == runs[("killed", fmt)].read_bytes(), fmt
