@@ -16,6 +16,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED
+from pipeline.values import encode
+
 PG_ENV = "PIPELINE_TEST_POSTGRES_URL"
 PG_URL = os.environ.get(PG_ENV)
 BACKENDS = ["sqlite", "postgresql"]
@@ -92,3 +95,28 @@ def claim_all_concurrently(store, other, run_id: str) -> tuple[list[int], list[i
         t.join()
     assert errors == []
     return taken[store.owner], taken[other.owner]
+
+
+# The journal's events as the engine builds them (pipeline.engine), in one place for the tests.
+def started(rg, gen, i, kind="cell"):
+    return (STARTED, rg, gen, i, kind)
+
+
+def done(rg, gen, i, value, kind="cell", usage=None):
+    return (DONE, rg, gen, i, kind, encode(value)) + ((usage,) if usage else ())
+
+
+def deferred(rg, gen, i, attempts, at, error, kind="cell", usage=None):
+    return (DEFERRED, rg, gen, i, kind, (attempts, at, error)) + ((usage,) if usage else ())
+
+
+def failed(rg, gen, i, attempts, error, kind="cell"):
+    return (FAILED, rg, gen, i, kind, (attempts, error))
+
+
+def dropped(rg, i=None):
+    return (DROPPED, rg, None, i)
+
+
+def complete(rg):
+    return (COMPLETE, rg)

@@ -15,9 +15,10 @@ import uuid
 import pytest
 
 from pipeline.errors import RunExistsError, RunNotFoundError, StoreError
-from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, STATE, ColumnSpec, NewRun
+from pipeline.store.base import STATE, ColumnSpec, NewRun
 from pipeline.values import encode
-from tests.conftest_store import claim_all_concurrently, dead_owner
+from tests.conftest_store import (claim_all_concurrently, complete, dead_owner, deferred, done, dropped, failed,
+                                  started)
 
 COLUMNS = [
     ColumnSpec("x", "x", "cell", 0),
@@ -27,31 +28,6 @@ COLUMNS = [
 ]
 ELSEWHERE = "elsewhere.example:4242:999:cafe"  # an owner of another host: its leases expire only
 ZERO = (0, 0, 0, 0)
-
-
-# The journal's events, built in one place (the engine builds them in pipeline.engine).
-def started(rg, gen, i, kind="cell"):
-    return (STARTED, rg, gen, i, kind)
-
-
-def done(rg, gen, i, value, kind="cell", usage=None):
-    return (DONE, rg, gen, i, kind, encode(value)) + ((usage,) if usage else ())
-
-
-def deferred(rg, gen, i, attempts, at, error, kind="cell", usage=None):
-    return (DEFERRED, rg, gen, i, kind, (attempts, at, error)) + ((usage,) if usage else ())
-
-
-def failed(rg, gen, i, attempts, error, kind="cell"):
-    return (FAILED, rg, gen, i, kind, (attempts, error))
-
-
-def dropped(rg, i=None):
-    return (DROPPED, rg, None, i)
-
-
-def complete(rg):
-    return (COMPLETE, rg)
 
 
 def new_run(store, *, num_records: int = 25, row_group_size: int = 10, name: str = "test", columns=COLUMNS) -> str:
