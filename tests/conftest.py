@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,81 @@ def read_calls(path: Path) -> list[tuple[str, str]]:
     if not path.exists():
         return []
     return [tuple(line.split(",", 1)) for line in path.read_text().splitlines() if line]
+
+
+# -- stores ---------------------------------------------------------------------------------------
+
+STORE_BACKENDS = ["memory", "sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def postgres_session_url():
+    """One PostgreSQL schema, migrated once, shared by the tests of a session (they use unique
+    run ids; skipped without PIPELINE_TEST_POSTGRES_URL)."""
+    from pipeline.store import migrate
+    from tests.conftest_store import postgres_schema_url
+
+    with postgres_schema_url() as url:
+        migrate.upgrade(url)
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """The URL of a migrated state store: a SQLite file in tmp_path, or PostgreSQL."""
+    from tests.conftest_store import sqlite_url
+
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path)
+    return request.getfixturevalue("postgres_session_url")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request, tmp_path):
+    """The URL of an empty database: a new SQLite file, or a new PostgreSQL schema."""
+    from tests.conftest_store import empty_database_url
+
+    with empty_database_url(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_factory(request, tmp_path):
+    """``open(owner=None) -> Store``: a new store (a worker of its own owner id, or ``owner``) on
+    one database of this test: in memory, a SQLite file in tmp_path, or PostgreSQL (a schema of
+    this session; runs have unique ids). Every store opened is closed at the end."""
+    from pipeline.store import open_store
+    from pipeline.store.memory import MemoryStore
+    from tests.conftest_store import sqlite_url
+
+    opened = []
+    if request.param == "memory":
+        # MemoryStore instances act as workers of one store by sharing this dict (its constructor's
+        # ``data``); there is no public factory for it yet.
+        data: dict = {"runs": {}, "lock": threading.RLock()}
+
+        def open_one(owner=None):
+            opened.append(MemoryStore(data, owner=owner))
+            return opened[-1]
+    else:
+        url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("postgres_session_url")
+
+        def open_one(owner=None):
+            opened.append(open_store(url, owner=owner))
+            return opened[-1]
+
+    yield open_one
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def stores(store_factory):
+    """Two workers (two owner ids) on one store: in memory, SQLite or PostgreSQL."""
+    return store_factory(), store_factory()
+
+
+@pytest.fixture
+def any_store(store_factory):
+    """A store: in memory, SQLite or PostgreSQL."""
+    return store_factory()

@@ -1,4 +1,4 @@
-"""Shared fixtures of the SQL store tests (imported by test_store_sql.py and test_migrations.py).
+"""Helpers of the store tests (the fixtures built on them are in conftest.py).
 
 PostgreSQL tests run in a schema of their own (``search_path`` set through the URL), created
 for them and dropped afterwards, so that they never touch tables other test runs on the same
@@ -15,6 +15,9 @@ from typing import Iterator
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+
+from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED
+from pipeline.values import encode
 
 PG_ENV = "PIPELINE_TEST_POSTGRES_URL"
 PG_URL = os.environ.get(PG_ENV)
@@ -52,6 +55,15 @@ def sqlite_url(folder) -> str:
     return f"sqlite:///{folder}/home/state.db"
 
 
+def dead_owner() -> str:
+    """An owner id of this host whose process cannot exist (a pid above pid_max)."""
+    from pipeline.workers import HOST
+
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid = int(f.read()) + 1
+    return f"{HOST}:{pid}:12345:deadbeef"
+
+
 @contextmanager
 def empty_database_url(backend: str, tmp_path) -> Iterator[str]:
     if backend == "sqlite":
@@ -59,32 +71,6 @@ def empty_database_url(backend: str, tmp_path) -> Iterator[str]:
     else:
         with postgres_schema_url() as url:
             yield url
-
-
-@pytest.fixture(scope="session")
-def postgres_session_url() -> Iterator[str]:
-    """One PostgreSQL schema, migrated once, shared by the tests of a session (they use unique
-    run ids)."""
-    from pipeline.store import migrate
-
-    with postgres_schema_url() as url:
-        migrate.upgrade(url)
-        yield url
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request, tmp_path) -> str:
-    """The URL of a migrated state store: a SQLite file in tmp_path, or PostgreSQL."""
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    return request.getfixturevalue("postgres_session_url")
-
-
-@pytest.fixture(params=BACKENDS)
-def empty_db_url(request, tmp_path) -> Iterator[str]:
-    """The URL of an empty database: a new SQLite file, or a new PostgreSQL schema."""
-    with empty_database_url(request.param, tmp_path) as url:
-        yield url
 
 
 def claim_all_concurrently(store, other, run_id: str) -> tuple[list[int], list[int]]:
@@ -109,3 +95,28 @@ def claim_all_concurrently(store, other, run_id: str) -> tuple[list[int], list[i
         t.join()
     assert errors == []
     return taken[store.owner], taken[other.owner]
+
+
+# The journal's events as the engine builds them (pipeline.engine), in one place for the tests.
+def started(rg, gen, i, kind="cell"):
+    return (STARTED, rg, gen, i, kind)
+
+
+def done(rg, gen, i, value, kind="cell", usage=None):
+    return (DONE, rg, gen, i, kind, encode(value)) + ((usage,) if usage else ())
+
+
+def deferred(rg, gen, i, attempts, at, error, kind="cell", usage=None):
+    return (DEFERRED, rg, gen, i, kind, (attempts, at, error)) + ((usage,) if usage else ())
+
+
+def failed(rg, gen, i, attempts, error, kind="cell"):
+    return (FAILED, rg, gen, i, kind, (attempts, error))
+
+
+def dropped(rg, i=None):
+    return (DROPPED, rg, None, i)
+
+
+def complete(rg):
+    return (COMPLETE, rg)

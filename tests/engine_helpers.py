@@ -1,4 +1,5 @@
-"""Build and run small pipelines straight on the engine, with hand-made generators."""
+"""Build and run small pipelines straight on the engine, with hand-made generators (AsyncFn,
+SyncFn, index_root)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,34 @@ import asyncio
 from types import SimpleNamespace
 
 from pipeline.engine.scheduler import Scheduler, SchedulerOptions
+from pipeline.generators.base import Generator
 from pipeline.engine.tracker import Plan
 from pipeline.graph import build_graph
 from pipeline.store.base import ColumnSpec, NewRun
 from pipeline.store.memory import MemoryStore
+
+
+class AsyncFn(Generator):
+    def __init__(self, fn, strategy="cell", stateful=False):
+        self.fn, self.strategy, self.is_stateful = fn, strategy, stateful
+
+    async def agenerate(self, data):
+        out = self.fn(data)
+        if asyncio.iscoroutine(out):
+            out = await out
+        return out
+
+
+class SyncFn(Generator):
+    def __init__(self, fn, strategy="cell"):
+        self.fn, self.strategy = fn, strategy
+
+    def generate(self, data):
+        return self.fn(data)
+
+
+def index_root():
+    return AsyncFn(lambda df: list(df.index), "batch")
 
 
 def spec(name, strategy="cell", deps=(), outputs=None, stateful=False):

@@ -18,15 +18,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import FilesChangedError
 from pipeline.fingerprints import COLUMN, FILE, check_changed_files, fingerprints
-from pipeline.store import open_store
 from pipeline.store.base import ColumnSpec, NewRun
-from pipeline.store.memory import MemoryStore
 from tests.conftest import cli, cli_env, cli_popen, logged_pipeline, read_calls
-
-try:
-    from conftest_store import postgres_session_url, sqlite_url  # noqa: F401  (fixture)
-except ImportError:  # tests/ became a package
-    from tests.conftest_store import postgres_session_url, sqlite_url  # noqa: F401
 
 
 def sha256(path: Path) -> str:
@@ -64,6 +57,7 @@ def slow_env(calls: Path, sleep_s: float = 0.03) -> dict:
     return cli_env(PIPELINE_TEST_CALLS=str(calls), PIPELINE_TEST_SLEEP=str(sleep_s))
 
 
+@pytest.mark.slow
 def test_an_edited_module_refuses_resume_and_worker_until_accepted_and_the_change_is_recorded(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=200, rg=50, in_flight=8)
     module = cfg.parent / "logged_fns.py"
@@ -106,6 +100,7 @@ def test_an_edited_module_refuses_resume_and_worker_until_accepted_and_the_chang
     assert len(ups) == 200 and any(u[:3].isupper() for u in ups) and any(u[:3].islower() for u in ups)
 
 
+@pytest.mark.slow
 def test_an_edited_seed_file_refuses_resume_and_an_unchanged_one_does_not(tmp_path):
     folder = tmp_path / "p"
     cfg = logged_pipeline(folder, records=200, rg=50, in_flight=8)
@@ -172,17 +167,6 @@ def _new_run(run_id: str, prints: dict) -> NewRun:
     return NewRun(run_id=run_id, name="t", num_records=4, row_group_size=2, seed=0, config="{}", fingerprint="f",
                   columns=[ColumnSpec("x", "x", "cell", 0)],
                   fingerprints=[(k, n, d) for (k, n), d in prints.items()])
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def any_store(request, tmp_path):
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("postgres_session_url")
-    store = open_store(url)
-    yield store
-    store.close()
 
 
 def test_check_changed_files_refuses_then_accepts_on_every_store(tmp_path, any_store):

@@ -1,34 +1,25 @@
-"""Row-group files on the engine and in every store: a checkpoint's file is fenced by the lease
-epoch, its size and digest are recorded, a lost or damaged one can be reopened, and a checkpoint
-that can never be written stops the run (resumably) instead of retrying for ever."""
+"""Row-group files on the engine: a checkpoint's file is fenced by the lease epoch, and a
+checkpoint that can never be written stops the run (resumably) instead of retrying for ever. What
+every store does with the file (fencing, size and digest, reopening) is in
+tests/store/test_contract.py."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
-import uuid
 
 import pyarrow as pa
-import pytest
 
-from pipeline.store import open_store
-from pipeline.store.base import DONE, FAILED, ColumnSpec, NewRun
+from pipeline.store.base import DONE
 from pipeline.store.memory import MemoryStore
 from pipeline.values import encode
-from tests.engine_helpers import dataset, make_run, spec
-from tests.test_scheduler import AsyncFn
+from tests.engine_helpers import AsyncFn, dataset, make_run, spec
 
 
 def done_event(rg, generator, row_index, task_type, value):
     """A DONE event as the engine appends it: the value as its JSON text (pipeline.values)."""
     return (DONE, rg, generator, row_index, task_type, encode(value))
-
-
-try:
-    from conftest_store import postgres_session_url, sqlite_url  # noqa: F401  (fixture)
-except ImportError:  # tests/ became a package
-    from tests.conftest_store import postgres_session_url, sqlite_url  # noqa: F401
 
 
 
@@ -135,67 +126,3 @@ def test_a_checkpoint_that_can_never_be_written_stops_the_run_failed_naming_the_
     assert "rg-000000-e3.parquet" in sched.stop_reason and "No space left on device" in sched.stop_reason
     assert store.row_groups("r1")[0]["state"] == "complete"
     assert store.row_groups("r1")[0]["lease_owner"] is None  # given back: a resume takes it at once
-
-
-# -- every store ---------------------------------------------------------------------------------
-
-COLUMNS = [ColumnSpec("x", "x", "cell", 0)]
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def stores(request, tmp_path):
-    """Two workers (two owner ids) on one store: in memory, SQLite or PostgreSQL."""
-    if request.param == "memory":
-        data: dict = {"runs": {}, "lock": threading.RLock()}
-        yield MemoryStore(data), MemoryStore(data)
-        return
-    url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("postgres_session_url")
-    a, b = open_store(url), open_store(url)
-    yield a, b
-    a.close()
-    b.close()
-
-
-def new_run(store) -> str:
-    run_id = f"run-{uuid.uuid4().hex[:12]}"
-    store.create_run(NewRun(run_id, "t", 20, 10, 0, "{}", "fp", COLUMNS))
-    return run_id
-
-
-def test_only_the_lease_holder_makes_its_file_current_and_its_size_and_digest_are_recorded(stores):
-    a, b = stores
-    run_id = new_run(a)
-    [stale] = a.claim_row_groups(run_id, 1, -1)  # expired at once
-    assert a.lease_epoch(run_id, 0) == stale.epoch == 1
-    [taken] = b.claim_row_groups(run_id, 1, 60)
-    assert (taken.row_group, taken.epoch) == (0, 2)
-    assert b.checkpoint_row_group(run_id, 0, "runs/x/rg-000000-e2.parquet", 1, file_bytes=123, file_sha256="ab" * 32)
-    assert b.lease_epoch(run_id, 0) is None  # released with the checkpoint
-    assert a.checkpoint_row_group(run_id, 0, "runs/x/rg-000000-e1.parquet", 0, file_bytes=99, file_sha256="cd" * 32) \
-        is False
-    assert a.lease_epoch(run_id, 0) is None
-    group = b.row_groups(run_id)[0]
-    assert (group["state"], group["path"], group["rows_dropped"], group["file_bytes"], group["file_sha256"]) == (
-        "checkpointed", "runs/x/rg-000000-e2.parquet", 1, 123, "ab" * 32)
-    # A retry of the checkpoint that made this very file current (its answer lost) is told so,
-    # so the caller never removes the current file.
-    assert b.checkpoint_row_group(run_id, 0, "runs/x/rg-000000-e2.parquet", 1, file_bytes=123,
-                                  file_sha256="ab" * 32) is True
-
-
-def test_reopened_row_groups_lose_their_file_and_tasks_and_are_claimed_again(stores):
-    a, _ = stores
-    run_id = new_run(a)
-    a.claim_row_groups(run_id, 2, 60)
-    a.record(run_id, [done_event(0, "x", 0, "cell", 5), (FAILED, 0, "x", 1, "cell", (1, "ValueError: no"))])
-    assert a.checkpoint_row_group(run_id, 0, "runs/x/rg-000000-e1.parquet", 1, file_bytes=10, file_sha256="ee" * 32)
-    assert a.column_counts(run_id)["x"]["failed"] == 1  # the failed row outlives compaction
-    assert a.reopen_row_groups(run_id, [0, 1]) == [0]  # row group 1 is not checkpointed: left alone
-    group = a.row_groups(run_id)[0]
-    assert (group["state"], group["path"], group["rows_dropped"], group["file_bytes"], group["file_sha256"],
-            group["lease_owner"]) == ("pending", None, 0, None, None, None)
-    assert a.column_counts(run_id)["x"] == {"done": 0, "failed": 0, "deferred": 0, "in_flight": 0, "truncated": 0}
-    [claim] = a.claim_row_groups(run_id, 1, 60)
-    assert (claim.row_group, claim.epoch, claim.state) == (0, 2, "pending")
-    loaded = a.load_row_group(run_id, 0)
-    assert (loaded.done, loaded.dropped, loaded.attempts) == ({}, set(), {})

@@ -21,6 +21,7 @@ def done_run(tmp_path_factory):
     return home, proc
 
 
+@pytest.mark.slow
 def test_run_prints_the_run_id_first_and_progress_on_stderr(done_run):
     home, proc = done_run
     assert proc.stdout.splitlines()[0] == "run_id: qs"
@@ -28,6 +29,7 @@ def test_run_prints_the_run_id_first_and_progress_on_stderr(done_run):
     assert (home / "runs" / "qs" / "row_groups" / "rg-000000-e1.parquet").exists()  # row group 0, lease epoch 1
 
 
+@pytest.mark.slow
 def test_status_json_has_the_contract_shape(done_run):
     home, _ = done_run
     s = json.loads(cli("status", "qs", "--json", home=home, check=True).stdout)
@@ -45,6 +47,7 @@ def test_status_json_has_the_contract_shape(done_run):
     assert f"rate: {s['rate_records_s']:,.1f} records/s" in text
 
 
+@pytest.mark.slow
 def test_runs_lists_newest_first(done_run, tmp_path):
     home, _ = done_run
     cli("run", str(QUICKSTART), "--run-id", "qs2", "--num-records", "10", "--quiet", home=home, check=True)
@@ -54,6 +57,7 @@ def test_runs_lists_newest_first(done_run, tmp_path):
     assert "qs2" in cli("runs", home=home, check=True).stdout
 
 
+@pytest.mark.slow
 def test_export_formats_hold_the_same_records_in_order(done_run, tmp_path):
     home, _ = done_run
     frames = {}
@@ -68,12 +72,14 @@ def test_export_formats_hold_the_same_records_in_order(done_run, tmp_path):
         assert len(df) == 300 and list(df["id"]) == list(frames["parquet"]["id"])
 
 
+@pytest.mark.slow
 def test_resume_of_a_complete_run_says_so_and_exits_0(done_run):
     home, _ = done_run
     proc = cli("resume", "qs", home=home)
     assert proc.returncode == 0 and "already complete" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sql_reads_and_refuses_writes_with_exit_2(done_run):
     home, _ = done_run
     rows = json.loads(cli("sql", "select column_name, rows_done from column_progress where run_id='qs'",
@@ -86,6 +92,7 @@ def test_sql_reads_and_refuses_writes_with_exit_2(done_run):
     assert cli("status", "qs", "--json", home=home, check=True).stdout.count('"complete"') == 1
 
 
+@pytest.mark.slow
 def test_graph_formats(tmp_path):
     text = cli("graph", str(QUICKSTART), check=True).stdout
     assert "review" in text and "from_scratch" in text
@@ -100,6 +107,7 @@ def test_graph_formats(tmp_path):
     assert same == text and not home.exists() and not (tmp_path / "x.db").exists()
 
 
+@pytest.mark.slow
 def test_db_upgrade_and_current(tmp_path):
     home = tmp_path / "h"
     up = cli("db", "upgrade", home=home, check=True)
@@ -133,6 +141,7 @@ def assert_nothing_created(home: Path, run_id: str | None = None) -> None:
     ("columns:\n  - {name: a, type: sampler, sampler: uuid}\n  - {name: a, type: sampler, sampler: uuid}", ["a"]),
     ("colums: []", ["colums"]),
 ])
+@pytest.mark.slow
 def test_bad_config_exits_2_names_file_and_column_and_creates_nothing(tmp_path, mutation, words):
     cfg = tmp_path / "bad.yaml"
     base = "name: bad\nnum_records: 5\n"
@@ -161,6 +170,7 @@ def test_unset_api_key_env_is_a_config_error(tmp_path):
 
 @pytest.mark.parametrize("args", [["resume", "nope"], ["worker", "nope"], ["status", "nope"],
                                   ["export", "nope", "--output", "x.parquet"]])
+@pytest.mark.slow
 def test_unknown_run_id_exits_2(tmp_path, args):
     proc = cli(*args, home=tmp_path / "home", cwd=tmp_path)
     assert proc.returncode == 2 and "nope" in proc.stderr and "pipeline runs" in proc.stderr
@@ -175,6 +185,7 @@ def test_invalid_run_id_exits_2_and_creates_nothing(tmp_path, bad):
     assert cli("status", bad, home=home).returncode == 2
 
 
+@pytest.mark.slow
 def test_taken_run_id_exits_2_and_changes_nothing(done_run):
     home, _ = done_run
     before = cli("status", "qs", "--json", home=home, check=True).stdout
@@ -184,6 +195,7 @@ def test_taken_run_id_exits_2_and_changes_nothing(done_run):
     assert json.loads(before)["records_done"] == json.loads(after)["records_done"] == 300
 
 
+@pytest.mark.slow
 def test_every_command_has_help_and_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     for command in ["run", "preview", "resume", "worker", "status", "runs", "export", "graph", "sql", "db upgrade",
@@ -193,6 +205,7 @@ def test_every_command_has_help_and_is_in_the_readme():
         assert f"pipeline {command}" in readme, f"README does not document `pipeline {command}`"
 
 
+@pytest.mark.slow
 def test_env_vars_choose_home_and_db(tmp_path):
     home = tmp_path / "envhome"
     env = cli_env(PIPELINE_HOME=str(home))
@@ -201,6 +214,7 @@ def test_env_vars_choose_home_and_db(tmp_path):
     assert (home / "state.db").exists() and (home / "runs" / "e1").is_dir()
 
 
+@pytest.mark.slow
 def test_trace_records_one_row_per_task_attempt_in_the_store_and_nothing_when_off(tmp_path):
     home = tmp_path / "home"
     cli("run", str(QUICKSTART), "--run-id", "tr", "--num-records", "20", "--trace", "--quiet", home=home, check=True)
@@ -222,6 +236,7 @@ def test_every_example_config_is_valid(example):
     assert data["columns"]
 
 
+@pytest.mark.slow
 def test_commands_that_only_read_create_nothing_where_there_is_no_store(tmp_path):
     cwd = tmp_path / "empty"
     cwd.mkdir()

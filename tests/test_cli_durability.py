@@ -30,7 +30,7 @@ def finish(proc, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def wait_for_line(proc, prefix: str, timeout: float = 30) -> str:
+def wait_for_line(proc, prefix: str, timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -39,6 +39,7 @@ def wait_for_line(proc, prefix: str, timeout: float = 30) -> str:
     raise AssertionError(f"no line starting with {prefix!r}")
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_exports_the_uninterrupted_dataset(tmp_path):
     """3,000 records, row groups of 100, 32 in flight, killed 5 times: nothing lost or doubled,
     and at most 2 x 32 extra executions per kill."""
@@ -81,10 +82,12 @@ def test_sigkill_at_random_moments_then_resume_exports_the_uninterrupted_dataset
     assert 0 <= extra <= 2 * 32 * kills, f"{extra} extra executions for {kills} kills"
 
 
+@pytest.mark.slow
 def test_a_killed_run_not_yet_reaped_by_its_parent_is_interrupted_and_resumes_at_once(tmp_path):
     """SIGKILL without wait(): the process lingers as a zombie with its /proc entry. It is gone
-    all the same: status says interrupted, and resume takes the leases at once (lease_s is 30)."""
-    cfg = logged_pipeline(tmp_path / "p", records=2000, rg=100, in_flight=8)
+    all the same: status says interrupted, and resume takes the leases at once (lease_s is an
+    hour: a resume that waited for them to expire would not end)."""
+    cfg = logged_pipeline(tmp_path / "p", records=2000, rg=100, in_flight=8, extra_settings=", lease_s: 3600")
     home = tmp_path / "home"
     calls = tmp_path / "calls"
     proc = cli_popen("run", str(cfg), "--run-id", "z", "--quiet", home=home, env=cli_env(PIPELINE_TEST_CALLS=str(calls)))
@@ -101,24 +104,26 @@ def test_a_killed_run_not_yet_reaped_by_its_parent_is_interrupted_and_resumes_at
     try:
         status = json.loads(cli("status", "z", "--json", home=home, check=True).stdout)
         assert status["status"] == "interrupted"
-        started = time.monotonic()
-        cli("resume", "z", "--quiet", home=home, check=True, timeout=120, env=cli_env(PIPELINE_TEST_CALLS=str(calls)))
-        assert time.monotonic() - started < 20, "resume waited for the leases to expire"
+        cli("resume", "z", "--quiet", home=home, check=True, timeout=280, env=cli_env(PIPELINE_TEST_CALLS=str(calls)))
     finally:
         finish(proc)
     assert len(export_frame("z", home, tmp_path)) == 2000
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_stops_with_its_exit_code_and_the_run_resumes_to_the_same_data(tmp_path, signum, code):
     cfg = logged_pipeline(tmp_path / "p", records=600, rg=50, in_flight=8)
     home = tmp_path / "home"
     env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"), PIPELINE_TEST_SLEEP="0.01")
     proc = cli_popen("run", str(cfg), "--run-id", "sig", "--quiet", home=home, env=env)
     wait_for_line(proc, "run_id:")
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while len(read_calls(tmp_path / "calls")) < 20:  # working
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not start working"
+        time.sleep(0.01)
     proc.send_signal(signum)
-    got, err = finish(proc, 30)
+    got, err = finish(proc, 120)
     assert got == code, err
     assert "pipeline resume sig" in err
     status = cli("status", "sig", "--json", home=home, check=True).stdout
@@ -132,6 +137,16 @@ def test_signal_stops_with_its_exit_code_and_the_run_resumes_to_the_same_data(tm
 
 STATEFUL_FNS = """
 import os, time
+
+def _gate():
+    # Each worker's tasks wait until two workers run (on a loaded machine one could
+    # otherwise take every row group before the others have started).
+    folder = os.environ["PIPELINE_TEST_GATE_DIR"]
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 120
+    while len(os.listdir(folder)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
 
 def step(row):
     # Logs when each task starts and ends, from whichever worker process runs it.
@@ -147,6 +162,7 @@ def step(row):
 
 def flaky(row):
     # Every third record fails once with a retryable error (in whichever worker runs it).
+    _gate()
     if int(row["i"]) % 3 == 0:
         try:
             os.close(os.open(os.path.join(os.environ["PIPELINE_TEST_FLAKY_DIR"], str(row["i"])),
@@ -158,6 +174,7 @@ def flaky(row):
 """
 
 
+@pytest.mark.slow
 def test_a_stateful_generator_runs_one_task_at_a_time_in_row_group_order_across_workers(tmp_path):
     """Three workers share the row groups; the stateful column still runs row group by row
     group, in order, one task at a time over all processes, while other tasks are retried."""
@@ -175,11 +192,13 @@ def test_a_stateful_generator_runs_one_task_at_a_time_in_row_group_order_across_
     home = tmp_path / "home"
     log = tmp_path / "stateful.log"
     (tmp_path / "flaky").mkdir()  # retries (deferred tasks) go on while workers wait for each other
-    env = cli_env(PIPELINE_TEST_STATEFUL_LOG=str(log), PIPELINE_TEST_FLAKY_DIR=str(tmp_path / "flaky"))
+    (tmp_path / "gate").mkdir()
+    env = cli_env(PIPELINE_TEST_STATEFUL_LOG=str(log), PIPELINE_TEST_FLAKY_DIR=str(tmp_path / "flaky"),
+                  PIPELINE_TEST_GATE_DIR=str(tmp_path / "gate"))
     cli("run", str(folder / "cfg.yaml"), "--run-id", "ordered", "--create-only", home=home, check=True)
     workers = [cli_popen("worker", "ordered", "--quiet", home=home, env=env) for _ in range(3)]
     for w in workers:
-        code, err = finish(w, timeout=120)
+        code, err = finish(w)
         assert code == 0, err
     assert len(list((tmp_path / "flaky").iterdir())) == 40
     events = sorted((float(t), kind, int(rg), int(r), pid)
@@ -194,6 +213,7 @@ def test_a_stateful_generator_runs_one_task_at_a_time_in_row_group_order_across_
         assert running <= 1, "two tasks of the stateful generator ran at once"
 
 
+@pytest.mark.slow
 def test_two_workers_finish_a_run_with_no_task_executed_twice(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
     home = tmp_path / "home"
@@ -214,6 +234,7 @@ def test_two_workers_finish_a_run_with_no_task_executed_twice(tmp_path):
     assert '"status": "complete"' in status and owners.returncode == 0
 
 
+@pytest.mark.slow
 def test_reader_polling_progress_never_errors_and_sees_rows_done_only_grow(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1500, rg=100, in_flight=32)
     home = tmp_path / "home"
@@ -252,6 +273,7 @@ def test_reader_polling_progress_never_errors_and_sees_rows_done_only_grow(tmp_p
     assert exported == 1500 and {done for _, done in final} == {exported}
 
 
+@pytest.mark.slow
 def test_a_second_sigint_stops_at_once_and_the_run_stays_consistent(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=200, rg=50, in_flight=8)
     home = tmp_path / "home"
@@ -272,21 +294,35 @@ def test_a_second_sigint_stops_at_once_and_the_run_stays_consistent(tmp_path):
     assert len(export_frame("twice", home, tmp_path)) == 200
 
 
+@pytest.mark.slow
 def test_status_watch_refreshes_until_the_run_ends(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=600, rg=50, in_flight=8)
     home = tmp_path / "home"
     env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"), PIPELINE_TEST_SLEEP="0.01")
     proc = cli_popen("run", str(cfg), "--run-id", "watched", "--quiet", home=home, env=env)
     wait_for_line(proc, "run_id:")
-    watch = cli("status", "watched", "--watch", "--json", "--interval", "0.3", home=home, timeout=120)
+    deadline = time.monotonic() + 120
+    while len(read_calls(tmp_path / "calls")) < 10:  # working (its worker registered)
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not start working"
+        time.sleep(0.01)
+    # The run holds still (a live process) until the watch has shown it running: on a loaded
+    # machine the watch's start could otherwise take longer than the whole run.
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        watch = cli_popen("status", "watched", "--watch", "--json", "--interval", "0.3", home=home)
+        first = watch.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    rest, err = watch.communicate(timeout=300)
     finish(proc)
-    snapshots = [json.loads(line) for line in watch.stdout.splitlines()]
-    assert watch.returncode == 0 and len(snapshots) >= 2
+    snapshots = [json.loads(line) for line in (first + rest).splitlines()]
+    assert watch.returncode == 0 and len(snapshots) >= 2, (err, [s["status"] for s in snapshots])
     assert snapshots[0]["status"] == "running" and snapshots[-1]["status"] == "complete"
     done = [s["columns"]["label"]["done"] for s in snapshots]
     assert done == sorted(done) and done[-1] == 600
 
 
+@pytest.mark.slow
 def test_the_python_api_runs_resumes_and_loads_what_export_writes(tmp_path, monkeypatch):
     import pipeline
 
@@ -303,6 +339,7 @@ def test_the_python_api_runs_resumes_and_loads_what_export_writes(tmp_path, monk
     assert [r["run_id"] for r in pipeline.list_runs(home=home)] == ["api"]
 
 
+@pytest.mark.slow
 def test_when_one_worker_dies_the_other_takes_its_row_groups_over_and_finishes(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
     home = tmp_path / "home"
@@ -323,6 +360,7 @@ def test_when_one_worker_dies_the_other_takes_its_row_groups_over_and_finishes(t
     pd.testing.assert_frame_equal(export_frame("takeover", home, tmp_path), export_frame("reference", home, tmp_path))
 
 
+@pytest.mark.slow
 def test_the_quickstart_killed_midway_resumes_to_the_same_dataset(tmp_path):
     """Seed file (shuffled), samplers, expression, async and sync python, batch python."""
     from tests.conftest import ROOT

@@ -117,6 +117,7 @@ def export_frame(run_id: str, home: Path, out: Path) -> pd.DataFrame:
     return pd.read_parquet(out)
 
 
+@pytest.mark.slow
 def test_a_stale_worker_never_overwrites_the_checkpoint_of_the_worker_that_took_over(tmp_path):
     """Worker A holds row group 0 with one cell in flight and is stopped (SIGSTOP) past its
     lease; worker B takes row group 0 over and checkpoints it; A continues, its late cell fails,
@@ -198,6 +199,7 @@ def copy_home(complete, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "flip a byte"])
+@pytest.mark.slow
 def test_a_lost_or_damaged_row_group_file_is_named_and_repair_computes_it_again(complete, tmp_path, damage):
     home, original = copy_home(complete, tmp_path), complete[1]
     [(path,)] = query(home, "select path from row_groups where row_group = 1")
@@ -240,6 +242,7 @@ def test_a_lost_or_damaged_row_group_file_is_named_and_repair_computes_it_again(
         assert again.returncode == 0 and "matches its checkpoint" in again.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_can_never_be_written_stops_the_run_with_exit_1_and_resume_finishes_it(complete, tmp_path):
     """The run's row_groups folder is replaced by a file before the first checkpoint: the run
     stops (failed, exit 1) naming the path and the error, instead of retrying for ever; once the

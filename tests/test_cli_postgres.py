@@ -20,6 +20,7 @@ def export(run_id, home, tmp_path, db):
     return pd.read_parquet(out)
 
 
+@pytest.mark.slow
 def test_a_run_on_postgres_exports_what_the_same_run_on_sqlite_does(tmp_path, postgres_url):
     cfg = logged_pipeline(tmp_path / "p", records=200, rg=50)
     env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"))
@@ -37,6 +38,7 @@ def test_a_run_on_postgres_exports_what_the_same_run_on_sqlite_does(tmp_path, po
     assert cli("sql", "delete from runs", home=home, db=postgres_url).returncode == 2
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_postgres_run_with_no_task_executed_twice(tmp_path, postgres_url):
     cfg = logged_pipeline(tmp_path / "p", records=800, rg=50, in_flight=16)
     calls = tmp_path / "calls"

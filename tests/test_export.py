@@ -65,6 +65,7 @@ def expected_shape(n: int):
     return [{"a": n}, {"b": "x", "c": [1, 2.5]}, [n, "y"], "text", n, n + 0.25, None, {"a": 1.5}][n % 8]
 
 
+@pytest.mark.slow
 def test_jsonl_holds_every_value_exactly_and_does_not_depend_on_row_groups(runs):
     small, large = jsonl(export(runs, "rg2", "jsonl")), jsonl(export(runs, "rg7", "jsonl"))
     assert small == large and len(small) == 24
@@ -77,6 +78,7 @@ def test_jsonl_holds_every_value_exactly_and_does_not_depend_on_row_groups(runs)
     assert len({type(r["mixed"]) for r in small}) > 1, "the sample should mix the types"
 
 
+@pytest.mark.slow
 def test_load_dataset_returns_the_same_values_as_the_jsonl_export(runs):
     frame = pipeline.load_dataset("rg2", home=runs["home"])
     assert list(frame.columns) == ["n", "mixed", "u", "shape", "obj"]
@@ -86,6 +88,7 @@ def test_load_dataset_returns_the_same_values_as_the_jsonl_export(runs):
         assert row["u"] == record["u"]  # floats to the last bit, not 10 digits
 
 
+@pytest.mark.slow
 def test_floats_round_trip_exactly_in_jsonl_and_csv(runs):
     parquet = pd.read_parquet(export(runs, "rg7", "parquet"))
     from_jsonl = [r["u"] for r in jsonl(export(runs, "rg7", "jsonl"))]
@@ -95,6 +98,7 @@ def test_floats_round_trip_exactly_in_jsonl_and_csv(runs):
     assert any(len(repr(u)) > 14 for u in from_jsonl)  # the values do have more than 10 digits
 
 
+@pytest.mark.slow
 def test_csv_writes_dicts_and_lists_as_json_text(runs):
     with export(runs, "rg2", "csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -105,6 +109,7 @@ def test_csv_writes_dicts_and_lists_as_json_text(runs):
             assert json.loads(row["shape"]) == shape
 
 
+@pytest.mark.slow
 def test_parquet_export_of_mixed_columns_is_one_file_whatever_the_row_groups(runs):
     small, large = pd.read_parquet(export(runs, "rg2", "parquet")), pd.read_parquet(export(runs, "rg7", "parquet"))
     pd.testing.assert_frame_equal(small, large)

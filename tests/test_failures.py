@@ -64,6 +64,7 @@ def llm_config(folder: Path, url: str, *, records: int, settings: str = "", para
         """)
 
 
+@pytest.mark.slow
 def test_a_429_that_asks_for_retry_after_ms_waits_that_long_and_is_never_an_attempt(tmp_path, fake_server):
     # salvage_max_rounds 0: before, the first 429 dropped the record.
     url = fake_server(latency_ms=1)
@@ -82,6 +83,7 @@ def test_a_429_that_asks_for_retry_after_ms_waits_that_long_and_is_never_an_atte
     assert status_json("r", home)["models"]["writer"]["rate_limited"] == 3
 
 
+@pytest.mark.slow
 def test_a_ten_second_storm_of_429s_drops_no_record(tmp_path):
     server = ServerProcess("--latency-ms", "5", "--burst-429", "*:0:10")  # every request 429 for 10 s
     try:
@@ -96,6 +98,7 @@ def test_a_ten_second_storm_of_429s_drops_no_record(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_model_that_answers_only_429s_for_model_down_s_stops_the_run_with_nothing_dropped(tmp_path):
     server = ServerProcess("--latency-ms", "5", "--burst-429", "*:0:600")
     try:
@@ -110,6 +113,7 @@ def test_a_model_that_answers_only_429s_for_model_down_s_stops_the_run_with_noth
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_run_pauses_the_run_and_resume_finishes_it_as_if_nothing_happened(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
@@ -146,6 +150,7 @@ def test_a_server_killed_mid_run_pauses_the_run_and_resume_finishes_it_as_if_not
         server.communicate()
 
 
+@pytest.mark.slow
 def test_one_prompt_that_always_gets_500_fails_alone_while_the_model_serves_the_rest(tmp_path, fake_server):
     url = fake_server(latency_ms=5)
     cfg = llm_config(tmp_path, url, records=40, settings=", model_down_s: 30",
@@ -162,6 +167,7 @@ def test_one_prompt_that_always_gets_500_fails_alone_while_the_model_serves_the_
     assert "text: " in proc.stderr and "ModelServerError" in proc.stderr  # the summary
 
 
+@pytest.mark.slow
 def test_a_run_whose_every_record_fails_ends_failed_with_one_summary(tmp_path):
     cfg = write_config(tmp_path, """\
         name: allbad
@@ -186,6 +192,7 @@ def test_a_run_whose_every_record_fails_ends_failed_with_one_summary(tmp_path):
     assert again.returncode == 1 and "pipeline retry bad" in again.stderr
 
 
+@pytest.mark.slow
 def test_a_run_against_a_dead_endpoint_stops_quietly_and_drops_nothing(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     cfg = llm_config(tmp_path, url, records=2000, settings=", model_down_s: 2", parallel=16)
@@ -242,6 +249,7 @@ def start_stuck_run(tmp_path, module: str, source: str, function: str, run_id: s
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_a_signal_while_a_generator_is_being_built_interrupts_the_run(tmp_path, signum, code):
     proc, home, flag = start_stuck_run(tmp_path, "slowmod", SLOW_INIT, "Slow", "s")
     try:
@@ -256,6 +264,7 @@ def test_a_signal_while_a_generator_is_being_built_interrupts_the_run(tmp_path, 
     assert status_json("s", home)["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_a_second_sigint_stops_a_run_whose_event_loop_is_blocked(tmp_path):
     proc, home, flag = start_stuck_run(tmp_path, "blockmod", BLOCKING, "block", "b", "--quiet")
     lines: list[str] = []
@@ -293,6 +302,7 @@ async def wait_for_flag(row):
 '''
 
 
+@pytest.mark.slow
 def test_a_row_group_that_cannot_be_loaded_ends_the_resume_with_a_message_not_a_hang(tmp_path):
     import sqlite3
 
@@ -335,6 +345,7 @@ def test_a_row_group_that_cannot_be_loaded_ends_the_resume_with_a_message_not_a_
         assert conn.execute("select count(*) from row_groups where lease_owner is not null").fetchone()[0] == 0
 
 
+@pytest.mark.slow
 def test_a_config_holding_text_that_is_not_unicode_is_refused_before_anything_is_created(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text('name: su\nnum_records: 2\ncolumns:\n'
@@ -349,6 +360,7 @@ def test_a_config_holding_text_that_is_not_unicode_is_refused_before_anything_is
     assert not home.exists()
 
 
+@pytest.mark.slow
 def test_one_sigint_stops_a_run_whose_cells_block_the_event_loop_soon_after_the_grace_period(tmp_path):
     proc, home, flag = start_stuck_run(tmp_path, "blockmod", BLOCKING, "block", "one", "--quiet")
     try:
@@ -363,6 +375,7 @@ def test_one_sigint_stops_a_run_whose_cells_block_the_event_loop_soon_after_the_
     assert status_json("one", home)["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_resume_of_a_complete_run_whose_file_is_gone_names_it_and_the_repair(tmp_path):
     cfg = write_config(tmp_path, """\
         name: gone
@@ -379,6 +392,7 @@ def test_resume_of_a_complete_run_whose_file_is_gone_names_it_and_the_repair(tmp
     assert_ran(cli("resume", "g", "--repair", "--quiet", home=home))
 
 
+@pytest.mark.slow
 def test_a_server_asking_to_wait_for_ever_is_asked_again_within_the_cap(tmp_path, fake_server):
     url = fake_server(latency_ms=1)
     cfg = llm_config(tmp_path, url, records=8, settings=", model_down_s: 4",
@@ -405,6 +419,7 @@ def batch(df):
 '''
 
 
+@pytest.mark.slow
 def test_retry_of_one_column_says_which_of_its_failures_other_failures_still_hold(tmp_path):
     (tmp_path / "rfns.py").write_text(RETRY_FNS)
     cfg = write_config(tmp_path, """\

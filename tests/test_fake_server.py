@@ -196,7 +196,8 @@ def test_status_markers_answer_with_that_status(serve, http_client):
 
 
 async def test_64_concurrent_requests_are_served_at_once_with_accurate_latency(serve):
-    url = serve(latency_ms=300)
+    # A latency long enough for all 64 to be sent before the first answer, even on a loaded machine.
+    url = serve(latency_ms=1500)
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(limits=limits, timeout=10) as client:
         started = time.perf_counter()
@@ -206,8 +207,8 @@ async def test_64_concurrent_requests_are_served_at_once_with_accurate_latency(s
         elapsed = time.perf_counter() - started
         stats = (await client.get(url.removesuffix("/v1") + "/stats")).json()
     assert all(r.status_code == 200 for r in responses)
-    assert 0.3 <= elapsed < 1.5
-    assert stats["models"]["wide"]["max_in_flight"] == 64
+    assert elapsed >= 1.5  # the latency is honoured (an upper bound would time the machine's load)
+    assert stats["models"]["wide"]["max_in_flight"] == 64  # served at once
     assert stats["models"]["wide"]["requests"] == 64
     assert stats["models"]["wide"]["in_flight"] == 0
 

@@ -10,6 +10,8 @@ import signal
 import sqlite3
 import time
 
+import pytest
+
 from tests.conftest import cli, cli_popen
 from tests.test_llm_pipeline import write_config
 
@@ -84,17 +86,20 @@ def killed_and_resumed(tmp_path, cls: str):
     return [json.loads(line)["c"] for line in out.read_text().splitlines()], resumed.stderr
 
 
+@pytest.mark.slow
 def test_a_stateful_generator_with_state_dict_goes_on_after_a_kill_as_if_nothing_happened(tmp_path):
     values, _ = killed_and_resumed(tmp_path, "Counter")
     assert values == list(range(1, 301))
 
 
+@pytest.mark.slow
 def test_a_stateful_generator_without_state_dict_is_told_to_restart(tmp_path):
     values, stderr = killed_and_resumed(tmp_path, "Forgetful")
     assert "does not implement state_dict()" in stderr and "restarts" in stderr
     assert len(set(values)) < len(values), "its counter restarted: duplicates, as the warning says"
 
 
+@pytest.mark.slow
 def test_the_state_is_visible_with_sql(tmp_path):
     (tmp_path / "counters.py").write_text(COUNTERS)
     cfg = write_config(tmp_path, """\
@@ -113,6 +118,7 @@ def test_the_state_is_visible_with_sql(tmp_path):
                     {"generator": "c", "row_group": 1, "state": '{"n":20}'}]
 
 
+@pytest.mark.slow
 def test_the_state_goes_from_worker_to_worker_with_the_row_groups(tmp_path):
     (tmp_path / "counters.py").write_text(COUNTERS)
     cfg = write_config(tmp_path, """\

@@ -57,6 +57,7 @@ def write_config(tmp_path, fields: dict, columns: str = COLUMNS):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_a_number_out_of_range_is_refused_before_anything_is_created(tmp_path, case):
     fields, expected = CASES[case]
     cfg = write_config(tmp_path, fields)
@@ -69,6 +70,7 @@ def test_a_number_out_of_range_is_refused_before_anything_is_created(tmp_path, c
     assert not home.exists()
 
 
+@pytest.mark.slow
 def test_an_llm_column_with_max_tokens_out_of_range_is_refused(tmp_path):
     cfg = write_config(tmp_path, {"models": "{w: {base_url: 'http://127.0.0.1:9/v1', model: m}}"},
                        MODEL_COLUMNS.replace('prompt: "hi {{ id }}"', 'prompt: "hi {{ id }}", max_tokens: 4294967296'))
@@ -81,6 +83,7 @@ def test_an_llm_column_with_max_tokens_out_of_range_is_refused(tmp_path):
     (str(2**63), ["--num-records", f"{2**63 - 1:,}"]),
     (str(10**12), ["--num-records", "row_group_size", "row groups"]),
 ])
+@pytest.mark.slow
 def test_num_records_on_the_command_line_is_bounded_too(tmp_path, value, expected):
     cfg = write_config(tmp_path, {"row_group_size": 1})
     proc = cli("run", str(cfg), "--create-only", "--num-records", value, home=tmp_path / "home")
@@ -91,6 +94,7 @@ def test_num_records_on_the_command_line_is_bounded_too(tmp_path, value, expecte
 
 
 @pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
+@pytest.mark.slow
 def test_the_extreme_seeds_the_store_holds_run_and_resume(tmp_path, seed):
     cfg = write_config(tmp_path, {"seed": seed, "row_group_size": 4})
     home = tmp_path / "home"

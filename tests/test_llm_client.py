@@ -453,7 +453,15 @@ async def test_malformed_structured_output_is_reasked_then_fails_for_good(server
     assert generator.usage["requests"] == 3
 
 
-async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url, runtimes):
+async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url, runtimes, monkeypatch):
+    sent = []
+    complete = LlmClient.complete
+
+    async def spy(self, endpoint, messages, **kw):  # what the model is asked
+        sent.append(list(messages))
+        return await complete(self, endpoint, messages, **kw)
+
+    monkeypatch.setattr(LlmClient, "complete", spy)
     rubric = {"clarity": "Is the text clear?", "tone": "Is the tone friendly?"}
     generator = make_llm_generator(
         make_column(type="llm_judge", prompt="Judge: {{ text }}", rubric=rubric), make_config(server_url)
@@ -464,8 +472,10 @@ async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url,
         assert isinstance(verdict["score"], (int, float)) and isinstance(verdict["reasoning"], str)
     schema = judge_schema(rubric)
     assert schema["required"] == ["clarity", "tone"] and schema["additionalProperties"] is False
+    prompt = sent[0][-1]["content"]
+    assert prompt.startswith("Judge: hello")
     for criterion, description in rubric.items():
-        assert criterion in generator._suffix and description in generator._suffix
+        assert criterion in prompt and description in prompt
 
 
 async def test_columns_on_one_model_share_one_limit_and_one_client(server_url, runtimes):

@@ -140,6 +140,7 @@ def check_three_columns_values(rows: list[dict]) -> None:
 
 
 # -- 1 ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_all_llm_column_types_on_two_models_complete_every_record_through_429s_and_503s(tmp_path, fake_server):
     url = fake_server(latency_ms=5, rate_429=0.10, rate_503=0.05)
     records = 200
@@ -181,6 +182,7 @@ def test_all_llm_column_types_on_two_models_complete_every_record_through_429s_a
 MARKER = "ZZ-UNPARSEABLE-ZZ"
 
 
+@pytest.mark.slow
 def test_answers_that_never_parse_drop_exactly_their_records(tmp_path, fake_server):
     from pipeline.generators.llm import REASKS
 
@@ -246,6 +248,7 @@ def test_answers_that_never_parse_drop_exactly_their_records(tmp_path, fake_serv
 
 
 # -- 3 ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_api_key_never_reaches_the_store_the_home_folder_or_any_output(tmp_path, fake_server):
     secret = f"sk-test-{uuid.uuid4().hex}-DO-NOT-LEAK"
     wrong = f"sk-wrong-{uuid.uuid4().hex}-DO-NOT-LEAK"
@@ -330,6 +333,7 @@ def test_the_api_key_never_reaches_the_store_the_home_folder_or_any_output(tmp_p
 
 
 # -- 4 ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recovers(tmp_path):
     """In process: the run on this thread, the server in its own process, a sampler thread
     reading the server's /stats and both models' AdaptiveLimit every 10 ms."""
@@ -413,6 +417,7 @@ def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recove
 
 
 # -- 5 ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigint_during_llm_calls_then_resume_exports_the_uninterrupted_dataset_without_repeating_calls(
         tmp_path, fake_server):
     records, parallel = 240, 8
@@ -509,6 +514,7 @@ def test_two_runs_in_two_threads_do_not_close_each_others_connections(tmp_path):
     assert results["long"].stats.records_dropped == 0
 
 
+@pytest.mark.slow
 def test_the_readme_llm_example_runs_against_a_server_that_refuses_open_schemas_in_strict_mode(tmp_path, fake_server):
     """examples/llm.yaml, pointed at the fake server, which answers 400 (as OpenAI does) to a
     strict json_schema with open objects. The example's schema is open: it must go non-strict,

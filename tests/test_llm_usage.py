@@ -7,6 +7,8 @@ import json
 import signal
 import time
 
+import pytest
+
 from tests.conftest import cli, cli_popen
 from tests.test_llm_pipeline import server_stats, write_config
 
@@ -25,6 +27,7 @@ def config(folder, url, records=120):
         """)
 
 
+@pytest.mark.slow
 def test_usage_is_recorded_per_model_and_equals_what_the_server_saw(tmp_path, fake_server):
     url = fake_server(latency_ms=5)
     home = tmp_path / "home"
@@ -39,6 +42,7 @@ def test_usage_is_recorded_per_model_and_equals_what_the_server_saw(tmp_path, fa
     assert "concurrency" in text and "saved by resume" in text
 
 
+@pytest.mark.slow
 def test_a_resume_reports_the_finished_calls_it_did_not_make_again(tmp_path, fake_server):
     url = fake_server(latency_ms=40)
     home = tmp_path / "home"

@@ -15,11 +15,6 @@ from pipeline.store import migrate, open_store
 from pipeline.store.schema import metadata
 from pipeline.store.sql import make_engine
 
-try:
-    from conftest_store import empty_db_url  # noqa: F401  (fixture)
-except ImportError:  # tests/ became a package
-    from tests.conftest_store import empty_db_url  # noqa: F401
-
 TABLES = {"runs", "run_columns", "row_groups", "tasks", "dropped_records", "workers", "model_usage",
           "run_fingerprints", "run_changes", "generator_states", "task_traces"}
 
@@ -53,6 +48,7 @@ def test_upgrade_head_gives_exactly_the_schema_and_the_view(empty_db_url):
     assert views == {"column_progress"}
 
 
+@pytest.mark.slow
 def test_downgrade_to_base_then_upgrade_round_trips(empty_db_url):
     migrate.upgrade(empty_db_url)
     migrate.downgrade(empty_db_url, "base")

@@ -32,6 +32,7 @@ def config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", ODD_NAMES)
+@pytest.mark.slow
 def test_every_command_keeps_the_state_store_inside_an_oddly_named_home(tmp_path, name):
     home = tmp_path / name
     cli("run", str(config(tmp_path)), "--run-id", "r1", "--quiet", home=home, check=True)
@@ -50,6 +51,7 @@ def test_every_command_keeps_the_state_store_inside_an_oddly_named_home(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cfg.yaml", name])
 
 
+@pytest.mark.slow
 def test_homes_whose_names_differ_only_by_url_escapes_stay_separate(tmp_path):
     cfg = config(tmp_path)
     escaped, plain = tmp_path / "a%20b", tmp_path / "a b"
@@ -62,6 +64,7 @@ def test_homes_whose_names_differ_only_by_url_escapes_stay_separate(tmp_path):
         assert [(r["run_id"], r["num_records"]) for r in runs] == [("same", records)]
 
 
+@pytest.mark.slow
 def test_a_db_url_given_as_text_still_works_with_escapes(tmp_path):
     """--db / PIPELINE_DB stay URLs: a path with '%', '?' or '#' is written escaped there."""
     folder = tmp_path / "db?x#y%z"

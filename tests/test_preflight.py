@@ -53,6 +53,7 @@ def assert_refused(proc, home, *words):
     assert json.loads(runs.stdout) == [] and not home.exists()
 
 
+@pytest.mark.slow
 def test_an_endpoint_nothing_listens_on_is_refused_naming_alias_and_url_and_nothing_is_created(tmp_path,
                                                                                                 fake_server):
     dead, live = dead_url(), fake_server()
@@ -62,6 +63,7 @@ def test_an_endpoint_nothing_listens_on_is_refused_naming_alias_and_url_and_noth
     assert "'judge'" not in proc.stderr and "unused" not in proc.stderr, "only the refused alias is named"
 
 
+@pytest.mark.slow
 def test_every_refused_endpoint_is_named_in_one_message(tmp_path):
     first, second = dead_url(), dead_url().replace("/v1", "/other/v1")
     home = tmp_path / "home"
@@ -69,6 +71,7 @@ def test_every_refused_endpoint_is_named_in_one_message(tmp_path):
     assert_refused(proc, home, "2 model endpoints refused", f"model 'writer' at {first}", f"model 'judge' at {second}")
 
 
+@pytest.mark.slow
 def test_a_wrong_key_is_refused_and_no_key_reaches_the_output(tmp_path, fake_server):
     secret, wrong = f"sk-{uuid.uuid4().hex}", f"sk-wrong-{uuid.uuid4().hex}"
     url = fake_server(require_key=secret)
@@ -84,6 +87,7 @@ def test_a_wrong_key_is_refused_and_no_key_reaches_the_output(tmp_path, fake_ser
     assert secret not in ok.stdout + ok.stderr and not home.exists()
 
 
+@pytest.mark.slow
 def test_a_model_the_server_does_not_serve_is_refused(tmp_path, fake_server):
     url = fake_server(models=("writer-model", "judge-model"))
     home = tmp_path / "home"
@@ -93,6 +97,7 @@ def test_a_model_the_server_does_not_serve_is_refused(tmp_path, fake_server):
     assert "'writer'" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_endpoint_that_accepts_connections_but_never_answers_is_refused_within_its_timeout(tmp_path, fake_server):
     with socket.socket() as silent:  # the kernel accepts connections; nobody ever answers
         silent.bind(("127.0.0.1", 0))
@@ -103,6 +108,7 @@ def test_an_endpoint_that_accepts_connections_but_never_answers_is_refused_withi
     assert_refused(proc, home, f"model 'writer' at {url}", "no answer within 1 s")
 
 
+@pytest.mark.slow
 def test_a_listed_model_costs_no_chat_request_and_the_run_counts_only_its_own_calls(tmp_path, fake_server):
     url = fake_server(models=("writer-model", "judge-model"))
     home = tmp_path / "home"
@@ -113,6 +119,7 @@ def test_a_listed_model_costs_no_chat_request_and_the_run_counts_only_its_own_ca
     assert {m: s["requests"] for m, s in stats["models"].items()} == {"writer-model": 4, "judge-model": 4}
 
 
+@pytest.mark.slow
 def test_a_server_error_at_the_check_warns_and_the_run_goes_on(tmp_path, fake_server):
     # Every first attempt of a prompt gets 503 (the check's too); the engine's retries get through.
     url = fake_server(rate_503=1.0)
@@ -126,6 +133,7 @@ def test_a_server_error_at_the_check_warns_and_the_run_goes_on(tmp_path, fake_se
     assert {m: s["requests"] for m, s in stats["models"].items()} == {"writer-model": 8, "judge-model": 8}
 
 
+@pytest.mark.slow
 def test_no_check_models_creates_the_run_against_a_dead_endpoint(tmp_path):
     home = tmp_path / "home"
     cfg = two_model_config(tmp_path / "p", dead_url(), dead_url())
@@ -136,6 +144,7 @@ def test_no_check_models_creates_the_run_against_a_dead_endpoint(tmp_path):
     assert (home / "runs" / "unchecked").is_dir()
 
 
+@pytest.mark.slow
 def test_validate_checks_the_config_and_with_the_flag_its_endpoints_and_creates_nothing(tmp_path, fake_server):
     home = tmp_path / "home"
     dead = dead_url()

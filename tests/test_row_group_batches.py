@@ -8,87 +8,13 @@ import json
 import subprocess
 import sys
 import textwrap
-import threading
 import uuid
 
 import pytest
 
 from pipeline.store import open_store
-from pipeline.store.base import ColumnSpec, NewRun
-from pipeline.store.memory import MemoryStore
 from tests.conftest import ROOT, cli, cli_env
-from tests.engine_helpers import dataset, make_run, spec
-from tests.test_scheduler import AsyncFn
-
-from tests.conftest_store import claim_all_concurrently, db_url, postgres_session_url, sqlite_url  # noqa: F401  (fixtures)
-
-
-def new_run(num_records: int, row_group_size: int) -> NewRun:
-    return NewRun(f"run-{uuid.uuid4().hex[:12]}", "t", num_records, row_group_size, 7, '{"name": "t"}', "f" * 16,
-                  [ColumnSpec("x", "x", "cell", 0)])
-
-
-@pytest.fixture(params=["sqlite", "postgresql", "memory"])
-def stores(request, tmp_path):
-    """Two workers (owners) on one store (SQLite, PostgreSQL, in memory), each creating row
-    groups two at a time."""
-    if request.param == "memory":
-        data = {"runs": {}, "lock": threading.RLock()}
-        pair = [MemoryStore(data), MemoryStore(data)]
-    else:
-        url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("postgres_session_url")
-        pair = [open_store(url), open_store(url)]
-    for s in pair:
-        s.row_group_batch = 2
-    yield pair
-    for s in pair:
-        s.close()
-
-
-def test_a_run_starts_with_one_batch_of_row_groups_and_claims_create_the_next(stores):
-    store, _ = stores
-    run = new_run(num_records=25, row_group_size=3)  # 9 row groups, the last of 1 record
-    store.create_run(run)
-    assert [(g["row_group"], g["num_rows"], g["state"]) for g in store.row_groups(run.run_id)] == [
-        (0, 3, "pending"), (1, 3, "pending")]
-    counts = store.row_group_counts(run.run_id)
-    assert (counts["total"], counts["pending"], counts["checkpointed"]) == (9, 9, 0)
-
-    assert [c.row_group for c in store.claim_row_groups(run.run_id, 1, 60)] == [0]
-    claims = store.claim_row_groups(run.run_id, 3, 60)  # 1 is there; 2 and 3 are created for it
-    assert [(c.row_group, c.num_rows, c.epoch, c.state) for c in claims] == [
-        (1, 3, 1, "pending"), (2, 3, 1, "pending"), (3, 3, 1, "pending")]
-    assert [g["state"] for g in store.row_groups(run.run_id)] == ["active"] * 4
-    counts = store.row_group_counts(run.run_id)
-    assert (counts["active"], counts["pending"], counts["total"]) == (4, 5, 9)
-
-    assert [c.row_group for c in store.claim_row_groups(run.run_id, 10, 60)] == [4, 5, 6, 7, 8]
-    assert store.row_groups(run.run_id)[-1]["num_rows"] == 1
-    assert store.claim_row_groups(run.run_id, 10, 60) == []
-    assert store.row_group_counts(run.run_id)["pending"] == 0
-
-
-def test_checkpointed_counts_leave_the_uncreated_row_groups_pending(stores):
-    store, _ = stores
-    run = new_run(num_records=50, row_group_size=10)
-    store.create_run(run)
-    for claim in store.claim_row_groups(run.run_id, 2, 60):
-        assert store.checkpoint_row_group(run.run_id, claim.row_group, f"rg-{claim.row_group}", 1)
-    counts = store.row_group_counts(run.run_id)
-    # Every row that exists is checkpointed; the run is not complete.
-    assert all(g["state"] == "checkpointed" for g in store.row_groups(run.run_id))
-    assert (counts["checkpointed"], counts["pending"], counts["total"]) == (2, 3, 5)
-    assert (counts["records_written"], counts["records_dropped"]) == (18, 2)
-
-
-def test_two_workers_creating_row_groups_take_each_one_once(stores):
-    store, other = stores
-    run = new_run(num_records=40, row_group_size=1)
-    store.create_run(run)
-    mine, theirs = claim_all_concurrently(store, other, run.run_id)
-    assert not set(mine) & set(theirs)
-    assert sorted(mine + theirs) == list(range(40))
-    assert [g["row_group"] for g in store.row_groups(run.run_id)] == list(range(40))
+from tests.engine_helpers import AsyncFn, dataset, make_run, spec
 
 
 def test_the_engine_finishes_a_run_whose_row_groups_are_created_as_it_goes(tmp_path, db_url):
@@ -135,6 +61,7 @@ def run_measured(*args: str) -> tuple[subprocess.CompletedProcess, int]:
 
 
 @pytest.mark.parametrize("records,size", [(10_000_000, 1), (10**12, 1000)])
+@pytest.mark.slow
 def test_a_run_of_any_size_is_created_at_once_and_status_answers(tmp_path, records, size):
     cfg = tmp_path / "huge.yaml"
     cfg.write_text(HUGE.format(records=records, size=size))
@@ -153,6 +80,7 @@ def test_a_run_of_any_size_is_created_at_once_and_status_answers(tmp_path, recor
     assert all(c["done"] == 0 for c in status["columns"].values())
 
 
+@pytest.mark.slow
 def test_a_run_of_more_row_groups_than_one_batch_runs_exports_and_resumes_through_the_cli(tmp_path):
     cfg = tmp_path / "mid.yaml"
     cfg.write_text(HUGE.format(records=1_050, size=1).replace("columns:", "settings: {max_concurrent_row_groups: 8}\ncolumns:"))

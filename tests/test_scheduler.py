@@ -12,31 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import RetryableError
-from pipeline.generators.base import Generator
-from tests.engine_helpers import dataset, make_run, run_engine, spec
-
-
-class AsyncFn(Generator):
-    def __init__(self, fn, strategy="cell", stateful=False):
-        self.fn, self.strategy, self.is_stateful = fn, strategy, stateful
-
-    async def agenerate(self, data):
-        out = self.fn(data)
-        if asyncio.iscoroutine(out):
-            out = await out
-        return out
-
-
-class SyncFn(Generator):
-    def __init__(self, fn, strategy="cell"):
-        self.fn, self.strategy = fn, strategy
-
-    def generate(self, data):
-        return self.fn(data)
-
-
-def index_root():
-    return AsyncFn(lambda df: list(df.index), "batch")
+from tests.engine_helpers import AsyncFn, SyncFn, dataset, index_root, make_run, run_engine, spec
 
 
 def test_pipeline_of_cell_and_batch_columns_completes_with_values(tmp_path):
@@ -127,7 +103,7 @@ def test_live_row_groups_never_exceed_max_concurrent_row_groups(tmp_path):
     holder = {}
 
     async def cell(row):
-        peak[0] = max(peak[0], len(holder["s"]._live))
+        peak[0] = max(peak[0], holder["s"].live_row_groups)
         await asyncio.sleep(0)
         return 0
 
@@ -190,8 +166,9 @@ def test_retry_exhausted_task_drops_its_record_and_the_row_group_completes(tmp_p
     assert calls.count(3) == 3  # 1 + salvage_max_rounds
     assert list(dataset(store, tmp_path)["i"]) == [0, 1, 2, 4]
     assert store.row_groups("r1")[0]["rows_dropped"] == 1
-    failed = [k for k, t in store._data["runs"]["r1"]["tasks"].items() if t["state"] == "failed"]
-    assert failed == [(0, "v", 3)]
+    assert [gen for gen, _ in store.failed_tasks("r1")] == ["v"]
+    loaded = store.load_row_group("r1", 0)
+    assert loaded.dropped == {3} and loaded.attempts == {("v", 3): 3}
 
 
 def test_salvage_has_no_barrier_other_row_groups_checkpoint_while_one_waits(tmp_path):
@@ -208,13 +185,13 @@ def test_salvage_has_no_barrier_other_row_groups_checkpoint_while_one_waits(tmp_
     sched, store = make_run(specs, {"i": index_root(), "v": AsyncFn(slow_retry)}, num_records=6,
                             row_group_size=2, home=tmp_path, retry_backoff_s=0.3)
     seen = []
-    original = sched._checkpoint
+    original = store.checkpoint_row_group
 
-    def spy(rg):
-        seen.append(rg.id)
-        return original(rg)
+    def spy(run_id, rg, *args, **kw):
+        seen.append(rg)
+        return original(run_id, rg, *args, **kw)
 
-    sched._checkpoint = spy
+    store.checkpoint_row_group = spy
     assert asyncio.run(sched.run()) == "complete"
     assert seen[-1] == 0 and sorted(seen) == [0, 1, 2]  # rg 0 waits alone
     assert sorted(p.name for p in (tmp_path / "runs" / "r1" / "row_groups").iterdir()) == [
@@ -289,7 +266,8 @@ def test_batch_result_of_the_wrong_length_fails_the_row_group(tmp_path):
                                       num_records=3, row_group_size=3, home=tmp_path)
     # 1 of its 2 tasks failed for good: at the end, that share is judged (CONTRACT section 5)
     assert status == "failed" and store.row_groups("r1")[0]["rows_dropped"] == 3
-    assert "1 values" in store._data["runs"]["r1"]["tasks"][(0, "b", None)]["last_error"]
+    [(gen, error)] = store.failed_tasks("r1")
+    assert gen == "b" and "1 values" in error
 
 
 def test_stateful_generator_runs_row_groups_in_order_even_under_retries(tmp_path):
@@ -334,7 +312,8 @@ def test_a_stateful_generator_waiting_for_another_workers_row_group_goes_on_thro
     """Two workers, one row group each. The stateful column of row group 1 waits for worker
     holding row group 0 (the store is looked at again and again) while the other column's tasks
     keep failing once and being retried: the waiting never stops looking."""
-    from pipeline.store.memory import MemoryStore
+    from pipeline.store import open_store
+    from tests.conftest_store import sqlite_url
 
     log, failed = [], set()
 
@@ -357,13 +336,11 @@ def test_a_stateful_generator_waiting_for_another_workers_row_group_goes_on_thro
                             max_concurrent_row_groups=1, poll_s=0.05)
         return sched
 
-    first = MemoryStore(owner="w1")
-    second = MemoryStore(data=first._data, owner="w2")
+    async def both(first, second):
+        return await asyncio.wait_for(asyncio.gather(worker(first).run(), worker(second).run()), 60)
 
-    async def both():
-        return await asyncio.wait_for(asyncio.gather(worker(first).run(), worker(second).run()), 20)
-
-    assert asyncio.run(both()) == ["complete", "complete"]
+    with open_store(sqlite_url(tmp_path)) as first, open_store(sqlite_url(tmp_path)) as second:
+        assert asyncio.run(both(first, second)) == ["complete", "complete"]
     assert log == list(range(20)) and len(failed) == 20
 
 
@@ -474,17 +451,16 @@ def test_stop_leaves_every_finished_result_recorded_and_the_run_resumable(tmp_pa
     sched, store = make_run(specs, {"i": index_root(), "v": AsyncFn(slow)}, num_records=200,
                             row_group_size=50, home=tmp_path, max_in_flight_tasks=8)
     assert asyncio.run(go(sched)) == "interrupted"
-    done_before = {k for k, t in store._data["runs"]["r1"]["tasks"].items() if t["state"] == "done"}
+    live = [g["row_group"] for g in store.row_groups("r1") if g["state"] != "checkpointed"]
+    assert all(g["lease_owner"] is None for g in store.row_groups("r1")), "a stop gives its leases back"
+    done_before = {(rg, gen, i) for rg in live for gen, i in store.load_row_group("r1", rg).done}
     assert done_before, "finished results are recorded"
     # resume with a fresh scheduler (a new process would do the same)
     calls.clear()
     sched2, _ = make_run(specs, {"i": index_root(), "v": AsyncFn(slow)}, num_records=200, row_group_size=50,
                          home=tmp_path, store=store, max_in_flight_tasks=8)
-    store._epochs.clear()
-    for g in store._data["runs"]["r1"]["groups"]:
-        g["lease_owner"] = None
     assert asyncio.run(sched2.run()) == "complete"
-    redone = {(0, "v", i % 50) for i in calls if i < 50}
+    redone = {(i // 50, "v", i % 50) for i in calls}
     assert not (redone & done_before), "a recorded task never runs again"
     assert list(dataset(store, tmp_path)["v"]) == list(range(200))
 
@@ -508,47 +484,60 @@ def test_memory_stays_flat_no_row_group_state_after_completion(tmp_path):
     status, sched, store = run_engine(specs, {"i": AsyncFn(lambda df: np.arange(len(df)), "batch"),
                                               "v": AsyncFn(lambda r: 1)},
                                       num_records=100, row_group_size=10, home=tmp_path)
-    assert status == "complete" and sched._live == {} and not sched._running
-    assert store._data["runs"]["r1"]["tasks"] == {}  # compacted
+    assert status == "complete" and sched.live_row_groups == 0 and sched.tasks_running == 0
+    for rg in range(10):  # compacted: no task row left
+        loaded = store.load_row_group("r1", rg)
+        assert (loaded.done, loaded.attempts, loaded.deferred) == ({}, {}, {})
 
 
 def test_a_worker_that_lost_its_lease_abandons_the_row_group_and_records_nothing_for_it(tmp_path):
+    """Its renewals stop reaching the store (a stalled worker); another worker takes row group 0
+    over once the lease has expired. The first learns it at its next commit: it abandons row
+    group 0, writes nothing more for it, and finishes row group 1."""
+    from pipeline.store import open_store
+    from tests.conftest_store import sqlite_url
+
     gate = {"n": 0}
+    taken = asyncio.Event()
 
     async def slow(row):
         gate["n"] += 1
+        if gate["n"] > 20:  # the rest wait for the takeover
+            await taken.wait()
         await asyncio.sleep(0.002)
         return row["i"]
 
-    specs = [spec("i", "batch"), spec("v", deps=["i"])]
-    sched, store = make_run(specs, {"i": index_root(), "v": AsyncFn(slow)}, num_records=400, row_group_size=200,
-                            home=tmp_path, max_concurrent_row_groups=2, max_in_flight_tasks=4)
-    run = store._data["runs"]["r1"]
+    async def until(condition, what):
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, f"still waiting for {what}"
+            await asyncio.sleep(0.01)
 
-    async def go():
+    async def go(sched, store, other):
         task = asyncio.create_task(sched.run())
-        while gate["n"] < 20:
-            await asyncio.sleep(0.001)
-        with store._lock:  # another worker takes row group 0 over (its lease had expired)
-            g = run["groups"][0]
-            g.update(lease_owner="elsewhere:1:1:beef", lease_epoch=g["lease_epoch"] + 1,
-                     lease_expires_at=time.time() + 60)
-        frozen = None
-        for _ in range(200):
-            await asyncio.sleep(0.005)
-            if 0 not in sched._live:
-                frozen = {k: dict(t) for k, t in run["tasks"].items() if k[0] == 0}
-                break
-        assert frozen is not None, "the scheduler did not abandon the row group"
-        while run["groups"][1]["state"] != "checkpointed":
-            await asyncio.sleep(0.005)
+        await until(lambda: gate["n"] >= 20, "20 cells")
+        store.renew_leases = lambda run_id, lease_s: set()  # renewals stop reaching the store
+        claims = []
+        await until(lambda: claims.extend(other.claim_row_groups("r1", 1, 60)) or claims, "the takeover")
+        assert [c.row_group for c in claims] == [0]
+        taken.set()
+        await until(lambda: store.lease_epoch("r1", 0) is None and sched.live_row_groups <= 1, "the abandon")
+        frozen = other.load_row_group("r1", 0)
+        await until(lambda: store.row_groups("r1")[1]["state"] == "checkpointed", "row group 1's checkpoint")
         sched.stop()
         await task
         return frozen
 
-    frozen = asyncio.run(go())
-    assert {k: t for k, t in run["tasks"].items() if k[0] == 0} == frozen  # nothing written after the loss
-    assert run["groups"][0]["lease_owner"] == "elsewhere:1:1:beef" and run["groups"][0]["state"] == "active"
+    specs = [spec("i", "batch"), spec("v", deps=["i"])]
+    url = sqlite_url(tmp_path)
+    with open_store(url) as store, open_store(url, owner="elsewhere.example:1:1:beef") as other:
+        sched, _ = make_run(specs, {"i": index_root(), "v": AsyncFn(slow)}, num_records=400, row_group_size=200,
+                            home=tmp_path, store=store, max_concurrent_row_groups=2, max_in_flight_tasks=4,
+                            lease_s=1.0)
+        frozen = asyncio.run(go(sched, store, other))
+        assert other.load_row_group("r1", 0) == frozen  # nothing written after the loss
+        group = store.row_groups("r1")[0]
+        assert (group["lease_owner"], group["state"]) == (other.owner, "active")
 
 
 def test_tasks_still_running_at_a_commit_are_recorded_in_flight(tmp_path):
@@ -559,20 +548,18 @@ def test_tasks_still_running_at_a_commit_are_recorded_in_flight(tmp_path):
         return 1
 
     sched, store = make_run([spec("v")], {"v": AsyncFn(blocked)}, num_records=3, row_group_size=3, home=tmp_path)
-    tasks = store._data["runs"]["r1"]["tasks"]
 
     async def go():
         run = asyncio.create_task(sched.run())
-        for _ in range(500):
+        deadline = time.monotonic() + 60
+        while store.column_counts("r1")["v"]["in_flight"] < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
-            if len(tasks) == 3:
-                break
-        states = sorted(t["state"] for t in tasks.values())
+        counts = store.column_counts("r1")["v"]
         release.set()
         assert await run == "complete"
-        return states
+        return counts
 
-    assert asyncio.run(go()) == ["in_flight"] * 3
+    assert asyncio.run(go()) == {"done": 0, "failed": 0, "deferred": 0, "in_flight": 3}
 
 
 def test_ready_columns_share_the_in_flight_budget(tmp_path):

@@ -106,6 +106,7 @@ def assert_no_key(key: str, home: Path, outputs: list[subprocess.CompletedProces
         assert key not in proc.stderr, f"the key is in the stderr of {proc.args}"
 
 
+@pytest.mark.slow
 def test_a_server_echoing_the_authorization_header_never_puts_the_key_in_store_logs_traces_or_output(
         tmp_path, fake_server):
     key = f"sk-test-{uuid.uuid4().hex}-SECRET"

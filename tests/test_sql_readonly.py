@@ -175,6 +175,7 @@ def answers(url: str, query: str, columns: list[str] | None) -> None:
 
 
 @pytest.mark.parametrize("attempt", BOTH + SQLITE)
+@pytest.mark.slow
 def test_pipeline_sql_on_sqlite_refuses_every_attempt_to_write_and_changes_nothing(sqlite_store, attempt, tmp_path):
     refused_and_nothing_changed(sqlite_store[0], attempt, tmp_path)
 
@@ -182,6 +183,7 @@ def test_pipeline_sql_on_sqlite_refuses_every_attempt_to_write_and_changes_nothi
 # /tmp, not tmp_path: the PostgreSQL server runs as another user, who could not write into
 # pytest's folder anyway (the test would pass for the wrong reason).
 @pytest.mark.parametrize("attempt", BOTH + POSTGRES)
+@pytest.mark.slow
 def test_pipeline_sql_on_postgres_refuses_every_attempt_to_write_and_changes_nothing(postgres_store, attempt):
     refused_and_nothing_changed(postgres_store[0], attempt, Path("/tmp"))
 
@@ -192,6 +194,7 @@ def test_pipeline_sql_on_sqlite_still_answers_reads(sqlite_store, query, columns
 
 
 @pytest.mark.parametrize("query,columns", READS["both"] + READS["postgresql"])
+@pytest.mark.slow
 def test_pipeline_sql_on_postgres_still_answers_reads(postgres_store, query, columns):
     answers(postgres_store[0], query, columns)
 

@@ -119,6 +119,7 @@ def write_config(folder: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_templates_past_a_bound_fail_only_their_cells_and_the_run_completes(tmp_path):
     url, stop = fake_server_module().start_server()
     try:
@@ -165,6 +166,7 @@ def test_templates_past_a_bound_fail_only_their_cells_and_the_run_completes(tmp_
     assert all("column 'ask': prompt:" in e and "the limit is 10,000,000" in e for e in by_column["ask"])
 
 
+@pytest.mark.slow
 def test_sigint_stops_a_run_whose_templates_loop_for_ever(tmp_path):
     cfg = write_config(tmp_path / "p", f"""\
         name: endless

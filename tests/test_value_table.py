@@ -291,6 +291,7 @@ def shown(value: Any) -> str:
     return text if len(text) < 200 else text[:200] + "..."
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_run_exports_what_the_uninterrupted_run_exports(runs):
     for fmt in ("csv", "jsonl"):
         assert runs[("whole", fmt)].read_bytes() == runs[("killed", fmt)].read_bytes(), fmt
@@ -331,6 +332,7 @@ def test_decimals_keep_their_exact_digits_in_jsonl(runs):
 
 @pytest.mark.parametrize("column, record, message", [(c, r, m) for c, r, _, m in REFUSED] + [BAD_BATCH],
                          ids=[c for c, *_ in REFUSED] + ["bad_batch"])
+@pytest.mark.slow
 def test_a_value_with_no_stored_form_fails_its_own_cell_only(runs, column, record, message):
     for run_id in ("whole", "killed"):
         rows = json.loads(cli("sql", "select column_name, row_group, row_index, last_error from tasks "
@@ -353,6 +355,7 @@ def fake_server():
     stop()
 
 
+@pytest.mark.slow
 def test_an_llm_answer_holding_a_lone_surrogate_is_stored_with_a_replacement_character(tmp_path, fake_server):
     """The fake server echoes the prompt; a "\\ud83d" escape in its JSON body is a lone surrogate
     once parsed. The run completes with every record, the text holding U+FFFD instead."""

@@ -154,6 +154,10 @@ class Scheduler:
                 self._stateful.close()
             if self._live:  # finished row groups have left _live already
                 self.journal.call(self.store.release_row_groups, self.run_id, list(self._live))
+            final = self._done.result() if self._done.done() and not self._done.cancelled() else None
+            if final in ("complete", "failed"):  # recorded before this worker leaves: `status` must
+                # never see a finishing run with no live worker, which it shows as interrupted
+                self.journal.call(self.store.set_run_status, self.run_id, final)
             self.journal.call(self.store.unregister_worker, self.run_id)
             await self.journal.close()
             self._pool.shutdown(wait=False, cancel_futures=True)

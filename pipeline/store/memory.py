@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 from pipeline import values
-from pipeline.errors import RunExistsError, RunInUseError, RunNotFoundError
+from pipeline.errors import RunExistsError, RunInUseError, RunNotFoundError, StoreError
 from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, ROW_GROUP_BATCH, STARTED, STATE, Lineage,
                                  LoadedRowGroup, NewRun, Reopened, RowGroupClaim, RunInfo, row_group_counts)
 from pipeline.store.reopen import GroupState, plan_group, task_filter
@@ -219,6 +219,8 @@ class MemoryStore:
     def load_row_group(self, run_id: str, row_group: int) -> LoadedRowGroup:
         with self._lock:
             run = self._run(run_id)
+            if not 0 <= row_group < len(run["groups"]):
+                raise StoreError(f"run {run_id!r} has no row group {row_group}")
             out = LoadedRowGroup(row_group, run["groups"][row_group]["num_rows"])
             out.dropped = set(run["dropped"].get(row_group, ()))
             for (rg, gen, r), t in run["tasks"].items():
@@ -274,9 +276,11 @@ class MemoryStore:
                 if kind == DONE:
                     t["value"] = ev[5]
                 elif kind == DEFERRED:
-                    t["attempts"], t["next_eligible_at"], t["last_error"] = ev[5]
+                    t["attempts"], t["next_eligible_at"], error = ev[5]
+                    t["last_error"] = error and values.valid_unicode(error)  # as the SQL store keeps it
                 elif kind == FAILED:
-                    t["attempts"], t["last_error"] = ev[5]
+                    t["attempts"], error = ev[5]
+                    t["last_error"] = error and values.valid_unicode(error)
                 if len(ev) > 6:  # model usage of this attempt
                     model, n, p, c, limited, concurrency, finish_reason, truncated, cost, pacing = ev[6]
                     u = self._usage_row(run, model, ev[2])
