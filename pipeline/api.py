@@ -494,21 +494,13 @@ def _reopener(run_id: str, columns: str | list[str] | None, error: str | None,
     names = [columns] if isinstance(columns, str) else columns
 
     def reopen(store: Store, info: Any, cfg: PipelineConfig, home_path: Path) -> RunResult | None:
-        from pipeline.dataset import read_row_group
+        from pipeline.changes import file_reader
         from pipeline.graph import build_graph
 
         graph = build_graph(cfg)
         generators = None if names is None else _generators_named(graph, names, run_id)
-
-        def read_file(path: str) -> dict[str, list]:
-            try:
-                return read_row_group(home_path / path)
-            except (OSError, ValueError) as exc:  # pyarrow's errors are OSError/ArrowInvalid (ValueError)
-                raise StoreError(f"cannot reopen run {run_id}: its row-group file {home_path / path} "
-                                 f"cannot be read ({exc})") from exc
-
         reopened = store.reopen_failed(run_id, _lineage(graph), generators=generators, error=error,
-                                       read_file=read_file)
+                                       read_file=file_reader(home_path, run_id))
         if generators is not None or error is not None:
             from pipeline.store.reopen import task_filter
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.errors import StoreError
 from pipeline.store.base import ColumnSpec, Lineage
-from pipeline.store.reopen import GroupChange
+from pipeline.store.reopen import GroupChange, _at, _order
 
 __all__ = ["ChangeResult", "ConfigChange", "GroupFacts", "GroupEdit", "plan_edit"]
 
@@ -241,13 +241,3 @@ def fill_values(edit: GroupEdit, lineage: Lineage, read_file: Callable[[str], Ma
             value[c] = full
         insert[(gen, None)] = (lineage.task_types[gen], value)
 
-
-def _at(value: Any, column: str, r: int) -> Any:
-    try:
-        return value[column][r]
-    except (KeyError, IndexError, TypeError):
-        return None
-
-
-def _order(key: TaskKey) -> tuple:
-    return key[0], -1 if key[1] is None else key[1]
