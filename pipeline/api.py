@@ -444,18 +444,18 @@ class _Signals:
         immediate = len(self.received) > 1
         loop.call_soon_threadsafe(lambda: scheduler.stop(immediate=immediate))
         if not immediate:  # os.write: safe inside a signal handler, and shown at once
-            os.write(2, f"\npipeline: stopping; waiting up to {scheduler.opts.grace_s:g} s for "
-                        f"{scheduler.tasks_running} task(s) in flight to finish "
-                        f"(press Ctrl-C again to stop at once)\n".encode())
+            os.write(2, f"\npipeline: stopping, waiting up to {scheduler.opts.grace_s:g} s for "
+                        f"{scheduler.tasks_running} task(s); Ctrl-C again stops at once\n".encode())
         delay = self.HARD_EXIT_S if immediate else scheduler.opts.grace_s + self.FIRST_SIGNAL_SLACK_S
-        timer = threading.Timer(delay, _hard_exit, (self.received[0],))
+        why = "second signal" if immediate else f"the run did not stop within {delay:g} s of the signal"
+        timer = threading.Timer(delay, _hard_exit, (self.received[0], why))
         timer.daemon = True
         timer.start()
         self._timers.append(timer)
 
 
-def _hard_exit(signum: int) -> None:
-    sys.stderr.write("pipeline: stopped at once (second signal); finished results are recorded\n")
+def _hard_exit(signum: int, why: str = "second signal") -> None:
+    sys.stderr.write(f"pipeline: stopped at once ({why}); finished results are recorded\n")
     sys.stderr.flush()
     os._exit(128 + signum)
 

@@ -197,7 +197,7 @@ def main() -> None:
 @click.option("--num-records", type=click.IntRange(min=1), default=None, help="Override num_records.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--create-only", is_flag=True, help="Create the run and exit; start it with `pipeline worker`.")
-@click.option("--trace", is_flag=True, help="Write per-task timings to <home>/runs/<id>/traces.jsonl.")
+@click.option("--trace", is_flag=True, help="Record every task attempt in the task_traces table (pipeline report draws it).")
 @click.option("--no-check-models", is_flag=True,
               help="Skip the check of the model endpoints (reachable, key and model accepted) before the run is created.")
 @click.option("--reuse", default=None, metavar="RUN_ID",
@@ -230,7 +230,7 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
 @main.command()
 @click.argument("run_id")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-@click.option("--trace", is_flag=True, help="Append per-task timings to <home>/runs/<id>/traces.jsonl.")
+@click.option("--trace", is_flag=True, help="Record every task attempt in the task_traces table (pipeline report draws it).")
 @click.option("--repair", is_flag=True,
               help="Check every row-group file (size, SHA-256) and compute again those missing or damaged.")
 @click.option("--accept-changes", is_flag=True, help=ACCEPT_CHANGES_HELP)
@@ -285,7 +285,7 @@ def worker(run_id: str, quiet: bool, accept_changes: bool, home: str, db: str) -
               help="Only the failed tasks of this column or generator (repeatable).")
 @click.option("--error", default=None, metavar="TEXT", help="Only the failed tasks whose last error contains TEXT.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-@click.option("--trace", is_flag=True, help="Append per-task timings to <home>/runs/<id>/traces.jsonl.")
+@click.option("--trace", is_flag=True, help="Record every task attempt in the task_traces table (pipeline report draws it).")
 @click.option("--accept-changes", is_flag=True, help=ACCEPT_CHANGES_HELP)
 @state_options
 @handle_errors
@@ -416,7 +416,7 @@ def rm(run_id: str, yes: bool, home: str, db: str) -> None:
 
 @main.command()
 @click.argument("run_id")
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="File to write.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="File to write (with --card: a folder, new or existing).")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]), default=None,
               help="Default: from the output's suffix, else parquet.")
 @click.option("--card", is_flag=True, help="OUTPUT is a folder: data/train.<format> and a dataset card README.md.")

@@ -113,7 +113,10 @@ class Dataset:
         data = {}
         for c in self.columns:
             kind = self._native(c)
-            if kind is not None:
+            if kind is not None and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                # Text with missing values holds str and None (pandas 3's str dtype would give NaN).
+                data[c] = pd.Series(pa.chunked_array(self._chunks(c, kind), type=kind).to_pylist(), dtype=object)
+            elif kind is not None:
                 # An int column with missing values holds ints and None, not floats and NaN.
                 data[c] = pa.chunked_array(self._chunks(c, kind), type=kind).to_pandas(integer_object_nulls=True)
             else:
@@ -129,8 +132,22 @@ class Dataset:
     def write(self, path: Path, fmt: str) -> None:
         """Write to a temporary name in the same folder, fsync, rename: ``path`` ends up whole,
         or unchanged (a previous export there survives a full disk); no temporary file is left.
-        An OSError becomes ExportError naming the path."""
+        An OSError becomes ExportError naming the path.
+
+        A symlink is followed: its target is what gets replaced. A path that is neither a
+        regular file nor absent (a FIFO, ``/dev/stdout``, a device) is written into as it is,
+        never replaced. A folder is refused."""
         path = Path(path)
+        if path.is_symlink():
+            path = Path(os.path.realpath(path))
+        if path.is_dir():
+            raise ExportError(f"could not write {path}: it is a folder; name a file (or pass --card for a folder)")
+        if path.exists() and not path.is_file():
+            try:
+                self._write(path, fmt)
+            except OSError as exc:
+                raise ExportError(f"could not write {path}: {exc}") from exc
+            return
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             self._write(tmp, fmt)

@@ -63,7 +63,7 @@ def progress_records(view: dict[str, Any]) -> int:
 def _eta(view: dict[str, Any], rate: float | None) -> float | None:
     if view.get("status") == "complete":
         return 0.0
-    if not rate:
+    if not rate or view.get("status") != "running":  # a stopped run has no end to foresee
         return None
     left = view["num_records"] - progress_records(view) - view.get("records_dropped", 0)
     return max(0.0, left / rate)
@@ -121,7 +121,7 @@ def render(view: dict[str, Any], rate: float | None, *, width: int, height: int)
     # Lines left for the tables: each table costs a header line plus its rows.
     room = max(height - len(parts) - 1 - (1 if leases else 0) - (1 + len(models) if models else 0) - 1, 1)
     table = Table(box=None, pad_edge=False, show_edge=False, width=width, expand=False)
-    truncated = any("truncated" in c for c in columns.values())
+    truncated = any(c.get("truncated") for c in columns.values())  # shown once some answer was cut
     for name, justify in [("column", "left"), ("done", "right"), ("deferred", "right"), ("failed", "right"),
                           ("in flight", "right")] + ([("truncated", "right")] if truncated else []):
         table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis")
@@ -183,7 +183,7 @@ class LivePanel:
         self.every_s = every_s
         self.rates = RateWindow()
         self.rate: float | None = None
-        self._last_line = 0.0
+        self._last_line = time.monotonic()  # the first plain line after every_s: it has a rate by then
         self._live: Any = None
         self._console: Any = None
 
@@ -203,8 +203,11 @@ class LivePanel:
             from rich.live import Live
 
             self._console = Console(file=self.stream, force_terminal=True, highlight=False, soft_wrap=False)
+            # Lines written to stderr meanwhile (logged failures: logging's last-resort handler
+            # writes to sys.stderr) are printed above the panel instead of through it.
             self._live = Live(console=self._console, auto_refresh=False, transient=False,
-                              vertical_overflow="crop", redirect_stdout=False, redirect_stderr=False)
+                              vertical_overflow="crop", redirect_stdout=False,
+                              redirect_stderr=self.stream is sys.stderr)
             self._live.start()
         width, height = shutil.get_terminal_size((80, 24))
         width = min(width, self._console.width)

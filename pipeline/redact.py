@@ -5,7 +5,7 @@ logs or the output. Every message on its way out passes through :func:`redact`:
 
 - errors recorded with a task (``tasks.last_error``, through the scheduler's ``_describe``);
 - log records of every logger (:func:`install_log_redaction`, done on import of this module);
-- per-task traces (``traces.jsonl``), the command line's error lines and uncaught tracebacks;
+- per-task traces (``task_traces.error``), the command line's error lines and uncaught tracebacks;
 - LLM answers: known keys are blanked out of every answer text (:func:`redact_secrets`), and
   the server text quoted in errors is redacted before it is cut (a cut key is no longer found).
 

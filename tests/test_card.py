@@ -67,3 +67,14 @@ def test_card_refuses_a_file_as_its_folder(tmp_path):
     proc = cli("export", "qs", "--output", str(target), "--card", home=home)
     assert proc.returncode == 2 and "folder" in proc.stderr
     assert target.read_text() == "keep me"
+
+
+def test_card_writes_into_an_existing_folder_again(tmp_path):
+    home = tmp_path / "home"
+    cli("run", str(QUICKSTART), "--run-id", "qs", "--num-records", "10", "--quiet", home=home, check=True)
+    out = tmp_path / "card"
+    out.mkdir()
+    for _ in range(2):  # an existing folder, then the card's own folder again
+        proc = cli("export", "qs", "--output", str(out), "--card", home=home)
+        assert proc.returncode == 0, proc.stderr
+    assert (out / "README.md").is_file() and (out / "data" / "train.parquet").is_file()

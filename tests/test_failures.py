@@ -273,7 +273,7 @@ def test_a_second_sigint_stops_a_run_whose_event_loop_is_blocked(tmp_path):
     try:
         wait_until(flag.exists, what="the blocking cell")
         proc.send_signal(signal.SIGINT)
-        wait_until(lambda: any("press Ctrl-C again" in line for line in lines), what="the first SIGINT's notice")
+        wait_until(lambda: any("Ctrl-C again stops at once" in line for line in lines), what="the first SIGINT's notice")
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)  # the cell sleeps 60 s: only the second SIGINT ends it
         reader.join(timeout=10)
@@ -368,6 +368,7 @@ def test_one_sigint_stops_a_run_whose_cells_block_the_event_loop_soon_after_the_
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=45)  # the cells block 60 s each: only the stop's deadline ends it
         assert proc.returncode == 130, err
+        assert "did not stop within" in err and "second signal" not in err, err
     finally:
         if proc.poll() is None:
             proc.kill()

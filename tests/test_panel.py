@@ -24,13 +24,14 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 COLUMNS = ["id", "n", "word", "up", "len", "left", "right", "total", "label"]
 
 
-def run_in_terminal(args: list[str], env: dict, *, cols: int = 80, rows: int = 24, timeout: float = 240) -> tuple[int, bytes]:
+def run_in_terminal(args: list[str], env: dict, *, cols: int = 80, rows: int = 24, timeout: float = 240,
+                    cwd=ROOT) -> tuple[int, bytes]:
     """`pipeline ARGS` with stdout and stderr on a pseudo-terminal of cols x rows; all it wrote."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     env = {**env, "TERM": "xterm-256color", "COLUMNS": str(cols), "LINES": str(rows)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdin=slave, stdout=slave,
-                            stderr=slave, env=env, cwd=ROOT, close_fds=True)
+                            stderr=slave, env=env, cwd=cwd, close_fds=True)
     os.close(slave)
     out = b""
     deadline = time.monotonic() + timeout
@@ -124,3 +125,30 @@ def test_status_watch_on_a_terminal_draws_the_panel_and_ends_with_the_run(tmp_pa
     assert any("run done: complete" in row for row in last), last
     assert any("records 300/300" in row for row in last), last
     assert any(re.match(r"\s*label\s+300\s", row) for row in last), last
+
+
+FAILING = '''
+import asyncio
+
+async def flaky(row):
+    await asyncio.sleep(0.01)
+    if row["n"] % 7 == 0:
+        raise ValueError(f"bad {row['n']}")
+    return 1
+'''
+
+
+def test_failures_logged_during_the_run_print_above_the_panel_not_through_it(tmp_path):
+    (tmp_path / "fl.py").write_text(FAILING)
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text("name: pf\nnum_records: 1500\nrow_group_size: 100\nsettings: {shutdown_error_rate: 0.9}\n"
+                   "columns:\n  - {name: n, type: sampler, sampler: integer, params: {low: 0, high: 100000}}\n"
+                   "  - {name: s, type: python, function: \"fl:flaky\", requires: [n]}\n")
+    code, raw = run_in_terminal(["run", str(cfg), "--home", str(tmp_path / "home")], cli_env(), cwd=tmp_path)
+    assert code == 0, raw[-2000:]
+    last = screens(raw)[-1]
+    logged = [row for row in last if "failed for good after 1 attempt" in row]
+    assert len(logged) == 3, last  # the first three failures of the kind, each whole on its own lines
+    panel = next(i for i, row in enumerate(last) if row.startswith("run pf-") and "| row groups" in row)
+    assert all(i < panel for i, row in enumerate(last) if "failed for good after" in row), last
+    assert not any("failed for good after" in row and "workers" in row for row in last)

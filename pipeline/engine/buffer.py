@@ -32,6 +32,7 @@ from pipeline.values import encode, prepare
 __all__ = ["JSON_FIELD", "RowGroupBuffer", "column_array", "normalize_batch", "normalize_cell", "write_parquet_atomic"]
 
 _FLOAT64 = np.dtype("float64")
+_OBJECT = np.dtype("object")
 
 
 class RowGroupBuffer:
@@ -59,10 +60,14 @@ class RowGroupBuffer:
             data = {c: [cols[c][r] for r in rows] for c in names}
         frame = pd.DataFrame(data, index=index)
         for c in names:
+            kind = frame[c].dtype
             # Ints beside a missing value stay ints: pandas would make 1 and None 1.0 and NaN;
             # Int64 holds 1 and pd.NA. Only float64 columns can be such a column: one check each.
-            if frame[c].dtype == _FLOAT64 and infer_dtype(data[c], skipna=True) == "integer":
+            if kind == _FLOAT64 and infer_dtype(data[c], skipna=True) == "integer":
                 frame[c] = pd.array(data[c], dtype="Int64")
+            elif kind != _OBJECT and isinstance(kind, pd.StringDtype):
+                # Text stays str and None (pandas 3's str dtype would turn None into NaN).
+                frame[c] = pd.Series(list(data[c]), index=index, dtype=object)
         return frame
 
     def unstorable(self, column: str, r: int, exc: UnstorableValueError) -> UnstorableValueError:

@@ -94,7 +94,7 @@ def make_engine(url: str | URL) -> Engine:
             return postgres.create_engine(parsed)
         except ImportError as exc:
             raise StoreError(f"a PostgreSQL state store needs its driver ({exc.name or exc}): "
-                             "pip install 'pipeline[postgres]'") from None
+                             "pip install 'psycopg[binary]' (or, from the project's folder, pip install -e '.[postgres]')") from None
     raise StoreError(
         f"unsupported state store {parsed.render_as_string(hide_password=True)}: "
         "use sqlite:///path/to/state.db or postgresql://user@host/db"

@@ -1,0 +1,53 @@
+"""What `pipeline export -o PATH` does to what is at PATH: a regular file is replaced whole, a
+symlink's target is what gets replaced (the link stays), a FIFO or device is written into and
+never replaced, a folder is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from tests.conftest import ROOT, cli
+
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def run_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("exp") / "home"
+    cli("run", str(QUICKSTART), "--run-id", "qs", "--num-records", "30", "--quiet", home=home, check=True)
+    return home
+
+
+def test_a_symlink_is_followed_and_stays_a_link(run_home, tmp_path):
+    target = tmp_path / "real.jsonl"
+    target.write_text("old")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    cli("export", "qs", "-o", str(link), home=run_home, check=True)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert len(target.read_text().splitlines()) == 30
+
+
+def test_a_fifo_is_written_into_not_replaced(run_home, tmp_path):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    proc = cli("export", "qs", "-o", str(fifo), home=run_home, timeout=120)
+    reader.join(60)
+    assert proc.returncode == 0, proc.stderr
+    assert fifo.is_fifo()
+    assert [json.loads(line)["id"] for line in received[0].splitlines()][:1] and len(received[0].splitlines()) == 30
+
+
+def test_a_folder_is_refused_and_left_alone(run_home, tmp_path):
+    folder = tmp_path / "out.jsonl"
+    folder.mkdir()
+    proc = cli("export", "qs", "-o", str(folder), home=run_home)
+    assert proc.returncode == 2 and "folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert folder.is_dir() and not any(folder.iterdir())
