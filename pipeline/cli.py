@@ -393,7 +393,7 @@ def runs(as_json: bool, home: str, db: str) -> None:
     print_table(["run id", "status", "created", "written / total", "dropped", "name"],
                 [[r["run_id"], r["status"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
                   f"{r['records_done']:,} / {r['num_records']:,}", f"{r['records_dropped']:,}", r["name"]]
-                 for r in rows], right=(3, 4))
+                 for r in rows], right=(3, 4), whole=(0, 1, 2, 3))
 
 
 @main.command()
@@ -407,8 +407,14 @@ def rm(run_id: str, yes: bool, home: str, db: str) -> None:
     while the run has live workers."""
     if not yes:
         s = api.status(run_id, home=home, db=db)  # unknown run: exit 2 before asking
-        click.confirm(f"delete run {run_id} ({s['status']}, {s['records_done']:,} of {s['num_records']:,} records "
-                      f"written) and its files?", abort=True, err=True)
+        try:
+            sure = click.confirm(f"delete run {run_id} ({s['status']}, {s['records_done']:,} of "
+                                 f"{s['num_records']:,} records written) and its files?", err=True)
+        except click.Abort:  # no terminal to answer (stdin closed)
+            sure = False
+        if not sure:
+            click.echo(f"nothing deleted; `pipeline rm {run_id} --yes` deletes without asking", err=True)
+            sys.exit(EXIT_FAILED)
     res = api.delete_run(run_id, home=home, db=db)
     where = f" and {res['folder']}" if res["folder"] else ""
     click.echo(f"deleted run {run_id}: {sum(res['rows'].values()):,} rows{where}", err=True)

@@ -194,7 +194,7 @@ def test_rm_answered_no_changes_nothing(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.cli", "rm", "asked", "--home", str(home)]
     proc = subprocess.run(cmd, input="n\n", capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=120)
     assert proc.returncode == 1
-    assert "delete run asked" in proc.stderr and "[y/N]" in proc.stderr
+    assert "delete run asked" in proc.stderr and "[y/N]" in proc.stderr and "--yes" in proc.stderr
     assert rows_per_table(url, "asked", home) == before
     assert (home / "runs" / "asked").is_dir()
     proc = subprocess.run(cmd, input="y\n", capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=120)
