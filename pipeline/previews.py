@@ -94,6 +94,10 @@ def off_the_loop(fn: Any, *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
+#: Seconds a model may answer nothing before a preview gives up on it (see _compute).
+PREVIEW_MODEL_DOWN_S = 15.0
+
+
 def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
     from pipeline.api import _failures, _Job, _loop_factory
     from pipeline.dataset import read_dataset
@@ -101,6 +105,10 @@ def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
     from pipeline.store.base import ColumnSpec, NewRun
     from pipeline.store.memory import MemoryStore
 
+    # A preview is a quick look: a model that answers nothing for 15 s ends it (a run waits
+    # model_down_s, 120 s by default, since it can be resumed; a preview cannot).
+    if cfg.settings.model_down_s > PREVIEW_MODEL_DOWN_S:
+        cfg = cfg.model_copy(update={"settings": cfg.settings.model_copy(update={"model_down_s": PREVIEW_MODEL_DOWN_S})})
     graph = build_graph(cfg)
     store = MemoryStore()
     store.create_run(NewRun(
