@@ -5,7 +5,9 @@ in a SQL state store, so a killed run resumes exactly where it stopped."""
 from typing import TYPE_CHECKING
 
 from pipeline.aio import aresume, aretry, arun
-from pipeline.api import delete_run, export, list_runs, load_dataset, preview, report, resume, retry, run, status, validate
+from pipeline.api import (delete_run, export, list_runs, load_dataset, plan_change, report, resume, retry, run, status,
+                          validate)
+from pipeline.previews import preview
 from pipeline.errors import PipelineError, RetryableError
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ __all__ = [
     "list_runs",
     "load_config",
     "load_dataset",
+    "plan_change",
     "preview",
     "report",
     "resume",

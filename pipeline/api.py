@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 # run or export: `pipeline status`, `runs` and `sql` start in a fraction of the time without them
 # (tests/test_fast_commands.py checks what `status` imports).
 
-__all__ = ["RunResult", "delete_run", "export", "list_runs", "load_dataset", "open_state", "plan_change", "preview",
-           "report", "resume", "retry", "run", "status", "validate", "validate_run_id"]
+__all__ = ["RunResult", "delete_run", "export", "list_runs", "load_dataset", "open_state", "plan_change", "report",
+           "resume", "retry", "run", "status", "validate", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -917,7 +917,7 @@ def validate(config: PipelineConfig | str | os.PathLike, *, check_models: bool =
         from pipeline.llm.client import ModelEndpoint
         from pipeline.llm.preflight import preflight
 
-        from pipeline.previews import off_the_loop  # a notebook may call validate inside its loop
+        from pipeline.threads import off_the_loop  # a notebook may call validate inside its loop
 
         checks = {c.alias: c for c in off_the_loop(preflight, cfg)} if check_models else {}
         models = {alias: {"where": ModelEndpoint.from_config(alias, cfg.models[alias]).where,
@@ -925,15 +925,3 @@ def validate(config: PipelineConfig | str | os.PathLike, *, check_models: bool =
                           "warning": checks[alias].warning if alias in checks else None}
                   for alias, users in cfg.used_models().items()}
     return {"name": cfg.name, "num_records": cfg.num_records, "columns": cfg.output_columns(), "models": models}
-
-
-def preview(config: PipelineConfig | str | os.PathLike, n: int = 5, *, check_models: bool = True) -> list[dict[str, Any]]:
-    """The first ``n`` records of ``config`` (a loaded config or a path), computed in memory
-    (``pipeline preview``): one dict per record, columns in config order, exact values; a
-    dropped record is left out. Creates nothing (no run, no store, no file). Equal to records
-    0..n-1 of a full run for deterministic cell-level generators (pipeline.previews says what
-    differs for batch ones). Works inside a running event loop too. ConfigError for a bad
-    config; ModelCheckError for a model endpoint that refuses (unless ``check_models=False``)."""
-    from pipeline.previews import compute_preview
-
-    return compute_preview(config, n, check_models=check_models).records

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline import model_options, redact, templates
 from pipeline.engine.options import SchedulerOptions
 from pipeline.errors import ConfigError
-from pipeline.model_options import HEADER_NAME_PATTERN, MAX_PRICE, MAX_RATE_PER_MINUTE, EnvValue
+from pipeline.model_options import HEADER_NAME_PATTERN, MAX_PRICE, MAX_RATE_PER_MINUTE, MIN_RATE_PER_MINUTE, EnvValue
 from pipeline.surface import flag
 from pipeline.generators.python import import_callable, is_generator_class, module_source_file
 from pipeline.generators.row_reads import undeclared_message, undeclared_reads
@@ -98,8 +98,8 @@ class ModelConfig(_Strict):
     max_parallel_requests: int = Field(16, gt=0, le=MAX_IN_FLIGHT_TASKS)
     timeout_s: float = Field(60.0, gt=0, le=MAX_DURATION_S)
     # Pacing (pipeline.llm.pacing): budgets per minute, for this process's requests to the model.
-    max_requests_per_minute: float | None = Field(None, gt=0, le=MAX_RATE_PER_MINUTE)
-    max_tokens_per_minute: float | None = Field(None, gt=0, le=MAX_RATE_PER_MINUTE)
+    max_requests_per_minute: float | None = Field(None, ge=MIN_RATE_PER_MINUTE, le=MAX_RATE_PER_MINUTE)
+    max_tokens_per_minute: float | None = Field(None, ge=MIN_RATE_PER_MINUTE, le=MAX_RATE_PER_MINUTE)
     # Provider options: header values are secrets (never stored, logged or fingerprinted).
     extra_headers: dict[Annotated[str, Field(pattern=HEADER_NAME_PATTERN)], Union[str, EnvValue]] = Field(
         default_factory=dict)

@@ -24,6 +24,8 @@ __all__ = ["HEADER_NAME_PATTERN", "MAX_PRICE", "MAX_RATE_PER_MINUTE", "RESERVED_
 
 #: Per-minute budgets: far above any provider's, far below float trouble.
 MAX_RATE_PER_MINUTE = 1e12
+#: The smallest budget (per minute) taken: one request or token per 100 minutes.
+MIN_RATE_PER_MINUTE = 0.01
 #: Price per million tokens, in any currency.
 MAX_PRICE = 1e9
 #: An HTTP header name (a token, RFC 9110).

@@ -24,17 +24,17 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
+from pipeline.threads import off_the_loop
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
-__all__ = ["CELL_CHARS", "DEFAULT_RECORDS", "Preview", "compute_preview", "off_the_loop", "print_table", "to_json"]
+__all__ = ["CELL_CHARS", "DEFAULT_RECORDS", "Preview", "compute_preview", "preview", "print_table", "to_json"]
 
 DEFAULT_RECORDS = 5
 _RUN_ID = "preview"
@@ -59,6 +59,17 @@ class Preview:
     reason: str | None = None  # why it ended 'failed' (the error rate, a model that stayed down)
 
 
+def preview(config: PipelineConfig | str | os.PathLike, n: int = DEFAULT_RECORDS, *,
+            check_models: bool = True) -> list[dict[str, Any]]:
+    """The first ``n`` records of ``config`` (a loaded config or a path), computed in memory
+    (``pipeline preview``): one dict per record, columns in config order, exact values; a
+    dropped record is left out. Creates nothing (no run, no store, no file). Equal to records
+    0..n-1 of a full run for deterministic cell-level generators (this module's docstring says
+    what differs for batch ones). Works inside a running event loop too. ConfigError for a bad
+    config; ModelCheckError for a model endpoint that refuses (unless ``check_models=False``)."""
+    return compute_preview(config, n, check_models=check_models).records
+
+
 def compute_preview(config: PipelineConfig | str | os.PathLike, n: int = DEFAULT_RECORDS, *,
                     check_models: bool = True, show_prompts: bool = False) -> Preview:
     """The first ``n`` records of ``config`` (a loaded config or a path) and everything the
@@ -81,17 +92,6 @@ def compute_preview(config: PipelineConfig | str | os.PathLike, n: int = DEFAULT
     count = min(n, cfg.num_records)
     small = cfg.model_copy(update={"num_records": count, "row_group_size": count}, deep=True)
     return off_the_loop(_compute, small, show_prompts)
-
-
-def off_the_loop(fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` here, or in a worker thread when this thread's event loop is running
-    (``fn`` runs a loop of its own, which cannot start inside another)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return fn(*args)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-preview") as pool:
-        return pool.submit(fn, *args).result()
 
 
 #: Seconds a model may answer nothing before a preview gives up on it (see _compute).

@@ -238,6 +238,7 @@ def test_the_projected_cost_scales_the_spent_cost_by_the_cells_still_to_compute(
 
 @pytest.mark.parametrize("extra, words", [
     ("max_requests_per_minute: 0\n", "max_requests_per_minute"),
+    ("max_requests_per_minute: 1.0e-300\n", "max_requests_per_minute"),
     ("max_tokens_per_minute: -5\n", "max_tokens_per_minute"),
     ("max_tokens_per_minute: '100'\n", "max_tokens_per_minute"),
     ("price_per_million_input_tokens: -1\n", "price_per_million_input_tokens"),
@@ -323,6 +324,25 @@ def test_the_servers_headers_hold_requests_until_its_bucket_has_room():
     clock.now += 2.0
     assert pacer.try_take(40, 1) == 40
     assert pacer.snapshot()["headers"] == {"x-ratelimit-remaining-tokens": "50", "x-ratelimit-reset-tokens": "2s"}
+
+
+@pytest.mark.parametrize("headers", [
+    {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "99999999999999999999s"},
+    {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1e400"},
+    {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
+     "x-ratelimit-reset-requests": "100000h"},
+])
+def test_a_reset_of_days_or_garbage_holds_requests_a_minute_at_most(headers):
+    """A server asking to wait for ever is asked again within MAX_RESET_S (a run never hangs on a
+    header: one still refusing answers 429s, which AIMD and model_down_s handle)."""
+    from pipeline.llm.pacing import MAX_RESET_S, Pacer
+
+    clock = Clock()
+    pacer = Pacer(clock=clock)
+    pacer.observe(headers, 1)
+    assert pacer.try_take(10, 0) == -1 and 0 < pacer.wait_s <= MAX_RESET_S
+    clock.now += MAX_RESET_S
+    assert pacer.try_take(10, 0) > 0
 
 
 async def test_a_paced_limit_takes_no_permit_and_wakes_its_dispatcher_when_there_is_room():

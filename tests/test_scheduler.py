@@ -559,7 +559,7 @@ def test_tasks_still_running_at_a_commit_are_recorded_in_flight(tmp_path):
         assert await run == "complete"
         return counts
 
-    assert asyncio.run(go()) == {"done": 0, "failed": 0, "deferred": 0, "in_flight": 3}
+    assert asyncio.run(go()) == {"done": 0, "failed": 0, "deferred": 0, "in_flight": 3, "truncated": 0}
 
 
 def test_ready_columns_share_the_in_flight_budget(tmp_path):

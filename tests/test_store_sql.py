@@ -79,7 +79,7 @@ def test_tables_and_the_column_progress_view_show_what_the_store_counts(store):
         f"WHERE run_id = '{run_id}' ORDER BY position"
     )
     assert columns == [("x", "x", "cell", 0), ("y", "yz", "batch", 1), ("z", "yz", "batch", 2), ("w", "w", "cell", 3)]
-    usage = ("writer", 1, 10, 4, 0, 8)
+    usage = ("writer", 1, 10, 4, 0, 8, "stop", 0, None, None)
     store.record(run_id, [
         (STARTED, 0, "x", 0, "cell"), (DONE, 0, "x", 0, "cell", encode("first"), usage),
         (STARTED, 0, "x", 1, "cell"), (DEFERRED, 0, "x", 1, "cell", (1, 123.5, "timeout"), usage),

@@ -273,6 +273,11 @@ class Pacer:
         return self._snapshot
 
 
+#: The longest reset a server's x-ratelimit-reset-* header is taken at (seconds): past it the
+#: pacer lets a request through, and a server still refusing answers 429 (AIMD, model_down_s).
+MAX_RESET_S = 60.0
+
+
 def _server_bucket(old: Bucket | None, remaining: float | None, reset: str | None, limit: str | None,
                    in_flight: float, now: float) -> Bucket | None:
     """The bucket the server's headers describe (``old``: the one they described before), or
@@ -280,6 +285,8 @@ def _server_bucket(old: Bucket | None, remaining: float | None, reset: str | Non
     if remaining is None:
         return None
     reset_s = parse_duration(reset)
+    if reset_s is not None:  # a server asking for days (or garbage) is asked again within a minute
+        reset_s = min(reset_s, MAX_RESET_S)
     total = _number(limit)
     level = remaining - in_flight
     if total is not None and total > 0:
