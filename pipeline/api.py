@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pipeline.errors import (DamagedFileError, InvalidRunIdError, PipelineError, RunNotFoundError, RunningLoopError,
+from pipeline.errors import (DamagedFileError, ExportError, InvalidRunIdError, PipelineError, RunNotFoundError, RunningLoopError,
                              StoreError, UnknownColumnError)
 from pipeline.store.base import ColumnSpec, Lineage, NewRun, Reopened, Store
 from pipeline import surface
@@ -162,6 +162,7 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
                     on_created(rid)
                 if not start:
                     store.set_run_status(rid, "interrupted")
+                    store.unregister_worker(rid)  # created only: `pipeline worker` processes run it
                     return RunResult(rid, "created", extra={"reused": reused})
                 result = _execute(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph,
                                   signals=signals)
@@ -212,6 +213,9 @@ def _create_run(cfg: PipelineConfig, graph: Any, home: str | os.PathLike | None,
             columns=[ColumnSpec(c, graph.producer[c], graph.by_name[graph.producer[c]].strategy, i)
                      for i, c in enumerate(graph.columns)],
             fingerprints=[(kind, name, digest) for (kind, name), digest in prints.items()]))
+        # This process is the run's worker from its first moment: `pipeline rm` of a run whose
+        # generators are still being built is refused, not carried out under its feet.
+        store.register_worker(rid)
     except RunExistsError as exc:
         store.close()
         if surface.CLI:
@@ -831,9 +835,17 @@ def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
     finally:
         store.close()
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(out.parent)
     dataset.write(out, fmt)
     return {"records": dataset.num_rows, "complete": dataset.complete, "path": str(out), "format": fmt}
+
+
+def _make_folder(folder: Path) -> None:
+    """The output's folder, made if needed; ExportError (exit 2) when it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"could not make the folder {folder}: {exc}; nothing was written") from exc
 
 
 def _export_card(run_id: str, folder: Path, fmt: str, home: Any, db: Any) -> dict[str, Any]:
@@ -862,7 +874,7 @@ def _export_card(run_id: str, folder: Path, fmt: str, home: Any, db: Any) -> dic
     generator_of = {out: column for column in cfg.columns for out in column.outputs}
     data_rel = card.DATA_FILE.format(fmt=fmt)
     data_path = folder / data_rel
-    data_path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(data_path.parent)
     dataset.write(data_path, fmt)
     columns = [{"name": name, "type": generator_of[name].type, "generator": generator_of[name].name}
                for name in dataset.columns]
@@ -871,8 +883,11 @@ def _export_card(run_id: str, folder: Path, fmt: str, home: Any, db: Any) -> dic
                           mermaid=graph.to_mermaid(), columns=columns)
     readme = folder / "README.md"
     tmp = folder / f".README.md.{os.getpid()}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, readme)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, readme)
+    except OSError as exc:
+        raise ExportError(f"could not write {readme}: {exc}") from exc
     return {"records": dataset.num_rows, "complete": dataset.complete, "path": str(data_path), "format": fmt,
             "card": str(readme)}
 

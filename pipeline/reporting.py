@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ExportError, PipelineError
 
 __all__ = ["FORMATS", "OUTCOME_COLOURS", "draw", "series"]
 
@@ -112,6 +112,13 @@ def draw(data: dict[str, Any], output: str | os.PathLike, fmt: str | None = None
     if fmt not in FORMATS:
         raise PipelineError(f"unknown report format {fmt!r}: name the output FILE.png, FILE.svg or FILE.html, "
                             f"or pass --format {'|'.join(FORMATS)}")
+    try:
+        return _write(data, path, fmt)
+    except OSError as exc:
+        raise ExportError(f"could not write the report to {path}: {exc}; nothing was written") from exc
+
+
+def _write(data: dict[str, Any], path: Path, fmt: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "json":
         path.write_text(json.dumps(data), encoding="utf-8")

@@ -51,3 +51,26 @@ def test_a_folder_is_refused_and_left_alone(run_home, tmp_path):
     proc = cli("export", "qs", "-o", str(folder), home=run_home)
     assert proc.returncode == 2 and "folder" in proc.stderr and "Traceback" not in proc.stderr
     assert folder.is_dir() and not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("args", [
+    ["export", "qs", "-o", "{file}/x.jsonl"],
+    ["export", "qs", "-o", "{file}/sub", "--card"],
+    ["export", "qs", "-o", "/proc/pipeline-card", "--card"],
+])
+def test_an_output_that_cannot_be_written_exits_2_with_a_message(run_home, tmp_path, args):
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep")
+    proc = cli(*[a.replace("{file}", str(blocker)) for a in args], home=run_home)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "could not" in proc.stderr
+    assert blocker.read_text() == "keep"
+
+
+def test_a_report_that_cannot_be_written_exits_2_with_a_message(tmp_path):
+    home = tmp_path / "home"
+    cli("run", str(QUICKSTART), "--run-id", "tr", "--num-records", "10", "--trace", "--quiet", home=home, check=True)
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep")
+    proc = cli("report", "tr", "-o", str(blocker / "x.png"), home=home)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "could not" in proc.stderr, proc.stderr

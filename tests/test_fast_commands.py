@@ -261,3 +261,45 @@ def test_a_postgres_store_at_an_older_revision_is_refused_until_db_upgrade(tmp_p
     assert migrate.current(url) == migrate.head()
     make_run(small_config(tmp_path / "p"), "after", home, url)
     assert [r["run_id"] for r in json.loads(cli("runs", "--json", home=home, db=url, check=True).stdout)] == ["after"]
+
+
+SLOW_INIT = '''
+import os, time
+import pipeline
+
+class Slow(pipeline.Generator):
+    strategy = "cell"
+    def __init__(self, *args, **kwargs):
+        open(os.environ["STUCK_FLAG"], "w").close()
+        time.sleep(60)
+    def generate(self, row):
+        return 1
+'''
+
+
+def test_rm_of_a_run_whose_generators_are_still_being_built_is_refused(tmp_path):
+    """The gap between creating a run and its engine starting: rm used to delete the run under
+    the process, which then reported 2,000 records written of a run that no longer existed."""
+    (tmp_path / "slowmod.py").write_text(SLOW_INIT)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        name: stuck
+        num_records: 5
+        columns:
+          - {name: a, type: sampler, sampler: uuid}
+          - {name: b, type: python, function: "slowmod:Slow", requires: [a]}
+    """))
+    home, flag = tmp_path / "home", tmp_path / "stuck.flag"
+    proc = cli_popen("run", str(cfg), "--run-id", "early", "--quiet", home=home, env=cli_env(STUCK_FLAG=str(flag)))
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        refused = cli("rm", "early", "--yes", home=home)
+        assert refused.returncode == 2 and "stop" in refused.stderr, refused.stderr
+        assert (home / "runs" / "early").is_dir()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert cli("rm", "early", "--yes", home=home).returncode == 0  # once the process is gone
