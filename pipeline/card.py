@@ -19,6 +19,8 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
+from pipeline.costs import money
+
 __all__ = ["DATA_FILE", "card_text", "features", "size_category"]
 
 #: Where the data goes inside the card's folder (``{fmt}``: parquet, csv or jsonl).
@@ -131,6 +133,6 @@ def card_text(*, status: dict[str, Any], config_json: str, schema: pa.Schema, re
             cost = m.get("cost")
             lines.append(f"| {alias} | {m.get('requests', 0):,} | {m.get('prompt_tokens', 0):,} | "
                          f"{m.get('completion_tokens', 0):,} | {m.get('rate_limited', 0):,} | "
-                         f"{'-' if cost is None else f'${cost:,.2f}'} |")
+                         f"{money(cost)} |")
         lines.append("")
     return "\n".join(lines)

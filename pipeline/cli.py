@@ -20,6 +20,7 @@ from typing import Any, Callable
 import click
 
 from pipeline import api, surface
+from pipeline.costs import money
 from pipeline.errors import PipelineError
 from pipeline.redact import excepthook, redact
 
@@ -132,20 +133,15 @@ def _summary(s: dict, home: str | None) -> str:
              f"{s['records_dropped']:,} dropped"]
     lines += _failure_lines(s["failures"])
     for alias, m in (s.get("models") or {}).items():
-        cost = "" if m.get("cost") is None else f", cost {_money(m['cost'])}"
+        cost = "" if m.get("cost") is None else f", cost {money(m['cost'])}"
         lines.append(f"model {alias}: {m['requests']:,} requests, {m['rate_limited']:,} rate-limited (429), "
                      f"{m['prompt_tokens']:,} prompt + {m['completion_tokens']:,} completion tokens{cost}")
     if s.get("cost"):
-        lines.append(f"cost: {_money(s['cost']['spent'])} spent")
+        lines.append(f"cost: {money(s['cost']['spent'])} spent")
     if s["records_done"]:
         where = f" --home {shlex.quote(home)}" if home else ""
         lines.append(f"export: pipeline export {s['run_id']} --output {s['run_id']}.parquet{where}")
     return "\n".join(lines)
-
-
-def _money(amount: float | None) -> str:
-    """Money in the prices' currency: 4 decimals (cents of a cent matter per record)."""
-    return "-" if amount is None else f"{amount:,.4f}"
 
 
 def _model_lines(models: dict, cost: dict | None) -> list[str]:
@@ -158,7 +154,7 @@ def _model_lines(models: dict, cost: dict | None) -> list[str]:
         tpm = "-" if m.get("tokens_per_minute") is None else f"{m['tokens_per_minute']:,.0f}"
         lines.append(f"{alias:<12} {m['requests']:>9,} {m['prompt_tokens']:>11,} {m['completion_tokens']:>11,} "
                      f"{m['rate_limited']:>6,} {conc:>11} {m['calls_saved']:>15,} {rpm:>8} {tpm:>9} "
-                     f"{_money(m.get('cost')):>10}")
+                     f"{money(m.get('cost')):>10}")
         budgets = [f"{m[k]:,g} {unit}/min" for k, unit in (("max_requests_per_minute", "requests"),
                                                            ("max_tokens_per_minute", "tokens")) if m.get(k)]
         if budgets:
@@ -167,7 +163,7 @@ def _model_lines(models: dict, cost: dict | None) -> list[str]:
             shown = ", ".join(f"{k.removeprefix('x-ratelimit-')}={v}" for k, v in m["rate_limit_headers"].items())
             lines.append(f"  {alias}: last rate-limit headers: {shown}")
     if cost:
-        lines.append(f"cost: {_money(cost['spent'])} spent, {_money(cost['projected'])} projected for the run")
+        lines.append(f"cost: {money(cost['spent'])} spent, {money(cost['projected'])} projected for the run")
     return lines
 
 

@@ -13,7 +13,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["add_costs"]
+__all__ = ["add_costs", "money"]
+
+
+def money(amount: float | None) -> str:
+    """Money in the prices' currency (no symbol: prices may be in any): 4 decimals, since cents
+    of a cent matter per record; ``-`` when there are no prices."""
+    return "-" if amount is None else f"{amount:,.4f}"
 
 
 def add_costs(status: dict[str, Any], config_json: str | None) -> None:

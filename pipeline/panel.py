@@ -29,6 +29,8 @@ import sys
 import time
 from typing import IO, Any
 
+from pipeline.costs import money
+
 __all__ = ["LivePanel", "RateWindow", "plain_line", "render"]
 
 #: The rate (and so the ETA) is measured over this many recent seconds.
@@ -96,7 +98,7 @@ def _model_cells(alias: str, usage: dict[str, Any], live: dict[str, Any], elapse
     cost = usage.get("cost")
     per_s = f"{tokens / elapsed_s:,.0f}" if elapsed_s else "-"
     return [alias, f"{usage.get('requests', 0):,}", f"{usage.get('rate_limited', 0):,}",
-            "-" if limit is None else str(limit), per_s, "-" if cost is None else f"${cost:,.2f}"]
+            "-" if limit is None else str(limit), per_s, money(cost)]
 
 
 def render(view: dict[str, Any], rate: float | None, *, width: int, height: int) -> Any:
