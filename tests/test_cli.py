@@ -258,4 +258,4 @@ def test_a_postgres_url_without_its_driver_says_what_to_install(tmp_path):
             "sys.argv = ['pipeline', 'runs', '--db', 'postgresql+psycopg://nobody@127.0.0.1/none']; "
             "from pipeline.cli import main; main()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=tmp_path)
-    assert proc.returncode == 2 and "pip install 'pipeline[postgres]'" in proc.stderr
+    assert proc.returncode == 2 and "pip install 'psycopg[binary]'" in proc.stderr and "'.[postgres]'" in proc.stderr

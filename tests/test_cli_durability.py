@@ -335,7 +335,8 @@ def test_the_python_api_runs_resumes_and_loads_what_export_writes(tmp_path, monk
     status = pipeline.status("api", home=home)
     assert status["records_done"] == 120 and status["status"] == "complete"
     df = pipeline.load_dataset("api", home=home)
-    pd.testing.assert_frame_equal(df, export_frame("api", home, tmp_path))
+    # load_dataset gives text as object (str and None); pandas reads the Parquet file as its str dtype
+    pd.testing.assert_frame_equal(df, export_frame("api", home, tmp_path), check_dtype=False)
     assert [r["run_id"] for r in pipeline.list_runs(home=home)] == ["api"]
 
 
