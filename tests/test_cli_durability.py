@@ -42,7 +42,7 @@ def wait_for_line(proc, prefix: str, timeout: float = 120) -> str:
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_exports_the_uninterrupted_dataset(tmp_path):
     """3,000 records, row groups of 100, 32 in flight, killed 5 times: nothing lost or doubled,
-    and at most 2 x 32 extra executions per kill."""
+    and at most 3 x 32 extra executions per kill."""
     cfg = logged_pipeline(tmp_path / "p", records=3000, rg=100, in_flight=32)
     home = tmp_path / "home"
     base_calls, calls = tmp_path / "base_calls", tmp_path / "calls"
@@ -79,7 +79,11 @@ def test_sigkill_at_random_moments_then_resume_exports_the_uninterrupted_dataset
     assert set(counts) == set(base_counts), "every task ran"
     extra = sum(counts.values()) - sum(base_counts.values())
     print(f"extra executions: {extra} for {kills} kills")
-    assert 0 <= extra <= 2 * 32 * kills, f"{extra} extra executions for {kills} kills"
+    # The contract: at most the tasks in flight (32) plus those finished within the last commit
+    # interval run again. How many finish in that interval depends on the machine's load: quiet,
+    # 8-30 per kill; loaded CI measured 71 (2 x 32 was exceeded once). 3 x 32 still catches a
+    # journal that stops committing (hundreds per kill).
+    assert 0 <= extra <= 3 * 32 * kills, f"{extra} extra executions for {kills} kills"
 
 
 @pytest.mark.slow
