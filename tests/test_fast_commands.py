@@ -19,6 +19,7 @@ from pipeline.errors import RunNotFoundError
 from pipeline.store import migrate
 from pipeline.store.sql import make_engine
 from tests.conftest import ROOT, cli, cli_env, cli_popen, logged_pipeline
+from tests.test_failures import SLOW_INIT  # a generator whose __init__ touches $STUCK_FLAG, then sleeps
 
 FNS = '''
 def half(row):
@@ -261,20 +262,6 @@ def test_a_postgres_store_at_an_older_revision_is_refused_until_db_upgrade(tmp_p
     assert migrate.current(url) == migrate.head()
     make_run(small_config(tmp_path / "p"), "after", home, url)
     assert [r["run_id"] for r in json.loads(cli("runs", "--json", home=home, db=url, check=True).stdout)] == ["after"]
-
-
-SLOW_INIT = '''
-import os, time
-import pipeline
-
-class Slow(pipeline.Generator):
-    strategy = "cell"
-    def __init__(self, *args, **kwargs):
-        open(os.environ["STUCK_FLAG"], "w").close()
-        time.sleep(60)
-    def generate(self, row):
-        return 1
-'''
 
 
 def test_rm_of_a_run_whose_generators_are_still_being_built_is_refused(tmp_path):
