@@ -20,7 +20,7 @@ changes nothing. With ``accept_changes`` the command goes on: the stored digests
 current ones and each changed file gets a row in ``run_changes``.
 
 Hashing is cheap next to reading a seed file with pandas (which validation does anyway), and
-:func:`pipeline.generators.seed_dataset.file_digest` keeps each file's digest for as long as its
+:func:`pipeline.sources.file_digest` keeps each file's digest for as long as its
 size and modification time stay the same, so a file is hashed once per process.
 """
 
@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import FilesChangedError
-from pipeline.generators.python import module_source_file
-from pipeline.generators.seed_dataset import file_digest, resolve_seed_path
+from pipeline.sources import file_digest, module_source_file, resolve_seed_path
 from pipeline.surface import flag
 
 if TYPE_CHECKING:

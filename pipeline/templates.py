@@ -18,10 +18,10 @@ import asyncio
 import datetime as dt
 import functools
 import json
+import sys
 from typing import Any
 
 import jinja2
-import numpy as np
 from jinja2 import meta
 
 from pipeline.errors import ConfigError
@@ -81,7 +81,10 @@ def _missing_as_empty(value: Any) -> Any:
         return "" if value != value else value
     if cls.__name__ in _MISSING_TYPES:
         return ""
-    if isinstance(value, np.floating) and np.isnan(value):
+    # A numpy value exists only once numpy is loaded: read it from sys.modules rather than
+    # importing it, which config validation (a template's syntax) would pay.
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.floating) and np.isnan(value):
         return ""
     return value
 

@@ -1,5 +1,8 @@
 """``sampler`` columns: random values that are a pure function of (seed, column, record index).
 
+Their parameters are checked by config validation (:mod:`pipeline.config.sampler_params`), so
+the draw functions trust what they are given.
+
 No random number generator object carries state from one record to the next: each value is a
 counter-based hash (splitmix64's finaliser) of the record index mixed with a 64-bit key derived
 from the config seed and the column name. So a record gets the same value whichever row group,
@@ -14,138 +17,19 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.generators.base import Generator
 
 if TYPE_CHECKING:
-    from pipeline.config import PipelineConfig, SamplerColumn
+    from pipeline.config.models import PipelineConfig, SamplerColumn
 
-__all__ = ["SAMPLER_PARAMS", "SamplerGenerator", "derive_keys", "hash64", "unit_floats"]
+__all__ = ["SamplerGenerator", "derive_keys", "hash64", "unit_floats"]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
 _TWO_POW_M53 = 2.0**-53
-_INT64 = (-(2**63), 2**63 - 1)
-_JSON_VALUES = (str, int, float, bool, type(None), list, dict)
-
-
-# The parameters of each kind. Config validation checks a column's params against these and
-# keeps the normalised dump, so the draw functions below can trust what they are given.
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return value
-
-
-class _CategoryParams(_Params):
-    values: list[Any] = Field(min_length=1)
-    weights: list[float] | None = None
-
-    @model_validator(mode="after")
-    def _check(self):
-        for value in self.values:
-            if not isinstance(value, _JSON_VALUES):
-                raise ValueError(f"values: {value!r} is a {type(value).__name__}; quote it to make it text")
-        if self.weights is not None:
-            if len(self.weights) != len(self.values):
-                raise ValueError(
-                    f"weights has {len(self.weights)} entries but values has {len(self.values)}; give one weight per value"
-                )
-            if any(not math.isfinite(w) or w < 0 for w in self.weights):
-                raise ValueError("weights must be finite numbers >= 0")
-            if sum(self.weights) <= 0:
-                raise ValueError("weights must not all be 0")
-        return self
-
-
-class _IntegerParams(_Params):
-    low: int = Field(ge=_INT64[0], le=_INT64[1])
-    high: int = Field(ge=_INT64[0], le=_INT64[1])
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high}); both are inclusive")
-        return self
-
-
-class _UniformParams(_Params):
-    low: float
-    high: float
-
-    @model_validator(mode="after")
-    def _check(self):
-        _finite(self.low), _finite(self.high)
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
-        return self
-
-
-class _GaussianParams(_Params):
-    mean: float
-    stddev: float = Field(ge=0)
-
-    @model_validator(mode="after")
-    def _check(self):
-        _finite(self.mean), _finite(self.stddev)
-        return self
-
-
-class _BernoulliParams(_Params):
-    p: float = Field(ge=0, le=1)
-
-
-class _UuidParams(_Params):
-    pass
-
-
-def _as_datetime(value: Any) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        return value
-    if isinstance(value, dt.date):
-        return dt.datetime(value.year, value.month, value.day)
-    if isinstance(value, str):
-        try:
-            return dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not an ISO date or datetime (e.g. 2024-01-31 or 2024-01-31T12:00:00)") from None
-    raise ValueError(f"{value!r} is not a date; write an ISO date such as 2024-01-31")
-
-
-class _DatetimeParams(_Params):
-    start: Any
-    end: Any
-
-    @model_validator(mode="after")
-    def _check(self):
-        start, end = _as_datetime(self.start), _as_datetime(self.end)
-        if (start.tzinfo is None) != (end.tzinfo is None):
-            raise ValueError("start and end must both have a time zone, or both have none")
-        if not start < end:
-            raise ValueError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
-        # One canonical form, so the fingerprint and to_json do not depend on how YAML typed it.
-        self.start, self.end = start.isoformat(), end.isoformat()
-        return self
-
-
-SAMPLER_PARAMS: dict[str, type[BaseModel]] = {
-    "category": _CategoryParams,
-    "integer": _IntegerParams,
-    "uniform": _UniformParams,
-    "gaussian": _GaussianParams,
-    "bernoulli": _BernoulliParams,
-    "uuid": _UuidParams,
-    "datetime": _DatetimeParams,
-}
 
 
 def derive_keys(seed: int, name: str) -> tuple[np.uint64, ...]:
