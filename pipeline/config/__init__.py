@@ -15,6 +15,8 @@ with a seed file reads the file, which loads pyarrow (Parquet) or pandas and pya
 - :mod:`~pipeline.config.sampler_params`: the ``params`` of each sampler kind.
 """
 
+# Every public name pipeline/config.py had before it became this package, so that `pipeline.config.X`
+# keeps working; __all__ is the public API, as it was.
 from pipeline.config.limits import (FUNCTION_PATTERN, INT32_MAX, INT64_MAX, INT64_MIN, MAX_DURATION_S,
                                     MAX_ERROR_WINDOW, MAX_IN_FLIGHT_TASKS, MAX_ROW_GROUPS_IN_MEMORY,
                                     MAX_SALVAGE_ROUNDS, MIN_LEASE_S, NAME_PATTERN, RUN_NAME_PATTERN,
