@@ -13,14 +13,16 @@ pacing budgets, provider options and prices; their bounds and checks, used by
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import redact
 
-__all__ = ["HEADER_NAME_PATTERN", "MAX_PRICE", "MAX_RATE_PER_MINUTE", "RESERVED_HEADERS", "EnvValue",
-           "answer_facts", "check_extra_body", "check_extra_headers", "unset_header_envs"]
+__all__ = ["CONTROL_CHARACTER_HINT", "HEADER_NAME_PATTERN", "MAX_PRICE", "MAX_RATE_PER_MINUTE", "RESERVED_HEADERS", "EnvValue",
+           "answer_facts", "check_extra_body", "check_extra_headers", "header_value_ok", "unset_header_envs"]
 
 #: Per-minute budgets: far above any provider's, far below float trouble.
 MAX_RATE_PER_MINUTE = 1e12
@@ -43,13 +45,28 @@ class EnvValue(BaseModel):
     env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+#: A header value is one line: no control character but the tab (RFC 9110, field-value).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Why a value read from the environment cannot be sent, never showing it.
+CONTROL_CHARACTER_HINT = ("holds a line break or another control character, which no HTTP header may "
+                          "carry (a value read from a file saved with Windows line endings ends in \\r)")
+
+
+def header_value_ok(value: str) -> bool:
+    """True when ``value`` can be sent as an HTTP header value (no control character but tab)."""
+    return _CONTROL.search(value) is None
+
+
 def check_extra_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    """ValueError for a reserved header or a literal value shaped like a key (shown by its
-    first 3 characters only)."""
+    """ValueError for a reserved header, a literal value that is not one line of text, or a
+    literal value shaped like a key (shown by its first 3 characters only)."""
     for name, value in headers.items():
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"extra_headers may not set '{name}' (the client sets it); "
                              "use api_key_env / api_key_header for the key")
+        if isinstance(value, str) and not header_value_ok(value):
+            raise ValueError(f"extra_headers.{name} holds a line break or another control character, which "
+                             "no HTTP header may carry; write it on one line")
         if isinstance(value, str) and redact.looks_like_key(value):
             raise ValueError(
                 f"extra_headers.{name} looks like a key (it starts with {value[:3]!r}); write "

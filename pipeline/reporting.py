@@ -43,9 +43,13 @@ def series(store: Any, run_id: str) -> dict[str, Any]:
     info = store.get_run(run_id)
     traces = store.traces(run_id)
     if not traces:
+        if info.status == "complete":  # nothing is left to resume: only a new run can be traced
+            how = ("it is complete, so nothing of it is left to trace: run its config again with "
+                   "`pipeline run CONFIG --trace`")
+        else:
+            how = f"`pipeline resume {run_id} --trace` traces what is left of it"
         raise PipelineError(f"run {run_id!r} has no traces: a report is drawn from the traces of a run made "
-                            f"with --trace (or settings.trace: true); `pipeline resume {run_id} --trace` traces "
-                            f"what is left of it")
+                            f"with --trace (or settings.trace: true); {how}")
     entries = json.loads(info.config).get("columns", [])
     columns = [e["name"] for e in entries]
     model_of = {e["name"]: e.get("model") for e in entries if str(e.get("type", "")).startswith("llm_")}

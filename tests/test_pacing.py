@@ -170,6 +170,22 @@ def test_an_unset_header_variable_is_refused_before_anything_is_created(tmp_path
     assert not (tmp_path / "home" / "runs").exists()
 
 
+@pytest.mark.parametrize("variable", ["PIPELINE_TEST_GATEWAY_TOKEN", "PIPELINE_TEST_AZURE_KEY"])
+def test_a_key_or_header_variable_with_a_line_break_is_named_without_its_value(tmp_path, fake_server, variable):
+    """A key saved with Windows line endings ends in \\r, which aiohttp refuses to send: the
+    message names the variable (never the value), and no request leaves."""
+    url = fake_server(latency_ms=5)
+    extra = ("api_key_env: PIPELINE_TEST_AZURE_KEY\n"
+             "extra_headers: {X-Gateway-Token: {env: PIPELINE_TEST_GATEWAY_TOKEN}}\n")
+    env = cli_env(PIPELINE_TEST_AZURE_KEY="azure-secret-value", PIPELINE_TEST_GATEWAY_TOKEN="gateway-secret-value")
+    env[variable] = env[variable] + "\r"
+    proc = cli("run", str(write_config(tmp_path / "a", url, model_extra=extra)), home=tmp_path / "home", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert variable in proc.stderr and "line break" in proc.stderr, proc.stderr
+    assert "secret-value" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "home" / "runs").exists()
+
+
 def test_extra_body_is_part_of_a_columns_fingerprint_and_headers_are_not(tmp_path):
     from pipeline.config import load_config
     from pipeline.fingerprints import fingerprints
@@ -250,6 +266,8 @@ def test_the_projected_cost_scales_the_spent_cost_by_the_cells_still_to_compute(
     ("extra_headers: {X-Key: sk-abcdefghijklmnopqrstuvwxyz012345}\n", "looks like a key"),
     ("extra_headers: {X-Key: {environment: NAME}}\n", "extra_headers"),
     ("extra_headers: {X-Key: 12}\n", "extra_headers"),
+    ('extra_headers: {X-Team: "a\\nb"}\n', "line break"),
+    ('extra_headers: {X-Team: "a\\r"}\n', "line break"),
 ])
 def test_bad_pacing_provider_and_cost_options_are_refused_with_exit_2(tmp_path, extra, words):
     cfg = write_config(tmp_path / "a", "http://127.0.0.1:9/v1", model_extra=extra)

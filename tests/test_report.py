@@ -104,6 +104,16 @@ def test_a_run_without_traces_is_refused_with_the_way_to_get_them(tmp_path):
         env=cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls")))
     proc = cli("report", "plain", "-o", str(tmp_path / "x.png"), home=home)
     assert proc.returncode == 2 and "--trace" in proc.stderr and "Traceback" not in proc.stderr
+    # The run is complete: resuming it would trace nothing, so the advice is a new traced run.
+    assert "pipeline run CONFIG --trace" in proc.stderr and "pipeline resume" not in proc.stderr
     assert not (tmp_path / "x.png").exists()
     bad = cli("report", "plain", "-o", str(tmp_path / "x.gif"), home=home)
     assert bad.returncode == 2 and "png" in bad.stderr
+
+
+def test_a_run_not_yet_done_without_traces_is_told_to_resume_with_trace(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=50, rg=50)
+    home = tmp_path / "home"
+    cli("run", str(cfg), "--run-id", "later", "--create-only", "--quiet", home=home, check=True)
+    proc = cli("report", "later", "-o", str(tmp_path / "x.png"), home=home)
+    assert proc.returncode == 2 and "`pipeline resume later --trace`" in proc.stderr, proc.stderr

@@ -62,6 +62,7 @@ from pipeline.errors import (
     ModelServerError,
     ModelTimeoutError,
 )
+from pipeline.model_options import CONTROL_CHARACTER_HINT, header_value_ok
 from pipeline.redact import redact, redact_secrets, register_secret
 from pipeline.values import valid_unicode
 
@@ -264,6 +265,10 @@ class LlmClient:
                         f"{endpoint.where}: the environment variable {value[1]} (of extra_headers.{name}) "
                         "is not set; export it and resume the run")
                 register_secret(secret)
+                if not header_value_ok(secret):
+                    return ModelRequestError(
+                        f"{endpoint.where}: the environment variable {value[1]} (of extra_headers.{name}) "
+                        f"{CONTROL_CHARACTER_HINT}; fix it and resume the run")
                 headers[name] = secret
                 del secret
             else:
@@ -276,6 +281,10 @@ class LlmClient:
                     "(its api_key_env) is not set; export it and resume the run"
                 )
             register_secret(key)  # a server may echo it: every message it could reach is redacted
+            if not header_value_ok(key):
+                return ModelRequestError(
+                    f"{endpoint.where}: the environment variable {endpoint.api_key_env} (its api_key_env) "
+                    f"{CONTROL_CHARACTER_HINT}; fix it and resume the run")
             if endpoint.api_key_header:
                 headers[endpoint.api_key_header] = key
             else:
