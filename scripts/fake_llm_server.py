@@ -77,8 +77,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterable
 
-from aiohttp import web
-
 
 def _sibling(name: str) -> ModuleType:
     """scripts/NAME.py, loaded by path (tests load this file by path, not from sys.path)."""
@@ -158,16 +156,17 @@ class _ModelStats:
 
 
 class FakeLlmServer:
-    """The server, on ``aiohttp.web``; one event loop. ``await start()``, then ``await close()``.
+    """The server; one event loop. ``await start()``, then ``await close()``.
 
-    :meth:`answer` decides everything about a request at once, when it arrives; the handler then
-    waits out the latency and sends it. A client that hangs up meanwhile cancels its handler: the
-    request is no longer in flight, and nothing is sent.
+    :meth:`answer` decides everything about a request when it arrives; its connection
+    (scripts/fake_llm_http.py) writes the answer after the latency. A client that hangs up
+    meanwhile gets nothing, and its request is no longer in flight.
     """
 
     def __init__(self, options: FakeOptions | None = None) -> None:
         self.options = options or FakeOptions()
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.connections: set = set()  # the open connections (scripts/fake_llm_http.py)
         self._attempts: dict[str, int] = {}
         self._replies_sent: dict[tuple, int] = {}  # (reply name, model, first user message) -> count
         self._stats: dict[str, _ModelStats] = {}
@@ -184,35 +183,20 @@ class FakeLlmServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on ``host:port`` (0: a free port); returns the port."""
-        # aiohttp's low-level server: one handler, no router. No access log (the Authorization
-        # header stays unlogged, and it costs CPU); answers still due at close are cancelled.
-        server = web.Server(self._handle, access_log=None, handler_cancellation=True)
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=1024)
-        await site.start()
+        connection = _sibling("fake_llm_http").Connection
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: connection(self), host, port, backlog=1024)
         self._started = time.monotonic()
-        return self._runner.addresses[0][1]
+        return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def _handle(self, request: web.BaseRequest) -> web.Response:
-        headers = {name.lower(): value for name, value in request.headers.items()}
-        body = await request.content.read()  # no size limit: prompts of any size
-        target = request.raw_path.split("?", 1)[0]  # as sent: a proxy's absolute URL is no route here
-        delay_s, status, extra, payload, on_sent = self.answer(request.method, target, headers, body)
-        try:
-            if delay_s > 0:
-                await asyncio.sleep(delay_s)
-        finally:
-            if on_sent is not None:
-                on_sent()
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return web.Response(body=data, status=status, content_type="application/json",
-                            headers={"Connection": "keep-alive", **extra} if request.keep_alive else extra)
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self.connections):  # answers still due are not sent
+            connection.abort()
+        await self._server.wait_closed()
+        self._server = None
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -225,7 +209,8 @@ class FakeLlmServer:
         }
 
     def answer(self, method: str, path: str, headers: dict, body: bytes) -> tuple[float, int, dict, Any, Callable | None]:
-        """``(delay_s, status, extra headers, payload, on_sent)`` for one request."""
+        """``(delay_s, status, extra headers, payload, on_sent)`` for one request (``path``: the
+        target as sent, without its query; ``headers``: names in lower case)."""
         path = path.rstrip("/")
         if method == "GET" and path == "/stats":
             return 0.0, 200, {}, self.stats(), None
