@@ -8,14 +8,8 @@ The first line of stdout is ``listening on http://127.0.0.1:<port>/v1``. Or star
 test: ``url, stop = start_server(latency_ms=50)`` serves from a background thread until
 ``stop()``.
 
-What it answers (``POST /v1/chat/completions``, also without the ``/v1``):
-
-- text: ``echo: <12 hex of sha256(last user message)> <its first 12 words>``, cut to
-  ``max_tokens`` words when asked;
-- with ``response_format`` ``json_schema``: a JSON value generated from the schema (objects
-  with all their properties, strings within min/maxLength, numbers and integers within their
-  bounds, enums, consts, booleans, arrays of max(1, minItems) items, local ``$ref``s);
-- ``usage``: word counts of the messages and of the answer.
+It answers ``POST /v1/chat/completions`` (also without the ``/v1``) as
+scripts/fake_llm_answers.py says: text echoing the prompt, or JSON generated from the schema.
 
 Faults, deterministic per (model, messages, attempt number):
 
@@ -71,17 +65,32 @@ import argparse
 import asyncio
 import hashlib
 import hmac
-import http
+import importlib.util
 import json
-import math
 import re
 import signal
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, fields
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterable
+
+
+def _sibling(name: str) -> ModuleType:
+    """scripts/NAME.py, loaded by path (tests load this file by path, not from sys.path)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_answers = _sibling("fake_llm_answers")
+sample_from_schema = _answers.sample_from_schema
+_error = _answers.error
 
 __all__ = ["Burst", "FakeLlmServer", "FakeOptions", "main", "sample_from_schema", "start_server"]
 
@@ -149,15 +158,15 @@ class _ModelStats:
 class FakeLlmServer:
     """The server; one event loop. ``await start()``, then ``await close()``.
 
-    Built on ``asyncio.Protocol`` with no task per request: a request is parsed and answered as
-    soon as it arrives, and the answer is written by a timer after the latency. Its own CPU per
-    request stays small, so that benchmarks measure the client, not this stand-in.
+    :meth:`answer` decides everything about a request when it arrives; its connection
+    (scripts/fake_llm_http.py) writes the answer after the latency. A client that hangs up
+    meanwhile gets nothing, and its request is no longer in flight.
     """
 
     def __init__(self, options: FakeOptions | None = None) -> None:
         self.options = options or FakeOptions()
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[_Connection] = set()
+        self.connections: set = set()  # the open connections (scripts/fake_llm_http.py)
         self._attempts: dict[str, int] = {}
         self._replies_sent: dict[tuple, int] = {}  # (reply name, model, first user message) -> count
         self._stats: dict[str, _ModelStats] = {}
@@ -166,15 +175,17 @@ class FakeLlmServer:
         self._list_models = 0
         self._unknown_model = 0
         self._started = time.monotonic()
-        self._limits = _limits_module().RateLimits(
+        self._limits = _sibling("fake_llm_limits").RateLimits(
             self.options.rpm_limit, self.options.tpm_limit, start_s=self.options.limits_start_s,
             headers=self.options.limit_headers) \
             if self.options.rpm_limit > 0 or self.options.tpm_limit > 0 else None
         self._last: dict[str, Any] = {}  # kind -> {"headers", "body"} of the last such request
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on ``host:port`` (0: a free port); returns the port."""
+        connection = _sibling("fake_llm_http").Connection
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=1024)
+        self._server = await loop.create_server(lambda: connection(self), host, port, backlog=1024)
         self._started = time.monotonic()
         return self._server.sockets[0].getsockname()[1]
 
@@ -182,7 +193,7 @@ class FakeLlmServer:
         if self._server is None:
             return
         self._server.close()
-        for connection in list(self._connections):  # answers still due are not sent
+        for connection in list(self.connections):  # answers still due are not sent
             connection.abort()
         await self._server.wait_closed()
         self._server = None
@@ -198,7 +209,8 @@ class FakeLlmServer:
         }
 
     def answer(self, method: str, path: str, headers: dict, body: bytes) -> tuple[float, int, dict, Any, Callable | None]:
-        """``(delay_s, status, extra headers, payload, on_sent)`` for one request."""
+        """``(delay_s, status, extra headers, payload, on_sent)`` for one request (``path``: the
+        target as sent, without its query; ``headers``: names in lower case)."""
         path = path.rstrip("/")
         if method == "GET" and path == "/stats":
             return 0.0, 200, {}, self.stats(), None
@@ -233,7 +245,7 @@ class FakeLlmServer:
         except (ValueError, KeyError, TypeError, AttributeError):
             return 0.0, 400, {}, _error("the body is not a chat completion request", "invalid_request"), None
         json_schema = (request.get("response_format") or {}).get("json_schema") or {}
-        if json_schema.get("strict") and not _strict_schema(json_schema.get("schema")):
+        if json_schema.get("strict") and not _answers.strict_schema(json_schema.get("schema")):
             # As OpenAI: strict mode takes only closed objects with every property required.
             return 0.0, 400, {}, _error("invalid schema for strict mode: every object needs "
                                         "additionalProperties: false and all properties required",
@@ -277,7 +289,8 @@ class FakeLlmServer:
         reply = _REPLY.search(joined) if "[[reply:" in joined else None
         if reply is not None and options.replies and reply.group(1) in options.replies:
             return delay_s, 200, {}, self._reply(reply.group(1), model, messages, texts), sent
-        completion = self._completion(request, model, texts, key, echoed)
+        completion = _answers.completion(request, model, texts, key, malformed_marker=options.malformed_marker,
+                                         echoed=echoed)
         limit_headers: dict = {}
         if self._limits is not None:
             admitted, limit_headers = self._limits.admit(model, completion["usage"]["total_tokens"])
@@ -285,31 +298,6 @@ class FakeLlmServer:
                 stats.rate_limited += 1
                 return delay_s, 429, limit_headers, _error("rate limit reached", "rate_limit_exceeded"), sent
         return delay_s, 200, limit_headers, completion, sent
-
-    def _reply(self, name: str, model: str, messages: list, texts: list[str]) -> dict | bytes:
-        """The exact answer ``replies[name]`` (see the module docstring)."""
-        chosen = self.options.replies[name]
-        if isinstance(chosen, list):
-            first_user = next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
-            key = (name, model, first_user)
-            n = self._replies_sent.get(key, 0)
-            self._replies_sent[key] = n + 1
-            chosen = chosen[min(n, len(chosen) - 1)]
-        if "body" in chosen:
-            body = chosen["body"]
-            return body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        message: dict[str, Any] = {"role": "assistant", "content": chosen.get("content", "")}
-        for field in ("reasoning_content", "reasoning"):
-            if field in chosen:
-                message[field] = chosen[field]
-        prompt_tokens = sum(len(t.split()) for t in texts)
-        completion_tokens = len(str(message["content"] or "").split())
-        return {
-            "id": f"chatcmpl-reply-{name}", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": chosen.get("finish_reason", "stop")}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }
 
     def _fault(self, model: str, key: str, attempt: int, markers: dict, elapsed: float) -> tuple[int, dict]:
         options = self.options
@@ -320,303 +308,24 @@ class FakeLlmServer:
                      (("retry-after", "Retry-After"), ("retry-after-ms", "retry-after-ms")) if marker in markers}
             return int(markers["status"]), extra
         if attempt == 1 or options.faults_every_attempt:
-            draw = _unit(f"{key}:{attempt}")
+            draw = _answers.unit(f"{key}:{attempt}")
             if draw < options.rate_429:
                 return 429, {"Retry-After": f"{options.retry_after_s:g}"}
             if draw < options.rate_429 + options.rate_503:
                 return 503, {}
         return 200, {}
 
-    def _completion(self, request: dict, model: str, texts: list[str], key: str, echoed: str | None = None) -> dict:
-        user = next(
-            (str(m.get("content") or "") for m in reversed(request["messages"]) if m.get("role") == "user"), ""
-        )
-        # surrogatepass: a prompt may hold a lone surrogate (sent as a "\ud83d" escape); the echo
-        # then carries it back the same way, as a broken model answer would.
-        digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-        response_format = request.get("response_format") or {}
-        wants_json = response_format.get("type") in ("json_schema", "json_object")
-        schema = (response_format.get("json_schema") or {}).get("schema", {}) if wants_json else None
-        finish = "stop"
-        marker = self.options.malformed_marker
-        if echoed is not None:
-            text = echoed
-        elif marker and any(marker in text for text in texts):
-            # Both kinds of unusable, chosen by the request so that re-asks see both.
-            if wants_json and _hash(key) % 2 == 0:
-                wrong = ["not", "an", "object"] if (schema or {}).get("type") == "object" else {"malformed": True}
-                text = json.dumps(wrong)
-            else:
-                text = f"malformed: {{ {digest}"
-        elif wants_json:
-            text = json.dumps(sample_from_schema(schema or {"type": "object"}, digest))
-        else:
-            words = f"echo: {digest} {' '.join(user.split()[:12])}".split()
-            limit = request.get("max_tokens")
-            if isinstance(limit, int) and 0 < limit < len(words):
-                words, finish = words[:limit], "length"
-            text = " ".join(words)
-        prompt_tokens = sum(len(t.split()) for t in texts)
-        completion_tokens = len(text.split())
-        return {
-            "id": f"chatcmpl-{digest}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
-
-
-
-
-class _Connection(asyncio.Protocol):
-    """One client connection: HTTP/1.1 with keep-alive, just what OpenAI clients send
-    (Content-Length bodies). Requests are answered one at a time, in order."""
-
-    def __init__(self, server: FakeLlmServer) -> None:
-        self.server = server
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.pending: asyncio.TimerHandle | None = None  # the answer being waited for
-        self.on_sent: Callable | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.server._connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server._connections.discard(self)
-        if self.pending is not None:  # an answer nobody will read: it is no longer in flight
-            self.pending.cancel()
-            self._send(b"", False, self.on_sent)
-        self.transport = None
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if self.pending is None:
-            self._next()
-
-    def _next(self) -> None:
-        """Parse the next complete request in the buffer, if any, and schedule its answer."""
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        try:
-            request_line, *lines = self.buffer[:end].decode("latin-1").split("\r\n")
-            method, target, version = request_line.split(" ", 2)
-            headers = {}
-            for line in lines:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            length = int(headers.get("content-length") or 0)
-        except ValueError:
-            self._send(_encode(400, {"error": {"message": "bad request"}}, {}, keep_alive=False), False, None)
-            return
-        if len(self.buffer) < end + 4 + length:
-            return  # the body is still coming
-        body = bytes(self.buffer[end + 4:end + 4 + length])
-        del self.buffer[:end + 4 + length]
-        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        delay_s, status, extra, payload, on_sent = self.server.answer(method, target.split("?", 1)[0], headers, body)
-        data = _encode(status, payload, extra, keep_alive=keep_alive)
-        self.on_sent = on_sent
-        self.pending = asyncio.get_running_loop().call_later(delay_s, self._send, data, keep_alive, on_sent)
-
-    def _send(self, data: bytes, keep_alive: bool, on_sent: Callable | None) -> None:
-        self.pending = self.on_sent = None
-        if on_sent is not None:
-            on_sent()
-        if self.transport is None or not data:
-            return
-        self.transport.write(data)
-        if not keep_alive:
-            self.transport.close()
-            self.transport = None
-        elif self.buffer:
-            self._next()
-
-
-def sample_from_schema(schema: Any, seed: str, *, _root: Any = None, _depth: int = 0) -> Any:
-    """A deterministic value (from ``seed``) that satisfies the common parts of a JSON Schema."""
-    root = schema if _root is None else _root
-    if not isinstance(schema, dict) or _depth > 32:
-        return None
-
-    def sub(part: Any, suffix: str) -> Any:
-        return sample_from_schema(part, f"{seed}/{suffix}", _root=root, _depth=_depth + 1)
-
-    if "$ref" in schema:
-        return sub(_resolve(root, schema["$ref"]), "ref")
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][_hash(seed) % len(schema["enum"])]
-    for combinator in ("anyOf", "oneOf"):
-        if schema.get(combinator):
-            return sub(schema[combinator][0], combinator)
-    if schema.get("allOf"):
-        merged = {k: v for k, v in schema.items() if k != "allOf"}
-        for part in schema["allOf"]:
-            merged.update(_resolve(root, part["$ref"]) if "$ref" in part else part)
-        return sub(merged, "allOf")
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind is None:
-        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
-    if kind == "object":
-        properties = schema.get("properties") or {}
-        value = {name: sub(part, name) for name, part in properties.items()}
-        for name in schema.get("required", []):
-            value.setdefault(name, sub({}, name))
-        return value
-    if kind == "array":
-        count = max(1, schema.get("minItems", 0))
-        if "maxItems" in schema:
-            count = min(count, schema["maxItems"])
-        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
-        return [sub(items, str(i)) for i in range(count)]
-    if kind == "integer":
-        return _integer(schema, _hash(seed))
-    if kind == "number":
-        return _number(schema, (_hash(seed) % 800 + 100) / 1000)
-    if kind == "boolean":
-        return _hash(seed) % 2 == 0
-    if kind == "null":
-        return None
-    return _string(schema, seed)
-
-
-def _integer(schema: dict, h: int) -> int:
-    low = high = None
-    if "exclusiveMinimum" in schema:
-        low = math.floor(schema["exclusiveMinimum"]) + 1
-    elif "minimum" in schema:
-        low = math.ceil(schema["minimum"])
-    if "exclusiveMaximum" in schema:
-        high = math.ceil(schema["exclusiveMaximum"]) - 1
-    elif "maximum" in schema:
-        high = math.floor(schema["maximum"])
-    if low is not None and high is not None:
-        return low + h % (high - low + 1)
-    if low is not None:
-        return low + h % 10
-    if high is not None:
-        return high - h % 10
-    return h % 100
-
-
-def _number(schema: dict, fraction: float) -> float:
-    lows = [schema[k] for k in ("minimum", "exclusiveMinimum") if k in schema]
-    highs = [schema[k] for k in ("maximum", "exclusiveMaximum") if k in schema]
-    low, high = (max(lows) if lows else None), (min(highs) if highs else None)
-    # fraction is within [0.1, 0.9): strictly inside the bounds, exclusive or not.
-    if low is not None and high is not None:
-        return low + (high - low) * fraction
-    if low is not None:
-        return low + 1 + fraction
-    if high is not None:
-        return high - 1 - fraction
-    return round(fraction * 100, 2)
-
-
-def _plain(h: int) -> str:
-    return f"text-{h:012x}"[:17]
-
-
-_FORMATS: dict[str, Callable[[int], str]] = {
-    "date": lambda h: "2024-01-%02d" % (h % 28 + 1),
-    "date-time": lambda h: "2024-01-%02dT12:00:00Z" % (h % 28 + 1),
-    "time": lambda h: "12:00:00Z",
-    "email": lambda h: f"user{h % 1000}@example.com",
-    "uri": lambda h: f"https://example.com/{h % 1000}",
-    "uuid": lambda h: str(uuid.UUID(int=h % (1 << 128))),
-}
-
-
-def _string(schema: dict, seed: str) -> str:
-    h = _hash(seed)
-    text = _FORMATS.get(schema.get("format"), _plain)(h)
-    min_length, max_length = schema.get("minLength", 0), schema.get("maxLength")
-    if len(text) < min_length:
-        text += "x" * (min_length - len(text))
-    if max_length is not None:
-        text = text[:max_length]
-    return text
-
-
-def _resolve(root: Any, ref: str) -> Any:
-    if not ref.startswith("#"):
-        return {}
-    node = root
-    for part in ref.lstrip("#").strip("/").split("/"):
-        if part:
-            node = node.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(node, dict) else {}
-    return node
-
-
-def _strict_schema(schema: Any) -> bool:
-    if not isinstance(schema, dict):
-        return True
-    properties = schema.get("properties")
-    if schema.get("type") == "object" or properties is not None:
-        if schema.get("additionalProperties") is not False or sorted(schema.get("required", [])) != sorted(properties or {}):
-            return False
-    parts = list((properties or {}).values()) + list((schema.get("$defs") or {}).values())
-    parts += [schema["items"]] if isinstance(schema.get("items"), dict) else []
-    parts += schema.get("anyOf") or []
-    return all(_strict_schema(part) for part in parts)
-
-
-def _hash(text: str) -> int:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
-
-
-def _unit(text: str) -> float:
-    return _hash(text) / float(1 << 64)
-
-
-def _error(message: str, code: str) -> dict:
-    return {"error": {"message": message, "type": code, "code": code}}
-
-
-def _encode(status: int, payload: Any, extra: dict, *, keep_alive: bool) -> bytes:
-    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    try:
-        reason = http.HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Status"
-    lines = [
-        f"HTTP/1.1 {status} {reason}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        f"Connection: {'keep-alive' if keep_alive else 'close'}",
-        *(f"{name}: {value}" for name, value in extra.items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def _limits_module() -> Any:
-    """scripts/fake_llm_limits.py, loaded by path (this file is loaded by path in tests)."""
-    import importlib.util
-    from pathlib import Path
-
-    name = "fake_llm_limits"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_llm_limits.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    def _reply(self, name: str, model: str, messages: list, texts: list[str]) -> dict | bytes:
+        """The exact answer ``replies[name]``; of a list, the n-th for the n-th request of a
+        conversation (same model and first user message), the last ever after."""
+        chosen = self.options.replies[name]
+        if isinstance(chosen, list):
+            first_user = next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
+            key = (name, model, first_user)
+            n = self._replies_sent.get(key, 0)
+            self._replies_sent[key] = n + 1
+            chosen = chosen[min(n, len(chosen) - 1)]
+        return _answers.reply(chosen, name, model, texts)
 
 
 def start_server(*, port: int = 0, **options: Any) -> tuple[str, Callable[[], None]]:
@@ -679,33 +388,18 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--tpm-limit", type=float, default=0.0, help="tokens per minute per model (0: none)")
     parser.add_argument("--limits-start-s", type=float, default=None,
                         help="rate-limit buckets start with this many seconds' share (default: a minute's)")
-    parser.add_argument("--no-limit-headers", action="store_true", help="send no x-ratelimit-* headers")
-    parser.add_argument("--replies", metavar="FILE",
+    parser.add_argument("--no-limit-headers", dest="limit_headers", action="store_false",
+                        help="send no x-ratelimit-* headers")
+    parser.add_argument("--replies", metavar="FILE", type=lambda path: json.loads(Path(path).read_text("utf-8")),
                         help="a JSON file of exact answers by name, chosen by [[reply:NAME]] in a prompt")
-    parser.add_argument("--models", metavar="A,B", default="",
+    parser.add_argument("--models", metavar="A,B", default=(), type=lambda text: tuple(m for m in text.split(",") if m),
                         help="serve only these models: list them, and 404 chat requests for others")
     return parser.parse_args(list(argv) if argv is not None else None)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     args = _parse_args(argv)
-    options = FakeOptions(
-        latency_ms=args.latency_ms,
-        rate_429=args.rate_429,
-        rate_503=args.rate_503,
-        retry_after_s=args.retry_after_s,
-        faults_every_attempt=args.faults_every_attempt,
-        malformed_marker=args.malformed_marker,
-        burst_429=tuple(args.burst_429),
-        require_key=args.require_key,
-        echo_auth=args.echo_auth,
-        models=tuple(m for m in args.models.split(",") if m),
-        rpm_limit=args.rpm_limit,
-        tpm_limit=args.tpm_limit,
-        limits_start_s=args.limits_start_s,
-        limit_headers=not args.no_limit_headers,
-        replies=json.loads(open(args.replies, encoding="utf-8").read()) if args.replies else None,
-    )
+    options = FakeOptions(**{name: value for name, value in vars(args).items() if name != "port"})
 
     async def serve() -> None:
         server = FakeLlmServer(options)

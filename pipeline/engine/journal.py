@@ -24,7 +24,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import tenacity
+
 from pipeline.store.base import Store
+from pipeline.store.transient import is_transient
 
 __all__ = ["Journal"]
 
@@ -186,19 +189,23 @@ class Journal:
             self.batches += 1
 
     def _guard(self, fn: Callable, *args: Any, report: bool) -> None:
-        """A store failure is retried a few times; if it persists, the engine is told and stops
-        (what was committed stays committed, the rest reruns on resume)."""
-        for attempt in range(5):
-            try:
-                lost = fn(*args)
-            except Exception as exc:
-                log.warning("state store call %s failed (attempt %d): %s", fn.__name__, attempt + 1, exc)
-                time.sleep(0.05 * 2 ** attempt)
-                last = exc
-                continue
-            if report and lost and self.on_lost is not None and self._loop is not None:
-                self._loop.call_soon_threadsafe(self.on_lost, set(lost))
+        """A transient store failure (:func:`pipeline.store.transient.is_transient`) is tried 5
+        times in all, backing off 0.05 s, doubled each time. One that persists, or any other
+        error (a bug: at once), is kept in ``error`` and the engine is told and stops (what was
+        committed stays committed, the rest reruns on resume)."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(5), wait=tenacity.wait_exponential(multiplier=0.05),
+            retry=tenacity.retry_if_exception(is_transient), reraise=True,
+            after=lambda state: log.warning("state store call %s failed (attempt %d): %s", fn.__name__,
+                                            state.attempt_number, state.outcome.exception()))
+        try:
+            lost = retrying(fn, *args)
+        except Exception as exc:
+            if not is_transient(exc):
+                log.error("state store call %s failed: %s: %s", fn.__name__, type(exc).__name__, exc)
+            self.error = exc
+            if self.on_lost is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self.on_lost, None)
             return
-        self.error = last
-        if self.on_lost is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.on_lost, None)
+        if report and lost and self.on_lost is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_lost, set(lost))

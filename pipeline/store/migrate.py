@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -168,18 +167,19 @@ def ensure_schema(engine: Engine, *, upgrade: bool | None = None) -> None:
     is newer than this code raises StoreError either way."""
     if _at_head(engine):
         return
+    import tenacity  # not on the path of a current store (see the module docstring)
+
+    # Several processes opening a new SQLite file at once: some lock states (WAL set-up, a
+    # schema change seen mid-read) answer SQLITE_BUSY without waiting for busy_timeout. The
+    # upgrade is idempotent under the schema lock: try again, 6 times in all, from 0.05 s.
+    retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(6), wait=tenacity.wait_exponential(multiplier=0.05),
+                                 retry=tenacity.retry_if_exception(_locked), reraise=True)
     with _database_errors(engine):
-        for attempt in range(6):
-            try:
-                _ensure_schema(engine, upgrade)
-                return
-            except sa_exc.OperationalError as exc:
-                # Several processes opening a new SQLite file at once: some lock states (WAL
-                # set-up, a schema change seen mid-read) answer SQLITE_BUSY without waiting for
-                # busy_timeout. The upgrade is idempotent under the schema lock: try again.
-                if attempt == 5 or "locked" not in str(exc.orig).lower():
-                    raise
-                time.sleep(0.05 * 2 ** attempt)
+        retrying(_ensure_schema, engine, upgrade)
+
+
+def _locked(exc: BaseException) -> bool:
+    return isinstance(exc, sa_exc.OperationalError) and "locked" in str(exc.orig).lower()
 
 
 def _ensure_schema(engine: Engine, upgrade: bool | None) -> None:
