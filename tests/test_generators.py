@@ -345,6 +345,27 @@ def test_llm_columns_need_the_runtime_their_owner_made(tmp_path):
     assert generators["a"].limit is generators["b"].limit  # one model: one limit
 
 
+@pytest.mark.slow
+def test_a_run_without_llm_columns_never_imports_the_llm_layer(tmp_path):
+    """The job makes an LLM runtime only for llm_* columns: pipeline.llm and aiohttp stay out."""
+    import subprocess
+
+    from tests.conftest import ROOT, cli_env
+
+    path = tmp_path / "config.yaml"
+    path.write_text(f"name: t\nnum_records: 20\ncolumns:\n{SAMPLERS}"
+                    "  - {name: label, type: expression, expr: '{{ cat }}-{{ int }}'}\n")
+    probe = textwrap.dedent(f"""
+        import sys, pipeline
+        result = pipeline.run({str(path)!r}, home={str(tmp_path / "home")!r})
+        assert result.status == "complete", result
+        print(sorted(m for m in ("pipeline.llm", "pipeline.generators.llm", "aiohttp") if m in sys.modules))
+    """)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", (proc.stdout, proc.stderr)
+
+
 def test_build_generators_can_run_in_a_fresh_event_loop(tmp_path):
     # build_generators is sync and must not need a running loop (the CLI calls it first).
     generators, _ = make_generators(tmp_path, SAMPLERS)
