@@ -5,24 +5,17 @@
 SQLite or PostgreSQL. Errors are :class:`~pipeline.errors.PipelineError` subclasses whose
 message says what to do (the tree is drawn in :mod:`pipeline.errors`).
 
-====================  ===============================  =========================================
-command               function                         module
-====================  ===============================  =========================================
-run                   :func:`run`                      :mod:`pipeline.api.runs`
-resume, worker        :func:`resume`, :func:`plan_change`
-retry                 :func:`retry`
-status                :func:`status`                   :mod:`pipeline.api.reads`
-runs                  :func:`list_runs`
-rm                    :func:`delete_run`
-graph                 :func:`graph`
-validate              :func:`validate`
-export                :func:`export`                   :mod:`pipeline.api.exports`
-report                :func:`report`
-preview               :func:`compute_preview`          :mod:`pipeline.api.previews`
-sql                   :func:`query`                    :mod:`pipeline.api.state`
-db upgrade            :func:`db_upgrade`
-db current            :func:`db_current`
-====================  ===============================  =========================================
+Command by command (module: functions):
+
+- :mod:`pipeline.api.runs`: ``run`` :func:`run`; ``resume`` and ``worker`` :func:`resume`
+  (``resume --plan``: :func:`plan_change`); ``retry`` :func:`retry`.
+- :mod:`pipeline.api.reads`: ``status`` :func:`status`; ``runs`` :func:`list_runs`; ``rm``
+  :func:`delete_run`; ``graph`` :func:`graph`; ``validate`` :func:`validate`; and
+  :func:`load_dataset`.
+- :mod:`pipeline.api.exports`: ``export`` :func:`export`; ``report`` :func:`report`.
+- :mod:`pipeline.api.previews`: ``preview`` :func:`compute_preview` (:func:`preview`: its records).
+- :mod:`pipeline.api.state`: ``sql`` :func:`query`; ``db upgrade`` :func:`db_upgrade`; ``db
+  current`` :func:`db_current`; and :func:`open_state`, where the store is and opening it.
 
 :mod:`pipeline.api.jobs` runs the engine in this process (signals, event loop, progress
 snapshots); :mod:`pipeline.aio` has the async twins of run, resume and retry.
