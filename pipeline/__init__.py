@@ -5,9 +5,8 @@ in a SQL state store, so a killed run resumes exactly where it stopped."""
 from typing import TYPE_CHECKING
 
 from pipeline.aio import aresume, aretry, arun
-from pipeline.api import (delete_run, export, list_runs, load_dataset, plan_change, report, resume, retry, run, status,
-                          validate)
-from pipeline.previews import preview
+from pipeline.api import (db_current, db_upgrade, delete_run, export, list_runs, load_dataset, plan_change, preview,
+                          query, report, resume, retry, run, status, validate)
 from pipeline.errors import PipelineError, RetryableError
 
 if TYPE_CHECKING:
@@ -36,6 +35,8 @@ __all__ = [
     "aresume",
     "aretry",
     "arun",
+    "db_current",
+    "db_upgrade",
     "delete_run",
     "export",
     "list_runs",
@@ -43,6 +44,7 @@ __all__ = [
     "load_dataset",
     "plan_change",
     "preview",
+    "query",
     "report",
     "resume",
     "retry",

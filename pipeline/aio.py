@@ -21,7 +21,8 @@ import os
 import signal
 from typing import TYPE_CHECKING, Callable
 
-from pipeline.api import RunResult, _checked_config, _create_run, _interrupted, _Job, _leave, _open_resume, _reopener
+from pipeline.api.jobs import Job, RunResult, mark_interrupted
+from pipeline.api.runs import checked_config, create_run, leave_run, open_resume, reopener
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -38,12 +39,12 @@ async def arun(config: PipelineConfig | str | os.PathLike, *, home: str | os.Pat
                trace: bool = False, check_models: bool = True) -> RunResult:
     """As :func:`pipeline.run`, awaited on the running event loop. ConfigError, ModelCheckError,
     RunExistsError before anything is created, as there."""
-    cfg, graph = _checked_config(config, num_records, run_id)
+    cfg, graph = checked_config(config, num_records, run_id)
     if check_models and cfg.used_models():
         from pipeline.llm.preflight import apreflight
 
         await apreflight(cfg)
-    home_path, store, rid = _create_run(cfg, graph, home, db, run_id)
+    home_path, store, rid = create_run(cfg, graph, home, db, run_id)
     try:
         (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
         if on_created is not None:
@@ -57,7 +58,7 @@ async def aresume(run_id: str, *, home: str | os.PathLike | None = None, db: str
                   progress: Callable[[dict], None] | None = None, trace: bool = False, repair: bool = False,
                   accept_changes: bool = False) -> RunResult:
     """As :func:`pipeline.resume`, awaited on the running event loop."""
-    home_path, store, cfg, extra, early = _open_resume(run_id, home=home, db=db, repair=repair,
+    home_path, store, cfg, extra, early = open_resume(run_id, home=home, db=db, repair=repair,
                                                        accept_changes=accept_changes, before=None)
     return await _continue(store, run_id, cfg, home_path, extra, early, progress=progress, trace=trace)
 
@@ -68,9 +69,9 @@ async def aretry(run_id: str, *, columns: str | list[str] | None = None, error: 
                  on_reopened: Callable[[Reopened], None] | None = None, accept_changes: bool = False) -> RunResult:
     """As :func:`pipeline.retry`, awaited on the running event loop."""
     reopened: dict = {}
-    home_path, store, cfg, extra, early = _open_resume(
+    home_path, store, cfg, extra, early = open_resume(
         run_id, home=home, db=db, repair=False, accept_changes=accept_changes,
-        before=_reopener(run_id, columns, error, on_reopened, reopened))
+        before=reopener(run_id, columns, error, on_reopened, reopened))
     result = await _continue(store, run_id, cfg, home_path, extra, early, progress=progress, trace=trace)
     result.extra.update(reopened)
     return result
@@ -86,18 +87,18 @@ async def _continue(store: Store, run_id: str, cfg: PipelineConfig, home_path: P
         result.extra.update(extra)
         return result
     finally:
-        _leave(store, run_id)
+        leave_run(store, run_id)
 
 
 async def _engine(store: Store, run_id: str, cfg: PipelineConfig, home_path: Path, *,
                   progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
                   graph: object = None) -> RunResult:
-    job = _Job(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=resumed, graph=graph)
+    job = Job(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=resumed, graph=graph)
     try:
         status = await job.main()
     except asyncio.CancelledError:
         # The scheduler has stopped on its way out (grace period, results recorded, leases
         # given back); the run stays resumable, as after a first Ctrl-C.
-        _interrupted(store, run_id, signal.SIGINT)
+        mark_interrupted(store, run_id, signal.SIGINT)
         raise
     return job.finish(status)

@@ -87,7 +87,7 @@ def one_case(store_kind: str, records: int) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sched = Scheduler(plan, store, "bench", num_records=records, row_group_size=cfg.row_group_size,
                       home=str(folder), options=SchedulerOptions.from_settings(cfg.settings, trace=traced))
-    from pipeline.api import _loop_factory  # the event loop `pipeline run` uses (uvloop if installed)
+    from pipeline.api.jobs import loop_factory  # the event loop `pipeline run` uses (uvloop if installed)
     from pipeline.engine.tracing import TraceWriter
 
     tracer = TraceWriter(sched, store, "bench") if traced else None
@@ -101,7 +101,7 @@ def one_case(store_kind: str, records: int) -> dict:
                 writer.cancel()
 
     t0 = time.perf_counter()
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         status = runner.run(main())
     if tracer is not None:
         tracer.flush()
@@ -123,9 +123,9 @@ def run_child(store_kind: str, records: int) -> dict:
 
 
 def engine_section(records_list: list[int], repeat: int) -> None:
-    from pipeline.api import _loop_factory
+    from pipeline.api.jobs import loop_factory
 
-    loop = "uvloop" if _loop_factory() else "asyncio"
+    loop = "uvloop" if loop_factory() else "asyncio"
     print(f"engine: 10 columns (1 sampler root, {CELLS} no-op async cells, 1 batch sink), row groups of 1,000, "
           f"{loop} event loop, median of {repeat}")
     print(f"{'records':>9} {'store':>7} {'tasks/s':>10} {'peak RSS MB':>12} {'RSS growth MB':>14} {'batches':>8}")

@@ -65,7 +65,7 @@ import time
 import urllib.request
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -153,11 +153,12 @@ def dual_config(folder: Path, url: str, *, seed: int = 0):
 
 
 class Sampler(threading.Thread):
-    """Samples the two limits' permits in use every ``every_s`` (for --diagnose)."""
+    """Samples the two limits' permits in use every ``every_s`` (for --diagnose), from when the
+    run has made its runtime (``runtimes``: :func:`run_runtimes`' list)."""
 
-    def __init__(self, limits: dict, every_s: float = 0.005) -> None:
+    def __init__(self, runtimes: list, every_s: float = 0.005) -> None:
         super().__init__(daemon=True)
-        self.limits = limits
+        self.runtimes = runtimes
         self.every_s = every_s
         self.samples: list[tuple[float, dict]] = []
         self.halt = threading.Event()
@@ -165,8 +166,9 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         t0 = time.perf_counter()
         while not self.halt.is_set():
-            self.samples.append((time.perf_counter() - t0,
-                                 {a: (l.in_use, l.limit) for a, l in self.limits.items()}))
+            if self.runtimes:
+                self.samples.append((time.perf_counter() - t0,
+                                     {a: (l.in_use, l.limit) for a, l in self.runtimes[0].limits.items()}))
             time.sleep(self.every_s)
 
 
@@ -185,17 +187,38 @@ def state_home() -> Path:
     return _STATE_HOME
 
 
+@contextlib.contextmanager
+def run_runtimes(client: Callable | None = None) -> Iterator[list]:
+    """Inside, every LLM runtime a run's job makes (one per run: pipeline.api.jobs.Job makes and
+    owns it) is appended to the list given, with its HTTP client made by
+    ``client(max_connections)`` when given."""
+    from pipeline import llm
+
+    made: list = []
+    real = llm.LlmRuntime
+
+    class Recorded(real):
+        def __init__(self, models):
+            super().__init__(models)
+            if client is not None:
+                self.client = client(self.client.max_connections)
+            made.append(self)
+
+    llm.LlmRuntime = Recorded
+    try:
+        yield made
+    finally:
+        llm.LlmRuntime = real
+
+
 def one_run(flags: list[str], seed: int, diagnose: bool = False, client: Callable | None = None) -> dict:
     """One dual run; ``client(max_connections)`` makes the HTTP client (default: LlmClient)."""
     import pipeline
-    from pipeline.llm import get_runtime
 
-    with FakeServer(*flags) as server, tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
+    with run_runtimes(client) as made, FakeServer(*flags) as server, \
+            tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
         cfg = dual_config(Path(tmp), server.url, seed=seed)
-        runtime = get_runtime(cfg)  # the run's generators use this runtime, and its client
-        if client is not None:
-            runtime.client = client(runtime.client.max_connections)
-        sampler = Sampler(runtime.limits) if diagnose else None
+        sampler = Sampler(made) if diagnose else None
         if sampler:
             sampler.start()
         t0 = time.perf_counter()
@@ -209,6 +232,7 @@ def one_run(flags: list[str], seed: int, diagnose: bool = False, client: Callabl
         assert result.status == "complete", result.status
         assert result.stats.records_dropped == 0, result.stats
         stats = server.stats()["models"]
+        runtime = made[0]
         limits = runtime.stats()
     requests = sum(m["requests"] for m in stats.values())
     out = {"makespan": makespan, "requests": requests,
@@ -494,9 +518,9 @@ def burst_run(flags: list[str], seed: int) -> dict:
     A's lowest limit, from the run's trace."""
     import pipeline
     from pipeline.config import load_config
-    from pipeline.llm import get_runtime
 
-    with FakeServer("--latency-ms", "50", *flags) as server, tempfile.TemporaryDirectory() as tmp:
+    with run_runtimes() as made, FakeServer("--latency-ms", "50", *flags) as server, \
+            tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "burst.yaml"
         path.write_text("\n".join([
             "name: burst", "num_records: 300", "row_group_size: 50", f"seed: {seed}",
@@ -510,7 +534,7 @@ def burst_run(flags: list[str], seed: int) -> dict:
             "  - {name: b_text, type: llm_text, model: b, prompt: 'B about {{ id }}'}",
         ]) + "\n")
         cfg = load_config(path)
-        sampler = Sampler(get_runtime(cfg).limits)
+        sampler = Sampler(made)
         sampler.start()
         run_id = f"burst-{seed}-{os.getpid()}-{time.monotonic_ns()}"
         result = pipeline.run(cfg, home=state_home(), run_id=run_id, trace=True, check_models=False)

@@ -55,6 +55,8 @@ def test_model_errors_of_the_client_are_the_ones_in_the_tree():
 def test_the_package_exports_resolve_and_cover_the_api():
     for name in pipeline.__all__:
         assert getattr(pipeline, name) is not None, name
+    # pipeline.api.graph stays out of the package's names: `pipeline.graph` is the module of the
+    # column DAG, which replaces any function of that name once it is imported.
     public_functions = {name for name in pipeline.api.__all__
-                        if inspect.isfunction(getattr(pipeline.api, name))} - {"open_state", "validate_run_id"}
+                        if inspect.isfunction(getattr(pipeline.api, name))} - {"open_state", "validate_run_id", "graph"}
     assert public_functions <= set(pipeline.__all__), public_functions - set(pipeline.__all__)

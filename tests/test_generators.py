@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, GenerationError
-from pipeline.generators import Generator, build_generators
+from pipeline.generators import Generator, build_generators, llm_runtime
 
 _module_ids = itertools.count()
 
@@ -323,8 +323,47 @@ def test_llm_columns_refuse_to_build_without_the_llm_module(tmp_path, monkeypatc
     config = load_config(path)
     monkeypatch.setitem(sys.modules, "pipeline.generators.llm", None)
     with pytest.raises(ConfigError, match="llm columns are not available") as caught:
-        build_generators(config)
+        build_generators(config, runtime=llm_runtime(config))
     assert caught.value.column == "a"
+    monkeypatch.setitem(sys.modules, "pipeline.llm", None)
+    with pytest.raises(ConfigError, match="llm columns are not available") as caught:
+        llm_runtime(config)
+    assert caught.value.column == "a"
+
+
+def test_llm_columns_need_the_runtime_their_owner_made(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
+                    "  - {name: a, type: llm_text, model: w, prompt: hi}\n"
+                    "  - {name: b, type: llm_text, model: w, prompt: ho}\n")
+    config = load_config(path)
+    with pytest.raises(ValueError, match="runtime"):
+        build_generators(config)
+    runtime = llm_runtime(config)
+    generators = build_generators(config, runtime=runtime)
+    assert generators["a"].runtime is generators["b"].runtime is runtime
+    assert generators["a"].limit is generators["b"].limit  # one model: one limit
+
+
+@pytest.mark.slow
+def test_a_run_without_llm_columns_never_imports_the_llm_layer(tmp_path):
+    """The job makes an LLM runtime only for llm_* columns: pipeline.llm and aiohttp stay out."""
+    import subprocess
+
+    from tests.conftest import ROOT, cli_env
+
+    path = tmp_path / "config.yaml"
+    path.write_text(f"name: t\nnum_records: 20\ncolumns:\n{SAMPLERS}"
+                    "  - {name: label, type: expression, expr: '{{ cat }}-{{ int }}'}\n")
+    probe = textwrap.dedent(f"""
+        import sys, pipeline
+        result = pipeline.run({str(path)!r}, home={str(tmp_path / "home")!r})
+        assert result.status == "complete", result
+        print(sorted(m for m in ("pipeline.llm", "pipeline.generators.llm", "aiohttp") if m in sys.modules))
+    """)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", (proc.stdout, proc.stderr)
 
 
 def test_build_generators_can_run_in_a_fresh_event_loop(tmp_path):

@@ -25,11 +25,10 @@ from pipeline.errors import (
 from pipeline.generators.llm import judge_schema, make_llm_generator
 from pipeline.llm import (
     LlmClient,
+    LlmRuntime,
     ModelEndpoint,
     ModelOutputError,
     ModelRequestError,
-    aclose_runtimes,
-    get_runtime,
     parse_retry_after,
 )
 
@@ -90,9 +89,18 @@ def make_column(name="out", type="llm_text", prompt="Say {{ word }}", **extra):
 
 
 @pytest.fixture
-async def runtimes():
-    yield
-    await aclose_runtimes()
+async def generator_of():
+    """``generator_of(column, config)``: the column's generator on a runtime of its own (as a
+    run's job owns one), closed at the end."""
+    owned = []
+
+    def make(column, config):
+        owned.append(LlmRuntime(config.models))
+        return make_llm_generator(column, config, runtime=owned[-1])
+
+    yield make
+    for runtime in owned:
+        await runtime.aclose()
 
 
 # --- the client ------------------------------------------------------------------------------
@@ -366,9 +374,9 @@ def _everything_said_about(exc):
     return " ".join([str(exc), repr(exc), rendered, repr(pickle.loads(pickle.dumps(exc)))])
 
 
-async def test_no_error_repr_or_traceback_shows_the_key(keyed_url, server_url, secret_env, runtimes):
+async def test_no_error_repr_or_traceback_shows_the_key(keyed_url, server_url, secret_env, generator_of):
     config = make_config(keyed_url, api_key_env=KEY_ENV)
-    generator = make_llm_generator(make_column(prompt="[[status:{{ code }}]]"), config)
+    generator = generator_of(make_column(prompt="[[status:{{ code }}]]"), config)
     said = [repr(generator), repr(generator.runtime), repr(generator.runtime.client), repr(generator.endpoint),
             repr(generator.limit), repr(vars(generator))]
     for code in (400, 429, 500):  # the key is right, so the server answers with the marked status
@@ -377,7 +385,7 @@ async def test_no_error_repr_or_traceback_shows_the_key(keyed_url, server_url, s
         said.append(_everything_said_about(caught.value))
     # A 401 (the server wants another key) and a timeout, also with locals in the traceback.
     other = make_config(server_url, api_key_env=KEY_ENV, timeout_s=0.1)
-    slow = make_llm_generator(make_column(prompt="[[sleep-ms:{{ ms }}]]"), other)
+    slow = generator_of(make_column(prompt="[[sleep-ms:{{ ms }}]]"), other)
     with pytest.raises(ModelTimeoutError) as caught:
         await slow.agenerate({"ms": 2000})
     said.append(_everything_said_about(caught.value))
@@ -385,9 +393,8 @@ async def test_no_error_repr_or_traceback_shows_the_key(keyed_url, server_url, s
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PIPELINE_TEST_OTHER_KEY", "sk-other")
         with pytest.raises(ModelRequestError) as caught:
-            await make_llm_generator(make_column(), wrong_key).agenerate({"word": "x"})
+            await generator_of(make_column(), wrong_key).agenerate({"word": "x"})
     said.append(_everything_said_about(caught.value))
-    await slow.runtime.aclose()
     assert all(SECRET not in text for text in said)
     assert all("sk-other" not in text for text in said)
 
@@ -407,8 +414,8 @@ async def test_no_connection_or_broken_answer_error_shows_the_key(client, raw_se
 # --- the generators ---------------------------------------------------------------------------
 
 
-async def test_llm_text_renders_its_prompts_and_counts_usage(server_url, runtimes):
-    generator = make_llm_generator(
+async def test_llm_text_renders_its_prompts_and_counts_usage(server_url, generator_of):
+    generator = generator_of(
         make_column(prompt="Say {{ word }} twice", system_prompt="You are {{ role }}."), make_config(server_url)
     )
     assert generator.strategy == "cell" and generator.outputs == ("out",) and generator.is_async
@@ -417,8 +424,8 @@ async def test_llm_text_renders_its_prompts_and_counts_usage(server_url, runtime
     assert generator.usage == {"requests": 1, "prompt_tokens": 6, "completion_tokens": 5}
 
 
-async def test_an_undefined_variable_in_the_prompt_fails_the_cell(server_url, runtimes):
-    generator = make_llm_generator(make_column(prompt="{{ missing }}"), make_config(server_url))
+async def test_an_undefined_variable_in_the_prompt_fails_the_cell(server_url, generator_of):
+    generator = generator_of(make_column(prompt="{{ missing }}"), make_config(server_url))
     with pytest.raises(Exception, match="missing"):
         await generator.agenerate({})
     assert generator.usage["requests"] == 0
@@ -432,8 +439,8 @@ SCHEMA = {
 }
 
 
-async def test_llm_structured_returns_the_validated_object(server_url, runtimes):
-    generator = make_llm_generator(
+async def test_llm_structured_returns_the_validated_object(server_url, generator_of):
+    generator = generator_of(
         make_column(type="llm_structured", prompt="A review of {{ thing }}", output_schema=SCHEMA),
         make_config(server_url),
     )
@@ -442,8 +449,8 @@ async def test_llm_structured_returns_the_validated_object(server_url, runtimes)
     assert generator.usage["requests"] == 1
 
 
-async def test_malformed_structured_output_is_reasked_then_fails_for_good(server_url, runtimes):
-    generator = make_llm_generator(
+async def test_malformed_structured_output_is_reasked_then_fails_for_good(server_url, generator_of):
+    generator = generator_of(
         make_column(type="llm_structured", prompt="SPOIL {{ thing }}", output_schema=SCHEMA),
         make_config(server_url),
     )
@@ -453,7 +460,7 @@ async def test_malformed_structured_output_is_reasked_then_fails_for_good(server
     assert generator.usage["requests"] == 3
 
 
-async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url, runtimes, monkeypatch):
+async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url, generator_of, monkeypatch):
     sent = []
     complete = LlmClient.complete
 
@@ -463,7 +470,7 @@ async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url,
 
     monkeypatch.setattr(LlmClient, "complete", spy)
     rubric = {"clarity": "Is the text clear?", "tone": "Is the tone friendly?"}
-    generator = make_llm_generator(
+    generator = generator_of(
         make_column(type="llm_judge", prompt="Judge: {{ text }}", rubric=rubric), make_config(server_url)
     )
     value = await generator.agenerate({"text": "hello"})
@@ -478,41 +485,50 @@ async def test_llm_judge_returns_a_score_and_reasoning_per_criterion(server_url,
         assert criterion in prompt and description in prompt
 
 
-async def test_columns_on_one_model_share_one_limit_and_one_client(server_url, runtimes):
+def test_columns_on_one_model_share_one_limit_and_one_client(server_url):
     config = make_config(server_url)
     config.models["judge"] = SimpleNamespace(
         base_url=server_url, model="other", api_key_env=None, max_parallel_requests=2, timeout_s=5
     )
-    first = make_llm_generator(make_column(name="a"), config)
-    second = make_llm_generator(make_column(name="b"), config)
-    third = make_llm_generator(make_column(name="c", model="judge"), config)
+    runtime = LlmRuntime(config.models)
+    first = make_llm_generator(make_column(name="a"), config, runtime=runtime)
+    second = make_llm_generator(make_column(name="b"), config, runtime=runtime)
+    third = make_llm_generator(make_column(name="c", model="judge"), config, runtime=runtime)
     assert first.limit is second.limit and first.limit is not third.limit
     assert (first.limit.max_limit, third.limit.max_limit) == (4, 2)
-    assert first.runtime is second.runtime is third.runtime is get_runtime(config)
-    assert first.runtime.client.max_connections == 6
+    assert runtime.client.max_connections == 6
 
 
 def test_an_unknown_model_alias_is_a_config_error(server_url):
     with pytest.raises(ConfigError, match="nope"):
-        make_llm_generator(make_column(model="nope"), make_config(server_url))
+        config = make_config(server_url)
+        make_llm_generator(make_column(model="nope"), config, runtime=LlmRuntime(config.models))
 
 
 def test_the_sync_bridge_uses_its_own_connection(server_url):
-    generator = make_llm_generator(make_column(), make_config(server_url))
+    config = make_config(server_url)
+    generator = make_llm_generator(make_column(), config, runtime=LlmRuntime(config.models))
     assert generator.generate({"word": "sync"}).endswith("Say sync")
 
 
-async def test_the_engine_pattern_backs_off_during_a_burst_of_429s_and_recovers(runtimes):
+async def test_the_engine_pattern_backs_off_during_a_burst_of_429s_and_recovers(generator_of):
     url, stop = fake.start_server(latency_ms=5, burst_429=["bursty:0:0.3"])
     try:
         config = make_config(url, model="bursty", max_parallel_requests=8)
-        generator = make_llm_generator(make_column(), config)
+        generator = generator_of(make_column(), config)
         limit = generator.limit
         outcomes, observed = [], []
+        room = asyncio.Event()  # the engine's pattern: try_acquire, and on_available says when to try again
+        limit.on_available = room.set
+
+        async def acquire():
+            while not limit.try_acquire():
+                room.clear()
+                await room.wait()
 
         async def task(i):
             while True:
-                await limit.acquire()
+                await acquire()
                 try:
                     await generator.agenerate({"word": f"w{i}"})
                 except ModelRateLimitError as exc:
@@ -531,11 +547,10 @@ async def test_the_engine_pattern_backs_off_during_a_burst_of_429s_and_recovers(
         assert 2 <= limit.stats()["decreases"] < outcomes.count(429)
         assert min(observed) < 4
         for i in range(60):  # successes bring it back up
-            await limit.acquire()
+            await acquire()
             await generator.agenerate({"word": f"again{i}"})
             limit.release()
         assert limit.limit == 8
-        await generator.runtime.aclose()
     finally:
         stop()
 
@@ -557,10 +572,10 @@ def requests_of(url, model):
     ("{{ word }}", "You are terse.", {"word": ""}, "the prompt"),  # a system prompt does not stand in
     ("", "{{ word }}", {"word": None}, "the system_prompt"),  # prompt "": the system prompt is all there is
 ], ids=["none", "whitespace", "with a system prompt", "system prompt only"])
-async def test_a_prompt_that_renders_empty_fails_without_a_request(server_url, runtimes, prompt, system_prompt, row,
+async def test_a_prompt_that_renders_empty_fails_without_a_request(server_url, generator_of, prompt, system_prompt, row,
                                                                    field):
     model = f"empty-{abs(hash((prompt, system_prompt, str(row))))}"
-    generator = make_llm_generator(make_column(prompt=prompt, system_prompt=system_prompt),
+    generator = generator_of(make_column(prompt=prompt, system_prompt=system_prompt),
                                    make_config(server_url, model=model))
     with pytest.raises(GenerationError, match=f"'out': {field} rendered to empty text") as caught:
         await generator.agenerate(row)
@@ -568,8 +583,8 @@ async def test_a_prompt_that_renders_empty_fails_without_a_request(server_url, r
     assert generator.usage["requests"] == 0 and requests_of(server_url, model) == 0
 
 
-async def test_a_blank_prompt_leaves_the_system_prompt_as_the_whole_request(server_url, runtimes):
-    generator = make_llm_generator(make_column(prompt="", system_prompt="Name a {{ word }}."), make_config(server_url))
+async def test_a_blank_prompt_leaves_the_system_prompt_as_the_whole_request(server_url, generator_of):
+    generator = generator_of(make_column(prompt="", system_prompt="Name a {{ word }}."), make_config(server_url))
     assert await generator.agenerate({"word": "colour"})  # the fake server answers a request with no user turn
     assert generator.usage["requests"] == 1
 

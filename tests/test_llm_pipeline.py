@@ -334,12 +334,21 @@ def test_the_api_key_never_reaches_the_store_the_home_folder_or_any_output(tmp_p
 
 # -- 4 ----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recovers(tmp_path):
+def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recovers(tmp_path, monkeypatch):
     """In process: the run on this thread, the server in its own process, a sampler thread
     reading the server's /stats and both models' AdaptiveLimit every 10 ms."""
     import pipeline
+    from pipeline import llm
     from pipeline.config import load_config
-    from pipeline.llm import get_runtime
+
+    made: list = []
+
+    class Recorded(llm.LlmRuntime):  # the run's job makes and owns its runtime: keep a hand on it
+        def __init__(self, models):
+            super().__init__(models)
+            made.append(self)
+
+    monkeypatch.setattr(llm, "LlmRuntime", Recorded)
 
     a_max, b_max, records = 8, 4, 300
     burst_start, burst_len = 1.0, 0.6  # seconds after the server starts
@@ -359,12 +368,15 @@ def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recove
               - {{name: a2, type: llm_text, model: a, prompt: "Second note on {{{{ id }}}}"}}
               - {{name: b1, type: llm_text, model: b, prompt: "Other note on {{{{ id }}}}"}}
             """))
-        limits = get_runtime(cfg).limits  # the run uses this config's runtime
         samples: list[dict] = []
         halt = threading.Event()
 
         def sample() -> None:
             while not halt.is_set():
+                if not made:  # the run has not built its generators yet
+                    time.sleep(0.01)
+                    continue
+                limits = made[0].limits
                 stats = server_stats(server.url)
                 models = stats["models"]
                 samples.append({"t": stats["uptime_s"], "a_limit": limits["a"].limit, "b_limit": limits["b"].limit,
@@ -395,6 +407,8 @@ def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recove
     assert len(during) >= 5 and after, (len(during), len(after))
 
     # A: its limit fell during the burst, and came back to its maximum after it.
+    assert len(made) == 1, made  # one runtime per run, shared by its three LLM columns
+    limits = made[0].limits
     a_stats = limits["a"].stats()
     assert a_stats["decreases"] > 0 and a_stats["rate_limited"] > 0, a_stats
     assert min(s["a_limit"] for s in during) < a_max, during

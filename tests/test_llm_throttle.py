@@ -3,12 +3,10 @@ ones do not), once per window; recovers on successes; stays in bounds."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
 
-from pipeline.errors import ModelRateLimitError, ModelServerError
 from pipeline.llm.throttle import AdaptiveLimit
 
 
@@ -218,54 +216,15 @@ def test_bad_parameters_are_refused(kwargs):
         AdaptiveLimit(**kwargs)
 
 
-async def test_acquire_waits_first_come_first_served():
-    limit = AdaptiveLimit(1)
-    await limit.acquire()
-    order = []
-
-    async def waiter(name):
-        await limit.acquire()
-        order.append(name)
-        limit.release()
-
-    tasks = [asyncio.create_task(waiter(n)) for n in ("a", "b", "c")]
-    await asyncio.sleep(0)
-    assert not limit.try_acquire()  # waiters come before a polling dispatcher
-    limit.release()
-    await asyncio.gather(*tasks)
-    assert order == ["a", "b", "c"]
-    assert limit.in_use == 0
-
-
-async def test_a_cancelled_waiter_takes_no_permit():
-    limit = AdaptiveLimit(1)
-    await limit.acquire()
-    task = asyncio.create_task(limit.acquire())
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    limit.release()
-    assert limit.in_use == 0
-    assert limit.try_acquire()
-
-
-async def test_permit_reports_rate_limits_and_nothing_else():
+def test_only_rate_limits_cut_the_limit_not_outages():
     limit = AdaptiveLimit(8, window=10)  # cuts at 2 of the last 10
-    with pytest.raises(ModelServerError):
-        async with limit.permit():
-            raise ModelServerError("503")
-    with pytest.raises(ModelServerError):
-        async with limit.permit():
-            raise ModelServerError("503")
+    for _ in range(2):
+        take(limit, 1)
+        limit.release(outage=True, error="503")
     assert limit.limit == 8  # 5xx are not a reason to cut
-    with pytest.raises(ModelRateLimitError):
-        async with limit.permit():
-            raise ModelRateLimitError()
+    once(limit, rate_limited=True)
     assert limit.limit == 8
-    with pytest.raises(ModelRateLimitError):
-        async with limit.permit():
-            raise ModelRateLimitError()
+    once(limit, rate_limited=True)
     assert limit.limit == 5
     assert limit.stats() == {
         "limit": 5, "in_use": 0, "max_limit": 8, "requests": 4, "rate_limited": 2, "decreases": 1,

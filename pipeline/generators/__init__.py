@@ -9,6 +9,7 @@ from pipeline.generators.base import Generator
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
+    from pipeline.llm import LlmRuntime
     from pipeline.generators.expression import ExpressionGenerator
     from pipeline.generators.python import make_python_generator
     from pipeline.generators.samplers import SamplerGenerator
@@ -37,15 +38,33 @@ __all__ = [
     "SamplerGenerator",
     "SeedDatasetGenerator",
     "build_generators",
+    "llm_runtime",
     "make_python_generator",
 ]
 
 
-def build_generators(config: PipelineConfig) -> dict[str, Generator]:
+def llm_runtime(config: PipelineConfig) -> LlmRuntime | None:
+    """A new :class:`~pipeline.llm.LlmRuntime` for the ``models`` of ``config`` when one of its
+    columns is ``llm_*``, else None (and neither pipeline.llm nor aiohttp is imported). The
+    caller owns it: pass it to :func:`build_generators`, and ``await runtime.aclose()`` on the
+    event loop that used it. ConfigError when the LLM layer cannot be imported."""
+    llm_columns = [column for column in config.columns if column.type.startswith("llm_")]
+    if not llm_columns:
+        return None
+    try:
+        from pipeline.llm import LlmRuntime
+    except ImportError as exc:
+        raise ConfigError(f"llm columns are not available in this installation ({exc})",
+                          path=config.source, column=llm_columns[0].name) from exc
+    return LlmRuntime(config.models)
+
+
+def build_generators(config: PipelineConfig, *, runtime: LlmRuntime | None = None) -> dict[str, Generator]:
     """One generator per config entry, keyed by the entry's name, in config order.
 
     Each has ``outputs`` set to the entry's output columns. Python modules are imported and seed
-    files read here, so call it once per process and share the result.
+    files read here, so call it once per process and share the result. ``llm_*`` columns share
+    ``runtime`` (from :func:`llm_runtime`; the caller closes it): ValueError when they have none.
     """
     from pipeline.generators.expression import ExpressionGenerator
     from pipeline.generators.python import make_python_generator
@@ -64,6 +83,8 @@ def build_generators(config: PipelineConfig) -> dict[str, Generator]:
         elif kind == "seed_dataset":
             generator = SeedDatasetGenerator(column, config)
         elif kind.startswith("llm_"):
+            if runtime is None:
+                raise ValueError(f"llm column {column.name!r} needs runtime=llm_runtime(config)")
             try:
                 from pipeline.generators.llm import make_llm_generator
             except ImportError as exc:
@@ -71,7 +92,7 @@ def build_generators(config: PipelineConfig) -> dict[str, Generator]:
                     f"llm columns are not available in this installation ({exc})",
                     path=config.source, column=column.name,
                 ) from exc
-            generator = make_llm_generator(column, config)
+            generator = make_llm_generator(column, config, runtime=runtime)
         else:  # config validation makes this unreachable
             raise ConfigError(f"unknown column type '{kind}'", path=config.source, column=column.name)
         generator.outputs = tuple(column.outputs)

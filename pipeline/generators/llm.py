@@ -37,7 +37,7 @@ import jsonschema.exceptions
 
 from pipeline.errors import ConfigError, GenerationError
 from pipeline.generators.base import Generator, task_usage
-from pipeline.llm import Completion, LlmClient, LlmRuntime, ModelOutputError, get_runtime
+from pipeline.llm import Completion, LlmClient, LlmRuntime, ModelOutputError
 from pipeline.llm.answers import MalformedAnswer, extract_json, text_problem
 from pipeline.redact import redact
 from pipeline.templates import DEFAULT_RENDER_TIMEOUT_S, TemplateLimitError, arender, compile_template, render
@@ -112,13 +112,13 @@ class LlmGenerator(Generator):
 
     strategy = "cell"
 
-    def __init__(self, column: Any, config: Any, *, runtime: LlmRuntime | None = None) -> None:
+    def __init__(self, column: Any, config: Any, *, runtime: LlmRuntime) -> None:
         if column.type not in LLM_COLUMN_TYPES:
             raise ConfigError(f"not an LLM column type: {column.type!r}", column=column.name)
         self.column_name: str = column.name
         self.column_type: str = column.type
         self.outputs = (column.name,)
-        self.runtime = runtime if runtime is not None else get_runtime(config)
+        self.runtime = runtime
         if column.model not in self.runtime.endpoints:
             known = ", ".join(sorted(self.runtime.endpoints)) or "none"
             raise ConfigError(f"unknown model alias '{column.model}' (defined: {known})", column=column.name)
@@ -313,10 +313,12 @@ def _schema_name(column_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", column_name)[:64] or "output"
 
 
-def make_llm_generator(column: Any, config: Any, *, runtime: LlmRuntime | None = None) -> LlmGenerator:
+def make_llm_generator(column: Any, config: Any, *, runtime: LlmRuntime) -> LlmGenerator:
     """The generator of an ``llm_text`` / ``llm_structured`` / ``llm_judge`` column.
 
-    ``config`` needs ``models`` (alias -> model config); generators of one config share one
-    runtime (see :func:`pipeline.llm.get_runtime`) unless ``runtime`` is given.
+    ``runtime`` holds the HTTP pool and the per-alias limits, shared by every LLM column of the
+    config (:func:`pipeline.generators.llm_runtime` makes it; its owner closes it); ConfigError
+    when ``column.model`` is not one of its aliases. ``config`` gives the render timeout
+    (``settings.render_timeout_s``).
     """
     return LlmGenerator(column, config, runtime=runtime)

@@ -1,17 +1,17 @@
 """The LLM layer: an OpenAI-compatible client, its error mapping, and per-model AIMD limits.
 
-One :class:`LlmRuntime` per loaded config and process holds what must be shared by every
-``llm_*`` column of that config: one pooled HTTP client, and one :class:`AdaptiveLimit` (with
-its :class:`~pipeline.llm.pacing.Pacer`) per model alias (two columns on the same model compete for the same server capacity, so they must
-see the same 429s and share one limit). :func:`get_runtime` returns it, creating it on first use.
+An :class:`LlmRuntime` holds what must be shared by every ``llm_*`` column of a config: one
+pooled HTTP client, and one :class:`AdaptiveLimit` (with its :class:`~pipeline.llm.pacing.Pacer`)
+per model alias (two columns on the same model compete for the same server capacity, so they
+must see the same 429s and share one limit).
 
-The engine closes the pools of its run's runtimes (``await runtime.aclose()``) when its event
-loop is done with them; :func:`aclose_runtimes` closes every runtime of the process.
+Its owner is explicit: the engine's job (:class:`pipeline.api.jobs.Job`) makes one per run
+(:func:`pipeline.generators.llm_runtime`), hands it to the generators as they are built, and
+closes its pool (``await runtime.aclose()``) on the event loop that used it.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Mapping
 
 from pipeline.errors import ModelRateLimitError, is_outage
@@ -38,8 +38,6 @@ __all__ = [
     "ModelOutputError",
     "ModelRequestError",
     "Pacer",
-    "aclose_runtimes",
-    "get_runtime",
     "parse_retry_after",
 ]
 
@@ -108,38 +106,3 @@ class LlmRuntime:
             if limit.health is not None:
                 limit.health.close()
         await self.client.aclose()
-
-
-# id(config) -> (reference to the config, its runtime). The reference is weak when the config
-# allows it (pydantic models do), so a dropped config takes its runtime with it; the identity
-# check guards against a recycled id.
-_RUNTIMES: dict[int, tuple[Any, LlmRuntime]] = {}
-
-
-def get_runtime(config: Any) -> LlmRuntime:
-    """The runtime of ``config`` (anything with a ``models`` mapping), one per process."""
-    key = id(config)
-    entry = _RUNTIMES.get(key)
-    if entry is not None:
-        ref, runtime = entry
-        held = ref() if isinstance(ref, weakref.ref) else ref
-        if held is config:
-            return runtime
-    runtime = LlmRuntime(getattr(config, "models", None))
-    def forget(dead: weakref.ref) -> None:
-        if _RUNTIMES.get(key, (None,))[0] is dead:
-            del _RUNTIMES[key]
-
-    try:
-        ref = weakref.ref(config, forget)
-    except TypeError:
-        ref = config
-    _RUNTIMES[key] = (ref, runtime)
-    return runtime
-
-
-async def aclose_runtimes() -> None:
-    """Close the HTTP pools of every runtime of the process (call from the loop that used them;
-    runs in other threads use their own loops: close their runtimes one by one instead)."""
-    for _, runtime in list(_RUNTIMES.values()):
-        await runtime.aclose()

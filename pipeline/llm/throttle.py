@@ -46,11 +46,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import math
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
-from pipeline.errors import ModelRateLimitError, is_outage
 from pipeline.llm.health import ANSWERED, OUTAGE, RATE_LIMITED, ModelHealth
 
 if TYPE_CHECKING:
@@ -115,8 +113,6 @@ class AdaptiveLimit:
         self._requests = 0
         self._rate_limited = 0
         self._cuts = 0
-        # (future, max_tokens): the future's result is the tokens reserved for it
-        self._waiters: collections.deque[tuple[asyncio.Future[int], int | None]] = collections.deque()
         #: The endpoint's circuit breaker (set by the runtime); None: always up.
         self.health: ModelHealth | None = None
         #: The model's pacing (set by the runtime); None: no pacing.
@@ -135,10 +131,10 @@ class AdaptiveLimit:
         return f"AdaptiveLimit(limit={self.limit}, in_use={self.in_use}, max_limit={self.max_limit})"
 
     def try_acquire(self, max_tokens: int | None = None) -> bool:
-        """Take a permit if one is free now and the pacer has room for a request of
-        ``max_tokens`` (``last_reserved`` then holds the tokens reserved). Never waits."""
-        # Waiters of acquire() come first, so a busy dispatcher cannot starve them.
-        if self.in_use < self.limit and not self._waiters and not (self.health is not None and self.health.down):
+        """Take a permit if one is free now, the endpoint is up and the pacer has room for a
+        request of ``max_tokens`` (``last_reserved`` then holds the tokens reserved). Never
+        waits: when it says no, ``on_available`` is called once there is room again."""
+        if self.in_use < self.limit and not (self.health is not None and self.health.down):
             pacer = self.pacer
             if pacer is not None:
                 reserved = pacer.try_take(max_tokens, self.in_use)
@@ -149,25 +145,6 @@ class AdaptiveLimit:
             self.in_use += 1
             return True
         return False
-
-    async def acquire(self, max_tokens: int | None = None) -> int:
-        """Wait for a permit (first come, first served); returns the tokens reserved.
-        Cancellation leaves no permit taken."""
-        if self.try_acquire(max_tokens):
-            return self.last_reserved
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        entry = (future, max_tokens)
-        self._waiters.append(entry)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                # The permit was handed over just as we were cancelled: give it back.
-                self.release(reserved=future.result(), requests=0, tokens=0)
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(entry)
-            raise
 
     def release(self, *, rate_limited: bool = False, outage: bool = False, answered: bool = True,
                 error: str | None = None, reserved: int = 0, requests: int | None = None,
@@ -213,23 +190,6 @@ class AdaptiveLimit:
                     self.limit += 1
         self._hand_over()
 
-    @contextlib.asynccontextmanager
-    async def permit(self, max_tokens: int | None = None) -> AsyncIterator[None]:
-        """``async with limit.permit():`` acquires, and releases with the outcome of the body
-        (a :class:`~pipeline.errors.ModelRateLimitError`, an outage, or an answer)."""
-        reserved = await self.acquire(max_tokens)
-        rate_limited = outage = False
-        try:
-            yield
-        except ModelRateLimitError:
-            rate_limited = True
-            raise
-        except Exception as exc:
-            outage = is_outage(exc)
-            raise
-        finally:
-            self.release(rate_limited=rate_limited, outage=outage, reserved=reserved)
-
     def observe(self, headers: Mapping[str, str]) -> None:
         """An answer's headers, for the pacer (``x-ratelimit-*``); called by the client."""
         if self.pacer is not None:
@@ -258,23 +218,9 @@ class AdaptiveLimit:
         self._cooldown = max(self.in_use, self.limit)
 
     def _hand_over(self) -> None:
+        """Tell the dispatcher when a permit is free and the endpoint up."""
         if self.health is not None and self.health.down:
             return
-        pacer = self.pacer
-        while self._waiters and self.in_use < self.limit:
-            future, max_tokens = self._waiters[0]
-            if future.done():  # cancelled while queued
-                self._waiters.popleft()
-                continue
-            reserved = 0
-            if pacer is not None:
-                reserved = pacer.try_take(max_tokens, self.in_use)
-                if reserved < 0:
-                    self._wake_after(pacer.wait_s)
-                    return
-            self._waiters.popleft()
-            self.in_use += 1
-            future.set_result(reserved)
         if self.in_use < self.limit and self.on_available is not None:
             self.on_available()
 

@@ -34,7 +34,7 @@ from pipeline.threads import off_the_loop
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
-__all__ = ["CELL_CHARS", "DEFAULT_RECORDS", "Preview", "compute_preview", "preview", "print_table", "to_json"]
+__all__ = ["DEFAULT_RECORDS", "Preview", "compute_preview", "preview"]
 
 DEFAULT_RECORDS = 5
 _RUN_ID = "preview"
@@ -99,7 +99,8 @@ PREVIEW_MODEL_DOWN_S = 15.0
 
 
 def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
-    from pipeline.api import _failures, _Job, _loop_factory
+    from pipeline.api.jobs import Job, loop_factory
+    from pipeline.api.reads import failures_of
     from pipeline.dataset import read_dataset
     from pipeline.graph import build_graph
     from pipeline.store.base import ColumnSpec, NewRun
@@ -119,8 +120,8 @@ def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
         fingerprints=[]))
     # The row group's checkpoint file goes here, never under --home; gone at the end.
     with tempfile.TemporaryDirectory(prefix="pipeline-preview-") as scratch:
-        job = _Job(store, _RUN_ID, cfg, Path(scratch), progress=None, trace=False, graph=graph)
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        job = Job(store, _RUN_ID, cfg, Path(scratch), progress=None, trace=False, graph=graph)
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             status = runner.run(job.main())
         outcome = job.finish(status)
         if status not in ("complete", "failed"):
@@ -129,7 +130,7 @@ def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
     prompts = _prompts(job.plan, records) if show_prompts else None
     # A stop reason may end in advice to resume the run: there is none to resume here.
     reason = outcome.reason.split("; no record was dropped")[0].split("; fix the cause")[0] if outcome.reason else None
-    return Preview(list(graph.columns), records, status, cfg.num_records, _failures(store, _RUN_ID), prompts,
+    return Preview(list(graph.columns), records, status, cfg.num_records, failures_of(store, _RUN_ID), prompts,
                    reason)
 
 
@@ -139,74 +140,3 @@ def _prompts(plan: Any, records: list[dict[str, Any]]) -> list[dict[str, str]]:
     writers = [node for node in plan.nodes if hasattr(node.gen, "rendered_prompt")]
     return [{node.name: node.gen.rendered_prompt({c: record.get(c) for c in node.depends_on}) for node in writers}
             for record in records]
-
-
-# -- output ---------------------------------------------------------------------------------
-#: A value longer than this is cut in the table (``--json`` gives every value whole).
-CELL_CHARS = 300
-
-
-def to_json(result: Preview) -> str:
-    """A JSON list with one object per record, columns in config order; values as JSONL export
-    writes them. With prompts, each object also has ``"_prompts": {llm column: text}``."""
-    from pipeline.dataset import export_json
-
-    items = []
-    for i, record in enumerate(result.records):
-        if result.prompts is not None:
-            record = {**record, "_prompts": result.prompts[i]}
-        items.append(export_json(record))
-    return "[" + ", ".join(items) + "]"
-
-
-def print_table(result: Preview, file: Any = None) -> None:
-    """The records as a table that fits the terminal (rich; 80 columns when not a terminal, or
-    ``$COLUMNS``): one row per record when the columns fit side by side, else one two-column
-    table (column, value) per record. With prompts, each record's prompts after it."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(file=file, highlight=False, soft_wrap=False)
-    if not result.records:
-        console.print("(no records)")
-        return
-    cells = [[_cell(record.get(c)) for c in result.columns] for record in result.records]
-    wide = sum(min(max(len(name), *(len(row[i].plain) for row in cells)), _NARROWEST) + 3
-               for i, name in enumerate(result.columns))
-    if wide <= console.width:
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        for name in result.columns:
-            table.add_column(name, overflow="fold")
-        for row in cells:
-            table.add_row(*row)
-        console.print(table)
-    for i, row in enumerate(cells):
-        if wide > console.width:
-            table = Table(box=box.SIMPLE, show_header=False, pad_edge=False, title=f"record {i + 1}",
-                          title_justify="left")
-            table.add_column(style="bold", no_wrap=True, max_width=max(8, console.width // 3))
-            table.add_column(overflow="fold")
-            for name, value in zip(result.columns, row):
-                table.add_row(name, value)
-            console.print(table)
-        if result.prompts is not None:
-            for column, text in result.prompts[i].items():
-                console.rule(f"record {i + 1}: prompt of {column}", align="left")
-                console.print(text, markup=False, highlight=False)
-
-
-#: Below this many characters a table column gets hard to read: the side-by-side table is used
-#: only when every column can have at least its values' width up to this.
-_NARROWEST = 12
-
-
-def _cell(value: Any) -> Any:
-    from rich.text import Text
-
-    from pipeline.dataset import export_json
-
-    text = value if isinstance(value, str) else export_json(value)
-    if len(text) > CELL_CHARS:
-        text = text[:CELL_CHARS - 3] + "..."
-    return Text(text)  # never markup: a value may hold [brackets]
