@@ -19,7 +19,10 @@ Faults, deterministic per (model, messages, attempt number):
 - ``malformed_marker``: a request whose messages contain this text always gets unusable output
   (invalid JSON or wrong-typed JSON, by request).
 - ``burst_429`` (``MODEL:START_S:DURATION_S``, repeatable; MODEL ``*`` is every model): every
-  request for that model gets 429 with ``Retry-After: 0`` during that window after start.
+  request for that model gets 429 with ``Retry-After: 0`` during that window, timed from the
+  first chat request of a run (not the preflight's, not a probe's, which are answered by the
+  window as if it had started; ``/stats`` gives it as ``first_request_s`` of uptime), so that a
+  slow start of the client never shifts the window.
 - ``require_key``: requests without ``Authorization: Bearer <key>`` get 401 (``GET /v1/models``
   too).
 - ``models`` (``--models a,b``): the models it serves. ``GET /v1/models`` lists them, and a chat
@@ -175,6 +178,7 @@ class FakeLlmServer:
         self._list_models = 0
         self._unknown_model = 0
         self._started = time.monotonic()
+        self._first_request: float | None = None  # the first chat request of a run (bursts start there)
         self._limits = _sibling("fake_llm_limits").RateLimits(
             self.options.rpm_limit, self.options.tpm_limit, start_s=self.options.limits_start_s,
             headers=self.options.limit_headers) \
@@ -201,6 +205,7 @@ class FakeLlmServer:
     def stats(self) -> dict[str, Any]:
         return {
             "uptime_s": round(time.monotonic() - self._started, 3),
+            "first_request_s": None if self._first_request is None else round(self._first_request - self._started, 3),
             "models": {name: vars(s).copy() for name, s in sorted(self._stats.items())},
             "preflight": {"list_models": self._list_models,
                           "models": {name: vars(s).copy() for name, s in sorted(self._preflight.items())}},
@@ -260,6 +265,8 @@ class FakeLlmServer:
         stats = table.get(model)
         if stats is None:
             stats = table[model] = _ModelStats()
+        if kind == "run" and self._first_request is None:
+            self._first_request = time.monotonic()
         stats.requests += 1
         stats.in_flight += 1
         if stats.in_flight > stats.max_in_flight:
@@ -278,7 +285,8 @@ class FakeLlmServer:
         attempt = self._attempts.get(key, 0) + 1
         self._attempts[key] = attempt
         # Faults are judged at the moment the answer goes out (bursts are windows in time).
-        status, extra = self._fault(model, key, attempt, markers, time.monotonic() + delay_s - self._started)
+        first = self._first_request if self._first_request is not None else self._started
+        status, extra = self._fault(model, key, attempt, markers, time.monotonic() + delay_s - first)
         if status == 429:
             stats.rate_limited += 1
         elif status >= 500:

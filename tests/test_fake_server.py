@@ -167,13 +167,18 @@ def test_the_malformed_marker_always_spoils_structured_output(serve):
             jsonschema.validate(value, schema)
 
 
-def test_a_burst_rate_limits_one_model_for_its_window(serve):
+def test_a_burst_rate_limits_one_model_for_its_window(serve, http_client):
     url = serve(burst_429=["m1:0:0.4"])
+    assert http_client.get(url.removesuffix("/v1") + "/stats").json()["first_request_s"] is None
+    # A preflight's request does not start the window (it falls in it): the run's first request does.
+    assert post(url, chat("x", model="m1"), headers={"X-Pipeline-Preflight": "1"}).status_code == 429
+    assert http_client.get(url.removesuffix("/v1") + "/stats").json()["first_request_s"] is None
     during = post(url, chat("x", model="m1"))
     assert during.status_code == 429 and during.headers["Retry-After"] == "0"
     assert post(url, chat("x", model="m2")).status_code == 200
     time.sleep(0.45)
     assert post(url, chat("x", model="m1")).status_code == 200
+    assert http_client.get(url.removesuffix("/v1") + "/stats").json()["first_request_s"] >= 0
     assert fake.Burst.parse("llama3:8b:1:2.5") == fake.Burst("llama3:8b", 1.0, 2.5)
 
 

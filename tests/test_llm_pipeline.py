@@ -351,7 +351,7 @@ def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recove
     monkeypatch.setattr(llm, "LlmRuntime", Recorded)
 
     a_max, b_max, records = 8, 4, 300
-    burst_start, burst_len = 1.0, 0.6  # seconds after the server starts
+    burst_start, burst_len = 1.0, 0.6  # seconds after the run's first request (the server's clock)
     server = ServerProcess("--latency-ms", "25", "--burst-429", f"model-a:{burst_start}:{burst_len}")
     try:
         cfg = load_config(write_config(tmp_path / "p", f"""\
@@ -388,13 +388,13 @@ def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recove
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            # The burst is timed from the server's start: nothing but the run in between.
             result = pipeline.run(cfg, home=tmp_path / "home", run_id="burst", check_models=False)
         finally:
             halt.set()
             sampler.join(timeout=10)
-        end_t = server_stats(server.url)["uptime_s"]
-        final = server_stats(server.url)["models"]
+        stats = server_stats(server.url)
+        end_t, final = stats["uptime_s"], stats["models"]
+        burst_start += stats["first_request_s"]  # samples are in the server's uptime
     finally:
         server.stop()
 
@@ -404,7 +404,7 @@ def test_a_429_burst_on_one_model_throttles_only_that_model_and_its_limit_recove
     assert end_t > burst_end + 0.2, f"the run ended at {end_t:.2f} s, before the burst was over: make it longer"
     during = [s for s in samples if burst_start + 0.15 <= s["t"] <= burst_end]
     after = [s for s in samples if s["t"] > burst_end]
-    assert len(during) >= 5 and after, (len(during), len(after))
+    assert len(during) >= 3 and after, (len(during), len(after))
 
     # A: its limit fell during the burst, and came back to its maximum after it.
     assert len(made) == 1, made  # one runtime per run, shared by its three LLM columns
