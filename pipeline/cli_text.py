@@ -220,6 +220,9 @@ def preview_notes(result: Preview, n: int) -> list[str]:
     if len(result.records) < result.computed:
         lines.append(f"preview: {result.computed - len(result.records):,} of {result.computed:,} records dropped "
                      "(left out above, as export leaves them out)")
+    if result.prompts is not None and result.records and not any(result.prompts):
+        lines.append("preview: no llm_* column, so no prompt to show (--show-prompts shows what an "
+                     "LLM column's model is sent)")
     failures = failure_lines(result.failures)
     if failures:
         lines.append("\n".join(failures))

@@ -177,7 +177,13 @@ def test_preview_with_an_llm_column_shows_the_prompts_it_sent(fake_server, tmp_p
     assert "_prompts" not in preview_json(cfg, "-n", "2")[0]
     table = cli("preview", str(cfg), "-n", "2", "--show-prompts", env=cli_env(COLUMNS="100"), check=True)
     assert "prompt of review" in table.stdout and "Write a short review of a" in table.stdout
+    assert "no prompt to show" not in table.stderr
     assert not (tmp_path / "home").exists()
+
+
+def test_show_prompts_without_an_llm_column_says_there_is_none(project):
+    proc = cli("preview", str(project / "cfg.yaml"), "-n", "2", "--show-prompts", check=True)
+    assert "no llm_* column, so no prompt to show" in proc.stderr, proc.stderr
 
 
 def test_preview_checks_the_models_as_run_does(fake_server, tmp_path):
