@@ -286,7 +286,7 @@ class Scheduler:
         model's limit, with that many tokens reserved in the model's pace."""
         if reserved is None:
             self._in_flight += 1
-        key = TaskKey(rg.id, node.index, r)
+        key = (rg.id, node.index, r)
         self._unannounced[key] = [rg.id, node.name, r, node.task_type, False]
         self._running[key] = self._loop.create_task(self._exec(rg, node, r, key, reserved))
 
