@@ -3,7 +3,7 @@
 CONTRACT section 8: no secret (API key, authorization header) is ever written to the store, the
 logs or the output. Every message on its way out passes through :func:`redact`:
 
-- errors recorded with a task (``tasks.last_error``, through the scheduler's ``_describe``);
+- errors recorded with a task (``tasks.last_error``, through ``pipeline.engine.failures.describe``);
 - log records of every logger (:func:`install_log_redaction`, done on import of this module);
 - per-task traces (``task_traces.error``), the command line's error lines and uncaught tracebacks;
 - LLM answers: known keys are blanked out of every answer text (:func:`redact_secrets`), and

@@ -5,7 +5,7 @@ The scheduler reports every task that fails for good to :class:`FailureLog`. Per
 record, attempts, message); the next one logs that further failures of that kind are counted
 and shown in the summary at the end; then nothing more. The counts and one example per kind
 are kept for the end of the run; the summary itself is read from the store, so that it covers
-every worker (``Store.failures``).
+every worker (``Store.failures``). :func:`describe` is the one text of an error that is recorded.
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["FailureLog", "error_class"]
+from pipeline.redact import redact
+
+__all__ = ["FailureLog", "describe", "error_class"]
+
+
+def describe(exc: BaseException) -> str:
+    """An error as the store records it (``tasks.last_error``) and a model's health reports it:
+    ``"ValueError: message"``, secrets redacted, at most 1,000 characters."""
+    text = redact(f"{type(exc).__name__}: {exc}")  # before the cut: a cut key is not recognised
+    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 def error_class(message: str | None) -> str:

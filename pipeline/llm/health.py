@@ -15,7 +15,7 @@ and a probe (one cheap request of its own, a one-token chat completion, not a ta
 
 One prompt that always gets a 500 while the rest succeed is not an outage: the answers in
 between keep the streak short, and the engine counts that task's failures as attempts because
-:attr:`answers` grew since its previous try (see ``Scheduler._failed``).
+:attr:`answers` grew since its previous try (see ``pipeline.engine.outcomes``).
 
 :attr:`failing_since` (monotonic seconds) is when the model last stopped answering: the first
 outage or 429 after its last answer. The engine stops the run when it is older than
