@@ -242,9 +242,10 @@ class MemoryStore:
                     continue
                 t = tasks.get(key)
                 if t is None:
-                    t = tasks[key] = dict(attempts=0, next_eligible_at=None, last_error=None)
+                    t = tasks[key] = {"attempts": 0, "next_eligible_at": None, "last_error": None}
                     by_rg.setdefault(key[0], set()).add(key)
-                t.update(task_type=ev.task_type, state=TASK_STATE[ev.kind], value=ev.value, updated_at=now)
+                t["task_type"], t["state"], t["value"] = ev.task_type, TASK_STATE[ev.kind], ev.value
+                t["updated_at"] = now
                 if ev.attempts is not None:  # as the SQL store keeps the message
                     t.update(attempts=ev.attempts, next_eligible_at=ev.next_eligible_at,
                              last_error=ev.error and values.valid_unicode(ev.error))
