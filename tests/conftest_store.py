@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED
+from pipeline.store.events import DEFERRED, DONE, FAILED, STARTED, Completed, Dropped, TaskEvent, Usage
 from pipeline.values import encode
 
 PG_ENV = "PIPELINE_TEST_POSTGRES_URL"
@@ -99,24 +99,25 @@ def claim_all_concurrently(store, other, run_id: str) -> tuple[list[int], list[i
 
 # The journal's events as the engine builds them (pipeline.engine), in one place for the tests.
 def started(rg, gen, i, kind="cell"):
-    return (STARTED, rg, gen, i, kind)
+    return TaskEvent(STARTED, rg, gen, i, kind)
 
 
 def done(rg, gen, i, value, kind="cell", usage=None):
-    return (DONE, rg, gen, i, kind, encode(value)) + ((usage,) if usage else ())
+    return TaskEvent(DONE, rg, gen, i, kind, encode(value), usage=usage and Usage(*usage))
 
 
 def deferred(rg, gen, i, attempts, at, error, kind="cell", usage=None):
-    return (DEFERRED, rg, gen, i, kind, (attempts, at, error)) + ((usage,) if usage else ())
+    return TaskEvent(DEFERRED, rg, gen, i, kind, attempts=attempts, next_eligible_at=at, error=error,
+                     usage=usage and Usage(*usage))
 
 
-def failed(rg, gen, i, attempts, error, kind="cell"):
-    return (FAILED, rg, gen, i, kind, (attempts, error))
+def failed(rg, gen, i, attempts, error, kind="cell", usage=None):
+    return TaskEvent(FAILED, rg, gen, i, kind, attempts=attempts, error=error, usage=usage and Usage(*usage))
 
 
 def dropped(rg, i=None):
-    return (DROPPED, rg, None, i)
+    return Dropped(rg, i)
 
 
 def complete(rg):
-    return (COMPLETE, rg)
+    return Completed(rg)

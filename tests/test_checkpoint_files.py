@@ -11,7 +11,7 @@ import threading
 
 import pyarrow as pa
 
-from pipeline.store.base import DONE
+from pipeline.store.events import DONE, TaskEvent
 from pipeline.store.memory import MemoryStore
 from pipeline.values import encode
 from tests.engine_helpers import AsyncFn, dataset, make_run, spec
@@ -19,7 +19,7 @@ from tests.engine_helpers import AsyncFn, dataset, make_run, spec
 
 def done_event(rg, generator, row_index, task_type, value):
     """A DONE event as the engine appends it: the value as its JSON text (pipeline.values)."""
-    return (DONE, rg, generator, row_index, task_type, encode(value))
+    return TaskEvent(DONE, rg, generator, row_index, task_type, encode(value))
 
 
 

@@ -17,14 +17,15 @@ import pytest
 from pipeline import api
 from pipeline.errors import RunNotFoundError, StoreError
 from pipeline.store import open_store
-from pipeline.store.base import COMPLETE, DONE, DROPPED, FAILED, ColumnSpec, Lineage, NewRun
+from pipeline.store.base import ColumnSpec, Lineage, NewRun
+from pipeline.store.events import DONE, FAILED, Completed, Dropped, TaskEvent
 from pipeline.values import encode
 from tests.conftest import POSTGRES_URL, cli, cli_env, cli_popen
 
 
 def done_event(rg, generator, row_index, task_type, value):
     """A DONE event as the engine appends it: the value as its JSON text (pipeline.values)."""
-    return (DONE, rg, generator, row_index, task_type, encode(value))
+    return TaskEvent(DONE, rg, generator, row_index, task_type, encode(value))
 
 
 # A pipeline whose python columns log each successful call ("column,key,pid") and fail, while an
@@ -374,10 +375,10 @@ def finished_run(store, run_id: str) -> dict[str, list]:
     store.record(run_id, [
         done_event(0, "s", None, "from_scratch", {"s": [10, 11, 12, 13]}),
         *[done_event(0, "x", r, "cell", f"x{r}") for r in range(4)],
-        (FAILED, 0, "y", 1, "cell", (1, "ValueError: boom")), (DROPPED, 0, None, 1),
+        TaskEvent(FAILED, 0, "y", 1, "cell", attempts=1, error="ValueError: boom"), Dropped(0, 1),
         *[done_event(0, "y", r, "cell", {"deep": [r]}) for r in (0, 2, 3)],
         done_event(0, "t", None, "batch", {"t": [0, None, 2, 3]}),
-        (COMPLETE, 0),
+        Completed(0),
         done_event(1, "s", None, "from_scratch", {"s": [14, 15, 16, 17]}),
     ])
     assert store.checkpoint_row_group(run_id, 0, "rg-0.parquet", 1)
@@ -427,7 +428,7 @@ def test_reopen_failed_fences_off_a_worker_holding_the_row_group(stores):
     holder.create_run(NewRun(run_id, "t", 4, 4, 0, "{}", "fp", COLUMNS))
     holder.claim_row_groups(run_id, 1, 60)
     holder.record(run_id, [done_event(0, "s", None, "from_scratch", {"s": [1, 2, 3, 4]}),
-                           (FAILED, 0, "x", 2, "cell", (3, "TimeoutError: slow")), (DROPPED, 0, None, 2),
+                           TaskEvent(FAILED, 0, "x", 2, "cell", attempts=3, error="TimeoutError: slow"), Dropped(0, 2),
                            done_event(0, "t", None, "batch", {"t": [5, 6, None, 8]})])  # t ran without record 2
     got = retrier.reopen_failed(run_id, LINEAGE, error="slow", read_file=lambda path: pytest.fail("no file"))
     assert (got.tasks, got.records, got.reset) == ({"x": 1}, 1, 1)
@@ -446,7 +447,7 @@ def test_reopen_failed_of_an_unknown_run_raises(any_store):
 def test_checkpoint_keeps_dropped_records_cells_only_in_row_groups_with_drops(any_store):
     store, run_id = any_store, f"r-{uuid.uuid4().hex[:8]}"
     finished_run(store, run_id)
-    store.record(run_id, [*[done_event(1, "x", r, "cell", r) for r in range(4)], (COMPLETE, 1)])
+    store.record(run_id, [*[done_event(1, "x", r, "cell", r) for r in range(4)], Completed(1)])
     assert store.checkpoint_row_group(run_id, 1, "rg-1.parquet", 0)
     assert store.load_row_group(run_id, 1).done == {}
     loaded = store.load_row_group(run_id, 0)

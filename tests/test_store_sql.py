@@ -16,8 +16,8 @@ import pytest
 
 from pipeline.errors import ReadOnlyQueryError, StoreError
 from pipeline.store import SqlStore, open_store
-from pipeline.store.base import COMPLETE, DEFERRED, DONE, DROPPED, FAILED, STARTED, ColumnSpec, NewRun
-from pipeline.values import encode
+from pipeline.store.base import ColumnSpec, NewRun
+from tests.conftest_store import complete, deferred, done, dropped, failed, started
 
 COLUMNS = [
     ColumnSpec("x", "x", "cell", 0),
@@ -81,11 +81,11 @@ def test_tables_and_the_column_progress_view_show_what_the_store_counts(store):
     assert columns == [("x", "x", "cell", 0), ("y", "yz", "batch", 1), ("z", "yz", "batch", 2), ("w", "w", "cell", 3)]
     usage = ("writer", 1, 10, 4, 0, 8, "stop", 0, None, None)
     store.record(run_id, [
-        (STARTED, 0, "x", 0, "cell"), (DONE, 0, "x", 0, "cell", encode("first"), usage),
-        (STARTED, 0, "x", 1, "cell"), (DEFERRED, 0, "x", 1, "cell", (1, 123.5, "timeout"), usage),
-        (STARTED, 0, "x", 1, "cell"), (STARTED, 0, "x", 2, "cell"),
-        (FAILED, 0, "w", 3, "cell", (2, "bad")), (DROPPED, 0, None, 3),
-        (DONE, 0, "yz", None, "batch", encode({"y": [1] * 10, "z": [2] * 10})),
+        started(0, "x", 0), done(0, "x", 0, "first", usage=usage),
+        started(0, "x", 1), deferred(0, "x", 1, 1, 123.5, "timeout", usage=usage),
+        started(0, "x", 1), started(0, "x", 2),
+        failed(0, "w", 3, 2, "bad"), dropped(0, 3),
+        done(0, "yz", None, {"y": [1] * 10, "z": [2] * 10}, "batch"),
     ])
     assert task_rows(store, run_id) == [
         (0, "w", 3, 3, "cell", "failed", 2),
@@ -97,7 +97,7 @@ def test_tables_and_the_column_progress_view_show_what_the_store_counts(store):
     _, rows = store.read_query(f"SELECT row_index, requests, prompt_tokens FROM tasks WHERE run_id = '{run_id}' "
                                "AND requests IS NOT NULL ORDER BY row_index")
     assert [tuple(r) for r in rows] == [(0, 1, 10), (1, 1, 10)]
-    store.record(run_id, [(COMPLETE, 0)])
+    store.record(run_id, [complete(0)])
     assert store.checkpoint_row_group(run_id, 0, "rg-0.parquet", 1)
     _, view = store.read_query(f"SELECT * "
                                f"FROM column_progress WHERE run_id = '{run_id}' ORDER BY column_name")
@@ -209,17 +209,17 @@ def test_readers_polling_the_view_never_fail_the_writer(tmp_path):
                     # small batches, STARTED and DONE apart
                     for start in range(0, 500, 100):
                         rows = range(start, start + 100)
-                        events += len(store.record(run_id, [(STARTED, rg, column, i, "cell") for i in rows]) or rows)
-                        done = [(DONE, rg, column, i, "cell", encode(f"v{i}")) for i in rows]
-                        events += len(store.record(run_id, done) or rows)
+                        events += len(store.record(run_id, [started(rg, column, i) for i in rows]) or rows)
+                        finished = [done(rg, column, i, f"v{i}") for i in rows]
+                        events += len(store.record(run_id, finished) or rows)
                     # and one large batch
-                    batch = [(STARTED, rg, column, i, "cell") for i in range(500, 1000)]
-                    batch += [(DONE, rg, column, i, "cell", encode(i)) for i in range(500, 1000)]
+                    batch = [started(rg, column, i) for i in range(500, 1000)]
+                    batch += [done(rg, column, i, i) for i in range(500, 1000)]
                     assert store.record(run_id, batch) == set()
                     events += len(batch)
-                store.record(run_id, [(STARTED, rg, "yz", None, "batch")])
-                store.record(run_id, [(DONE, rg, "yz", None, "batch", encode({"y": [1] * 1000, "z": [2] * 1000})),
-                                      (COMPLETE, rg)])
+                store.record(run_id, [started(rg, "yz", None, "batch")])
+                store.record(run_id, [done(rg, "yz", None, {"y": [1] * 1000, "z": [2] * 1000}, "batch"),
+                                      complete(rg)])
                 events += 3
         finally:
             stop_file.touch()
@@ -251,9 +251,9 @@ def test_model_usage_adds_up_the_cost_and_keeps_the_latest_pacing_snapshot(store
              "max_tokens_per_minute": None, "paced": 1, "headers": {"x-ratelimit-remaining-requests": "5"},
              "headers_at": 1.0}
     later = dict(first, tokens_per_minute=900.0, headers={"x-ratelimit-remaining-requests": "4"})
-    store.record(run.run_id, [(DONE, rg, "x", 0, "cell", encode("a"), ("writer", 1, 10, 4, 0, 8, None, 0, 0.25, first))])
-    store.record(run.run_id, [(DONE, rg, "x", 1, "cell", encode("b"), ("writer", 1, 10, 4, 0, 8, None, 0, 0.5, later)),
-                              (DONE, rg, "y", 1, "cell", encode("c"), ("writer", 1, 10, 4, 0, 8, None, 0, None, None))])
+    store.record(run.run_id, [done(rg, "x", 0, "a", usage=("writer", 1, 10, 4, 0, 8, None, 0, 0.25, first))])
+    store.record(run.run_id, [done(rg, "x", 1, "b", usage=("writer", 1, 10, 4, 0, 8, None, 0, 0.5, later)),
+                              done(rg, "y", 1, "c", usage=("writer", 1, 10, 4, 0, 8, None, 0, None, None))])
     m = store.model_usage(run.run_id)["writer"]
     assert m["cost"] == pytest.approx(0.75)
     assert m["tokens_per_minute"] == 900.0 and m["max_requests_per_minute"] == 100
@@ -269,13 +269,13 @@ def test_finish_reason_is_kept_per_task_and_truncated_answers_are_counted_throug
     store.create_run(run)
     store.claim_row_groups(run.run_id, 2, 60)
     store.record(run.run_id, [
-        (DONE, 0, "x", 0, "cell", encode("cut"), truncated_usage("length", 1)),
-        (DONE, 0, "x", 1, "cell", encode("whole"), truncated_usage("stop")),
+        done(0, "x", 0, "cut", usage=truncated_usage("length", 1)),
+        done(0, "x", 1, "whole", usage=truncated_usage("stop")),
         # a 429 (no answer: None) then a failure: the finish_reason of the last answer stays
-        (DEFERRED, 0, "x", 2, "cell", (1, 0.0, "bad"), truncated_usage("length")),
-        (DEFERRED, 0, "x", 2, "cell", (1, 0.0, "429"), truncated_usage(None)),
-        (FAILED, 0, "x", 2, "cell", (2, "ModelOutputError: cut"), truncated_usage(None)),
-        (DONE, 1, "x", 0, "cell", encode("cut too"), truncated_usage("length", 1)),
+        deferred(0, "x", 2, 1, 0.0, "bad", usage=truncated_usage("length")),
+        deferred(0, "x", 2, 1, 0.0, "429", usage=truncated_usage(None)),
+        failed(0, "x", 2, 2, "ModelOutputError: cut", usage=truncated_usage(None)),
+        done(1, "x", 0, "cut too", usage=truncated_usage("length", 1)),
     ])
     query = (f"SELECT row_group, row_index, state, finish_reason FROM tasks WHERE run_id = '{run.run_id}' "
              "ORDER BY row_group, row_index")
@@ -298,8 +298,8 @@ def test_the_memory_store_counts_truncated_answers_and_keeps_finish_reason():
     store.create_run(run)
     store.claim_row_groups(run.run_id, 1, 60)
     store.record(run.run_id, [
-        (DONE, 0, "x", 0, "cell", encode("cut"), truncated_usage("length", 1)),
-        (FAILED, 0, "x", 1, "cell", (1, "ModelOutputError: cut"), truncated_usage("length")),
+        done(0, "x", 0, "cut", usage=truncated_usage("length", 1)),
+        failed(0, "x", 1, 1, "ModelOutputError: cut", usage=truncated_usage("length")),
     ])
     assert store.column_counts(run.run_id)["x"]["truncated"] == 1
     assert store.column_counts(run.run_id)["w"]["truncated"] == 0

@@ -30,7 +30,7 @@ from pipeline.engine.retries import RetryTimers
 from pipeline.engine.row_groups import Ready, RowGroup
 from pipeline.engine.stateful import StatefulLanes
 from pipeline.errors import ModelRateLimitError, is_outage, is_retryable
-from pipeline.store.base import DEFERRED, DONE, DROPPED, FAILED
+from pipeline.store.events import DEFERRED, DONE, FAILED, Dropped, TaskEvent, Usage
 
 __all__ = ["ModelWait", "Outcomes", "TaskKey"]
 
@@ -136,12 +136,12 @@ class Outcomes:
         return None
 
     # -- results --------------------------------------------------------------------------
-    def _usage(self, node: Any, usage: list, exc: BaseException | None = None) -> tuple:
-        """The usage field of a model-limited task's event (see pipeline.store.base)."""
+    def _usage(self, node: Any, usage: list, exc: BaseException | None = None) -> Usage:
+        """The usage of a model-limited task's event (pipeline.store.events.Usage)."""
         pacer = getattr(node.limit, "pacer", None)
         cost, snapshot = (None, None) if pacer is None else (pacer.cost(usage[1], usage[2]), pacer.snapshot())
-        return (node.model, usage[0], usage[1], usage[2], int(isinstance(exc, ModelRateLimitError)),
-                node.limit.limit, usage[3], 0 if exc is not None else usage[4], cost, snapshot)
+        return Usage(node.model, usage[0], usage[1], usage[2], int(isinstance(exc, ModelRateLimitError)),
+                     node.limit.limit, usage[3], 0 if exc is not None else usage[4], cost, snapshot)
 
     def cell_done(self, rg: RowGroup, node: Any, r: int, value: Any, text: str,
                   usage: list | None = None) -> None:
@@ -149,9 +149,8 @@ class Outcomes:
         tracker = rg.tracker
         if rg.dead:
             return
-        event = (DONE, rg.id, node.name, r, "cell", text)
-        if usage is not None:
-            event += (self._usage(node, usage),)
+        event = TaskEvent(DONE, rg.id, node.name, r, "cell", text,
+                          usage=None if usage is None else self._usage(node, usage))
         if self._state_idx and node.index in self._state_idx:
             event = self._stateful.with_state(rg.id, node, event)
         self._append(event)
@@ -178,9 +177,8 @@ class Outcomes:
         for r, exc in bad.items():  # a value with no exact stored form fails its own cell
             self.failed(rg, node, r, exc)
         full = rg.buffer.put_batch(cols, rows, texts)
-        event = (DONE, rg.id, node.name, None, node.task_type, full)
-        if usage is not None:
-            event += (self._usage(node, usage),)
+        event = TaskEvent(DONE, rg.id, node.name, None, node.task_type, full,
+                          usage=None if usage is None else self._usage(node, usage))
         if self._state_idx and node.index in self._state_idx:
             event = self._stateful.with_state(rg.id, node, event)
         self._append(event)
@@ -208,7 +206,7 @@ class Outcomes:
         """Defer (returns True) or fail for good and drop the record or row group."""
         if rg.dead or (r is not None and rg.tracker.dropped[r]):
             return False
-        extra = () if usage is None else (self._usage(node, usage, exc),)
+        extra = None if usage is None else self._usage(node, usage, exc)
         key = (rg.id, node.index, r)
         if node.limit is not None and self._waits_instead(rg, node, r, key, exc, extra):
             return True
@@ -221,28 +219,29 @@ class Outcomes:
             if retry_after:
                 delay = max(delay, min(float(retry_after), self.RESUME_WAIT_MAX_S))
             self.stats.tasks_deferred += 1
-            self._append((DEFERRED, rg.id, node.name, r, node.task_type,
-                          (attempts, time.time() + delay, _describe(exc))) + extra)
+            self._append(TaskEvent(DEFERRED, rg.id, node.name, r, node.task_type, attempts=attempts,
+                                   next_eligible_at=time.time() + delay, error=_describe(exc), usage=extra))
             self._defer(rg, node.index, r, self._loop.time() + delay)
             return True
         self._attempts.pop(key, None)
         self._waits.pop(key, None)
         self.stats.tasks_failed += 1
-        self._append((FAILED, rg.id, node.name, r, node.task_type, (attempts, _describe(exc))) + extra)
+        self._append(TaskEvent(FAILED, rg.id, node.name, r, node.task_type, attempts=attempts, error=_describe(exc),
+                               usage=extra))
         self.failures.failed(node.name, rg.id, r, node.task_type, attempts, exc)
         tracker = rg.tracker
         if r is not None:
             out = self._out
             if tracker.drop_record(r, out):
                 self.stats.records_dropped += 1
-                self._append((DROPPED, rg.id, None, r))
+                self._append(Dropped(rg.id, r))
             if out:
                 self._route(rg, out)
                 out.clear()
         else:
             newly = tracker.drop_all()
             self.stats.records_dropped += len(newly)
-            self._append((DROPPED, rg.id, None, None))
+            self._append(Dropped(rg.id))
         if not retryable:
             self._count(True)
         if tracker.outstanding == 0:
@@ -250,7 +249,7 @@ class Outcomes:
         return False
 
     def _waits_instead(self, rg: RowGroup, node: Any, r: int | None, key: TaskKey, exc: BaseException,
-                       extra: tuple) -> bool:
+                       extra: Usage | None) -> bool:
         """A model-limited task that failed for a transient reason of its model waits without
         spending an attempt (True): a 429 always; an outage when the model has answered nothing
         since the task's previous try (then it is the endpoint, not the task)."""
@@ -276,8 +275,8 @@ class Outcomes:
         # and asks again; one that is refused throughout stops the run after model_down_s.
         retry_after = min(retry_after, self._max_wait_s)
         self.stats.tasks_deferred += 1
-        self._append((DEFERRED, rg.id, node.name, r, node.task_type,
-                      (self._attempts.get(key, 0), time.time() + retry_after, _describe(exc))) + extra)
+        self._append(TaskEvent(DEFERRED, rg.id, node.name, r, node.task_type, attempts=self._attempts.get(key, 0),
+                               next_eligible_at=time.time() + retry_after, error=_describe(exc), usage=extra))
         self._defer(rg, node.index, r, self._loop.time() + retry_after)
         return True
 

@@ -24,7 +24,8 @@ from pipeline.engine.journal import Journal
 from pipeline.engine.options import RunStats, SchedulerOptions
 from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan, RowGroupTracker
-from pipeline.store.base import COMPLETE, RowGroupClaim, Store
+from pipeline.store.base import RowGroupClaim, Store
+from pipeline.store.events import Completed
 
 __all__ = ["Ready", "RowGroup", "RowGroups"]
 
@@ -147,7 +148,7 @@ class RowGroups:
         del self.live[rg.id]
         if self._stateful is not None:
             self._stateful.finished(rg.id)
-        self._append((COMPLETE, rg.id))
+        self._append(Completed(rg.id))
         fut = self.journal.after_commit(self._checkpoint, rg)
         self._checkpoints.add(fut)
         fut.add_done_callback(functools.partial(self._checkpointed, rg.id))

@@ -37,7 +37,8 @@ from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan
 from pipeline.errors import EngineError, ModelRateLimitError, StoreError, is_outage
 from pipeline.generators.base import task_usage
-from pipeline.store.base import STARTED, Store
+from pipeline.store.base import Store
+from pipeline.store.events import STARTED, TaskEvent
 
 __all__ = ["Scheduler", "SchedulerOptions", "TaskTrace"]
 
@@ -301,7 +302,7 @@ class Scheduler:
         for key in list(pending):
             entry = pending.pop(key, None)
             if entry is not None and not entry[4]:
-                out.append((STARTED, entry[0], entry[1], entry[2], entry[3]))
+                out.append(TaskEvent(STARTED, entry[0], entry[1], entry[2], entry[3]))
         return out
 
     def _settle(self, key: TaskKey) -> None:

@@ -7,7 +7,7 @@ process (its tracker says so) or in another worker's (the store's ``row_groups``
 generator up). A generator stays busy while one of its tasks is deferred for a retry.
 
 A generator that implements ``state_dict()`` has its state recorded with each of its DONE events
-(:meth:`StatefulLanes.with_state`: one ``STATE`` event wrapping the DONE, so both are in one
+(:meth:`StatefulLanes.with_state`: one ``StateSaved`` event wrapping the DONE, so both are in one
 commit) and restored before its first task of a row group in a process whose in-memory state is
 not the one of the row group before (:meth:`StatefulLanes.enter`: a resume, or other workers ran
 the row groups in between); the latest states come with the lanes' look at the store.
@@ -21,7 +21,7 @@ import logging
 from typing import Any, Callable, Iterable
 
 from pipeline import values
-from pipeline.store.base import STATE
+from pipeline.store.events import StateSaved, TaskEvent
 
 __all__ = ["StatefulLanes"]
 
@@ -74,7 +74,7 @@ class StatefulLanes:
                 self._busy.add(j)
                 yield j, rg, r
 
-    def with_state(self, rg_id: int, node: Any, event: tuple) -> tuple:
+    def with_state(self, rg_id: int, node: Any, event: TaskEvent) -> StateSaved | TaskEvent:
         """The DONE ``event`` of a generator that keeps state, wrapped with its state_dict()
         after the task, so that the two are recorded in one transaction."""
         try:
@@ -83,7 +83,7 @@ class StatefulLanes:
             log.warning("%s: state_dict() gave a value that cannot be stored (%s: %s); its state will "
                         "restart on resume", node.name, type(exc).__name__, exc)
             return event
-        return (STATE, rg_id, node.name, state, event)
+        return StateSaved(rg_id, node.name, state, event)
 
     def enter(self, node: Any, rg_id: int) -> None:
         """Before each task of stateful ``node`` in row group ``rg_id``: at its first there in

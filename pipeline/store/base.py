@@ -1,43 +1,24 @@
 """The Store protocol: everything the engine and the API ask of the state store, in domain words.
 
-The engine never sees SQL. It appends *events* (plain tuples, cheap to build on the hot path) to
-its journal, and the journal hands them to :meth:`Store.record` in batches, in order, one
-transaction per batch (group commit). What the database holds is therefore always a consistent
-prefix of what happened.
+The engine never sees SQL. It appends *events* (:mod:`pipeline.store.events`: named tuples,
+cheap to build on the hot path) to its journal, and the journal hands them to
+:meth:`Store.record` in batches, in order, one transaction per batch (group commit). What the
+database holds is therefore always a consistent prefix of what happened. Both stores apply
+:func:`pipeline.store.events.coalesce` of a batch, which says what the batch means.
 
 Task identity is ``(generator, row_group, row_index)``: ``generator`` is the name of the config
 entry that produces the values (for a single-output column, the column's own name); it is what
 the ``tasks.column_name`` column holds. ``row_index`` counts from 0 within the row group and is
 ``None`` for ``from_scratch`` and ``batch`` tasks.
 
-Events (``kind`` first)::
+A task event's model usage (:class:`~pipeline.store.events.Usage`) is recorded with its
+transition, in the same transaction: ``finish_reason`` (None keeps the one recorded) in
+``tasks.finish_reason``; ``truncated`` added to the generator's count in
+``model_usage.truncated``, which compaction keeps; ``cost`` added to ``model_usage.cost``;
+``pacing`` the model's pacing snapshot, the batch's last kept.
 
-    (STARTED,  rg, generator, row_index, task_type)        task is in flight (sent only for
-                                                           tasks still running at a commit)
-    (DONE,     rg, generator, row_index, task_type, text)  task done; the JSON text of its
-                                                           value is recorded with it
-    (DEFERRED, rg, generator, row_index, task_type, (attempts, next_eligible_at, error))
-    (FAILED,   rg, generator, row_index, task_type, (attempts, error))
-    (DROPPED,  rg, None, row_index)                        record dropped (row_index None: all)
-    (COMPLETE, rg)                                         every task of the row group is terminal
-    (STATE,    rg, generator, state, event)                a stateful generator's ``state_dict()``
-                                                           (JSON text) after the task of ``event``
-                                                           (its DONE), recorded with it
-
-DONE, DEFERRED and FAILED events of a task that called a model carry one more field, its usage
-in that attempt: ``(model, requests, prompt_tokens, completion_tokens, rate_limited,
-concurrency, finish_reason, truncated, cost, pacing)``; it is recorded with the transition, in the
-same transaction: ``finish_reason`` (the last answer's, str or None: None keeps the one recorded)
-in ``tasks.finish_reason``; ``truncated`` (1 for a kept text answer cut by ``length``, else 0)
-added to the generator's count in ``model_usage.truncated``, which compaction keeps; ``cost``
-(money at the model's prices, or None) added to ``model_usage.cost``; ``pacing`` the model's
-pacing snapshot (:meth:`pipeline.llm.pacing.Pacer.snapshot`, or None), the batch's last kept.
-
-``text`` is the JSON text (:func:`pipeline.values.prepare`) of what the generator produced,
-made canonical and encoded once, on the event loop, when the task finished: for a cell task of
-a single-output generator the cell value; of a multi-output generator a dict ``{column:
-value}``; for a batch or from_scratch task a dict ``{column: [value per row of the row
-group]}`` with ``null`` at dropped rows. A store records the text as it is and gives
+A DONE's ``value`` is the JSON text of what the generator produced, made canonical and encoded
+once, on the event loop, when the task finished. A store records the text as it is and gives
 ``values.decode(text)`` back in :class:`LoadedRowGroup`, so types survive a resume exactly.
 Times are Unix seconds (``time.time()``).
 
@@ -58,14 +39,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Iterable, Mapping, Protocol, Sequence
 
+# The kinds of TaskEvent, re-exported for the code that imported them from here.
+from pipeline.store.events import DEFERRED, DONE, FAILED, STARTED
+
 __all__ = [
-    "COMPLETE",
     "DEFERRED",
     "DONE",
-    "DROPPED",
     "FAILED",
     "STARTED",
-    "STATE",
     "ColumnSpec",
     "Lineage",
     "LoadedRowGroup",
@@ -80,14 +61,6 @@ __all__ = [
     "ROW_GROUP_BATCH",
     "row_group_counts",
 ]
-
-STARTED = 0
-DONE = 1
-DEFERRED = 2
-FAILED = 3
-DROPPED = 4
-COMPLETE = 5
-STATE = 6
 
 TASK_STATES = ("frontier", "in_flight", "deferred", "done", "failed")
 RUN_STATES = ("running", "interrupted", "complete", "failed")
@@ -281,8 +254,9 @@ class Store(Protocol):
 
     # -- the journal ----------------------------------------------------------------------
     def record(self, run_id: str, events: Sequence[tuple]) -> set[int]:
-        """Apply a batch of events in one transaction, in order; return the row groups whose
-        lease this owner lost (their events were discarded)."""
+        """Apply a batch of events (:mod:`pipeline.store.events`) in one transaction, as
+        :func:`~pipeline.store.events.coalesce` reads them; return the row groups whose lease
+        this owner lost (their events were discarded). ValueError for an unknown event."""
 
     def lease_epoch(self, run_id: str, row_group: int) -> int | None:
         """The epoch of this owner's claim on the row group, None if it holds none (or learned

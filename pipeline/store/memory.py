@@ -13,15 +13,14 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 from pipeline import values
 from pipeline.errors import RunExistsError, RunInUseError, RunNotFoundError, StoreError
-from pipeline.store.base import (COMPLETE, DEFERRED, DONE, DROPPED, FAILED, ROW_GROUP_BATCH, STARTED, STATE, Lineage,
-                                 LoadedRowGroup, NewRun, Reopened, RowGroupClaim, RunInfo, row_group_counts)
+from pipeline.store.base import (ROW_GROUP_BATCH, Lineage, LoadedRowGroup, NewRun, Reopened, RowGroupClaim, RunInfo,
+                                 row_group_counts)
+from pipeline.store.events import TASK_STATE, coalesce, usage_totals
 from pipeline.store.reopen import GroupState, plan_group, task_filter
 from pipeline.values import decode
 from pipeline.workers import make_owner_id, owner_is_gone
 
 __all__ = ["MemoryStore"]
-
-_STATE = {STARTED: "in_flight", DONE: "done", DEFERRED: "deferred", FAILED: "failed"}
 
 
 class MemoryStore:
@@ -85,12 +84,8 @@ class MemoryStore:
 
     def record_counts(self) -> dict[str, tuple[int, int]]:
         with self._lock:
-            runs = list(self._data["runs"])
-        out = {}
-        for run_id in runs:
-            counts = self.row_group_counts(run_id)
-            out[run_id] = (counts["records_written"], counts["records_dropped"])
-        return out
+            counts = {run_id: self.row_group_counts(run_id) for run_id in self._data["runs"]}
+        return {run_id: (c["records_written"], c["records_dropped"]) for run_id, c in counts.items()}
 
     def delete_run(self, run_id: str) -> dict[str, int]:
         with self._lock:
@@ -235,71 +230,55 @@ class MemoryStore:
             return out
 
     # -- journal --------------------------------------------------------------------------
-    def record(self, run_id: str, events: Sequence[tuple]) -> set[int]:
-        lost: set[int] = set()
+    def record(self, run_id: str, events: Sequence[Any]) -> set[int]:
+        batch = coalesce(events)  # what the SQL store writes, applied to the dicts
         now = time.time()
         with self._lock:
             run = self._run(run_id)
-            tasks, groups = run["tasks"], run["groups"]
-            ok: dict[int, bool] = {}
-            for ev in events:
-                rg = ev[1]
-                held = ok.get(rg)
-                if held is None:
-                    held = ok[rg] = self._holds(run, run_id, rg)
-                    if not held:
-                        lost.add(rg)
-                if not held:
+            tasks, groups, by_rg = run["tasks"], run["groups"], run["by_rg"]
+            held = {rg for rg in batch.row_groups if self._holds(run, run_id, rg)}
+            for key, ev in batch.tasks.items():
+                if key[0] not in held:
                     continue
-                kind = ev[0]
-                if kind == STATE:  # a stateful generator's state (JSON text), with its DONE
-                    run["states"].setdefault(ev[2], {})[rg] = ev[3]
-                    ev = ev[4]
-                    kind = ev[0]
-                if kind == DROPPED:
-                    rows = range(groups[rg]["num_rows"]) if ev[3] is None else (ev[3],)
-                    dropped = run["dropped"].setdefault(rg, set())
-                    dropped.update(rows)
-                    groups[rg]["rows_dropped"] = len(dropped)
-                    continue
-                if kind == COMPLETE:
-                    groups[rg]["state"] = "complete"
-                    continue
-                key = (rg, ev[2], ev[3])
                 t = tasks.get(key)
                 if t is None:
-                    t = tasks[key] = dict(task_type=ev[4], attempts=0, next_eligible_at=None, last_error=None,
-                                          value=None)
-                    run["by_rg"].setdefault(rg, set()).add(key)
-                t["state"] = _STATE[kind]
+                    t = tasks[key] = {"attempts": 0, "next_eligible_at": None, "last_error": None}
+                    by_rg.setdefault(key[0], set()).add(key)
+                t["task_type"], t["state"], t["value"] = ev.task_type, TASK_STATE[ev.kind], ev.value
                 t["updated_at"] = now
-                if kind == DONE:
-                    t["value"] = ev[5]
-                elif kind == DEFERRED:
-                    t["attempts"], t["next_eligible_at"], error = ev[5]
-                    t["last_error"] = error and values.valid_unicode(error)  # as the SQL store keeps it
-                elif kind == FAILED:
-                    t["attempts"], error = ev[5]
-                    t["last_error"] = error and values.valid_unicode(error)
-                if len(ev) > 6:  # model usage of this attempt
-                    model, n, p, c, limited, concurrency, finish_reason, truncated, cost, pacing = ev[6]
-                    u = self._usage_row(run, model, ev[2])
-                    for k, v in (("requests", n), ("prompt_tokens", p), ("completion_tokens", c)):
-                        u[k] += v
-                        t[k] = (t.get(k) or 0) + v
-                    u["rate_limited"] += limited
-                    u["concurrency"] = concurrency
-                    u["updated_at"] = now
-                    if cost is not None:
-                        u["cost"] = (u["cost"] or 0.0) + cost
-                    if pacing is not None:
-                        u["pacing"] = dict(pacing)
-                    if finish_reason is not None:
-                        t["finish_reason"] = finish_reason
-                    run["truncated"][ev[2]] = run["truncated"].get(ev[2], 0) + truncated
+                if ev.attempts is not None:  # as the SQL store keeps the message
+                    t.update(attempts=ev.attempts, next_eligible_at=ev.next_eligible_at,
+                             last_error=ev.error and values.valid_unicode(ev.error))
+            for rg, rows in batch.dropped.items():
+                if rg in held:
+                    dropped = run["dropped"].setdefault(rg, set())
+                    dropped.update(range(groups[rg]["num_rows"]) if rows is None else rows)
+                    groups[rg]["rows_dropped"] = len(dropped)
+            for (rg, generator), state in batch.states.items():
+                if rg in held:
+                    run["states"].setdefault(generator, {})[rg] = state
+            for rg in batch.completed & held:
+                groups[rg]["state"] = "complete"
+            self._add_usage(run, now, *usage_totals(batch.usage, held))
+        lost = batch.row_groups - held
         for rg in lost:
             self._epochs.pop((run_id, rg), None)
         return lost
+
+    def _add_usage(self, run: dict, now: float, per_task: dict, per_model: dict) -> None:
+        for key, u in per_task.items():  # of a task's usage, only its finish_reason is ever read here
+            if u.finish_reason is not None:
+                run["tasks"][key]["finish_reason"] = u.finish_reason
+        for (model, generator), m in per_model.items():
+            row = self._usage_row(run, model, generator)
+            for k in ("requests", "prompt_tokens", "completion_tokens", "rate_limited"):
+                row[k] += getattr(m, k)
+            row.update(concurrency=m.concurrency, updated_at=now)
+            if m.cost is not None:
+                row["cost"] = (row["cost"] or 0.0) + m.cost
+            if m.pacing is not None:
+                row["pacing"] = dict(m.pacing)
+            run["truncated"][generator] = run["truncated"].get(generator, 0) + m.truncated
 
     def lease_epoch(self, run_id: str, row_group: int) -> int | None:
         with self._lock:

@@ -11,6 +11,8 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from pipeline.store.events import ModelUsage, TaskKey, TaskUsage
+
 __all__ = ["add_calls_saved", "read", "truncated", "write"]
 
 _TASK_USAGE = sa.text(
@@ -35,43 +37,22 @@ _CALLS_SAVED = sa.text(
     "calls_saved = model_usage.calls_saved + excluded.calls_saved, updated_at = excluded.updated_at")
 
 
-def write(conn: Connection, run_id: str, now: float, ours: dict, usage: list) -> None:
-    """``usage``: ``[((rg, generator, row_index), (model, requests, prompt, completion,
-    rate_limited, concurrency, finish_reason, truncated, cost, pacing snapshot))]`` from one
-    journal batch, in event order. Only row groups this owner holds (``ours``) count: a
-    fenced-out zombie's calls are not added. Two statements per batch, whatever its size: one
-    ``executemany`` per table; the batch's last pacing snapshot per model is stored (JSON)."""
-    per_task: dict[tuple, list] = {}
-    per_model: dict[tuple[str, str], list] = {}
-    for key, (model, n, p, c, limited, concurrency, finish_reason, truncated, cost, snapshot) in usage:
-        if key[0] not in ours:
-            continue
-        t = per_task.setdefault(key, [0, 0, 0, None])
-        t[0] += n
-        t[1] += p
-        t[2] += c
-        if finish_reason is not None:
-            t[3] = finish_reason  # the latest answer's
-        m = per_model.setdefault((model, key[1]), [0, 0, 0, 0, None, 0, None, None])
-        m[0] += n
-        m[1] += p
-        m[2] += c
-        m[3] += limited
-        m[4] = concurrency
-        m[5] += truncated
-        if cost is not None:
-            m[6] = (m[6] or 0.0) + cost
-        if snapshot is not None:
-            m[7] = snapshot
+def write(conn: Connection, run_id: str, now: float, per_task: dict[TaskKey, TaskUsage],
+          per_model: dict[tuple[str, str], ModelUsage]) -> None:
+    """One journal batch's usage (:func:`pipeline.store.events.usage_totals`): added to the
+    tasks' rows and to ``model_usage`` (the latest pacing snapshot per model stored as JSON).
+    Two statements per batch, whatever its size: one ``executemany`` per table."""
     if not per_task:
         return
     conn.execute(_TASK_USAGE, [
-        {"r": run_id, "rg": rg, "g": gen, "s": -1 if ri is None else ri, "n": n, "p": p, "c": c, "f": f}
-        for (rg, gen, ri), (n, p, c, f) in per_task.items()])
+        {"r": run_id, "rg": rg, "g": gen, "s": -1 if ri is None else ri, "n": t.requests, "p": t.prompt_tokens,
+         "c": t.completion_tokens, "f": t.finish_reason}
+        for (rg, gen, ri), t in per_task.items()])
     conn.execute(_MODEL_USAGE, [
-        {"r": run_id, "m": model, "g": gen, "n": n, "p": p, "c": c, "l": limited, "k": concurrency, "x": x,
-         "t": now, "cost": cost, "pj": None if snapshot is None else json.dumps(snapshot)}
-        for (model, gen), (n, p, c, limited, concurrency, x, cost, snapshot) in per_model.items()])
+        {"r": run_id, "m": model, "g": gen, "n": m.requests, "p": m.prompt_tokens, "c": m.completion_tokens,
+         "l": m.rate_limited, "k": m.concurrency, "x": m.truncated, "t": now, "cost": m.cost,
+         "pj": None if m.pacing is None else json.dumps(m.pacing)}
+        for (model, gen), m in per_model.items()])
 
 
 def truncated(conn: Connection, run_id: str) -> dict[str, int]:

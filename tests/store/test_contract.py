@@ -16,7 +16,8 @@ import pytest
 
 from pipeline.errors import RunExistsError, RunNotFoundError, StoreError
 from pipeline.store.usage import PACING_KEYS
-from pipeline.store.base import STATE, ColumnSpec, NewRun
+from pipeline.store.base import ColumnSpec, NewRun
+from pipeline.store.events import StateSaved
 from pipeline.values import encode
 from tests.conftest_store import (claim_all_concurrently, complete, dead_owner, deferred, done, dropped, failed,
                                   started)
@@ -359,8 +360,8 @@ def test_a_stateful_generators_state_is_recorded_with_its_done(any_store):
     store = any_store
     run_id = claimed(store)
     assert store.generator_states(run_id) == {}
-    store.record(run_id, [(STATE, 0, "x", encode({"seen": 3}), done(0, "x", 9, "v")),
-                          (STATE, 1, "x", encode({"seen": 7}), done(1, "x", 9, "v"))])
+    store.record(run_id, [StateSaved(0, "x", encode({"seen": 3}), done(0, "x", 9, "v")),
+                          StateSaved(1, "x", encode({"seen": 7}), done(1, "x", 9, "v"))])
     assert store.generator_states(run_id) == {"x": (1, {"seen": 7})}
     assert store.load_row_group(run_id, 0).done == {("x", 9): "v"}
 
