@@ -280,10 +280,14 @@ def test_retry_with_a_worker_joining_finishes_with_the_same_export(tmp_path):
     slow = {"SLOW": "0.01", "GATE": str(gate)}
 
     def wait_for_workers(n: int, procs) -> None:
+        """Until n processes hold a lease: a worker registers before it reads its config, so
+        being registered is not yet taking a row group (on a loaded machine the first process
+        would take them all once the gate opens)."""
         deadline = time.monotonic() + 60
         while True:
             with sqlite3.connect(runs.home / "state.db") as conn:
-                (live,) = conn.execute("select count(*) from workers where run_id = ?", (runs.rid("buggy"),)).fetchone()
+                (live,) = conn.execute("select count(distinct lease_owner) from row_groups where run_id = ? "
+                                       "and state = 'active' and lease_owner is not null", (runs.rid("buggy"),)).fetchone()
             if live >= n:
                 return
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
