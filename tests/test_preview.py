@@ -199,3 +199,18 @@ def test_preview_checks_the_models_as_run_does(fake_server, tmp_path):
     assert "No run was created" not in skipped.stderr and "shutdown_error_rate" in skipped.stderr
     assert "2 of 2 records dropped" in skipped.stderr
     assert not (tmp_path / "home").exists()
+
+
+def test_a_preview_whose_model_stays_down_ends_without_advice_to_resume_it(tmp_path):
+    """A preview cannot be resumed: neither its reason nor the engine's log names
+    `pipeline resume` (the run id 'preview' is no run of the user's)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = llm_config(tmp_path, f"http://127.0.0.1:{port}/v1", system="settings: {model_down_s: 1}")
+    proc = cli("preview", str(cfg), "-n", "2", "--no-check-models", home=tmp_path / "home")
+    assert proc.returncode == 1, proc.stderr
+    assert "model_down_s 1" in proc.stderr and "unreachable" in proc.stderr, proc.stderr
+    assert "pipeline resume" not in proc.stderr, proc.stderr

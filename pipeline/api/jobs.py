@@ -138,7 +138,7 @@ class Job:
 
     def __init__(self, store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
                  progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
-                 graph: Any = None, signals: Signals | None = None) -> None:
+                 graph: Any = None, signals: Signals | None = None, resumable: bool = True) -> None:
         from pipeline.engine.scheduler import Scheduler, SchedulerOptions
         from pipeline.engine.tracker import Plan
         from pipeline.generators import build_generators, llm_runtime
@@ -150,7 +150,7 @@ class Job:
             counts = store.column_counts(run_id)
             store.add_calls_saved(run_id, {(n.model, n.name): counts[n.outputs[0]]["done"]
                                            for n in plan.nodes if n.limit is not None})
-        options = SchedulerOptions.from_settings(cfg.settings, trace=trace or cfg.settings.trace)
+        options = SchedulerOptions.from_settings(cfg.settings, trace=trace or cfg.settings.trace, resumable=resumable)
         self.store, self.run_id, self.cfg, self.home = store, run_id, cfg, home
         self.plan, self.progress, self.trace = plan, progress, trace
         self.scheduler = Scheduler(plan, store, run_id, num_records=cfg.num_records,

@@ -120,7 +120,7 @@ def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
         fingerprints=[]))
     # The row group's checkpoint file goes here, never under --home; gone at the end.
     with tempfile.TemporaryDirectory(prefix="pipeline-preview-") as scratch:
-        job = Job(store, _RUN_ID, cfg, Path(scratch), progress=None, trace=False, graph=graph)
+        job = Job(store, _RUN_ID, cfg, Path(scratch), progress=None, trace=False, graph=graph, resumable=False)
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             status = runner.run(job.main())
         outcome = job.finish(status)
@@ -128,10 +128,8 @@ def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
             raise PipelineError(f"the preview stopped before it finished ({status})")
         records = list(read_dataset(store, _RUN_ID, Path(scratch)).records())
     prompts = _prompts(job.plan, records) if show_prompts else None
-    # A stop reason may end in advice to resume the run: there is none to resume here.
-    reason = outcome.reason.split("; no record was dropped")[0].split("; fix the cause")[0] if outcome.reason else None
     return Preview(list(graph.columns), records, status, cfg.num_records, failures_of(store, _RUN_ID), prompts,
-                   reason)
+                   outcome.reason)
 
 
 def _prompts(plan: Any, records: list[dict[str, Any]]) -> list[dict[str, str]]:

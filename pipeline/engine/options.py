@@ -27,6 +27,8 @@ class SchedulerOptions:
     poll_s: float = 0.5
     threads: int = 0  # 0: min(32, max_in_flight_tasks)
     trace: bool = False
+    #: False for a run nobody can resume (a preview): stop messages then give no resume advice.
+    resumable: bool = True
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> "SchedulerOptions":

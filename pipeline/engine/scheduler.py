@@ -160,9 +160,10 @@ class Scheduler:
                 if not (self._limited[limit] or self._outcomes.waiting[limit] or limit.in_use):
                     continue
                 what = "answered only 429s" if not health.down else f"was unreachable ({health.last_error})"
+                resume = (f"; no record was dropped for it: `pipeline resume {self.run_id}` continues once it "
+                          "answers") if self.opts.resumable else ""
                 self._fail(f"{health.where} {what} for {now - since:.0f} s (model_down_s "
-                           f"{self.opts.model_down_s:g}); no record was dropped for it: "
-                           f"`pipeline resume {self.run_id}` continues once it answers")
+                           f"{self.opts.model_down_s:g}){resume}")
                 return
 
     @property
@@ -200,11 +201,12 @@ class Scheduler:
 
     def _fail(self, reason: str, advice: str = "") -> None:
         """End the run 'failed' for ``reason`` (one line for the user, kept in stop_reason;
-        ``advice`` goes to the log only), unless it is stopping already."""
+        ``advice`` goes to the log only, and only for a resumable run), unless it is stopping
+        already."""
         if self._stopping:
             return
         self.stop_reason = reason
-        log.error("stopping: %s%s", reason, advice)
+        log.error("stopping: %s%s", reason, advice if self.opts.resumable else "")
         self._finish("failed")
 
     async def _drain_tasks(self) -> None:
