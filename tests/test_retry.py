@@ -295,10 +295,13 @@ def test_retry_with_a_worker_joining_finishes_with_the_same_export(tmp_path):
             time.sleep(0.05)
 
     retry = runs.popen("retry", runs.rid("buggy"), "--quiet", log="retry", **slow)
-    wait_for_workers(1, [retry])
-    worker = runs.popen("worker", runs.rid("buggy"), "--quiet", log="retry", **slow)
-    wait_for_workers(2, [retry, worker])
-    gate.touch()
+    worker = None
+    try:
+        wait_for_workers(1, [retry])
+        worker = runs.popen("worker", runs.rid("buggy"), "--quiet", log="retry", **slow)
+        wait_for_workers(2, [retry, worker])
+    finally:
+        gate.touch()  # a failed wait must not leave the processes waiting for it
     for proc in (retry, worker):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
