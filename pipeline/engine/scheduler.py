@@ -492,8 +492,9 @@ class Scheduler:
         tracker = rg.tracker
         if rg.dead:
             return
-        event = TaskEvent(DONE, rg.id, node.name, r, "cell", text,
-                          usage=None if usage is None else self._usage(node, usage))
+        event = TaskEvent(DONE, rg.id, node.name, r, "cell", text)
+        if usage is not None:
+            event = event._replace(usage=self._usage(node, usage))
         if self._state_idx and node.index in self._state_idx:
             event = self._stateful.with_state(rg.id, node, event)
         self._append(event)
@@ -520,8 +521,9 @@ class Scheduler:
         for r, exc in bad.items():  # a value with no exact stored form fails its own cell
             self._failed(rg, node, r, exc)
         full = rg.buffer.put_batch(cols, rows, texts)
-        event = TaskEvent(DONE, rg.id, node.name, None, node.task_type, full,
-                          usage=None if usage is None else self._usage(node, usage))
+        event = TaskEvent(DONE, rg.id, node.name, None, node.task_type, full)
+        if usage is not None:
+            event = event._replace(usage=self._usage(node, usage))
         if self._state_idx and node.index in self._state_idx:
             event = self._stateful.with_state(rg.id, node, event)
         self._append(event)
