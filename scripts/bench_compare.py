@@ -200,13 +200,14 @@ class DbSampler(threading.Thread):
 
 def child_llm(spec: dict) -> dict:
     import bench_llm
+    from bench_llm_floors import ideal_client_run
 
     if spec["records"] != bench_llm.RECORDS:
         bench_llm.RECORDS = spec["records"]
         bench_llm.CALLS = spec["records"] * bench_llm.WRITERS * 2
     bench_llm.one_run([], seed=999)  # warm-up
     makespan = bench_llm.one_run([], seed=spec["seed"])["makespan"]
-    floor = bench_llm.ideal_client_run(spec["seed"] + 1)
+    floor = ideal_client_run(spec["seed"] + 1)
     return {"seconds": makespan, "floor_s": floor, "bound_s": bench_llm.lower_bound(bench_llm.CALLS, False)}
 
 

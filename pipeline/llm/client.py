@@ -1,7 +1,9 @@
 """An async client for OpenAI-compatible chat-completions endpoints (vLLM, NIM, OpenAI, ...).
 
-Every failure is translated once, here, into the error the engine acts on (all in
-:mod:`pipeline.errors`)::
+Every failure is translated once, at this boundary, into the error the engine acts on (all in
+:mod:`pipeline.errors`): the HTTP layer's exceptions here, in :meth:`LlmClient._post`; an
+answer's status and body in :mod:`pipeline.llm.responses` (which also holds :class:`Completion`);
+where to call is a :class:`~pipeline.llm.endpoint.ModelEndpoint`::
 
     RetryableError                        the task is deferred and tried again
     ├── ModelRateLimitError               HTTP 429 (``retry_after_s`` from retry-after-ms or Retry-After)
@@ -40,16 +42,11 @@ headers and body.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
-import math
 import os
-import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
-from datetime import timezone
 from typing import Any, Callable, Mapping, Sequence
 
 import aiohttp
@@ -57,14 +54,13 @@ import aiohttp
 from pipeline.errors import (
     ModelConnectionError,
     ModelOutputError,
-    ModelRateLimitError,
     ModelRequestError,
-    ModelServerError,
     ModelTimeoutError,
 )
+from pipeline.llm.endpoint import ModelEndpoint
+from pipeline.llm.responses import Answer, Completion, parse_completion, parse_retry_after, snippet, status_error
 from pipeline.model_options import CONTROL_CHARACTER_HINT, header_value_ok
-from pipeline.redact import redact, redact_secrets, register_secret
-from pipeline.values import valid_unicode
+from pipeline.redact import register_secret
 
 __all__ = [
     "Completion",
@@ -76,108 +72,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_BODY_SNIPPET_CHARS = 200
-_FINISH_REASON_CHARS = 64
-
-
-@dataclass(frozen=True)
-class Completion:
-    """The text of the first choice and the token counts the server reported (0 if none).
-
-    ``finish_reason``: why the model stopped, as the server said (``stop``, ``length``, ...;
-    None when it did not say). ``reasoning_chars``: the length of the choice's reasoning field
-    (``reasoning_content`` or ``reasoning``), 0 when there is none; a reasoning-only answer has
-    ``text == ""`` (see :mod:`pipeline.llm.answers`).
-    """
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None = None
-    reasoning_chars: int = 0
-
-
-@dataclass(frozen=True)
-class ModelEndpoint:
-    """Where and how to call one model alias. ``api_key_env`` is the NAME of an env var."""
-
-    alias: str
-    base_url: str
-    model: str
-    api_key_env: str | None = None
-    timeout_s: float = 60.0
-    max_parallel_requests: int = 16
-    #: ``(name, value)``: a value is the text sent, or ``("env", NAME)`` to read it from NAME.
-    extra_headers: tuple[tuple[str, str | tuple[str, str]], ...] = ()
-    extra_body: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    #: The header the key goes in, raw (``api-key``); None: ``Authorization: Bearer KEY``.
-    api_key_header: str | None = None
-
-    def __repr__(self) -> str:  # header values stay out of reprs
-        return f"ModelEndpoint(alias={self.alias!r}, where={self.where!r}, model={self.model!r})"
-
-    @classmethod
-    def from_config(cls, alias: str, model_config: Any) -> "ModelEndpoint":
-        """Build from a config's model entry (anything with the ModelConfig attributes)."""
-        headers = []
-        for name, value in (getattr(model_config, "extra_headers", None) or {}).items():
-            env = value.get("env") if isinstance(value, dict) else getattr(value, "env", None)
-            headers.append((name, ("env", env) if env is not None else str(value)))
-        return cls(
-            alias=alias,
-            base_url=str(model_config.base_url),
-            model=model_config.model,
-            api_key_env=getattr(model_config, "api_key_env", None),
-            timeout_s=float(getattr(model_config, "timeout_s", 60.0)),
-            max_parallel_requests=int(getattr(model_config, "max_parallel_requests", 16)),
-            extra_headers=tuple(headers),
-            extra_body=dict(getattr(model_config, "extra_body", None) or {}),
-            api_key_header=getattr(model_config, "api_key_header", None),
-        )
-
-    @property
-    def url(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
-
-    @property
-    def where(self) -> str:
-        """How messages name the endpoint: alias and URL without credentials or query."""
-        return f"model '{self.alias}' at {_public_url(self.base_url)}"
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds a 429 asks us to wait: ``retry-after-ms`` (Azure OpenAI, OpenAI's own clients
-    prefer it), else ``Retry-After`` (seconds or an HTTP date), else None (the engine backs off)."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            seconds = float(millis) / 1000.0
-        except ValueError:
-            seconds = math.nan
-        if math.isfinite(seconds):
-            return max(0.0, seconds)
-    return parse_retry_after(headers.get("Retry-After"))
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
 
 
 class LlmClient:
@@ -232,12 +126,12 @@ class LlmClient:
         outcome = await self._post(endpoint, json.dumps(payload).encode())
         if isinstance(outcome, Exception):
             raise outcome
-        return _parse_completion(endpoint, outcome)
+        return parse_completion(endpoint, outcome)
 
     async def request(
         self, endpoint: ModelEndpoint, method: str, path: str, payload: Any = None,
         *, headers: Mapping[str, str] | None = None,
-    ) -> _Answer | Exception:
+    ) -> Answer | Exception:
         """One raw exchange, for checks such as the preflight (:mod:`pipeline.llm.preflight`):
         ``method`` on ``base_url + path`` with ``payload`` as JSON (if any) and the key.
 
@@ -251,7 +145,7 @@ class LlmClient:
         return await self._post(endpoint, body, method=method, url=url, extra_headers=headers)
 
     async def _post(self, endpoint: ModelEndpoint, body: bytes | None, *, method: str = "POST",
-                    url: str | None = None, extra_headers: Mapping[str, str] | None = None) -> _Answer | Exception:
+                    url: str | None = None, extra_headers: Mapping[str, str] | None = None) -> Answer | Exception:
         # Returns the error instead of raising it: this frame holds the key (in the headers),
         # and a frame that raises ends up in tracebacks that some loggers print with locals.
         # For the same reason every exception of the HTTP layer is caught here: its traceback
@@ -299,22 +193,22 @@ class LlmClient:
                 async with session.request(
                     method, url, data=body, headers=headers, proxy=self._proxy_for(url), allow_redirects=False
                 ) as response:
-                    answer = _Answer(response.status, response.headers, await response.read())
+                    answer = Answer(response.status, response.headers, await response.read())
         except TimeoutError:  # asyncio's, and aiohttp's connect/read timeouts
             return ModelTimeoutError(f"{endpoint.where}: no answer within {endpoint.timeout_s:g} s")
         except (aiohttp.InvalidURL, _NonHttpUrlClientError) as exc:
             return ModelRequestError(f"{endpoint.where}: bad base_url ({type(exc).__name__})")
         except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
             # An answer that is not HTTP, or a body cut short or badly encoded.
-            detail = _snippet(getattr(exc, "message", None) or str(exc))
+            detail = snippet(getattr(exc, "message", None) or str(exc))
             return ModelConnectionError(f"{endpoint.where}: broken answer ({type(exc).__name__}: {detail})")
         except (aiohttp.ClientError, OSError) as exc:
-            detail = _snippet(str(exc))
+            detail = snippet(str(exc))
             return ModelConnectionError(f"{endpoint.where}: cannot connect ({type(exc).__name__}: {detail})")
         except ValueError as exc:  # a header aiohttp refuses, say: the same request would fail again
             return ModelRequestError(f"{endpoint.where}: the request cannot be sent ({type(exc).__name__})")
         except Exception as exc:  # anything else the HTTP layer raises; retryable, and key-free
-            detail = _snippet(str(exc))
+            detail = snippet(str(exc))
             return ModelConnectionError(f"{endpoint.where}: HTTP client error ({type(exc).__name__}: {detail})")
         finally:
             headers.clear()  # nothing of the key stays in this frame's locals
@@ -324,7 +218,7 @@ class LlmClient:
         if observe is not None:
             observe(answer.headers)
         if answer.status_code >= 300:
-            return _status_error(endpoint, answer)
+            return status_error(endpoint, answer)
         return answer
 
     async def _session_for_running_loop(self) -> tuple[aiohttp.ClientSession, bool]:
@@ -379,86 +273,3 @@ class LlmClient:
 
 
 _NonHttpUrlClientError: type[Exception] = getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL)
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """What is kept of an HTTP response: status, headers and body (never the request)."""
-
-    status_code: int
-    headers: Mapping[str, str]
-    body: bytes
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", errors="replace")
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def _status_error(endpoint: ModelEndpoint, response: _Answer) -> Exception:
-    status = response.status_code
-    where = f"{endpoint.where}: HTTP {status}"
-    if status == 429:
-        retry_after = _retry_after(response.headers)
-        hint = f", retry after {retry_after:g} s" if retry_after is not None else ""
-        return ModelRateLimitError(f"{where} (rate limited{hint})", retry_after_s=retry_after)
-    body = _snippet(response.text)
-    if status == 408:
-        return ModelTimeoutError(f"{where}: {body}")
-    if status == 409 or status >= 500:
-        return ModelServerError(f"{where}: {body}")
-    return ModelRequestError(f"{where}: {body}", status_code=status)
-
-
-def _parse_completion(endpoint: ModelEndpoint, response: _Answer) -> Completion:
-    try:
-        data = response.json()
-        choice = data["choices"][0]
-        message = choice["message"]
-        content = message.get("content")
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-        usage = data.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = int(usage.get("completion_tokens") or 0)
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        snippet = _snippet(response.text)
-        raise ModelServerError(f"{endpoint.where}: a 200 answer that is not a chat completion: {snippet}") from None
-    reason = choice.get("finish_reason")
-    # Kept in tasks.finish_reason: a string of the usual size, or nothing.
-    finish_reason = valid_unicode(reason[:_FINISH_REASON_CHARS]) if isinstance(reason, str) else None
-    reasoning_chars = len(reasoning) if isinstance(reasoning, str) else 0
-    if isinstance(content, list):  # some servers send content parts
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    if content is None and reasoning_chars:
-        content = ""  # only reasoning (vLLM's reasoning parser, cut short): a malformed answer
-    if not isinstance(content, str):
-        raise ModelOutputError(f"{endpoint.where}: the answer has no text (finish_reason={_snippet(repr(reason))})")
-    # A server that echoes our key into its answer must not put it into the dataset; a "\ud83d"
-    # escape in the JSON body is a lone surrogate, which no store can hold: U+FFFD.
-    return Completion(text=valid_unicode(redact_secrets(content)), prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens, finish_reason=finish_reason,
-                      reasoning_chars=reasoning_chars)
-
-
-def _snippet(text: str) -> str:
-    """The start of server-provided text for a message, redacted before it is cut (a key cut in
-    two would not be recognised); a server may echo the key or the Authorization header."""
-    return redact(text[:_BODY_SNIPPET_CHARS + 4096])[:_BODY_SNIPPET_CHARS]
-
-
-def _public_url(url: str) -> str:
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:  # say nothing of it: it may hold credentials
-        return "(a URL that does not parse)"
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    netloc = f"{host}:{port}" if port else host
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
