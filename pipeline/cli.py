@@ -22,6 +22,7 @@ import click
 from pipeline import api, cli_text, surface
 from pipeline.errors import PipelineError
 from pipeline.redact import excepthook, redact
+from pipeline.states import RunStatus
 
 sys.excepthook = excepthook  # a traceback that escapes is printed redacted too
 
@@ -78,14 +79,14 @@ def _exit(code: int) -> None:
 def _finish(result: api.RunResult, home: str | None, db: str | None) -> None:
     """End run/resume/retry/worker: one summary on stderr, then the exit code of how the run
     ended (0 complete, 130/143 after a signal, 1 otherwise)."""
-    if result.status == "complete" and result.extra.get("already_complete"):
+    if result.status == RunStatus.COMPLETE and result.extra.get("already_complete"):
         click.echo(f"run {result.run_id} is already complete; nothing to do", err=True)
         _exit(EXIT_OK)
     try:
         click.echo(cli_text.summary(api.status(result.run_id, home=home, db=db), home), err=True)
     except PipelineError as exc:  # the summary is a courtesy: never let it change the exit code
         click.echo(f"(no summary: {exc})", err=True)
-    if result.status == "complete":
+    if result.status == RunStatus.COMPLETE:
         _exit(EXIT_OK)
     for line in cli_text.stop_lines(result):
         click.echo(line, err=True)
@@ -225,7 +226,7 @@ def status(run_id: str, as_json: bool, watch: bool, interval: float, home: str, 
     try:  # Ctrl-C ends --watch (exit 130, PipelineGroup); the run itself is not affected
         while True:
             s = api.status(run_id, home=home, db=db)
-            running = s["status"] == "running"
+            running = s["status"] == RunStatus.RUNNING
             if panel is not None:
                 panel.update(s, final=not running)
             else:

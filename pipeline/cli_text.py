@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline.costs import money
+from pipeline.states import RunStatus
 
 if TYPE_CHECKING:
     from pipeline.api import Preview, Reopened, RunResult
@@ -75,7 +76,7 @@ def stop_lines(result: RunResult) -> list[str]:
     rid = result.run_id
     if result.signal is not None:
         return [f"run {rid} interrupted; `pipeline resume {rid}` continues it"]
-    if result.status != "failed":
+    if result.status != RunStatus.FAILED:
         return [f"run {rid} stopped ({result.status}); `pipeline resume {rid}` continues it"]
     reason = result.reason or "too many tasks failed for good (shutdown_error_rate)"
     lines = [f"run {rid} failed: {reason}"]
@@ -122,7 +123,7 @@ def status_text(s: dict) -> str:
              f"row groups: {s['row_groups']['checkpointed']} of {s['row_groups']['total']} checkpointed, "
              f"{s['row_groups']['active']} active"]
     rate = f"rate: {s['rate_records_s']:,.1f} records/s"
-    if s["eta_s"] is not None and s["status"] == "running":
+    if s["eta_s"] is not None and s["status"] == RunStatus.RUNNING:
         rate += f", eta: {s['eta_s']:.0f}s"
     lines.append(rate)
     width = max([len(c) for c in s["columns"]] + [6])
@@ -231,7 +232,7 @@ def preview_notes(result: Preview, n: int) -> list[str]:
 
 def preview_failure(result: Preview) -> str | None:
     """Why a preview failed (exit 1): the error rate was reached, or no record came out."""
-    if result.status != "failed" and result.records:
+    if result.status != RunStatus.FAILED and result.records:
         return None
     why = result.reason or ("too many tasks failed (shutdown_error_rate)" if result.records else
                             "no record came out")

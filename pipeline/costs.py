@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.states import RunStatus
+
 __all__ = ["add_costs", "money"]
 
 
@@ -46,7 +48,7 @@ def add_costs(status: dict[str, Any], config_json: str | None) -> None:
         users = [c.get("name") for c in columns if isinstance(c, dict) and c.get("model") == alias
                  and str(c.get("type", "")).startswith("llm_")]
         finished = sum(counts[u]["done"] + counts[u]["failed"] for u in users if u in counts)
-        if status.get("status") == "complete":
+        if status.get("status") == RunStatus.COMPLETE:
             usage["projected_cost"] = cost
         elif finished:
             usage["projected_cost"] = cost * len(users) * status["num_records"] / finished

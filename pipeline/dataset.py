@@ -35,6 +35,7 @@ import simplejson
 
 from pipeline.errors import DamagedFileError, ExportError
 from pipeline.file_checks import check_files, content_problem, damage_message, os_problem
+from pipeline.states import RowGroupState
 from pipeline.store.base import Store
 from pipeline.surface import command
 from pipeline.values import decode
@@ -195,7 +196,7 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
     groups = store.row_groups(run_id)
     parts, damaged = [], []
     for g in groups:
-        if g["state"] != "checkpointed" or not g["path"]:
+        if g["state"] != RowGroupState.CHECKPOINTED or not g["path"]:
             continue
         path = home / g["path"]
         try:
@@ -215,7 +216,7 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
     if damaged:
         raise DamagedFileError(damage_message(run_id, damaged))
     counts = store.row_group_counts(run_id)  # row groups not created yet are pending
-    complete = counts["checkpointed"] == counts["total"]
+    complete = counts[RowGroupState.CHECKPOINTED] == counts["total"]
     if not parts:
         parts = [pa.table({c: pa.array([], type=pa.null()) for c in columns})]
     return Dataset(columns, [p.select(columns) for p in parts], complete)

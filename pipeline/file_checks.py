@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from pipeline.states import RowGroupState
 from pipeline.surface import command
 
 __all__ = ["check_files", "content_problem", "damage_message", "os_problem"]
@@ -19,7 +20,7 @@ def check_files(home: Path, groups: list[dict], *, digest: bool = False) -> list
     (existence and size: cheap enough for ``status``); with it, the SHA-256 of every file too."""
     damaged = []
     for g in groups:
-        if g["state"] != "checkpointed" or not g["path"]:
+        if g["state"] != RowGroupState.CHECKPOINTED or not g["path"]:
             continue
         path = home / g["path"]
         try:

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from pipeline.errors import ConfigError
+from pipeline.states import TaskType
 
 __all__ = ["ColumnGraph", "Node", "build_graph", "task_count"]
 
-FROM_SCRATCH, CELL, BATCH = "from_scratch", "cell", "batch"
+# A node's strategy ("cell" | "batch") and task type, as plain strings: ``task_type`` goes into
+# every task event, which the journal binds as it is (a driver binds a str subclass more slowly).
+FROM_SCRATCH, CELL, BATCH = TaskType.FROM_SCRATCH.value, TaskType.CELL.value, TaskType.BATCH.value
 
 
 @dataclass(frozen=True)

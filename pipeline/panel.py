@@ -30,6 +30,7 @@ import time
 from typing import IO, Any
 
 from pipeline.costs import money
+from pipeline.states import RunStatus
 
 __all__ = ["LivePanel", "RateWindow", "plain_line", "render"]
 
@@ -63,9 +64,9 @@ def progress_records(view: dict[str, Any]) -> int:
 
 
 def _eta(view: dict[str, Any], rate: float | None) -> float | None:
-    if view.get("status") == "complete":
+    if view.get("status") == RunStatus.COMPLETE:
         return 0.0
-    if not rate or view.get("status") != "running":  # a stopped run has no end to foresee
+    if not rate or view.get("status") != RunStatus.RUNNING:  # a stopped run has no end to foresee
         return None
     left = view["num_records"] - progress_records(view) - view.get("records_dropped", 0)
     return max(0.0, left / rate)

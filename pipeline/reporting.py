@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ExportError, PipelineError
+from pipeline.states import RunStatus
 
 __all__ = ["FORMATS", "OUTCOME_COLOURS", "draw", "series"]
 
@@ -43,7 +44,7 @@ def series(store: Any, run_id: str) -> dict[str, Any]:
     info = store.get_run(run_id)
     traces = store.traces(run_id)
     if not traces:
-        if info.status == "complete":  # nothing is left to resume: only a new run can be traced
+        if info.status == RunStatus.COMPLETE:  # nothing is left to resume: only a new run can be traced
             how = ("it is complete, so nothing of it is left to trace: run its config again with "
                    "`pipeline run CONFIG --trace`")
         else:

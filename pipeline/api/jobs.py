@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.errors import PipelineError
+from pipeline.states import RunStatus
 
 if TYPE_CHECKING:
     import asyncio
@@ -36,7 +37,7 @@ class RunResult:
     ``repaired``, ``change``, ``reopened``, ``already_complete``, ``nothing_to_retry``)."""
 
     run_id: str
-    status: str  # complete | interrupted | failed | created
+    status: str  # a RunStatus but running, or "created" (made, not started: stored interrupted)
     signal: int | None = None
     stats: RunStats | None = None
     resumed: bool = False
@@ -121,8 +122,8 @@ def mark_interrupted(store: Store, run_id: str, signum: int) -> RunResult:
     """The result of a run stopped by ``signum``; the run is recorded ``interrupted`` unless
     other workers carry on with it."""
     if store.live_workers(run_id) == 0:
-        store.set_run_status(run_id, "interrupted")
-    return RunResult(run_id, "interrupted", signal=signum)
+        store.set_run_status(run_id, RunStatus.INTERRUPTED)
+    return RunResult(run_id, RunStatus.INTERRUPTED, signal=signum)
 
 
 class Job:
@@ -155,7 +156,7 @@ class Job:
         self.plan, self.progress, self.trace = plan, progress, trace
         self.scheduler = Scheduler(plan, store, run_id, num_records=cfg.num_records,
                                    row_group_size=cfg.row_group_size, home=str(home), options=options)
-        store.set_run_status(run_id, "running")
+        store.set_run_status(run_id, RunStatus.RUNNING)
         self.traces = None
         if options.trace:
             from pipeline.engine.tracing import TraceWriter
@@ -187,7 +188,7 @@ class Job:
         store, run_id, scheduler, received = self.store, self.run_id, self.scheduler, self.signals.received
         if self.traces is not None:
             self.traces.flush()
-        if status == "interrupted" and store.live_workers(run_id) > 0:
+        if status == RunStatus.INTERRUPTED and store.live_workers(run_id) > 0:
             pass  # other workers carry on: the run is still running
         else:
             store.set_run_status(run_id, status)

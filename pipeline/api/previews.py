@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
+from pipeline.states import RunStatus
 from pipeline.threads import off_the_loop
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def _compute(cfg: PipelineConfig, show_prompts: bool) -> Preview:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             status = runner.run(job.main())
         outcome = job.finish(status)
-        if status not in ("complete", "failed"):
+        if status not in (RunStatus.COMPLETE, RunStatus.FAILED):
             raise PipelineError(f"the preview stopped before it finished ({status})")
         records = list(read_dataset(store, _RUN_ID, Path(scratch)).records())
     prompts = _prompts(job.plan, records) if show_prompts else None

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.api.state import missing_store, open_state, require_run_store, validate_run_id
 from pipeline.errors import PipelineError, StoreError
+from pipeline.states import RowGroupState, RunStatus
 from pipeline.surface import flag
 
 if TYPE_CHECKING:
@@ -41,26 +42,26 @@ def status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str, 
         damaged = check_files(home, store.row_groups(run_id))
     columns = store.column_counts(run_id)
     state = info.status
-    if state == "running" and store.live_workers(run_id) == 0:
-        state = "interrupted"  # its process is gone
+    if state == RunStatus.RUNNING and store.live_workers(run_id) == 0:
+        state = RunStatus.INTERRUPTED  # its process is gone
     done, dropped = groups["records_written"], groups["records_dropped"]
     # Rate: records whose every column is done, per second since the run was created (time it
     # spent interrupted included); the ETA assumes it holds.
     progress_records = min((c["done"] for c in columns.values()), default=0)
-    until = info.finished_at if state in ("complete", "failed") and info.finished_at else time.time()
+    until = info.finished_at if state in (RunStatus.COMPLETE, RunStatus.FAILED) and info.finished_at else time.time()
     rate = progress_records / max(until - info.created_at, 1e-6) if progress_records else 0.0
     eta = None
-    if state == "running" and rate > 0:
+    if state == RunStatus.RUNNING and rate > 0:
         eta = max(0.0, (info.num_records - progress_records - dropped) / rate)
-    elif state == "complete":
+    elif state == RunStatus.COMPLETE:
         eta = 0.0
     from pipeline.costs import add_costs
 
     out = {
         "run_id": run_id, "name": info.name, "status": state, "num_records": info.num_records,
         "records_done": done, "records_dropped": dropped, "columns": columns,
-        "row_groups": {"total": groups["total"], "checkpointed": groups["checkpointed"],
-                       "active": groups["active"] + groups["complete"]},
+        "row_groups": {"total": groups["total"], "checkpointed": groups[RowGroupState.CHECKPOINTED],
+                       "active": groups[RowGroupState.ACTIVE] + groups[RowGroupState.COMPLETE]},
         "rate_records_s": rate, "eta_s": eta, "models": store.model_usage(run_id), "created_at": info.created_at, "updated_at": info.updated_at,
         "finished_at": info.finished_at, "fingerprint": info.fingerprint, "damaged_files": damaged,
         "failures": failures_of(store, run_id), "leases": store.leases(run_id), "changes": store.run_changes(run_id),
@@ -108,8 +109,8 @@ def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -
         out = []
         for info in store.list_runs():
             state = info.status
-            if state == "running" and store.live_workers(info.run_id) == 0:
-                state = "interrupted"
+            if state == RunStatus.RUNNING and store.live_workers(info.run_id) == 0:
+                state = RunStatus.INTERRUPTED
             written, dropped = counts.get(info.run_id, (0, 0))
             out.append({"run_id": info.run_id, "name": info.name, "status": state,
                         "num_records": info.num_records, "created_at": info.created_at,

@@ -14,6 +14,7 @@ from pipeline.api.jobs import Interrupted, RunResult, Signals, execute, mark_int
 from pipeline.api.reads import as_config
 from pipeline.api.state import open_state, require_run_store, validate_run_id
 from pipeline.errors import DamagedFileError, PipelineError, RunningLoopError, UnknownColumnError
+from pipeline.states import RowGroupState, RunStatus
 from pipeline.store.base import ColumnSpec, Lineage, NewRun, Reopened, Store
 from pipeline.surface import command
 
@@ -63,7 +64,7 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
                 if on_created is not None:
                     on_created(rid)
                 if not start:
-                    store.set_run_status(rid, "interrupted")
+                    store.set_run_status(rid, RunStatus.INTERRUPTED)
                     store.unregister_worker(rid)  # created only: `pipeline worker` processes run it
                     return RunResult(rid, "created", extra={"reused": reused})
                 result = execute(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph,
@@ -266,22 +267,22 @@ def open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None, 
             if early is not None:
                 return home_path, store, cfg, extra, early
         counts = store.row_group_counts(run_id)  # row groups not created yet are pending
-        if counts["checkpointed"] == counts["total"]:
+        if counts[RowGroupState.CHECKPOINTED] == counts["total"]:
             if not repair:  # a stat per file: a complete run whose file is gone is not complete
                 from pipeline.file_checks import check_files, damage_message
 
                 damaged = check_files(home_path, store.row_groups(run_id))
                 if damaged:
                     raise DamagedFileError(damage_message(run_id, damaged))
-            failed = len(store.failed_tasks(run_id)) if info.status == "failed" else 0
+            failed = len(store.failed_tasks(run_id)) if info.status == RunStatus.FAILED else 0
             if failed:  # it ended failed on its error rate: nothing to continue, but not complete
                 return home_path, store, cfg, extra, RunResult(
-                    run_id, "failed", resumed=True, extra={"nothing_left": True},
+                    run_id, RunStatus.FAILED, resumed=True, extra={"nothing_left": True},
                     reason=f"nothing is left to run, and {failed:,} task(s) failed for good; "
                            f"{command('retry', run_id)} redoes them")
-            if info.status != "complete":
-                store.set_run_status(run_id, "complete")
-            return home_path, store, cfg, extra, RunResult(run_id, "complete", resumed=True,
+            if info.status != RunStatus.COMPLETE:
+                store.set_run_status(run_id, RunStatus.COMPLETE)
+            return home_path, store, cfg, extra, RunResult(run_id, RunStatus.COMPLETE, resumed=True,
                                                            extra={"already_complete": True, **extra})
         return home_path, store, cfg, extra, None
     except BaseException:

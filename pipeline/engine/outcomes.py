@@ -30,6 +30,7 @@ from pipeline.engine.retries import RetryTimers
 from pipeline.engine.row_groups import Ready, RowGroup
 from pipeline.engine.stateful import StatefulLanes
 from pipeline.errors import ModelRateLimitError, is_outage, is_retryable
+from pipeline.graph import CELL
 from pipeline.store.events import DEFERRED, DONE, FAILED, Dropped, TaskEvent, Usage
 
 __all__ = ["ModelWait", "Outcomes", "TaskKey"]
@@ -149,7 +150,7 @@ class Outcomes:
         tracker = rg.tracker
         if rg.dead:
             return
-        event = TaskEvent(DONE, rg.id, node.name, r, "cell", text)
+        event = TaskEvent(DONE, rg.id, node.name, r, CELL, text)
         if usage is not None:
             event = event._replace(usage=self._usage(node, usage))
         if self._state_idx and node.index in self._state_idx:

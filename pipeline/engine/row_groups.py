@@ -24,6 +24,7 @@ from pipeline.engine.journal import Journal
 from pipeline.engine.options import RunStats, SchedulerOptions
 from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan, RowGroupTracker
+from pipeline.states import RowGroupState
 from pipeline.store.base import RowGroupClaim, Store
 from pipeline.store.events import Completed
 
@@ -86,7 +87,7 @@ class RowGroups:
                 try:
                     for claim in claims:
                         loaded = None
-                        if claim.state != "pending":
+                        if claim.state != RowGroupState.PENDING:
                             loaded = await self.journal.call(self.store.load_row_group, self.run_id, claim.row_group)
                         if self._stopping():
                             break
@@ -100,7 +101,7 @@ class RowGroups:
                 if self._checkpoints:
                     await asyncio.wait(list(self._checkpoints))
                 groups = await self.journal.call(self.store.row_group_counts, self.run_id)
-                if groups["checkpointed"] == groups["total"]:  # row groups not created yet count
+                if groups[RowGroupState.CHECKPOINTED] == groups["total"]:  # row groups not created yet count
                     return True
                 await asyncio.sleep(opts.poll_s)  # the rest is leased by other workers
                 continue

@@ -37,6 +37,7 @@ from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan
 from pipeline.errors import EngineError, ModelRateLimitError, StoreError, is_outage
 from pipeline.generators.base import task_usage
+from pipeline.states import RunStatus
 from pipeline.store.base import Store
 from pipeline.store.events import STARTED, TaskEvent
 
@@ -121,7 +122,7 @@ class Scheduler:
                 self._stateful.close()
             self._row_groups.give_back()
             final = self._done.result() if self._done.done() and not self._done.cancelled() else None
-            if final in ("complete", "failed"):  # recorded before this worker leaves: `status` must
+            if final in (RunStatus.COMPLETE, RunStatus.FAILED):  # recorded before this worker leaves: `status` must
                 # never see a finishing run with no live worker, which it shows as interrupted
                 self.journal.call(self.store.set_run_status, self.run_id, final)
             self.journal.call(self.store.unregister_worker, self.run_id)
@@ -192,9 +193,10 @@ class Scheduler:
             self.opts.grace_s = 0
             for t in list(self._running.values()):
                 t.cancel()
-        self._finish("interrupted")
+        self._finish(RunStatus.INTERRUPTED)
 
     def _finish(self, status: str) -> None:
+        """``status``: a RunStatus, or "crashed" / "error" (which :meth:`run` raises)."""
         self._stopping = True
         if not self._done.done():
             self._done.set_result(status)
@@ -207,7 +209,7 @@ class Scheduler:
             return
         self.stop_reason = reason
         log.error("stopping: %s%s", reason, advice if self.opts.resumable else "")
-        self._finish("failed")
+        self._finish(RunStatus.FAILED)
 
     async def _drain_tasks(self) -> None:
         if self._running:
@@ -225,7 +227,7 @@ class Scheduler:
             reason = self._outcomes.final_reason()
             if reason is not None:
                 self.stop_reason = reason
-            self._finish("complete" if reason is None else "failed")
+            self._finish(RunStatus.COMPLETE if reason is None else RunStatus.FAILED)
 
     def _admitted(self, rg: RowGroup, ready: list[Ready], loaded: Any) -> None:
         """A row group admitted: its ready tasks go to their lanes; rebuilt from the store

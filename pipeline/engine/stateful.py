@@ -21,11 +21,14 @@ import logging
 from typing import Any, Callable, Iterable
 
 from pipeline import values
+from pipeline.states import RowGroupState
 from pipeline.store.events import StateSaved, TaskEvent
 
 __all__ = ["StatefulLanes"]
 
 log = logging.getLogger("pipeline.scheduler")
+
+_FINISHED = (RowGroupState.COMPLETE, RowGroupState.CHECKPOINTED)  # every task of the row group ended
 
 
 class StatefulLanes:
@@ -147,5 +150,5 @@ class StatefulLanes:
         if fut.cancelled() or fut.exception() is not None:
             return  # the next pump looks again
         groups, self.states = fut.result()
-        self._finished.update(g["row_group"] for g in groups if g["state"] in ("complete", "checkpointed"))
+        self._finished.update(g["row_group"] for g in groups if g["state"] in _FINISHED)
         self._on_news()

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from pipeline.errors import RunInUseError, RunNotFoundError
+from pipeline.states import RowGroupState
 from pipeline.store import schema
 from pipeline.workers import HOST, owner_is_gone
 
@@ -30,7 +31,7 @@ def record_counts(reader: Engine) -> dict[str, tuple[int, int]]:
     checkpointed row groups less their dropped ones, and dropped records (as
     :meth:`~pipeline.store.base.Store.row_group_counts` counts them per run)."""
     g = schema.row_groups
-    written = sa.func.sum(sa.case((g.c.state == "checkpointed", g.c.num_rows - g.c.rows_dropped), else_=0))
+    written = sa.func.sum(sa.case((g.c.state == RowGroupState.CHECKPOINTED, g.c.num_rows - g.c.rows_dropped), else_=0))
     query = sa.select(g.c.run_id, written, sa.func.sum(g.c.rows_dropped)).group_by(g.c.run_id)
     with reader.connect() as conn:
         return {run_id: (int(w or 0), int(d or 0)) for run_id, w, d in conn.execute(query)}
@@ -47,7 +48,7 @@ def _live_holders(conn: sa.Connection, run_id: str, fresh_s: float) -> list[str]
             holders.add(owner)
     leases = sa.select(g.c.lease_owner).distinct().where(
         g.c.run_id == run_id, g.c.lease_owner.is_not(None), g.c.lease_expires_at >= now,
-        g.c.state != "checkpointed")
+        g.c.state != RowGroupState.CHECKPOINTED)
     holders.update(owner for (owner,) in conn.execute(leases) if not owner_is_gone(owner))
     return sorted(holders)
 

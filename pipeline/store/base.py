@@ -41,6 +41,7 @@ from typing import Any, Callable, Collection, Iterable, Mapping, Protocol, Seque
 
 # The kinds of TaskEvent, re-exported for the code that imported them from here.
 from pipeline.store.events import DEFERRED, DONE, FAILED, STARTED
+from pipeline.states import RowGroupState, RunStatus, TaskState, TaskType
 
 __all__ = [
     "DEFERRED",
@@ -62,10 +63,11 @@ __all__ = [
     "row_group_counts",
 ]
 
-TASK_STATES = ("frontier", "in_flight", "deferred", "done", "failed")
-RUN_STATES = ("running", "interrupted", "complete", "failed")
-ROW_GROUP_STATES = ("pending", "active", "complete", "checkpointed")
-TASK_TYPES = ("from_scratch", "cell", "batch")
+# The values as tuples, in this order, for the code that imported them (pipeline.states).
+TASK_STATES = tuple(TaskState)
+RUN_STATES = tuple(RunStatus)
+ROW_GROUP_STATES = tuple(RowGroupState)
+TASK_TYPES = tuple(TaskType)
 
 #: Row-group rows are created this many at a time (a store's ``row_group_batch``): the first ones
 #: with the run, the next ones by the claim that finds no free row group among those created.
@@ -83,9 +85,9 @@ def row_group_counts(num_records: int, row_group_size: int, per_state: Iterable[
     for state, n, kept, dropped in per_state:
         counts[state] += int(n)
         counts["records_dropped"] += int(dropped or 0)
-        if state == "checkpointed":
+        if state == RowGroupState.CHECKPOINTED:
             counts["records_written"] += int(kept or 0)
-    counts["pending"] += counts["total"] - sum(counts[state] for state in ROW_GROUP_STATES)
+    counts[RowGroupState.PENDING] += counts["total"] - sum(counts[state] for state in ROW_GROUP_STATES)
     return counts
 
 

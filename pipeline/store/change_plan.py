@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.errors import StoreError
+from pipeline.states import RowGroupState, TaskType
 from pipeline.store.base import ColumnSpec, Lineage
 from pipeline.store.reopen import GroupChange, _at, _order
 
@@ -120,7 +121,7 @@ def plan_edit(g: GroupFacts, change: ConfigChange, n_new: int, result: ChangeRes
     n_old = g.num_rows
     resized = n_new != n_old
     affected = change.recompute | change.removed
-    if g.state == "pending":  # nothing recorded: every live record computes
+    if g.state == RowGroupState.PENDING:  # nothing recorded: every live record computes
         for gen in types:
             result.add(gen, 0, n_new)
         return None
@@ -137,7 +138,7 @@ def plan_edit(g: GroupFacts, change: ConfigChange, n_new: int, result: ChangeRes
     stale: set[str] = set()
     if resized:
         for gen, task_type in types.items():
-            if task_type != "cell":
+            if task_type != TaskType.CELL:
                 reset_gens.add(gen)
                 if gen not in change.per_record:
                     stale.add(gen)
@@ -145,7 +146,7 @@ def plan_edit(g: GroupFacts, change: ConfigChange, n_new: int, result: ChangeRes
         cell_failure = {r: gen for gen, r in reopen if r is not None}
         batch_failure = next((gen for gen, r in reopen if r is None), None)
         for gen, task_type in types.items():
-            if task_type == "cell" or gen in reset_gens:
+            if task_type == TaskType.CELL or gen in reset_gens:
                 continue
             value = g.batch_values.get(gen)
             for r in revived:
@@ -167,8 +168,8 @@ def plan_edit(g: GroupFacts, change: ConfigChange, n_new: int, result: ChangeRes
         return k[0] in reset_gens or (k[1] is not None and k[1] >= n_new)
 
     reset = sorted((k for k in g.done | g.other if goes(k)), key=_order)
-    checkpointed = g.state == "checkpointed"
-    touched = bool(reopen or reset or resized or (g.state != "active" and change.recompute))
+    checkpointed = g.state == RowGroupState.CHECKPOINTED
+    touched = bool(reopen or reset or resized or (g.state != RowGroupState.ACTIVE and change.recompute))
     live_after = [r for r in range(n_new) if r not in dropped_after]
     file_rows = [r for r in range(n_old) if r not in dropped_before] if checkpointed else []
     in_file = set(file_rows)
@@ -182,7 +183,7 @@ def plan_edit(g: GroupFacts, change: ConfigChange, n_new: int, result: ChangeRes
     fill_batch: list[str] = []
     for gen, task_type in types.items():
         kept = gen not in reset_gens
-        if task_type == "cell":
+        if task_type == TaskType.CELL:
             before = sum(1 for r in live_after if had(gen, r))
             if not kept:
                 keep = 0
@@ -225,12 +226,12 @@ def fill_values(edit: GroupEdit, lineage: Lineage, read_file: Callable[[str], Ma
                 raise StoreError(f"row group {edit.change.row_group}'s file {path} holds "
                                  f"{len(columns.get(c, ()))} values of column '{c}', but {len(rows)} records "
                                  f"of the row group are not dropped; it cannot be reopened")
-    insert = edit.change.insert
+    insert, cell = edit.change.insert, TaskType.CELL
     for gen, fill in edit.fill_cells.items():
         outputs = lineage.outputs[gen]
         for r in fill:
             i = position[r]
-            insert[(gen, r)] = ("cell", columns[outputs[0]][i] if len(outputs) == 1
+            insert[(gen, r)] = (cell, columns[outputs[0]][i] if len(outputs) == 1
                                 else {c: columns[c][i] for c in outputs})
     for gen in edit.fill_batch:
         value = {}

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from pipeline import values
 from pipeline.errors import RunInUseError, RunNotFoundError
+from pipeline.states import RowGroupState, RunStatus, TaskState, TaskType
 from pipeline.store import schema
 from pipeline.store.change_plan import ChangeResult, ConfigChange, GroupFacts, fill_values, plan_edit
 from pipeline.store.reopen_sql import _apply
@@ -22,6 +23,8 @@ __all__ = ["apply_change", "copy_cells", "live_holders"]
 
 ReadFile = Callable[[str], Mapping[str, list]]
 _CHUNK_ROWS = 5000
+# Per task row: plain strings, bound once (a driver binds a str subclass more slowly).
+_DONE, _FAILED = TaskState.DONE.value, TaskState.FAILED.value
 
 
 def live_holders(conn: Connection, run_id: str, fresh_s: float, me: str | None = None) -> list[str]:
@@ -69,16 +72,16 @@ def apply_change(conn: Connection, run_id: str, change: ConfigChange, read_file:
             continue
         n_new = min(size, num_new - rg * size)
         facts = GroupFacts(rg, num_rows, state, path)
-        if state != "pending":
+        if state != RowGroupState.PENDING:
             _read_group(conn, run_id, facts)
         edit = plan_edit(facts, change, n_new, result)
         if dry_run:
             continue
         if edit is not None:
-            if state == "checkpointed":
+            if state == RowGroupState.CHECKPOINTED:
                 fill_values(edit, change.lineage, read_file, path or "")
             _apply(conn, run_id, edit.change, now)
-            if state == "checkpointed":
+            if state == RowGroupState.CHECKPOINTED:
                 conn.execute(g.update().where(g.c.run_id == run_id, g.c.row_group == rg)
                              .values(path=None, file_bytes=None, file_sha256=None))
         if n_new != num_rows:
@@ -104,9 +107,9 @@ def _read_group(conn: Connection, run_id: str, facts: GroupFacts) -> None:
                   sa.case((t.c.row_index.is_(None), t.c.value), else_=sa.null()))  # batch values only
         .where(t.c.run_id == run_id, t.c.row_group == rg))
     for gen, r, state, last_error, value in rows:
-        if state == "failed":
+        if state == _FAILED:
             facts.failed[(gen, r)] = last_error
-        elif state == "done":
+        elif state == _DONE:
             facts.done.add((gen, r))
             if r is None:
                 facts.batch_values[gen] = values.decode(value)
@@ -130,7 +133,7 @@ def _write_run(conn: Connection, run_id: str, change: ConfigChange, result: Chan
     if redo:
         conn.execute(s.delete().where(s.c.run_id == run_id, s.c.generator.in_(redo)))
     conn.execute(runs.update().where(runs.c.run_id == run_id).values(
-        config=change.config, fingerprint=change.fingerprint, num_records=change.num_records, status="running",
+        config=change.config, fingerprint=change.fingerprint, num_records=change.num_records, status=RunStatus.RUNNING,
         updated_at=now, finished_at=None))
     conn.execute(c.delete().where(c.c.run_id == run_id))
     if change.columns:
@@ -180,14 +183,14 @@ def copy_cells(conn: Connection, source: str, target: str, generators: Mapping[s
         touched.add(rg)
         copied[gen] = copied.get(gen, 0) + records
         pending.append({"run_id": target, "row_group": rg, "column_name": gen, "slot": -1 if r is None else r,
-                        "row_index": r, "task_type": generators[gen][0], "state": "done", "attempts": 0,
+                        "row_index": r, "task_type": generators[gen][0], "state": _DONE, "attempts": 0,
                         "value": text, "updated_at": now})
         if len(pending) >= _CHUNK_ROWS:
             conn.execute(t.insert(), pending)
             pending.clear()
 
     groups = conn.execute(sa.select(g.c.row_group, g.c.num_rows, g.c.state, g.c.path)
-                          .where(g.c.run_id == source, g.c.state != "pending").order_by(g.c.row_group)).all()
+                          .where(g.c.run_id == source, g.c.state != RowGroupState.PENDING).order_by(g.c.row_group)).all()
     for rg, num_rows, state, path in groups:
         base = rg * src_size
         if base >= dst_num:
@@ -197,12 +200,12 @@ def copy_cells(conn: Connection, source: str, target: str, generators: Mapping[s
         have: set[tuple[str, int | None]] = set()
         rows = conn.execute(
             sa.select(t.c.column_name, t.c.row_index, t.c.state, t.c.value)
-            .where(t.c.run_id == source, t.c.row_group == rg, t.c.state.in_(("done", "failed")))).all()
+            .where(t.c.run_id == source, t.c.row_group == rg, t.c.state.in_((_DONE, _FAILED)))).all()
         for gen, r, state_, _ in rows:  # every failure drops its record (a batch one all of them)
-            if state_ == "failed":
+            if state_ == _FAILED:
                 dropped.update(range(num_rows) if r is None else (r,))
         for gen, r, state_, text in rows:
-            if state_ != "done" or gen not in generators:
+            if state_ != _DONE or gen not in generators:
                 continue
             have.add((gen, r))
             if r is not None:
@@ -211,13 +214,13 @@ def copy_cells(conn: Connection, source: str, target: str, generators: Mapping[s
                     emit(i // dst_size, gen, i % dst_size, text, 1)
             elif same_cut and not dropped and _batch_fits(rg, num_rows, dst_num, dst_size):
                 emit(rg, gen, None, text, num_rows)
-        if state != "checkpointed":
+        if state != RowGroupState.CHECKPOINTED:
             continue
         file_rows = [r for r in range(num_rows) if r not in dropped]
         columns = None
         for gen in names:
             task_type, outputs = generators[gen]
-            if task_type == "cell":
+            if task_type == TaskType.CELL:
                 todo = [(k, r) for k, r in enumerate(file_rows) if (gen, r) not in have and base + r < dst_num]
                 if not todo:
                     continue
@@ -238,10 +241,10 @@ def copy_cells(conn: Connection, source: str, target: str, generators: Mapping[s
         if max(touched) > last:  # row groups are created in order: create up to the last one touched
             conn.execute(g.insert(), [
                 {"run_id": target, "row_group": rg, "num_rows": min(dst_size, dst_num - rg * dst_size),
-                 "state": "pending", "rows_dropped": 0, "lease_epoch": 0}
+                 "state": RowGroupState.PENDING, "rows_dropped": 0, "lease_epoch": 0}
                 for rg in range(last + 1, max(touched) + 1)])
         conn.execute(g.update().where(g.c.run_id == target, g.c.row_group.in_(sorted(touched)))
-                     .values(state="active"))
+                     .values(state=RowGroupState.ACTIVE))
     return copied
 
 

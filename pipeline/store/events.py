@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Sequence
 
+from pipeline.states import TaskState
+
 __all__ = [
     "DEFERRED",
     "DONE",
@@ -40,9 +42,10 @@ __all__ = [
     "usage_totals",
 ]
 
-#: The kinds of :class:`TaskEvent`, and the ``tasks.state`` each one leaves.
+#: The kinds of :class:`TaskEvent`, and the ``tasks.state`` each one leaves: plain ``str`` values,
+#: which the journal binds per task row (a driver adapts a ``str`` subclass more slowly).
 STARTED, DONE, DEFERRED, FAILED = 0, 1, 2, 3
-TASK_STATE = ("in_flight", "done", "deferred", "failed")
+TASK_STATE = tuple(s.value for s in (TaskState.IN_FLIGHT, TaskState.DONE, TaskState.DEFERRED, TaskState.FAILED))
 
 #: ``(row_group, generator, row_index)``
 TaskKey = tuple[int, str, "int | None"]
@@ -77,7 +80,7 @@ class TaskEvent(NamedTuple):
     row_group: int
     generator: str
     row_index: int | None
-    task_type: str  # "cell", "batch" or "from_scratch"
+    task_type: str  # a TaskType's plain value: "cell", "batch" or "from_scratch"
     value: str | None = None
     attempts: int | None = None
     next_eligible_at: float | None = None

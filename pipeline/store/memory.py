@@ -15,12 +15,16 @@ from pipeline import values
 from pipeline.errors import RunExistsError, RunInUseError, RunNotFoundError, StoreError
 from pipeline.store.base import (ROW_GROUP_BATCH, Lineage, LoadedRowGroup, NewRun, Reopened, RowGroupClaim, RunInfo,
                                  row_group_counts)
+from pipeline.states import RowGroupState, RunStatus, TaskState
 from pipeline.store.events import TASK_STATE, coalesce, usage_totals
 from pipeline.store.reopen import GroupState, plan_group, task_filter
 from pipeline.values import decode
 from pipeline.workers import make_owner_id, owner_is_gone
 
 __all__ = ["MemoryStore"]
+
+# Bound once: loops below compare every task's state (an enum attribute costs a lookup each time).
+_DONE, _DEFERRED, _FAILED, _CHECKPOINTED = TaskState.DONE, TaskState.DEFERRED, TaskState.FAILED, RowGroupState.CHECKPOINTED
 
 
 class MemoryStore:
@@ -46,7 +50,7 @@ class MemoryStore:
                 raise RunExistsError(f"run id '{run.run_id}' is taken; choose another --run-id")
             now = time.time()
             self._data["runs"][run.run_id] = {
-                "info": dict(run_id=run.run_id, name=run.name, status="running", num_records=run.num_records,
+                "info": dict(run_id=run.run_id, name=run.name, status=RunStatus.RUNNING, num_records=run.num_records,
                              row_group_size=run.row_group_size, seed=run.seed, config=run.config,
                              fingerprint=run.fingerprint, created_at=now, updated_at=now, finished_at=None),
                 "columns": list(run.columns),
@@ -68,7 +72,7 @@ class MemoryStore:
         info, groups = run["info"], run["groups"]
         size, n = info["row_group_size"], info["num_records"]
         created = range(len(groups), min(-(-n // size), len(groups) + max(self.row_group_batch, at_least)))
-        groups.extend(dict(row_group=g, num_rows=min(size, n - g * size), state="pending", rows_dropped=0, path=None,
+        groups.extend(dict(row_group=g, num_rows=min(size, n - g * size), state=RowGroupState.PENDING, rows_dropped=0, path=None,
                            lease_owner=None, lease_epoch=0, lease_expires_at=None, file_bytes=None,
                            file_sha256=None) for g in created)
         return created
@@ -92,7 +96,7 @@ class MemoryStore:
             run = self._run(run_id)
             now = time.time()
             holders = {o for o in run["workers"] if not owner_is_gone(o)}
-            holders |= {g["lease_owner"] for g in run["groups"] if g["lease_owner"] and g["state"] != "checkpointed"
+            holders |= {g["lease_owner"] for g in run["groups"] if g["lease_owner"] and g["state"] != _CHECKPOINTED
                         and (g["lease_expires_at"] or 0) >= now and not owner_is_gone(g["lease_owner"])}
             if holders:
                 raise RunInUseError(f"run {run_id} is in use by {len(holders)} live worker(s); stop them first")
@@ -104,7 +108,7 @@ class MemoryStore:
             info = self._run(run_id)["info"]
             info["status"] = status
             info["updated_at"] = time.time()
-            if status == "complete":
+            if status == RunStatus.COMPLETE:
                 info["finished_at"] = info["updated_at"]
 
     def run_fingerprints(self, run_id: str) -> dict[tuple[str, str], str]:
@@ -158,7 +162,7 @@ class MemoryStore:
         held: dict[str, list[int]] = {}
         with self._lock:
             for g in self._run(run_id)["groups"]:
-                if g["lease_owner"] is not None and g["state"] != "checkpointed" and (g["lease_expires_at"] or 0) > now:
+                if g["lease_owner"] is not None and g["state"] != _CHECKPOINTED and (g["lease_expires_at"] or 0) > now:
                     held.setdefault(g["lease_owner"], []).append(g["row_group"])
         return held
 
@@ -174,13 +178,13 @@ class MemoryStore:
             for g in free:
                 before = g["state"]
                 g.update(lease_owner=self.owner, lease_epoch=g["lease_epoch"] + 1,
-                         lease_expires_at=now + lease_s, state="active" if before == "pending" else before)
+                         lease_expires_at=now + lease_s, state=RowGroupState.ACTIVE if before == RowGroupState.PENDING else before)
                 self._epochs[(run_id, g["row_group"])] = g["lease_epoch"]
                 claims.append(RowGroupClaim(g["row_group"], g["num_rows"], g["lease_epoch"], before))
         return claims
 
     def _claimable(self, g: dict, now: float) -> bool:
-        if g["state"] == "checkpointed" or g["lease_owner"] == self.owner:
+        if g["state"] == _CHECKPOINTED or g["lease_owner"] == self.owner:
             return False
         return g["lease_owner"] is None or (g["lease_expires_at"] or 0) < now or owner_is_gone(g["lease_owner"])
 
@@ -221,9 +225,9 @@ class MemoryStore:
             for (rg, gen, r), t in run["tasks"].items():
                 if rg != row_group:
                     continue
-                if t["state"] == "done":
+                if t["state"] == _DONE:
                     out.done[(gen, r)] = decode(t["value"])
-                elif t["state"] == "deferred":
+                elif t["state"] == _DEFERRED:
                     out.deferred[(gen, r)] = (t["attempts"], t["next_eligible_at"], t["last_error"])
                 else:
                     out.attempts[(gen, r)] = t["attempts"]
@@ -258,7 +262,7 @@ class MemoryStore:
                 if rg in held:
                     run["states"].setdefault(generator, {})[rg] = state
             for rg in batch.completed & held:
-                groups[rg]["state"] = "complete"
+                groups[rg]["state"] = RowGroupState.COMPLETE
             self._add_usage(run, now, *usage_totals(batch.usage, held))
         lost = batch.row_groups - held
         for rg in lost:
@@ -291,8 +295,8 @@ class MemoryStore:
             g = run["groups"][row_group]
             if not self._holds(run, run_id, row_group):
                 self._epochs.pop((run_id, row_group), None)
-                return g["state"] == "checkpointed" and g["path"] == path
-            g.update(state="checkpointed", path=path, rows_dropped=rows_dropped, file_bytes=file_bytes,
+                return g["state"] == _CHECKPOINTED and g["path"] == path
+            g.update(state=_CHECKPOINTED, path=path, rows_dropped=rows_dropped, file_bytes=file_bytes,
                      file_sha256=file_sha256, lease_owner=None, lease_expires_at=None)
             # Compaction, as in the SQL store: failed rows stay; with dropped records, so do
             # those records, their done cells and the batch tasks' values (for retry).
@@ -300,7 +304,7 @@ class MemoryStore:
             kept = set()
             for key in run["by_rg"].pop(row_group, ()):
                 t = tasks[key]
-                if t["state"] == "failed" or (dropped and t["state"] == "done" and (key[2] is None or key[2] in dropped)):
+                if t["state"] == _FAILED or (dropped and t["state"] == _DONE and (key[2] is None or key[2] in dropped)):
                     kept.add(key)
                 else:
                     del tasks[key]
@@ -318,16 +322,16 @@ class MemoryStore:
             run = self._run(run_id)
             tasks, groups = run["tasks"], run["groups"]
             candidates = sorted({rg for (rg, gen, _), t in tasks.items()
-                                 if t["state"] == "failed" and selected(gen, t["last_error"])})
+                                 if t["state"] == _FAILED and selected(gen, t["last_error"])})
             for rg in candidates:
                 g = groups[rg]
                 group = GroupState(rg, g["num_rows"], g["state"], g["path"], {}, set(run["dropped"].get(rg, ())),
                                    set(), {})
                 for key in run["by_rg"].get(rg, ()):
                     t = tasks[key]
-                    if t["state"] == "failed":
+                    if t["state"] == _FAILED:
                         group.failed[key[1:]] = t["last_error"]
-                    elif t["state"] == "done":
+                    elif t["state"] == _DONE:
                         group.done.add(key[1:])
                         if key[2] is None:
                             group.batch_values[key[1]] = decode(t["value"])
@@ -339,24 +343,24 @@ class MemoryStore:
                     del tasks[(rg, gen, r)]
                     keys.discard((rg, gen, r))
                 for (gen, r), (task_type, value) in change.insert.items():
-                    tasks[(rg, gen, r)] = dict(task_type=task_type, state="done", attempts=0, next_eligible_at=None,
+                    tasks[(rg, gen, r)] = dict(task_type=task_type, state=_DONE, attempts=0, next_eligible_at=None,
                                                last_error=None, value=values.encode(value), updated_at=now)
                     keys.add((rg, gen, r))
                 run["dropped"][rg] = set(change.dropped)
-                g.update(state="active", rows_dropped=len(change.dropped), lease_owner=None, lease_expires_at=None,
+                g.update(state=RowGroupState.ACTIVE, rows_dropped=len(change.dropped), lease_owner=None, lease_expires_at=None,
                          lease_epoch=g["lease_epoch"] + 1)
                 out.add(change)
                 self._epochs.pop((run_id, rg), None)
             if out.row_groups:
-                run["info"].update(status="running", updated_at=now, finished_at=None)
+                run["info"].update(status=RunStatus.RUNNING, updated_at=now, finished_at=None)
         return out
 
     def reopen_row_groups(self, run_id: str, row_groups: Sequence[int]) -> list[int]:
         with self._lock:
             run = self._run(run_id)
-            reopened = sorted(rg for rg in set(row_groups) if run["groups"][rg]["state"] == "checkpointed")
+            reopened = sorted(rg for rg in set(row_groups) if run["groups"][rg]["state"] == _CHECKPOINTED)
             for rg in reopened:
-                run["groups"][rg].update(state="pending", path=None, file_bytes=None, file_sha256=None,
+                run["groups"][rg].update(state=RowGroupState.PENDING, path=None, file_bytes=None, file_sha256=None,
                                          rows_dropped=0, lease_owner=None, lease_expires_at=None)
                 run["by_rg"].pop(rg, None)
                 run["dropped"].pop(rg, None)
@@ -390,16 +394,16 @@ class MemoryStore:
             for (rg, gen, r), t in run["tasks"].items():
                 c = per_gen.setdefault(gen, {"done": 0, "failed": 0, "deferred": 0, "in_flight": 0})
                 g = groups[rg]
-                if t["state"] == "failed":
+                if t["state"] == _FAILED:
                     c["failed"] += 1 if r is not None else g["num_rows"]
                     continue
-                if g["state"] == "checkpointed" or t["state"] not in c:
+                if g["state"] == _CHECKPOINTED or t["state"] not in c:
                     continue
                 if r is None:
                     c[t["state"]] += g["num_rows"] - len(dropped.get(rg, ()))
                 elif r not in dropped.get(rg, ()):
                     c[t["state"]] += 1
-            done_ck = sum(g["num_rows"] - g["rows_dropped"] for g in groups if g["state"] == "checkpointed")
+            done_ck = sum(g["num_rows"] - g["rows_dropped"] for g in groups if g["state"] == _CHECKPOINTED)
             out = {}
             for col in sorted(run["columns"], key=lambda c: c.position):
                 c = dict(per_gen.get(col.generator, {"done": 0, "failed": 0, "deferred": 0, "in_flight": 0}))
@@ -416,7 +420,7 @@ class MemoryStore:
     def failed_tasks(self, run_id: str) -> list[tuple[str, str | None]]:
         with self._lock:
             return [(gen, t["last_error"]) for (_, gen, _), t in self._run(run_id)["tasks"].items()
-                    if t["state"] == "failed"]
+                    if t["state"] == _FAILED]
 
     @staticmethod
     def _usage_row(run: dict, model: str, generator: str) -> dict:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
 from pipeline.errors import StoreError
+from pipeline.states import RowGroupState, TaskType
 from pipeline.store.base import Lineage
 
 __all__ = ["GroupChange", "GroupState", "plan_group", "task_filter"]
@@ -108,7 +109,7 @@ def plan_group(group: GroupState, lineage: Lineage, selected: Callable[[str, str
 
     file_columns: Mapping[str, list] = {}
     live = [r for r in range(n) if r not in dropped_before]
-    if group.state == "checkpointed":
+    if group.state == RowGroupState.CHECKPOINTED:
         file_columns = read_file(group.path or "")
         for c in (c for outputs in lineage.outputs.values() for c in outputs):
             if len(file_columns.get(c, ())) != len(live):
@@ -124,7 +125,7 @@ def plan_group(group: GroupState, lineage: Lineage, selected: Callable[[str, str
     batch_failure = next((gen for gen, r in reopen if r is None), None)
     stale = set()
     for gen, task_type in lineage.task_types.items():
-        if task_type == "cell":
+        if task_type == TaskType.CELL:
             continue
         value = group.batch_values.get(gen)
         for r in revived:
@@ -143,12 +144,12 @@ def plan_group(group: GroupState, lineage: Lineage, selected: Callable[[str, str
         reset |= lineage.downstream.get(gen, frozenset())
     change.reset = sorted((k for k in group.done if k[0] in reset), key=_order)
 
-    if group.state == "checkpointed":
+    if group.state == RowGroupState.CHECKPOINTED:
         for gen, outputs in lineage.outputs.items():
             if gen in reset:
                 continue
             task_type = lineage.task_types[gen]
-            if task_type != "cell":
+            if task_type != TaskType.CELL:
                 continue  # its done row was kept at compaction (else it is in `reset`)
             for i, r in enumerate(live):
                 if (gen, r) in group.done:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline import values
+from pipeline.states import RowGroupState, RunStatus, TaskState
 from pipeline.store import schema
 from pipeline.store.base import Lineage, Reopened
 from pipeline.store.reopen import GroupChange, GroupState, plan_group
@@ -25,7 +26,7 @@ def reopen(conn: Connection, run_id: str, lineage: Lineage, selected: Callable[[
            read_file: Callable[[str], Mapping[str, list]]) -> Reopened:
     t, g, runs = schema.tasks, schema.row_groups, schema.runs
     failed = conn.execute(
-        sa.select(t.c.row_group, t.c.column_name, t.c.last_error).where(t.c.run_id == run_id, t.c.state == "failed")
+        sa.select(t.c.row_group, t.c.column_name, t.c.last_error).where(t.c.run_id == run_id, t.c.state == TaskState.FAILED)
     ).all()
     out = Reopened()
     now = time.time()
@@ -43,7 +44,7 @@ def reopen(conn: Connection, run_id: str, lineage: Lineage, selected: Callable[[
         out.add(change)
     if out.row_groups:
         conn.execute(runs.update().where(runs.c.run_id == run_id)
-                     .values(status="running", updated_at=now, finished_at=None))
+                     .values(status=RunStatus.RUNNING, updated_at=now, finished_at=None))
     return out
 
 
@@ -55,10 +56,10 @@ def _group_state(conn: Connection, run_id: str, rg: int, num_rows: int, state: s
     rows = conn.execute(
         sa.select(t.c.column_name, t.c.row_index, t.c.state, t.c.last_error,
                   sa.case((t.c.row_index.is_(None), t.c.value), else_=sa.null()))  # batch values only
-        .where(t.c.run_id == run_id, t.c.row_group == rg, t.c.state.in_(("done", "failed")))
+        .where(t.c.run_id == run_id, t.c.row_group == rg, t.c.state.in_((TaskState.DONE, TaskState.FAILED)))
     )
     for gen, r, state, last_error, value in rows:
-        if state == "failed":
+        if state == TaskState.FAILED:
             group.failed[(gen, r)] = last_error
             continue
         group.done.add((gen, r))
@@ -78,7 +79,7 @@ def _apply(conn: Connection, run_id: str, change: GroupChange, now: float) -> No
     if change.insert:
         conn.execute(t.insert(), [
             {"run_id": run_id, "row_group": rg, "column_name": gen, "slot": -1 if r is None else r, "row_index": r,
-             "task_type": task_type, "state": "done", "attempts": 0, "value": values.encode(value), "updated_at": now}
+             "task_type": task_type, "state": TaskState.DONE, "attempts": 0, "value": values.encode(value), "updated_at": now}
             for (gen, r), (task_type, value) in change.insert.items()])
     conn.execute(d.delete().where(d.c.run_id == run_id, d.c.row_group == rg))
     if change.dropped:
@@ -86,5 +87,5 @@ def _apply(conn: Connection, run_id: str, change: GroupChange, now: float) -> No
     # Active again with no lease: the next claim loads it like any live row group; the new epoch
     # fences off a worker that still holds it (its next commit abandons the row group).
     conn.execute(g.update().where(g.c.run_id == run_id, g.c.row_group == rg).values(
-        state="active", rows_dropped=len(change.dropped), lease_owner=None, lease_expires_at=None,
+        state=RowGroupState.ACTIVE, rows_dropped=len(change.dropped), lease_owner=None, lease_expires_at=None,
         lease_epoch=g.c.lease_epoch + 1))

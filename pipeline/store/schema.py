@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from pipeline.states import RowGroupState, RunStatus, TaskState
+
 __all__ = [
     "COLUMN_PROGRESS_SQL",
     "SALVAGE_INDEX_WHERE",
@@ -86,10 +88,12 @@ metadata = sa.MetaData(
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+    """``column IN ('a', 'b')``: the text the migrations hold (values are plain words)."""
+    quoted = ", ".join(f"'{v}'" for v in values)
+    return f"{column} IN ({quoted})"
 
 
-SALVAGE_INDEX_WHERE = "state = 'deferred'"
+SALVAGE_INDEX_WHERE = f"state = '{TaskState.DEFERRED}'"
 
 # Unix seconds: DOUBLE PRECISION on PostgreSQL, DOUBLE (REAL affinity) on SQLite.
 Time = sa.Double
@@ -108,7 +112,7 @@ runs = sa.Table(
     sa.Column("created_at", Time, nullable=False),
     sa.Column("updated_at", Time, nullable=False),
     sa.Column("finished_at", Time, nullable=True),
-    sa.CheckConstraint(_one_of("status", ("running", "interrupted", "complete", "failed")), name="status"),
+    sa.CheckConstraint(_one_of("status", tuple(RunStatus)), name="status"),
     sa.Index(None, "created_at"),
 )
 
@@ -136,13 +140,13 @@ row_groups = sa.Table(
     sa.Column("lease_expires_at", Time, nullable=True),
     sa.Column("file_bytes", sa.BigInteger, nullable=True),
     sa.Column("file_sha256", sa.String(64), nullable=True),
-    sa.CheckConstraint(_one_of("state", ("pending", "active", "complete", "checkpointed")), name="state"),
+    sa.CheckConstraint(_one_of("state", tuple(RowGroupState)), name="state"),
 )
 
 # The hot table: every event writes it. Hence no foreign key (record() checks the row group's
 # lease in the same transaction anyway) and no CHECK on state/task_type (measured on SQLite 3.40:
 # two IN-list CHECKs halve the upsert rate, 255k -> 110k rows/s); the store writes only the
-# values of pipeline.store.base.TASK_STATES and TASK_TYPES.
+# values of pipeline.states.TaskState and TaskType.
 tasks = sa.Table(
     "tasks",
     metadata,

@@ -29,6 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from pipeline.errors import RunExistsError, RunNotFoundError, StoreError
+from pipeline.states import RowGroupState, RunStatus
 from pipeline.store import change_sql, postgres, reopen_sql, schema, sqlite
 from pipeline.store.base import ROW_GROUP_BATCH, RUN_STATES, Lineage, NewRun, Reopened
 from pipeline.store.change_plan import ChangeResult, ConfigChange
@@ -111,7 +112,7 @@ class SqlStore(SqlJournal, SqlReads):
                     {
                         "run_id": run.run_id,
                         "name": run.name,
-                        "status": "running",
+                        "status": RunStatus.RUNNING,
                         "num_records": run.num_records,
                         "row_group_size": size,
                         "seed": run.seed,
@@ -144,11 +145,11 @@ class SqlStore(SqlJournal, SqlReads):
     @translate_errors
     def set_run_status(self, run_id: str, status: str) -> None:
         if status not in RUN_STATES:
-            raise ValueError(f"unknown run status {status!r}; one of {RUN_STATES}")
+            raise ValueError(f"unknown run status {status!r}; one of {', '.join(RUN_STATES)}")
         runs = schema.runs
         now = time.time()
         changes: dict = {"status": status, "updated_at": now}
-        if status == "complete":
+        if status == RunStatus.COMPLETE:
             changes["finished_at"] = now
         with self._engine.begin() as conn:
             if conn.execute(runs.update().where(runs.c.run_id == run_id).values(changes)).rowcount == 0:
@@ -214,12 +215,12 @@ class SqlStore(SqlJournal, SqlReads):
         with self._engine.begin() as conn:
             reopened = list(conn.execute(
                 sa.select(g.c.row_group)
-                .where(g.c.run_id == run_id, g.c.row_group.in_(list(row_groups)), g.c.state == "checkpointed")
+                .where(g.c.run_id == run_id, g.c.row_group.in_(list(row_groups)), g.c.state == RowGroupState.CHECKPOINTED)
                 .order_by(g.c.row_group)
                 .with_for_update()
             ).scalars())
             if reopened:
-                self._update_row_groups(conn, run_id, reopened, state="pending", path=None, file_bytes=None,
+                self._update_row_groups(conn, run_id, reopened, state=RowGroupState.PENDING, path=None, file_bytes=None,
                                         file_sha256=None, rows_dropped=0, lease_owner=None,
                                         lease_expires_at=None)
                 conn.execute(t.delete().where(t.c.run_id == run_id, t.c.row_group.in_(reopened)))

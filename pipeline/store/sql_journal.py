@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from pipeline import values
 from pipeline.errors import StoreError
+from pipeline.states import RowGroupState, TaskState
 from pipeline.store import schema
 from pipeline.store import traces as traces_sql
 from pipeline.store import usage as usage_sql
@@ -67,12 +68,12 @@ class SqlJournal(SqlLeases):
                           t.c.last_error, t.c.value)
                 .where(t.c.run_id == run_id, t.c.row_group == row_group)
             )
-            decode = values.decode
+            decode, done, deferred = values.decode, TaskState.DONE, TaskState.DEFERRED  # bound once
             for generator, row_index, state, attempts, next_eligible_at, last_error, value in rows:
                 key = (generator, row_index)
-                if state == "done":
+                if state == done:
                     loaded.done[key] = decode(value)
-                elif state == "deferred":
+                elif state == deferred:
                     loaded.deferred[key] = (attempts, next_eligible_at, last_error)
                 else:  # in_flight, frontier, failed
                     loaded.attempts[key] = attempts
@@ -163,9 +164,9 @@ class SqlJournal(SqlLeases):
                 current = conn.execute(
                     sa.select(g.c.state, g.c.path).where(g.c.run_id == run_id, g.c.row_group == row_group)
                 ).first()
-                return current is not None and tuple(current) == ("checkpointed", path)
+                return current is not None and tuple(current) == (RowGroupState.CHECKPOINTED, path)
             self._update_row_groups(
-                conn, run_id, ours, state="checkpointed", path=path, rows_dropped=rows_dropped,
+                conn, run_id, ours, state=RowGroupState.CHECKPOINTED, path=path, rows_dropped=rows_dropped,
                 file_bytes=file_bytes, file_sha256=file_sha256, lease_owner=None, lease_expires_at=None,
             )
             # Compaction: the Parquet file holds the values now. Failed rows stay, for the
@@ -173,11 +174,11 @@ class SqlJournal(SqlLeases):
             # those records, their done cells and the batch tasks' values: `pipeline retry`
             # brings them back without computing them again (column_progress does not count
             # done rows of a checkpointed row group). Without drops, nothing else stays.
-            rows = t.delete().where(t.c.run_id == run_id, t.c.row_group == row_group, t.c.state != "failed")
+            rows = t.delete().where(t.c.run_id == run_id, t.c.row_group == row_group, t.c.state != TaskState.FAILED)
             if rows_dropped:
                 dropped = sa.select(d.c.row_index).where(d.c.run_id == run_id, d.c.row_group == row_group)
                 rows = rows.where(sa.not_(sa.and_(
-                    t.c.state == "done", sa.or_(t.c.row_index.is_(None), t.c.row_index.in_(dropped)))))
+                    t.c.state == TaskState.DONE, sa.or_(t.c.row_index.is_(None), t.c.row_index.in_(dropped)))))
             conn.execute(rows)
         self._forget(run_id, [row_group])
         return True

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from pipeline.states import RowGroupState
 from pipeline.store import schema
 from pipeline.store.base import RowGroupClaim
 from pipeline.store.sql_common import WORKER_HEARTBEAT_FRESH_S, SqlParts, translate_errors
@@ -35,7 +36,7 @@ class SqlLeases(SqlParts):
         if created:
             conn.execute(schema.row_groups.insert(), [
                 {"run_id": run_id, "row_group": rg, "num_rows": min(size, num_records - rg * size),
-                 "state": "pending", "rows_dropped": 0, "lease_epoch": 0}
+                 "state": RowGroupState.PENDING, "rows_dropped": 0, "lease_epoch": 0}
                 for rg in created
             ])
         return created
@@ -87,7 +88,7 @@ class SqlLeases(SqlParts):
         with self._reader.connect() as conn:
             rows = conn.execute(
                 sa.select(g.c.lease_owner, g.c.row_group)
-                .where(g.c.run_id == run_id, g.c.lease_owner.is_not(None), g.c.state != "checkpointed",
+                .where(g.c.run_id == run_id, g.c.lease_owner.is_not(None), g.c.state != RowGroupState.CHECKPOINTED,
                        g.c.lease_expires_at > time.time())
                 .order_by(g.c.row_group))
             for owner, row_group in rows:
@@ -105,7 +106,7 @@ class SqlLeases(SqlParts):
             sa.select(g.c.row_group, g.c.num_rows, g.c.state, g.c.lease_owner, g.c.lease_epoch, g.c.lease_expires_at)
             .where(
                 g.c.run_id == run_id,
-                g.c.state != "checkpointed",
+                g.c.state != RowGroupState.CHECKPOINTED,
                 sa.or_(g.c.lease_owner.is_(None), g.c.lease_owner != self.owner),
             )
             .order_by(g.c.row_group)
@@ -141,7 +142,7 @@ class SqlLeases(SqlParts):
                 want = limit - len(claims)
                 for rg in self._create_row_groups(conn, run_id, 0 if last is None else last + 1, num_records,
                                                   size, want)[:want]:
-                    claims.append(RowGroupClaim(rg, min(size, num_records - rg * size), 1, "pending"))
+                    claims.append(RowGroupClaim(rg, min(size, num_records - rg * size), 1, RowGroupState.PENDING))
             if claims:
                 conn.execute(
                     g.update()
@@ -150,7 +151,7 @@ class SqlLeases(SqlParts):
                         lease_owner=self.owner,
                         lease_epoch=sa.bindparam("epoch"),
                         lease_expires_at=now + lease_s,
-                        state=sa.case((g.c.state == "pending", "active"), else_=g.c.state),
+                        state=sa.case((g.c.state == RowGroupState.PENDING, RowGroupState.ACTIVE), else_=g.c.state),
                     ),
                     [{"rg": c.row_group, "epoch": c.epoch} for c in claims],
                 )

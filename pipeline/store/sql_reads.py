@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from pipeline import values
 from pipeline.errors import RunNotFoundError
+from pipeline.states import TaskState
 from pipeline.store import postgres, schema, sqlite
 from pipeline.store import usage as usage_sql
 from pipeline.store.base import RunInfo, row_group_counts
@@ -132,7 +133,7 @@ class SqlReads(SqlParts):
         t = schema.tasks
         with self._reader.connect() as conn:
             return [tuple(row) for row in conn.execute(
-                sa.select(t.c.column_name, t.c.last_error).where(t.c.run_id == run_id, t.c.state == "failed"))]
+                sa.select(t.c.column_name, t.c.last_error).where(t.c.run_id == run_id, t.c.state == TaskState.FAILED))]
 
     def read_query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Run one statement that only reads, on a connection of its own that cannot write (for
