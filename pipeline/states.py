@@ -3,7 +3,8 @@
 Each is a :class:`enum.StrEnum`: a member *is* its value as a ``str`` (``RunStatus.COMPLETE ==
 "complete"``, ``f"{RunStatus.COMPLETE}"`` and ``json.dumps`` give ``complete``), so the database
 and the JSON output hold exactly the plain strings, and rows read back compare equal to members.
-Only ``repr()`` differs (``<RunStatus.COMPLETE: 'complete'>``): messages format with ``str``.
+``repr()`` is the plain string's too (``'complete'``), so that the repr of a result holding one
+(``RunResult(status='complete')``) and ``{status!r}`` in a message read as they did before.
 
 The hot path (the journal's task upserts, millions of rows) binds the plain ``str`` of
 ``member.value``, never the member: drivers adapt a ``str`` subclass through a slower path
@@ -19,7 +20,13 @@ from enum import StrEnum
 __all__ = ["RowGroupState", "RunStatus", "TaskState", "TaskType"]
 
 
-class RunStatus(StrEnum):
+class _Plain(StrEnum):
+    """A StrEnum whose repr is its value's (``'complete'``, not ``<RunStatus.COMPLETE: ...>``)."""
+
+    __repr__ = str.__repr__
+
+
+class RunStatus(_Plain):
     """A run's status, stored in ``runs.status`` (a CHECK constraint allows exactly these).
 
     ``pipeline status`` shows a ``running`` run that has no live worker as ``interrupted``."""
@@ -35,7 +42,7 @@ class RunStatus(StrEnum):
     FAILED = "failed"
 
 
-class RowGroupState(StrEnum):
+class RowGroupState(_Plain):
     """A row group's state, stored in ``row_groups.state`` (a CHECK constraint allows exactly
     these). A row group with no row yet (rows are created ``ROW_GROUP_BATCH`` at a time) is
     ``pending``."""
@@ -50,7 +57,7 @@ class RowGroupState(StrEnum):
     CHECKPOINTED = "checkpointed"
 
 
-class TaskState(StrEnum):
+class TaskState(_Plain):
     """A task's state, stored in ``tasks.state`` (no CHECK there: it would halve the upsert rate;
     see :mod:`pipeline.store.schema`). The ``value`` of a member is what the journal writes."""
 
@@ -67,7 +74,7 @@ class TaskState(StrEnum):
     FAILED = "failed"
 
 
-class TaskType(StrEnum):
+class TaskType(_Plain):
     """A task's type, stored in ``tasks.task_type`` (and ``task_traces.task_type``)."""
 
     #: A root generator of strategy ``batch`` fills its column(s) for a whole row group.

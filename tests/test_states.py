@@ -62,6 +62,7 @@ def test_task_states_and_types_are_the_values_the_store_writes():
 def test_members_format_as_their_plain_value():
     for member in (*RunStatus, *RowGroupState, *TaskState, *TaskType):
         assert f"{member}" == str(member) == "%s" % member == member.value
+        assert repr(member) == repr(member.value) and f"{member!r}" == f"{member.value!r}"
         assert json.dumps({member: member}) == json.dumps({member.value: member.value})
 
 

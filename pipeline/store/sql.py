@@ -145,7 +145,7 @@ class SqlStore(SqlJournal, SqlReads):
     @translate_errors
     def set_run_status(self, run_id: str, status: str) -> None:
         if status not in RUN_STATES:
-            raise ValueError(f"unknown run status {status!r}; one of {', '.join(RUN_STATES)}")
+            raise ValueError(f"unknown run status {status!r}; one of {RUN_STATES}")
         runs = schema.runs
         now = time.time()
         changes: dict = {"status": status, "updated_at": now}
