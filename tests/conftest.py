@@ -268,3 +268,95 @@ def stores(store_factory):
 def any_store(store_factory):
     """A store: in memory, SQLite or PostgreSQL."""
     return store_factory()
+
+
+# -- the LLM client (tests/test_llm_client_*.py, tests/test_llm_generators.py) ---------------------
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """The fake server, one per test module (answers holding SPOIL are malformed)."""
+    url, stop = fake_server_module().start_server(latency_ms=5, malformed_marker="SPOIL")
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_url():
+    """The fake server, refusing any request without tests.llm_helpers.SECRET as its key."""
+    from tests.llm_helpers import SECRET
+
+    url, stop = fake_server_module().start_server(require_key=SECRET)
+    yield url
+    stop()
+
+
+@pytest.fixture
+async def client():
+    """An LlmClient, closed at the end."""
+    from pipeline.llm import LlmClient
+
+    client = LlmClient(max_connections=16)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def secret_env(monkeypatch):
+    """The key variable (tests.llm_helpers.KEY_ENV) set to the key keyed_url wants."""
+    from tests.llm_helpers import KEY_ENV, SECRET
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+
+@pytest.fixture
+async def generator_of():
+    """``generator_of(column, config)``: the column's generator on a runtime of its own (as a
+    run's job owns one), closed at the end."""
+    from pipeline.generators.llm import make_llm_generator
+    from pipeline.llm import LlmRuntime
+
+    owned = []
+
+    def make(column, config):
+        owned.append(LlmRuntime(config.models))
+        return make_llm_generator(column, config, runtime=owned[-1])
+
+    yield make
+    for runtime in owned:
+        await runtime.aclose()
+
+
+@pytest.fixture(scope="module")
+def raw_server():
+    """A server that answers every request with RAW_ANSWERS[<the request's last word>]
+    (tests.llm_helpers), then closes the connection: answers the fake server cannot give."""
+    import socketserver
+
+    from tests.llm_helpers import RAW_ANSWERS
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = self.request.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            while len(body) < length:
+                body += self.request.recv(65536)
+            import json
+
+            word = json.loads(body)["messages"][-1]["content"].split("|")[-1]
+            self.request.sendall(RAW_ANSWERS[word])
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
