@@ -218,7 +218,7 @@ def test_a_changed_module_on_an_interrupted_run_recomputes_its_column_and_reader
 
 
 def test_a_changed_judge_rubric_sends_only_judge_requests_again(tmp_path, fake_server):
-    from tests.test_llm_pipeline import RUBRIC, server_stats, three_columns_config
+    from tests.llm_run_helpers import RUBRIC, server_stats, three_columns_config
 
     url = fake_server(latency_ms=2)
     cfg = three_columns_config(tmp_path / "p", url, records=60)

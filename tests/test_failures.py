@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAKE_SERVER_SCRIPT, cli, cli_env, cli_popen
-from tests.test_llm_pipeline import ServerProcess, assert_ran, export_jsonl, status_json, write_config
+from tests.conftest import FAKE_SERVER_SCRIPT, ServerProcess, cli, cli_env, cli_popen
+from tests.llm_run_helpers import assert_ran, export_jsonl, status_json, write_config
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.conftest import cli, cli_popen
-from tests.test_llm_pipeline import write_config
+from tests.llm_run_helpers import write_config
 
 COUNTERS = '''
 import time

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import POSTGRES_URL, cli, cli_popen
-from tests.test_llm_pipeline import echo_answer, export_jsonl, server_stats, sql_json, status_json
+from tests.llm_run_helpers import echo_answer, export_jsonl, server_stats, sql_json, status_json
 
 SCHEMA = {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import cli, cli_popen
-from tests.test_llm_pipeline import server_stats, write_config
+from tests.llm_run_helpers import server_stats, write_config
 
 
 def config(folder, url, records=120):

@@ -13,7 +13,7 @@ import pytest
 import pipeline
 from pipeline.errors import ModelCheckError
 from tests.conftest import cli, cli_env
-from tests.test_llm_pipeline import server_stats, write_config
+from tests.llm_run_helpers import server_stats, write_config
 
 
 def dead_url() -> str:
