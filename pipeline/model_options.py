@@ -47,9 +47,10 @@ class EnvValue(BaseModel):
 
 #: A header value is one line: no control character but the tab (RFC 9110, field-value).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: What is wrong with a header value that is not one line (a literal one or one read from the environment).
+_NOT_ONE_LINE = "holds a line break or another control character, which no HTTP header may carry"
 #: Why a value read from the environment cannot be sent, never showing it.
-CONTROL_CHARACTER_HINT = ("holds a line break or another control character, which no HTTP header may "
-                          "carry (a value read from a file saved with Windows line endings ends in \\r)")
+CONTROL_CHARACTER_HINT = f"{_NOT_ONE_LINE} (a value read from a file saved with Windows line endings ends in \\r)"
 
 
 def header_value_ok(value: str) -> bool:
@@ -65,8 +66,7 @@ def check_extra_headers(headers: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"extra_headers may not set '{name}' (the client sets it); "
                              "use api_key_env / api_key_header for the key")
         if isinstance(value, str) and not header_value_ok(value):
-            raise ValueError(f"extra_headers.{name} holds a line break or another control character, which "
-                             "no HTTP header may carry; write it on one line")
+            raise ValueError(f"extra_headers.{name} {_NOT_ONE_LINE}; write it on one line")
         if isinstance(value, str) and redact.looks_like_key(value):
             raise ValueError(
                 f"extra_headers.{name} looks like a key (it starts with {value[:3]!r}); write "

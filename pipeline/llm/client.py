@@ -74,6 +74,23 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _header_value_from_env(endpoint: ModelEndpoint, variable: str, role: str) -> str | ModelRequestError:
+    """The value of the environment variable ``variable``, read at each request to go in a
+    header (``role``: where the config names it, ``its api_key_env`` or ``of
+    extra_headers.NAME``), registered as a secret; or the error to return, naming the variable
+    and never its value, when it is unset or empty or is not one line of text."""
+    value = os.environ.get(variable)
+    if not value:
+        return ModelRequestError(
+            f"{endpoint.where}: the environment variable {variable} ({role}) is not set; export it and resume the run")
+    register_secret(value)  # a server may echo it: every message it could reach is redacted
+    if not header_value_ok(value):
+        return ModelRequestError(
+            f"{endpoint.where}: the environment variable {variable} ({role}) {CONTROL_CHARACTER_HINT}; "
+            "fix it and resume the run")
+    return value
+
+
 class LlmClient:
     """One pooled ``aiohttp.ClientSession`` shared by every model of a config.
 
@@ -153,32 +170,17 @@ class LlmClient:
         headers = {"Accept": "application/json", "Content-Type": "application/json", **(extra_headers or {})}
         for name, value in endpoint.extra_headers:
             if type(value) is tuple:  # ("env", NAME)
-                secret = os.environ.get(value[1])
-                if not secret:
-                    return ModelRequestError(
-                        f"{endpoint.where}: the environment variable {value[1]} (of extra_headers.{name}) "
-                        "is not set; export it and resume the run")
-                register_secret(secret)
-                if not header_value_ok(secret):
-                    return ModelRequestError(
-                        f"{endpoint.where}: the environment variable {value[1]} (of extra_headers.{name}) "
-                        f"{CONTROL_CHARACTER_HINT}; fix it and resume the run")
+                secret = _header_value_from_env(endpoint, value[1], f"of extra_headers.{name}")
+                if isinstance(secret, Exception):
+                    return secret
                 headers[name] = secret
                 del secret
             else:
                 headers[name] = value
         if endpoint.api_key_env:
-            key = os.environ.get(endpoint.api_key_env)
-            if not key:
-                return ModelRequestError(
-                    f"{endpoint.where}: the environment variable {endpoint.api_key_env} "
-                    "(its api_key_env) is not set; export it and resume the run"
-                )
-            register_secret(key)  # a server may echo it: every message it could reach is redacted
-            if not header_value_ok(key):
-                return ModelRequestError(
-                    f"{endpoint.where}: the environment variable {endpoint.api_key_env} (its api_key_env) "
-                    f"{CONTROL_CHARACTER_HINT}; fix it and resume the run")
+            key = _header_value_from_env(endpoint, endpoint.api_key_env, "its api_key_env")
+            if isinstance(key, Exception):
+                return key
             if endpoint.api_key_header:
                 headers[endpoint.api_key_header] = key
             else:
