@@ -344,7 +344,7 @@ class Scheduler:
                 self._outcomes.cell_done(rg, node, r, value, text, usage)
             else:
                 rows = rg.tracker.live_rows()  # snapshot: drops during the await only skip rows
-                data = rg.buffer.frame(rows, node.depends_on)
+                data = rg.buffer.indexes(rows) if node.reads_indexes else rg.buffer.frame(rows, node.depends_on)
                 if trace is not None:
                     trace.started_at = time.perf_counter()
                 if node.is_async:
