@@ -18,13 +18,13 @@ import asyncio
 import datetime as dt
 import functools
 import json
-import sys
 from typing import Any
 
 import jinja2
 from jinja2 import meta
 
 from pipeline.errors import ConfigError
+from pipeline.loaded import loaded
 from pipeline.sandbox import BoundedEnvironment, Budget, SliceSpent, TemplateLimitError
 from pipeline.values import to_python
 
@@ -78,9 +78,9 @@ def _missing_as_empty(value: Any) -> Any:
         return "" if value != value else value
     if cls.__name__ in _MISSING_TYPES:
         return ""
-    # A numpy value exists only once numpy is loaded: read it from sys.modules rather than
+    # A numpy value exists only once numpy is loaded: ask pipeline.loaded rather than
     # importing it, which config validation (a template's syntax) would pay.
-    np = sys.modules.get("numpy")
+    np = loaded("numpy")
     if np is not None and isinstance(value, np.floating) and np.isnan(value):
         return ""
     return value

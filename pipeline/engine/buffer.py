@@ -18,10 +18,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import os
-import sys
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from pipeline.errors import UnstorableValueError
+from pipeline.loaded import loaded
 from pipeline.values import encode, prepare
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ def _as_list(vals: Any) -> list:
 
 def normalize_batch(outputs: Sequence[str], result: Any, expected: int, name: str) -> dict[str, list]:
     """A batch result as ``{column: list of expected length}``."""
-    pd = sys.modules.get("pandas")  # a result cannot be a DataFrame before pandas is imported
+    pd = loaded("pandas")  # a result cannot be a DataFrame before pandas is imported
     if pd is not None and isinstance(result, pd.DataFrame):
         if len(outputs) == 1 and outputs[0] not in result.columns:
             if len(result.columns) != 1:
