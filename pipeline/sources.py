@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pipeline.loaded import loaded
+
 __all__ = [
     "SEED_FORMATS",
     "SeedRows",
@@ -102,9 +104,9 @@ def module_source_file(spec: str, base_dir: Path) -> Path | None:
 
 def is_generator_class(obj: Any) -> bool:
     """True when ``obj`` is a subclass of :class:`pipeline.Generator`."""
-    # A subclass exists only once the base class's module is loaded: read it from sys.modules
+    # A subclass exists only once the base class's module is loaded: ask pipeline.loaded
     # rather than importing it, which would make config validation depend on the generators.
-    base = sys.modules.get("pipeline.generators.base")
+    base = loaded("pipeline.generators.base")
     return base is not None and isinstance(obj, type) and issubclass(obj, base.Generator)
 
 

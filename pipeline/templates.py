@@ -18,18 +18,17 @@ import asyncio
 import datetime as dt
 import functools
 import json
-import sys
 from typing import Any
 
 import jinja2
 from jinja2 import meta
 
 from pipeline.errors import ConfigError
+from pipeline.loaded import loaded
 from pipeline.sandbox import BoundedEnvironment, Budget, SliceSpent, TemplateLimitError
 from pipeline.values import to_python
 
 __all__ = [
-    "DEFAULT_RENDER_TIMEOUT_S",
     "ENVIRONMENT",
     "TemplateLimitError",
     "arender",
@@ -40,8 +39,6 @@ __all__ = [
     "template_config_error",
 ]
 
-#: The default of ``settings.render_timeout_s``.
-DEFAULT_RENDER_TIMEOUT_S = 10.0
 # A render on the event loop that takes longer than this starts over in a worker thread. Renders
 # take microseconds; a thread hop costs ~50 us, so only slow templates pay it.
 _ON_LOOP_SLICE_S = 0.005
@@ -81,9 +78,9 @@ def _missing_as_empty(value: Any) -> Any:
         return "" if value != value else value
     if cls.__name__ in _MISSING_TYPES:
         return ""
-    # A numpy value exists only once numpy is loaded: read it from sys.modules rather than
+    # A numpy value exists only once numpy is loaded: ask pipeline.loaded rather than
     # importing it, which config validation (a template's syntax) would pay.
-    np = sys.modules.get("numpy")
+    np = loaded("numpy")
     if np is not None and isinstance(value, np.floating) and np.isnan(value):
         return ""
     return value
@@ -94,7 +91,6 @@ def _make_environment() -> BoundedEnvironment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
-        timeout_s=DEFAULT_RENDER_TIMEOUT_S,
         finalize=_missing_as_empty,
     )
     env.filters["tojson"] = _tojson
@@ -120,14 +116,14 @@ def _referenced(text: str) -> frozenset[str]:
     return frozenset(meta.find_undeclared_variables(ENVIRONMENT.parse(text))) - _GLOBALS
 
 
-def render(template: jinja2.Template, data: Any, *, timeout_s: float = DEFAULT_RENDER_TIMEOUT_S) -> str:
+def render(template: jinja2.Template, data: Any, *, timeout_s: float) -> str:
     """``template`` rendered with ``data`` (a mapping) in this thread, within the bounds of
     :mod:`pipeline.sandbox` and ``timeout_s`` seconds. Raises TemplateLimitError past a bound,
     or what the template raised (UndefinedError, SecurityError, ...)."""
     return template.render_within(data, Budget(timeout_s))
 
 
-async def arender(template: jinja2.Template, data: Any, *, timeout_s: float = DEFAULT_RENDER_TIMEOUT_S) -> str:
+async def arender(template: jinja2.Template, data: Any, *, timeout_s: float) -> str:
     """As :func:`render`, from the event loop, which it never holds for long: a render that
     outlasts a few milliseconds starts over in a worker thread (rendering is a pure function
     of ``data``, so the second start gives what the first would have). A cancelled caller

@@ -38,10 +38,10 @@ import decimal
 import json
 import math
 import re
-import sys
 from typing import Any
 
 from pipeline.errors import UnstorableValueError
+from pipeline.loaded import loaded
 
 __all__ = ["decode", "encode", "prepare", "to_python", "valid_unicode", "valid_unicode_deep"]
 
@@ -159,9 +159,9 @@ class _Walk:
         return out
 
     def _other(self, value: Any) -> Any:
-        # A numpy value exists only once numpy is loaded: read it from sys.modules rather than
+        # A numpy value exists only once numpy is loaded: ask pipeline.loaded rather than
         # importing it here (~90 ms), which every command that opens the store would pay.
-        np = sys.modules.get("numpy")
+        np = loaded("numpy")
         if np is not None and isinstance(value, (np.generic, np.ndarray)):
             return self._numpy(value)
         if type(value).__name__ in ("NAType", "NaTType"):  # pandas' missing values (NaT is a datetime)

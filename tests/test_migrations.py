@@ -208,3 +208,24 @@ def test_the_head_written_in_migrate_is_alembics_head():
     """migrate.HEAD lets a current store open without importing Alembic; a new migration must
     update it (a stale one would make stores at the old head skip the upgrade)."""
     assert migrate.HEAD == migrate.head()
+
+
+def test_the_salvage_index_is_partial_on_both_databases(empty_db_url):
+    # The metadata leaves PostgreSQL's predicate to the migration (pipeline.store.schema): a full
+    # index on state would make every task's transition update it.
+    LIKE = "%next_eligible_at%"
+    migrate.upgrade(empty_db_url)
+    engine = make_engine(empty_db_url)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                ddl = conn.execute(sa.text("SELECT sql FROM sqlite_master WHERE type = 'index' "
+                                           "AND tbl_name = 'tasks' AND sql LIKE :like"), {"like": LIKE}).scalars().all()
+            else:
+                ddl = conn.execute(sa.text("SELECT indexdef FROM pg_indexes WHERE tablename = 'tasks' "
+                                           "AND schemaname = current_schema() AND indexdef LIKE :like"),
+                                   {"like": LIKE}).scalars().all()
+    finally:
+        engine.dispose()
+    assert len(ddl) == 1
+    assert "WHERE" in ddl[0].upper() and "deferred" in ddl[0]

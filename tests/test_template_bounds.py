@@ -53,7 +53,7 @@ HUGE_STRING = "{{ 'a' * 3000000000 }}"
 ])
 def test_a_template_past_a_bound_raises_a_template_limit_error_naming_it(text, bound):
     with pytest.raises(TemplateLimitError, match=re.escape(bound)):
-        render(compile_template(text), {})
+        render(compile_template(text), {}, timeout_s=10)
 
 
 def test_a_render_past_its_time_limit_fails_naming_render_timeout_s():
@@ -76,7 +76,7 @@ def test_a_render_past_its_time_limit_fails_naming_render_timeout_s():
     ("{% for i in range(990) %}{% for j in range(990) %}{% endfor %}{% endfor %}done", {}, "done"),
 ])
 def test_ordinary_templates_render_as_before(text, data, expected):
-    assert render(compile_template(text), data) == expected
+    assert render(compile_template(text), data, timeout_s=10) == expected
 
 
 async def test_a_slow_render_leaves_the_event_loop_free():
@@ -92,7 +92,7 @@ async def test_a_slow_render_leaves_the_event_loop_free():
 
     beating = asyncio.create_task(heartbeat())
     try:
-        assert await arender(slow, {}) == "ok"
+        assert await arender(slow, {}, timeout_s=10) == "ok"
     finally:
         beating.cancel()
     assert beats >= 3, "the loop was held while the template rendered"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
-    "FUNCTION_PATTERN", "INT32_MAX", "INT64_MAX", "INT64_MIN", "MAX_DURATION_S", "MAX_ERROR_WINDOW",
+    "DEFAULT_RENDER_TIMEOUT_S", "FUNCTION_PATTERN", "INT32_MAX", "INT64_MAX", "INT64_MIN", "MAX_DURATION_S", "MAX_ERROR_WINDOW",
     "MAX_IN_FLIGHT_TASKS", "MAX_ROW_GROUPS_IN_MEMORY", "MAX_SALVAGE_ROUNDS", "MIN_LEASE_S", "NAME_PATTERN",
     "PATTERN_HINTS", "RUN_NAME_PATTERN", "row_group_count_problem",
 ]
@@ -35,6 +35,8 @@ MAX_IN_FLIGHT_TASKS = 1_000_000
 MAX_SALVAGE_ROUNDS = 30
 MAX_DURATION_S = 7 * 24 * 3600.0  # a week
 MIN_LEASE_S = 0.1
+#: The default of ``settings.render_timeout_s``: a template renders within it or fails its cell.
+DEFAULT_RENDER_TIMEOUT_S = 10.0
 MAX_ERROR_WINDOW = 1_000_000
 
 

@@ -13,10 +13,10 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import model_options, redact, templates
+from pipeline import model_options, redact
 from pipeline.base_urls import base_url_problem
-from pipeline.config.limits import (FUNCTION_PATTERN, INT32_MAX, INT64_MAX, INT64_MIN, MAX_DURATION_S,
-                                    MAX_ERROR_WINDOW, MAX_IN_FLIGHT_TASKS, MAX_ROW_GROUPS_IN_MEMORY,
+from pipeline.config.limits import (DEFAULT_RENDER_TIMEOUT_S, FUNCTION_PATTERN, INT32_MAX, INT64_MAX, INT64_MIN,
+                                    MAX_DURATION_S, MAX_ERROR_WINDOW, MAX_IN_FLIGHT_TASKS, MAX_ROW_GROUPS_IN_MEMORY,
                                     MAX_SALVAGE_ROUNDS, MIN_LEASE_S, NAME_PATTERN, RUN_NAME_PATTERN,
                                     row_group_count_problem)
 from pipeline.config.messages import describe
@@ -63,7 +63,7 @@ class Settings(_Strict):
     shutdown_error_window: int = Field(_ENGINE.shutdown_error_window, gt=0, le=MAX_ERROR_WINDOW)
     lease_s: float = Field(_ENGINE.lease_s, ge=MIN_LEASE_S, le=MAX_DURATION_S)
     model_down_s: float = Field(_ENGINE.model_down_s, gt=0, le=MAX_DURATION_S)
-    render_timeout_s: float = Field(templates.DEFAULT_RENDER_TIMEOUT_S, gt=0, le=MAX_DURATION_S)  # a template renders within this, or fails its cell
+    render_timeout_s: float = Field(DEFAULT_RENDER_TIMEOUT_S, gt=0, le=MAX_DURATION_S)  # a template renders within this, or fails its cell
     trace: bool = _ENGINE.trace  # record every task attempt in task_traces (as --trace does)
 
 
@@ -131,6 +131,9 @@ class ModelConfig(_Strict):
 
 
 def _check_template(text: str | None) -> str | None:
+    # jinja2 (~25 ms) loads with the first template: a config without one never needs it.
+    from pipeline import templates
+
     if text is not None and (problem := templates.syntax_problem(text)):
         raise ValueError(problem)
     return text
@@ -154,6 +157,8 @@ class _ColumnBase(_Strict):
         May contain the entry's own name."""
         names = set(self.requires)
         for text in self._templates():
+            from pipeline import templates
+
             names |= templates.referenced_names(text)
         return tuple(sorted(names))
 

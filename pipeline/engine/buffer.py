@@ -18,21 +18,22 @@ import contextlib
 import datetime as dt
 import hashlib
 import os
-from typing import Any, Mapping, Sequence
-
-import numpy as np
-import pandas as pd
-from pandas.api.types import infer_dtype
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from pipeline.errors import UnstorableValueError
+from pipeline.loaded import loaded
 from pipeline.values import encode, prepare
 
-__all__ = ["JSON_FIELD", "RowGroupBuffer", "column_array", "normalize_batch", "normalize_cell", "write_parquet_atomic"]
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
 
-_FLOAT64 = np.dtype("float64")
-_OBJECT = np.dtype("object")
+# numpy, pandas and pyarrow are imported where they are first needed (a batch generator's
+# DataFrame, a finished row group's Parquet file), not with the engine: together they are about
+# 250 ms of a `pipeline run`'s start on this machine, and a run's first tasks need none of them.
+
+__all__ = ["JSON_FIELD", "RowGroupBuffer", "column_array", "normalize_batch", "normalize_cell", "write_parquet_atomic"]
 
 
 class RowGroupBuffer:
@@ -48,9 +49,22 @@ class RowGroupBuffer:
         cols = self.cols
         return {c: cols[c][r] for c in names}
 
+    def indexes(self, rows: Sequence[int]) -> np.ndarray:
+        """The global record indexes of the given records (row indexes), an int64 array: what a
+        batch generator with ``reads_indexes`` receives."""
+        import numpy as np
+
+        if len(rows) == self.n:
+            return np.arange(self.start, self.start + self.n, dtype=np.int64)
+        return np.asarray(rows, dtype=np.int64) + self.start
+
     def frame(self, rows: Sequence[int], names: Sequence[str]) -> pd.DataFrame:
         """The given records (row indexes) as a DataFrame indexed by global record index (what a
         batch generator receives). A column of ints with missing values is Int64 (pd.NA)."""
+        import numpy as np
+        import pandas as pd
+        from pandas.api.types import infer_dtype
+
         index = pd.RangeIndex(self.start, self.start + self.n) if len(rows) == self.n else \
             pd.Index([self.start + r for r in rows], dtype="int64")
         cols = self.cols
@@ -63,9 +77,9 @@ class RowGroupBuffer:
             kind = frame[c].dtype
             # Ints beside a missing value stay ints: pandas would make 1 and None 1.0 and NaN;
             # Int64 holds 1 and pd.NA. Only float64 columns can be such a column: one check each.
-            if kind == _FLOAT64 and infer_dtype(data[c], skipna=True) == "integer":
+            if kind == np.float64 and infer_dtype(data[c], skipna=True) == "integer":
                 frame[c] = pd.array(data[c], dtype="Int64")
-            elif kind != _OBJECT and isinstance(kind, pd.StringDtype):
+            elif kind != np.object_ and isinstance(kind, pd.StringDtype):
                 # Text stays str and None (pandas 3's str dtype would turn None into NaN).
                 frame[c] = pd.Series(list(data[c]), index=index, dtype=object)
         return frame
@@ -153,6 +167,8 @@ class RowGroupBuffer:
 
     def table(self, columns: Sequence[str], live: Sequence[int]) -> pa.Table:
         """Live records, columns in config order (see :func:`column_array`)."""
+        import pyarrow as pa
+
         fields, arrays = [], []
         for c in columns:
             col = self.cols[c]
@@ -180,6 +196,8 @@ def column_array(values: list) -> tuple[pa.Array, bool]:
     nulls, turn ints into floats beside a float and datetimes into dates beside a date, give
     every Decimal the column's largest scale and every datetime the first one's zone, and
     cannot hold 1 and "x" in one column. Exports decode them (pipeline.dataset)."""
+    import pyarrow as pa
+
     kinds = {type(v) for v in values}
     kinds.discard(type(None))
     kind = next(iter(kinds)) if len(kinds) == 1 else None
@@ -215,7 +233,8 @@ def _as_list(vals: Any) -> list:
 
 def normalize_batch(outputs: Sequence[str], result: Any, expected: int, name: str) -> dict[str, list]:
     """A batch result as ``{column: list of expected length}``."""
-    if isinstance(result, pd.DataFrame):
+    pd = loaded("pandas")  # a result cannot be a DataFrame before pandas is imported
+    if pd is not None and isinstance(result, pd.DataFrame):
         if len(outputs) == 1 and outputs[0] not in result.columns:
             if len(result.columns) != 1:
                 raise ValueError(f"generator '{name}' returned columns {list(result.columns)}; "
@@ -247,6 +266,9 @@ def write_parquet_atomic(table: pa.Table, path: str) -> tuple[int, str]:
     """Temporary name, fsync, rename, fsync the folder: the file is whole or absent. Returns
     its size in bytes and the SHA-256 digest (hex) of exactly the bytes written, which the
     checkpoint records so that readers can tell a damaged file. On failure nothing is left."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     sink = pa.BufferOutputStream()

@@ -27,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pipeline.engine import collector
 from pipeline.engine.buffer import normalize_batch, normalize_cell
 from pipeline.engine.failures import describe
 from pipeline.engine.journal import Journal
@@ -101,6 +102,10 @@ class Scheduler:
     async def run(self) -> str:
         """Run until every row group of the run is checkpointed (``complete``), or until stopped
         (``interrupted``) or tripped by the error rate (``failed``)."""
+        with collector.tuned():
+            return await self._run()
+
+    async def _run(self) -> str:
         self._loop = loop = asyncio.get_running_loop()
         self._outcomes.start(loop)
         self._done: asyncio.Future = loop.create_future()
@@ -344,7 +349,7 @@ class Scheduler:
                 self._outcomes.cell_done(rg, node, r, value, text, usage)
             else:
                 rows = rg.tracker.live_rows()  # snapshot: drops during the await only skip rows
-                data = rg.buffer.frame(rows, node.depends_on)
+                data = rg.buffer.indexes(rows) if node.reads_indexes else rg.buffer.frame(rows, node.depends_on)
                 if trace is not None:
                     trace.started_at = time.perf_counter()
                 if node.is_async:

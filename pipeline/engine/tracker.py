@@ -31,7 +31,7 @@ class PlanNode:
 
     __slots__ = ("index", "name", "strategy", "task_type", "outputs", "depends_on", "stateful",
                  "is_cell", "is_root", "cell_down", "batch_down", "n_cell_ups", "n_batch_ups",
-                 "gen", "is_async", "limit", "single", "model", "max_tokens")
+                 "gen", "is_async", "reads_indexes", "limit", "single", "model", "max_tokens")
 
     def __init__(self, index: int, node: Any):
         self.index = index
@@ -50,6 +50,7 @@ class PlanNode:
         self.n_batch_ups = 0
         self.gen: Any = None
         self.is_async = False
+        self.reads_indexes = False  # a batch generator given record indexes, not a DataFrame
         self.limit: Any = None
         self.model: str | None = None  # model alias of a model-limited generator
         self.max_tokens: int | None = None  # what one of its requests reserves (pacing)
@@ -73,6 +74,7 @@ class Plan:
                 gen = generators[node.name]
                 pn.gen = gen
                 pn.is_async = bool(getattr(gen, "is_async", False))
+                pn.reads_indexes = bool(getattr(gen, "reads_indexes", False))
                 pn.limit = getattr(gen, "limit", None)
                 pn.model = getattr(gen, "model_alias", None) or (node.name if pn.limit is not None else None)
                 max_tokens = getattr(gen, "max_tokens", None)

@@ -66,21 +66,26 @@ def build_generators(config: PipelineConfig, *, runtime: LlmRuntime | None = Non
     files read here, so call it once per process and share the result. ``llm_*`` columns share
     ``runtime`` (from :func:`llm_runtime`; the caller closes it): ValueError when they have none.
     """
-    from pipeline.generators.expression import ExpressionGenerator
-    from pipeline.generators.python import make_python_generator
-    from pipeline.generators.samplers import SamplerGenerator
-    from pipeline.generators.seed_dataset import SeedDatasetGenerator
-
+    # Each module is imported only when its column type is used: seed files need pandas, which
+    # a config without a seed column never loads (issue 12's cold start).
     generators: dict[str, Generator] = {}
     for column in config.columns:
         kind = column.type
         if kind == "sampler":
+            from pipeline.generators.samplers import SamplerGenerator
+
             generator: Generator = SamplerGenerator(column, config)
         elif kind == "expression":
+            from pipeline.generators.expression import ExpressionGenerator
+
             generator = ExpressionGenerator(column, render_timeout_s=config.settings.render_timeout_s)
         elif kind == "python":
+            from pipeline.generators.python import make_python_generator
+
             generator = make_python_generator(column, config)
         elif kind == "seed_dataset":
+            from pipeline.generators.seed_dataset import SeedDatasetGenerator
+
             generator = SeedDatasetGenerator(column, config)
         elif kind.startswith("llm_"):
             if runtime is None:

@@ -41,6 +41,11 @@ class Generator:
     #: A stateful generator runs one task at a time, row groups in order, retries included.
     is_stateful: ClassVar[bool] = False
 
+    #: A batch generator that reads no column may set this: it is then given the global record
+    #: indexes of its row group's live records (a numpy int64 array) instead of a DataFrame, so
+    #: the engine need not load pandas before its first task (issue 12's cold start).
+    reads_indexes: ClassVar[bool] = False
+
     #: The output columns, set by the engine when the generator is created from a config.
     outputs: tuple[str, ...] = ()
 

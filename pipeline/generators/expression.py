@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.errors import GenerationError
 from pipeline.generators.base import Generator
-from pipeline.templates import DEFAULT_RENDER_TIMEOUT_S, arender, compile_template, render
+from pipeline.config.limits import DEFAULT_RENDER_TIMEOUT_S
+from pipeline.templates import arender, compile_template, render
 
 if TYPE_CHECKING:
     from pipeline.config import ExpressionColumn

@@ -40,7 +40,8 @@ from pipeline.generators.base import Generator, task_usage
 from pipeline.llm import Completion, LlmClient, LlmRuntime, ModelOutputError
 from pipeline.llm.answers import MalformedAnswer, extract_json, text_problem
 from pipeline.redact import redact
-from pipeline.templates import DEFAULT_RENDER_TIMEOUT_S, TemplateLimitError, arender, compile_template, render
+from pipeline.config.limits import DEFAULT_RENDER_TIMEOUT_S
+from pipeline.templates import TemplateLimitError, arender, compile_template, render
 from pipeline.values import valid_unicode_deep
 
 __all__ = ["LLM_COLUMN_TYPES", "LlmGenerator", "REASKS", "judge_schema", "make_llm_generator", "strict_compatible"]

@@ -133,12 +133,13 @@ _DRAW = {
 class SamplerGenerator(Generator):
     """Root batch generator of one sampler column.
 
-    ``generate(df)`` reads only ``df.index`` (the global record indexes) and returns one value per
-    index: a numpy array of plain dtype (int64, float64, bool, object of str) or a list of Python
-    values (datetimes, mixed category values).
+    ``generate(indexes)`` takes the global record indexes (an integer array, or a DataFrame whose
+    index they are) and returns one value per index: a numpy array of plain dtype (int64,
+    float64, bool, object of str) or a list of Python values (datetimes, mixed category values).
     """
 
     strategy = "batch"
+    reads_indexes = True
 
     def __init__(self, column: SamplerColumn, config: PipelineConfig):
         self.name = column.name
@@ -153,7 +154,8 @@ class SamplerGenerator(Generator):
         return self._draw(np.asarray(index, dtype=np.uint64), self._keys, self.params)
 
     def generate(self, data: Any) -> Any:
-        return self.values_for(data.index.to_numpy(dtype=np.uint64))
+        index = getattr(data, "index", None)
+        return self.values_for(data if index is None else index.to_numpy(dtype=np.uint64))
 
     async def agenerate(self, data: Any) -> Any:
         # Microseconds of numpy work: a thread hop would cost more than the values.

@@ -19,9 +19,9 @@ not loaded, no error can be one of its.
 
 from __future__ import annotations
 
-import sys
 
 from pipeline.errors import StoreError
+from pipeline.loaded import loaded
 
 __all__ = ["is_transient"]
 
@@ -32,7 +32,7 @@ def is_transient(exc: BaseException) -> bool:
         exc = exc.__cause__
     if isinstance(exc, OSError):
         return True
-    sa_exc = sys.modules.get("sqlalchemy.exc")
+    sa_exc = loaded("sqlalchemy.exc")
     if sa_exc is None:
         return False
     if isinstance(exc, (sa_exc.OperationalError, sa_exc.TimeoutError)):
