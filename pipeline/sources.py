@@ -8,11 +8,14 @@ Parquet, pandas and pyarrow for CSV, neither for JSONL.
 ``function: "module:callable"`` is imported with the config file's folder on ``sys.path``, so a
 ``mymodule.py`` next to the config just works. Seed values are read as written (contract section
 10): in CSV only an empty field is missing ("NA", "null", "NaN" are text), an int beside a missing
-value stays an int in every format, and a missing value is None, never NaN.
+value stays an int in every format, and a missing value is None, never NaN. What cannot be read
+as written is refused, naming the file and the line where it helps: a file that is not UTF-8, a
+CSV line with more fields than the header, a listed column the file names twice.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import importlib
@@ -150,6 +153,10 @@ class SeedRows:
         return out
 
 
+class _Refused(ValueError):
+    """A seed file that cannot be read as written; the message names the file and says what to fix."""
+
+
 def _read(path: Path, kind: str, columns: tuple[str, ...]) -> tuple[list[str], dict[str, Any], int]:
     """``(every column name in the file, {listed column found: its values}, number of rows)``,
     values as written (README, "Seed datasets"): no NA guessing, a missing value is None."""
@@ -157,41 +164,144 @@ def _read(path: Path, kind: str, columns: tuple[str, ...]) -> tuple[list[str], d
         import pyarrow.parquet as pq
 
         names = pq.read_schema(path).names
+        _refuse_duplicates(path, names, columns)
         table = pq.read_table(path, columns=[c for c in columns if c in names])
         return names, {c: table.column(c).combine_chunks() for c in table.column_names}, table.num_rows
     if kind == "csv":
-        import pandas as pd
-        import pyarrow as pa
+        return _read_csv(path, columns)
+    # json rather than pandas.read_json: values stay as written, with no guessing of dates
+    # from column names, whatever the pandas version.
+    records = []
+    # utf-8-sig: a byte-order mark some Windows tools write is not part of the first line's JSON.
+    with open(path, encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise _Refused(
+                        f"seed file {path}: line {number} is not valid JSON ({exc.msg} at character "
+                        f"{exc.colno}); a JSONL file holds one JSON object per line"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise _Refused(f"seed file {path}: line {number} is not a JSON object; a JSONL file holds one per line")
+                records.append(record)
+    names = list(dict.fromkeys(key for record in records for key in record))
+    # The parsed values themselves; a key a record lacks is missing (None).
+    found = {c: [r.get(c) for r in records] for c in columns if c in names}
+    return names, found, len(records)
 
-        # Only an empty field is missing: "NA", "N/A", "null", "None", "NaN", "n/a", "#N/A", ...
-        # are text. pandas' parser still reads a column whose every field is a number as numbers
-        # (and true/false as booleans); a column with any other text is text. Its pyarrow
-        # backend keeps an int column with empty fields as ints, and reads faster than the default.
-        options = {"keep_default_na": False, "na_values": [""]}
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> tuple[list[str], dict[str, Any], int]:
+    import pandas as pd
+    import pyarrow as pa
+
+    # The header as written: pandas renames a repeated name ("a", "a" become "a", "a.1") and an
+    # empty one ("Unnamed: 2"), which would let 'columns' take a column the file does not name.
+    header = _csv_header(path)
+    if not header:
+        return [], {}, 0
+    _refuse_duplicates(path, header, columns)
+    # Only an empty field is missing: "NA", "N/A", "null", "None", "NaN", "n/a", "#N/A", ...
+    # are text. pandas' parser still reads a column whose every field is a number as numbers
+    # (and true/false as booleans); a column with any other text is text. Its pyarrow
+    # backend keeps an int column with empty fields as ints, and reads faster than the default.
+    # low_memory=False: by default pandas guesses types per chunk of ~260,000 rows, so a big
+    # file's column of numbers with text further down comes out as ints and strings mixed.
+    options = {"keep_default_na": False, "na_values": [""], "low_memory": False}
+    try:
         try:
             frame = pd.read_csv(path, dtype_backend="pyarrow", **options)
         except OverflowError:
             # pandas (3.x) cannot hand a column holding an int beyond 64 bits to Arrow; its
             # nullable NumPy backend reads it (as text, as written), a little slower.
             frame = pd.read_csv(path, dtype_backend="numpy_nullable", **options)
-        names = [str(c) for c in frame.columns]
-        found = [c for c in columns if c in frame.columns]
-        table = pa.Table.from_pandas(frame.loc[:, found], preserve_index=False)
-        return names, {c: table.column(c).combine_chunks() for c in found}, len(frame)
-    # json rather than pandas.read_json: values stay as written, with no guessing of dates
-    # from column names, whatever the pandas version.
-    records = []
-    with open(path, encoding="utf-8") as fh:
+    except pd.errors.ParserError:
+        # "Expected 2 fields in line 3, saw 3", or an unclosed quote: say which line and the fix.
+        _refuse_long_rows(path, header)
+        raise
+    # A first data line with more fields than the header makes pandas take the first column(s)
+    # as the index: every value moves one column left, the last column's go missing, with no
+    # error. index_col=False would not do better (pandas drops the extra fields, a warning at
+    # most), so the frame is checked instead, and such a file refused, naming the line.
+    if not isinstance(frame.index, pd.RangeIndex) or len(frame.columns) != len(header):
+        _refuse_long_rows(path, header)
+        raise _Refused(f"seed file {path}: pandas read {len(frame.columns)} columns where the header names "
+                       f"{len(header)}; check the file's commas and quotes")
+    # By position: the frame's names are pandas' renamings of the header's.
+    positions = [header.index(c) for c in columns if c in header]
+    table = pa.Table.from_pandas(frame.iloc[:, positions], preserve_index=False)
+    found = {header[p]: table.column(i).combine_chunks() for i, p in enumerate(positions)}
+    return header, found, len(frame)
+
+
+def _csv_rows(path: Path):
+    """``(line number, fields)`` of each non-blank record of a CSV file, as pandas splits it."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, strict=False)
+        for fields in reader:
+            if fields:  # pandas skips blank lines
+                yield reader.line_num, fields
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The first record's fields ([] for a file with no record)."""
+    for _, fields in _csv_rows(path):
+        return fields
+    return []
+
+
+def _refuse_long_rows(path: Path, header: list[str]) -> None:
+    """Raise _Refused naming the first data line with more fields than the header, if any."""
+    rows = _csv_rows(path)
+    try:
+        next(rows)
+        for number, fields in rows:
+            if len(fields) > len(header):
+                break
+        else:
+            return
+    except csv.Error:  # a field over the csv module's size limit: leave pandas' message
+        return
+    extra = fields[len(header):]
+    if all(not value.strip() for value in extra):
+        fix = "the extra fields are empty: remove the trailing comma(s) at the end of the data lines"
+    else:
+        fix = (f"the extra value is {extra[0]!r}: quote a value that holds a comma (\"Paris, France\"), "
+               "or add its column's name to the header")
+    raise _Refused(
+        f"seed file {path}: line {number} has {len(fields)} fields, the header {len(header)} "
+        f"({', '.join(header)}); {fix}"
+    )
+
+
+def _refuse_duplicates(path: Path, names: list[str], columns: tuple[str, ...]) -> None:
+    """A listed column the file names more than once is ambiguous: refuse it."""
+    for c in columns:
+        if names.count(c) > 1:
+            raise _Refused(
+                f"seed file {path} has {names.count(c)} columns named {c!r}; rename them in the file "
+                "so that 'columns' says which one to take"
+            )
+
+
+def _not_utf8(path: Path) -> _Refused:
+    """The message for a seed file that is not UTF-8, naming the first line that is not."""
+    fix = 'seed files are UTF-8: save it as UTF-8 (in Excel: "CSV UTF-8"), or convert it, e.g. iconv -f {} -t utf-8'
+    with open(path, "rb") as fh:
+        if fh.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # the byte-order mark of Excel's "Unicode text"
+            return _Refused(f"seed file {path} is UTF-16, not UTF-8; {fix.format('utf-16')}")
+        fix = fix.format("latin1")
+        fh.seek(0)
         for number, line in enumerate(fh, 1):
-            if line.strip():
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError(f"line {number} is not a JSON object")
-                records.append(record)
-    names = list(dict.fromkeys(key for record in records for key in record))
-    # The parsed values themselves; a key a record lacks is missing (None).
-    found = {c: [r.get(c) for r in records] for c in columns if c in names}
-    return names, found, len(records)
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return _Refused(
+                    f"seed file {path} is not UTF-8: line {number} has the byte 0x{line[exc.start]:02x} "
+                    f"(byte {exc.start + 1} of the line); {fix}"
+                )
+    return _Refused(f"seed file {path} is not UTF-8; {fix}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -201,8 +311,14 @@ def _load(path: Path, mtime_ns: int, size: int, columns: tuple[str, ...]) -> See
     kind = SEED_FORMATS[path.suffix.lower()]
     try:
         names, found, num_rows = _read(path, kind, columns)
+    except _Refused:
+        raise
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except Exception as exc:
         raise ValueError(f"cannot read seed file {path} as {kind}: {exc}") from exc
+    if not names and not num_rows:
+        raise ValueError(f"seed file {path} is empty (no rows); a seed dataset needs at least one row")
     missing = [c for c in columns if c not in found]
     if missing:
         have = ", ".join(names) or "none"
@@ -211,7 +327,7 @@ def _load(path: Path, mtime_ns: int, size: int, columns: tuple[str, ...]) -> See
             f"(it has: {have}); fix 'columns'"
         )
     if num_rows == 0:
-        raise ValueError(f"seed file {path} has no rows; a seed dataset needs at least one")
+        raise ValueError(f"seed file {path} has no rows, only column names; a seed dataset needs at least one row")
     return SeedRows({c: found[c] for c in columns}, num_rows)
 
 
@@ -219,8 +335,9 @@ def read_seed_file(path: Path, columns: list[str] | tuple[str, ...]) -> SeedRows
     """The listed columns of a seed file (:class:`SeedRows`). Loads pyarrow for a Parquet file,
     pandas and pyarrow for a CSV one (see the module docstring).
 
-    Raises FileNotFoundError, or ValueError for an unknown format, an unreadable file, a missing
-    column or an empty file; each message says what to fix. The result is shared: do not mutate.
+    Raises FileNotFoundError, or ValueError for an unknown format, an unreadable file (not UTF-8,
+    a CSV line with more fields than the header, a line of JSONL that is not a JSON object), a
+    listed column missing or named twice, or a file without rows; each message says what to fix. The result is shared: do not mutate.
     """
     path = Path(path)
     if path.suffix.lower() not in SEED_FORMATS:
