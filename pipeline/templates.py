@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import difflib
 import functools
 import json
 from typing import Any
 
 import jinja2
-from jinja2 import meta
+from jinja2 import meta, nodes
 
 from pipeline.errors import ConfigError
 from pipeline.loaded import loaded
@@ -107,7 +108,9 @@ _GLOBALS = frozenset(ENVIRONMENT.globals)
 
 @functools.lru_cache(maxsize=4096)
 def compile_template(text: str) -> jinja2.Template:
-    """The compiled template for ``text`` (cached). Raises ``jinja2.TemplateSyntaxError``."""
+    """The compiled template for ``text`` (cached). Raises ``jinja2.TemplateSyntaxError`` (also
+    its subclass TemplateAssertionError: an unknown filter or test; :func:`syntax_problem`
+    says what is wrong)."""
     return ENVIRONMENT.from_string(text)
 
 
@@ -151,31 +154,88 @@ def referenced_names(text: str) -> set[str]:
 
 
 def syntax_problem(text: str) -> str | None:
-    """A one-line description of the template's syntax error, or None when it parses."""
+    """A one-line description of what keeps the template from compiling, or None when it
+    compiles: a syntax error, a filter or test that does not exist, a tag that loads another
+    template (there are no template files to load), or anything else Jinja2 refuses at compile
+    time (a block defined twice, a template nested too deeply)."""
     try:
-        ENVIRONMENT.parse(text)
+        tree = ENVIRONMENT.parse(text)
     except jinja2.TemplateSyntaxError as exc:
         return _describe(exc, text)
+    except RecursionError:
+        return _TOO_DEEP
+    problem = _unknown_name(tree, text) or _loads_a_template(tree, text)
+    if problem:
+        return problem
+    # Jinja2 checks more while compiling than while parsing (TemplateAssertionError); the
+    # compiled template is cached for the generators.
+    try:
+        compile_template(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return _describe(exc, text)
+    except jinja2.TemplateError as exc:
+        return f"Jinja2 error: {exc}; fix the template"
+    except RecursionError:
+        return _TOO_DEEP
     return None
 
 
-def _describe(exc: jinja2.TemplateSyntaxError, text: str) -> str:
+_TOO_DEEP = "Jinja2 error: the template nests too deeply to read; simplify it, or compute the value in a python column"
+
+_FILTERS_URL = "https://jinja.palletsprojects.com/en/stable/templates/#list-of-builtin-filters"
+_TESTS_URL = "https://jinja.palletsprojects.com/en/stable/templates/#list-of-builtin-tests"
+
+
+def _unknown_name(tree: nodes.Template, text: str) -> str | None:
+    # Every filter and test, also those in a branch the compiler leaves to render time
+    # ({% if %}), where an unknown one would fail every record that reaches it.
+    for node in tree.find_all((nodes.Filter, nodes.Test)):
+        kind, known, url = (
+            ("filter", ENVIRONMENT.filters, _FILTERS_URL) if isinstance(node, nodes.Filter)
+            else ("test", ENVIRONMENT.tests, _TESTS_URL)
+        )
+        if node.name in known:
+            continue
+        close = difflib.get_close_matches(node.name, list(known), n=3)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        return _at(node.lineno, text, "Jinja2 error", f"no {kind} named {node.name!r}{hint}",
+                   f"use one of Jinja2's {kind}s ({url}), or compute the value in a python column")
+    return None
+
+
+def _loads_a_template(tree: nodes.Template, text: str) -> str | None:
+    for node in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        tag = {nodes.Extends: "extends", nodes.Include: "include", nodes.Import: "import"}.get(type(node), "from")
+        return _at(node.lineno, text, "Jinja2 error", f"{{% {tag} %}} loads another template, and a config's "
+                   "templates have no files to load", "write the text into this template")
+    return None
+
+
+def _at(lineno: int | None, text: str, kind: str, message: str, fix: str) -> str:
     lines = text.splitlines()
-    where = f"line {exc.lineno}" if exc.lineno else "somewhere"
+    where = f"line {lineno}" if lineno else "somewhere"
     shown = ""
-    if exc.lineno and 0 < exc.lineno <= len(lines):
-        shown = f" in {lines[exc.lineno - 1].strip()!r}"
+    if lineno and 0 < lineno <= len(lines):
+        shown = f" in {lines[lineno - 1].strip()!r}"
+    return f"{kind} at {where}{shown}: {message}; {fix}"
+
+
+def _describe(exc: jinja2.TemplateSyntaxError, text: str) -> str:
     message = (exc.message or "invalid syntax").rstrip(".")
-    return f"Jinja2 syntax error at {where}{shown}: {message}; fix the template"
+    return _at(exc.lineno, text, "Jinja2 syntax error", message, "fix the template")
 
 
 def template_config_error(
-    exc: jinja2.TemplateSyntaxError,
+    exc: jinja2.TemplateError,
     text: str,
     *,
     path: object = None,
     column: str | None = None,
     field: str = "template",
 ) -> ConfigError:
-    """A ConfigError naming the file, the column and the field whose template does not parse."""
-    return ConfigError(f"{field}: {_describe(exc, text)}", path=path, column=column)
+    """A ConfigError naming the file, the column and the field whose template does not compile."""
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        problem = _describe(exc, text)
+    else:
+        problem = syntax_problem(text) or f"Jinja2 error: {exc}; fix the template"
+    return ConfigError(f"{field}: {problem}", path=path, column=column)

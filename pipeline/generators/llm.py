@@ -215,11 +215,17 @@ class LlmGenerator(Generator):
         )
 
     async def _render(self, template: Any, row: Mapping[str, Any], field: str) -> str:
-        # The same bounds as expression columns (pipeline.sandbox), naming the column.
+        # The same bounds as expression columns (pipeline.sandbox), naming the column. Whatever
+        # the template raises for this record (an undefined name, a bound, a filter given a value
+        # it cannot take) fails this cell only, naming the column and the field.
         try:
             return await arender(template, row, timeout_s=self.render_timeout_s)
         except TemplateLimitError as exc:
             raise GenerationError(f"column '{self.column_name}': {field}: {exc}") from exc
+        except Exception as exc:
+            raise GenerationError(
+                f"column '{self.column_name}': {field}: the template failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def _ask(self, client: LlmClient, messages: list[dict[str, str]], **extra: Any) -> Completion:
         self.usage["requests"] += 1
