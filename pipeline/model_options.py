@@ -13,8 +13,8 @@ pacing budgets, provider options and prices; their bounds and checks, used by
 
 from __future__ import annotations
 
+import os
 import re
-
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import redact
 
 __all__ = ["CONTROL_CHARACTER_HINT", "HEADER_NAME_PATTERN", "MAX_PRICE", "MAX_RATE_PER_MINUTE", "RESERVED_HEADERS", "EnvValue",
-           "answer_facts", "check_extra_body", "check_extra_headers", "header_value_ok", "unset_header_envs"]
+           "answer_facts", "check_extra_body", "check_extra_headers", "env_missing", "header_value_ok", "unset_header_envs"]
 
 #: Per-minute budgets: far above any provider's, far below float trouble.
 MAX_RATE_PER_MINUTE = 1e12
@@ -82,12 +82,20 @@ def check_extra_body(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def env_missing(variable: str) -> str | None:
+    """Why the environment variable ``variable`` gives no value, to follow its name in a message
+    ("is not set", or "is set but empty": ``MYKEY= pipeline run`` sets it to nothing), or None
+    when it has one."""
+    value = os.environ.get(variable)
+    if value is None:
+        return "is not set"
+    return None if value else "is set but empty"
+
+
 def unset_header_envs(model: Any) -> list[tuple[str, str]]:
     """``(header, NAME)`` of each ``{env: NAME}`` header whose variable is unset or empty."""
-    import os
-
     return [(name, value.env) for name, value in model.extra_headers.items()
-            if isinstance(value, EnvValue) and not os.environ.get(value.env)]
+            if isinstance(value, EnvValue) and env_missing(value.env)]
 
 
 def answer_facts(model: Any) -> dict[str, Any]:

@@ -115,6 +115,12 @@ async def test_an_unset_key_variable_fails_for_good_and_names_it(client, keyed_u
         await client.complete(endpoint(keyed_url, api_key_env=KEY_ENV), user("hi"))
 
 
+async def test_a_key_variable_set_to_nothing_is_said_to_be_empty_not_unset(client, keyed_url, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "")
+    with pytest.raises(ModelRequestError, match=f"{KEY_ENV} .*is set but empty"):
+        await client.complete(endpoint(keyed_url, api_key_env=KEY_ENV), user("hi"))
+
+
 @pytest.mark.parametrize("status", [301, 307])
 async def test_redirects_are_not_followed_and_fail_for_good(client, server_url, status):
     with pytest.raises(ModelRequestError) as caught:

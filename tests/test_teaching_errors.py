@@ -1,5 +1,5 @@
 """Errors that say what to do: an undeclared column read by a python column, a key pasted into
-api_key_env, a base_url without its scheme."""
+api_key_env, a base_url without its scheme, a key variable set to nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import cli, cli_env
 
 FNS = '''
 def undeclared(row):
@@ -129,3 +129,27 @@ def test_a_key_pasted_into_api_key_env_is_never_echoed_by_any_command(tmp_path, 
         assert "api_key_env must be the NAME of an environment variable" in proc.stderr
         assert key[3:] not in proc.stdout + proc.stderr and key[3:10] not in proc.stderr
     assert not home.exists()
+
+
+@pytest.mark.parametrize("model_extra, variable, says", [
+    ("api_key_env: PIPELINE_TEST_KEY", "PIPELINE_TEST_KEY", "takes its API key from the environment variable"),
+    ("extra_headers: {X-Token: {env: PIPELINE_TEST_TOKEN}}", "PIPELINE_TEST_TOKEN", "extra_headers.X-Token is read"),
+])
+def test_a_variable_set_to_nothing_is_told_apart_from_one_not_set(tmp_path, model_extra, variable, says):
+    (tmp_path / "cfg.yaml").write_text(textwrap.dedent(f"""\
+        name: emptykey
+        num_records: 2
+        models:
+          m: {{base_url: "http://127.0.0.1:9/v1", model: x, {model_extra}}}
+        columns:
+          - {{name: a, type: llm_text, model: m, prompt: "hi"}}
+        """))
+    home = tmp_path / "home"
+    # `MYKEY= pipeline validate cfg.yaml`
+    for command in ("validate", "run"):
+        proc = cli(command, "cfg.yaml", home=home, cwd=tmp_path, env=cli_env(**{variable: ""}))
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert f"{says}" in proc.stderr and f"{variable}, which is set but empty; export {variable}=" in proc.stderr
+    assert not home.exists()
+    proc = cli("validate", "cfg.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and f"{variable}, which is not set" in proc.stderr, proc.stderr

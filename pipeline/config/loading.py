@@ -166,16 +166,16 @@ def _check_models(config: PipelineConfig, where: str) -> None:
                 path=where, column=users[0],
             )
         env = config.models[alias].api_key_env
-        if env and not os.environ.get(env):
+        if env and (missing := model_options.env_missing(env)):
             raise ConfigError(
-                f"model '{alias}' takes its API key from the environment variable {env}, which is not "
-                f"set; export {env}=<your key> before running (keys never go in the file)",
+                f"model '{alias}' takes its API key from the environment variable {env}, which "
+                f"{missing}; export {env}=<your key> before running (keys never go in the file)",
                 path=where, column=users[0],
             )
         for name, env in model_options.unset_header_envs(config.models[alias]):
             raise ConfigError(
                 f"model '{alias}': extra_headers.{name} is read from the environment variable "
-                f"{env}, which is not set; export {env}=<value> before running",
+                f"{env}, which {model_options.env_missing(env)}; export {env}=<value> before running",
                 path=where, column=users[0],
             )
 

@@ -81,8 +81,9 @@ def _header_value_from_env(endpoint: ModelEndpoint, variable: str, role: str) ->
     and never its value, when it is unset or empty or is not one line of text."""
     value = os.environ.get(variable)
     if not value:
+        state = "is not set" if value is None else "is set but empty"
         return ModelRequestError(
-            f"{endpoint.where}: the environment variable {variable} ({role}) is not set; export it and resume the run")
+            f"{endpoint.where}: the environment variable {variable} ({role}) {state}; export it and resume the run")
     register_secret(value)  # a server may echo it: every message it could reach is redacted
     if not header_value_ok(value):
         return ModelRequestError(
