@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import json
+import os
+import subprocess
 import sys
 import textwrap
 import threading
@@ -370,3 +373,33 @@ def test_build_generators_can_run_in_a_fresh_event_loop(tmp_path):
     # build_generators is sync and must not need a running loop (the CLI calls it first).
     generators, _ = make_generators(tmp_path, SAMPLERS)
     assert asyncio.run(generators["coin"].agenerate(pd.DataFrame(index=[0]))).shape == (1,)
+
+
+def test_a_user_generator_with_reads_indexes_is_given_record_indexes(tmp_path):
+    """A batch Generator that sets ``reads_indexes`` gets its row group's live record indexes
+    (numpy int64) instead of a DataFrame, across row groups (README's RecordNumbers)."""
+    (tmp_path / "ri_mod.py").write_text(textwrap.dedent("""\
+        import numpy, pipeline
+
+        class RecordNumbers(pipeline.Generator):
+            strategy = "batch"
+            reads_indexes = True
+
+            def generate(self, indexes):
+                assert isinstance(indexes, numpy.ndarray) and indexes.dtype == numpy.int64, type(indexes)
+                return indexes * 10
+        """))
+    (tmp_path / "ri.yaml").write_text(textwrap.dedent("""\
+        name: ri
+        num_records: 25
+        row_group_size: 10
+        columns:
+          - {name: n, type: python, function: 'ri_mod:RecordNumbers'}
+        """))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for args in (["run", "ri.yaml", "--run-id", "a", "--quiet"], ["export", "a", "--output", "out.jsonl"]):
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--home", "home"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["n"] for r in rows] == [i * 10 for i in range(25)]

@@ -188,7 +188,9 @@ class Job:
         store, run_id, scheduler, received = self.store, self.run_id, self.scheduler, self.signals.received
         if self.traces is not None:
             self.traces.flush()
-        if status == RunStatus.INTERRUPTED and store.live_workers(run_id) > 0:
+        if status in (RunStatus.COMPLETE, RunStatus.FAILED):
+            pass  # recorded by the scheduler before this worker left (Scheduler.run)
+        elif status == RunStatus.INTERRUPTED and store.live_workers(run_id) > 0:
             pass  # other workers carry on: the run is still running
         else:
             store.set_run_status(run_id, status)

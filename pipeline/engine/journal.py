@@ -71,6 +71,10 @@ class Journal:
         self.announce = announce  # events to put first in each commit (see Scheduler._announce)
         self._queue: collections.deque = collections.deque()
         self._stop = threading.Event()
+        # Set by calls (awaited by the event loop: a claim, the end-of-run counts, a checkpoint)
+        # and by close(), so an idle writer takes them at once instead of at its next look;
+        # plain events need no signal (an append stays one deque operation).
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Slow work that must follow the commit of earlier events but must not hold up later
@@ -98,6 +102,7 @@ class Journal:
         """Run ``fn(*args)`` on the writer thread after everything queued before it."""
         fut = self._loop.create_future()
         self._queue.append(_Call(fn, args, fut, self._loop))
+        self._wake.set()
         return fut
 
     def after_commit(self, fn: Callable, *args: Any) -> asyncio.Future:
@@ -105,6 +110,7 @@ class Journal:
         later commits do not wait for it."""
         fut = self._loop.create_future()
         self._queue.append(_Call(fn, args, fut, self._loop, background=True))
+        self._wake.set()
         return fut
 
     def _tick(self) -> None:
@@ -116,6 +122,7 @@ class Journal:
         if self._ticker is not None:
             self._ticker.cancel()
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         if self.error is not None:
@@ -141,8 +148,10 @@ class Journal:
             else:
                 # Nothing to write: look again soon, less often the longer it stays quiet (a
                 # run waiting on slow model calls should not wake this thread 1,000 times a
-                # second). An event appended meanwhile waits at most _IDLE_MAX_S plus a commit.
-                self._stop.wait(idle_s)
+                # second). An event appended meanwhile waits at most _IDLE_MAX_S plus a commit;
+                # a call wakes it at once.
+                self._wake.wait(idle_s)
+                self._wake.clear()
                 idle_s = min(idle_s * 2, _IDLE_MAX_S)
             if time.monotonic() >= next_renew:
                 next_renew = time.monotonic() + self.lease_s / 3

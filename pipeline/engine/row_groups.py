@@ -75,14 +75,23 @@ class RowGroups:
         """Claim and admit row groups while there is room, until every row group of the run is
         checkpointed (returns True) or the run is stopping (returns False)."""
         opts = self.opts
+        loop = asyncio.get_running_loop()
+        # When a claim finds fewer row groups than it asks for, every row group of the run
+        # exists and the rest are leased or checkpointed: claiming again as each of ours ends
+        # only costs a write transaction (and, after the last, the end of the run). Until
+        # poll_s has passed (a lapsed or released lease of another worker), admission skips it.
+        exhausted_at: float | None = None
         while not self._stopping():
             # Finished row groups waiting for their checkpoint still hold their values: past a
             # bound, admission waits for them, so memory stays flat even if the disk is slow.
             backlog = len(self._checkpoints) >= opts.max_concurrent_row_groups
             need = 0 if backlog else opts.max_concurrent_row_groups - len(self.live)
+            if exhausted_at is not None and loop.time() - exhausted_at < opts.poll_s:
+                need = 0
             claims: list[RowGroupClaim] = []
             if need > 0:
                 claims = await self.journal.call(self.store.claim_row_groups, self.run_id, need, opts.lease_s)
+                exhausted_at = loop.time() if len(claims) < need else None
                 waiting = [c.row_group for c in claims]
                 try:
                     for claim in claims:
