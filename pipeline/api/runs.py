@@ -35,7 +35,8 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
         trace: bool = False, start: bool = True, close_store: bool = True, check_models: bool = True,
         reuse: str | None = None) -> RunResult:
     """Validate ``config``, create the run and run it to the end (or until a signal).
-    With ``start=False`` the run is only created (status ``interrupted``): workers start it.
+    With ``start=False`` the run is only created (stored ``interrupted``; ``status`` and ``runs``
+    give ``started: false`` and say "created, not started"): workers start it.
     ``check_models`` first checks every model endpoint the config uses (pipeline.llm.preflight):
     one that is unreachable or refuses the key or the model raises ModelCheckError, and
     nothing is created. ``reuse``: an earlier run of the same store whose recorded cells the new
