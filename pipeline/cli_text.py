@@ -40,8 +40,8 @@ class Progress:
                 self.panel.close()
             return
         view = {**view, "live": snap.get("live")}
-        if snap["final"]:
-            self.panel.close(view)
+        if snap["final"]:  # a run shorter than the first snapshot: the rate of its final stats
+            self.panel.close(view, rate=snap.get("records_per_s"))
         else:
             self.panel.update(view)
 
