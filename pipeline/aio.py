@@ -22,7 +22,7 @@ import signal
 from typing import TYPE_CHECKING, Callable
 
 from pipeline.api.jobs import Job, RunResult, mark_interrupted
-from pipeline.api.runs import checked_config, create_run, leave_run, open_resume, reopener
+from pipeline.api.runs import Opened, checked_config, create_run, leave_run, open_resume, reopener
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -58,9 +58,8 @@ async def aresume(run_id: str, *, home: str | os.PathLike | None = None, db: str
                   progress: Callable[[dict], None] | None = None, trace: bool = False, repair: bool = False,
                   accept_changes: bool = False) -> RunResult:
     """As :func:`pipeline.resume`, awaited on the running event loop."""
-    home_path, store, cfg, extra, early = open_resume(run_id, home=home, db=db, repair=repair,
-                                                       accept_changes=accept_changes, before=None)
-    return await _continue(store, run_id, cfg, home_path, extra, early, progress=progress, trace=trace)
+    opened = open_resume(run_id, home=home, db=db, repair=repair, accept_changes=accept_changes, before=None)
+    return await _continue(opened, run_id, progress=progress, trace=trace)
 
 
 async def aretry(run_id: str, *, columns: str | list[str] | None = None, error: str | None = None,
@@ -69,20 +68,21 @@ async def aretry(run_id: str, *, columns: str | list[str] | None = None, error: 
                  on_reopened: Callable[[Reopened], None] | None = None, accept_changes: bool = False) -> RunResult:
     """As :func:`pipeline.retry`, awaited on the running event loop."""
     reopened: dict = {}
-    home_path, store, cfg, extra, early = open_resume(
-        run_id, home=home, db=db, repair=False, accept_changes=accept_changes,
-        before=reopener(run_id, columns, error, on_reopened, reopened))
-    result = await _continue(store, run_id, cfg, home_path, extra, early, progress=progress, trace=trace)
+    opened = open_resume(run_id, home=home, db=db, repair=False, accept_changes=accept_changes,
+                         before=reopener(run_id, columns, error, on_reopened, reopened))
+    result = await _continue(opened, run_id, progress=progress, trace=trace)
     result.extra.update(reopened)
     return result
 
 
-async def _continue(store: Store, run_id: str, cfg: PipelineConfig, home_path: Path, extra: dict,
-                    early: RunResult | None, *, progress: Callable[[dict], None] | None, trace: bool) -> RunResult:
+async def _continue(opened: Opened, run_id: str, *, progress: Callable[[dict], None] | None,
+                    trace: bool) -> RunResult:
+    home_path, store, cfg, extra, early, done_before = opened
     try:
         if early is not None:
             return early
-        result = await _engine(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True)
+        result = await _engine(store, run_id, cfg, home_path, progress=progress, trace=trace,
+                               done_before=done_before)
         result.resumed = True
         result.extra.update(extra)
         return result
@@ -91,9 +91,9 @@ async def _continue(store: Store, run_id: str, cfg: PipelineConfig, home_path: P
 
 
 async def _engine(store: Store, run_id: str, cfg: PipelineConfig, home_path: Path, *,
-                  progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
+                  progress: Callable[[dict], None] | None, trace: bool, done_before: dict[str, int] | None = None,
                   graph: object = None) -> RunResult:
-    job = Job(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=resumed, graph=graph)
+    job = Job(store, run_id, cfg, home_path, progress=progress, trace=trace, done_before=done_before, graph=graph)
     try:
         status = await job.main()
     except asyncio.CancelledError:

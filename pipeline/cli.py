@@ -265,7 +265,7 @@ def rm(run_id: str, yes: bool, home: str, db: str) -> None:
     if not yes:
         s = api.status(run_id, home=home, db=db)  # unknown run: exit 2 before asking
         try:
-            sure = click.confirm(f"delete run {run_id} ({s['status']}, {s['records_done']:,} of "
+            sure = click.confirm(f"delete run {run_id} ({cli_text.shown(s)}, {s['records_done']:,} of "
                                  f"{s['num_records']:,} records written) and its files?", err=True)
         except click.Abort:  # no terminal to answer (stdin closed)
             sure = False

@@ -40,8 +40,8 @@ class Progress:
                 self.panel.close()
             return
         view = {**view, "live": snap.get("live")}
-        if snap["final"]:
-            self.panel.close(view)
+        if snap["final"]:  # a run shorter than the first snapshot: the rate of its final stats
+            self.panel.close(view, rate=snap.get("records_per_s"))
         else:
             self.panel.update(view)
 
@@ -116,9 +116,17 @@ def reopened_lines(r: Reopened, run_id: str) -> list[str]:
 
 
 # -- status ---------------------------------------------------------------------------------
+def shown(s: dict) -> str:
+    """A run's status in words: an ``interrupted`` run no worker has started yet (``run
+    --create-only``) is "created, not started" (its JSON keeps ``interrupted``, ``started: false``)."""
+    if s["status"] == RunStatus.INTERRUPTED and s.get("started") is False:
+        return "created, not started"
+    return str(s["status"])
+
+
 def status_text(s: dict) -> str:
     """`pipeline status` without --json: ``s`` is :func:`pipeline.api.status`'s dict."""
-    lines = [f"run {s['run_id']} ({s['name']}): {s['status']}",
+    lines = [f"run {s['run_id']} ({s['name']}): {shown(s)}",
              f"records: {s['records_done']:,} of {s['num_records']:,} written, {s['records_dropped']:,} dropped",
              f"row groups: {s['row_groups']['checkpointed']} of {s['row_groups']['total']} checkpointed, "
              f"{s['row_groups']['active']} active"]
@@ -126,6 +134,8 @@ def status_text(s: dict) -> str:
     if s["eta_s"] is not None and s["status"] == RunStatus.RUNNING:
         rate += f", eta: {s['eta_s']:.0f}s"
     lines.append(rate)
+    if shown(s) != s["status"]:
+        lines.append(f"`pipeline worker {s['run_id']}` (or `pipeline resume {s['run_id']}`) starts it")
     width = max([len(c) for c in s["columns"]] + [6])
     lines.append(f"{'column':<{width}}  {'done':>10} {'failed':>8} {'deferred':>9} {'in_flight':>9} {'truncated':>9}")
     for name, c in s["columns"].items():
@@ -188,7 +198,7 @@ def print_runs(rows: list[dict]) -> None:
     from pipeline.tables import print_table
 
     print_table(["run id", "status", "created", "written / total", "dropped", "name"],
-                [[r["run_id"], r["status"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+                [[r["run_id"], shown(r), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
                   f"{r['records_done']:,} / {r['num_records']:,}", f"{r['records_dropped']:,}", r["name"]]
                  for r in rows], right=(3, 4), whole=(0, 1, 2, 3))
 

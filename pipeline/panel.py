@@ -3,7 +3,8 @@
 
 What it shows comes from the state store, so every worker of a run sees the whole run (not its
 own share): records done / total, dropped, the rate over the last :data:`RATE_WINDOW_S` seconds
-and the ETA at that rate (records per second everywhere), per column done / deferred / failed /
+(a run over before two views ends on its engine's records done / elapsed) and the ETA at that
+rate (records per second everywhere), per column done / deferred / failed /
 in flight (and truncated answers, where counted), per model requests, 429s, the limit in force,
 tokens per second (and cost, where prices are configured), and the live workers with the row
 groups they hold.
@@ -190,10 +191,14 @@ class LivePanel:
         self._live: Any = None
         self._console: Any = None
 
-    def update(self, view: dict[str, Any], *, final: bool = False) -> None:
+    def update(self, view: dict[str, Any], *, final: bool = False, rate: float | None = None) -> None:
+        """Show ``view``. ``rate``: records per second to show when the window has none yet (the
+        final view of a run shorter than two views: the engine's records done / elapsed)."""
         now = time.monotonic()
-        rate = self.rates.add(now, progress_records(view))
-        if rate is not None:
+        measured = self.rates.add(now, progress_records(view))
+        if measured is not None:
+            self.rate = measured
+        elif self.rate is None and rate is not None:
             self.rate = rate
         if not self.tty:
             if final or now - self._last_line >= self.every_s:
@@ -216,9 +221,10 @@ class LivePanel:
         width = min(width, self._console.width)
         self._live.update(render(view, self.rate, width=width, height=height - 1), refresh=True)
 
-    def close(self, view: dict[str, Any] | None = None) -> None:
+    def close(self, view: dict[str, Any] | None = None, *, rate: float | None = None) -> None:
+        """Show the last ``view`` (``rate``: as for :meth:`update`) and stop."""
         if view is not None:
-            self.update(view, final=True)
+            self.update(view, final=True, rate=rate)
         if self._live is not None:
             self._live.stop()
             self._live = None

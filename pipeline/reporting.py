@@ -170,8 +170,10 @@ def _figure(data: dict[str, Any]) -> Any:
     lanes_ax.set_yticks(range(len(columns)), labels=columns)
     lanes_ax.invert_yaxis()
     lanes_ax.set_title(f"run {data['run_id']}: task attempts per column", loc="left")
-    lanes_ax.legend(handles=[Patch(color=c, label=o) for o, c in OUTCOME_COLOURS.items()], loc="lower right",
-                    bbox_to_anchor=(1.0, 1.0), fontsize="small", ncols=len(OUTCOME_COLOURS), frameon=False)
+    # Right of the lanes, from their top down: never on the title above them, however long the
+    # run id (a row above the lanes shared the title's line and covered it).
+    lanes_ax.legend(handles=[Patch(color=c, label=o) for o, c in OUTCOME_COLOURS.items()], loc="upper left",
+                    bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small", frameon=False)
     if data["records"]:
         xs, ys = zip(*data["records"])
         records_ax.step(xs, ys, where="post")

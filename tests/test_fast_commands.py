@@ -152,8 +152,9 @@ def test_runs_prints_a_table_with_a_header_status_and_record_counts(tmp_path):
     assert created in row
     assert f"{written} / 40" in row and row.split()[-2] == str(dropped)
     listed = json.loads(cli("runs", "--json", home=home, check=True).stdout)
-    assert listed == [{"run_id": "counted", "name": "small", "status": status["status"], "num_records": 40,
-                       "created_at": status["created_at"], "records_done": written, "records_dropped": dropped}]
+    assert listed == [{"run_id": "counted", "name": "small", "status": status["status"], "started": True,
+                       "num_records": 40, "created_at": status["created_at"], "records_done": written,
+                       "records_dropped": dropped}]
 
 
 # -- pipeline rm -----------------------------------------------------------------------------

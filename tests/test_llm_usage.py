@@ -61,3 +61,30 @@ def test_a_resume_reports_the_finished_calls_it_did_not_make_again(tmp_path, fak
     model = json.loads(cli("status", "r", "--json", home=home, check=True).stdout)["models"]["w"]
     assert model["calls_saved"] == done
     assert 300 <= model["requests"] <= server_stats(url)["models"]["writer-model"]["requests"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "joiner"), [("sqlite", "worker"), ("sqlite", "resume"), ("postgresql", "worker")])
+def test_a_resume_joined_at_once_by_another_process_counts_the_saved_calls_once(tmp_path, fake_server, request,
+                                                                                 backend, joiner):
+    db = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    url = fake_server(latency_ms=40)
+    home = tmp_path / "home"
+    proc = cli_popen("run", str(config(tmp_path / "p", url, records=300)), "--run-id", "sv", "--quiet",
+                     home=home, db=db)
+    assert proc.stdout.readline().startswith("run_id:")
+    deadline = time.monotonic() + 30
+    while server_stats(url)["models"].get("writer-model", {}).get("requests", 0) < 60:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=30)
+    done = json.loads(cli("status", "sv", "--json", home=home, db=db, check=True).stdout)["columns"]["text"]["done"]
+    assert 0 < done < 300
+    both = [cli_popen("resume", "sv", "--quiet", home=home, db=db), cli_popen(joiner, "sv", "--quiet", home=home, db=db)]
+    for p in both:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    status = json.loads(cli("status", "sv", "--json", home=home, db=db, check=True).stdout)
+    assert status["status"] == "complete"
+    assert status["models"]["w"]["calls_saved"] == done

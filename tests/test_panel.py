@@ -95,6 +95,16 @@ def test_piped_stderr_gets_plain_lines_with_the_whole_run(tmp_path):
     assert "records 300/300" in panel_lines[-1] and "label=300" in panel_lines[-1]
 
 
+def test_a_run_shorter_than_the_first_update_ends_on_its_real_rate(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=20, rg=10)
+    proc = cli("run", str(cfg), "--no-check-models", home=tmp_path / "home",
+               env=cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls")))
+    assert proc.returncode == 0, proc.stderr
+    [final] = [line for line in proc.stderr.splitlines() if line.startswith("run ") and " | records " in line]
+    assert "records 20/20" in final and "- records/s" not in final, final
+    assert float(re.search(r"\| ([\d,]+\.\d) records/s \|", final).group(1).replace(",", "")) > 0, final
+
+
 def test_two_workers_each_end_on_the_whole_runs_figures(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
     home = tmp_path / "home"

@@ -117,3 +117,31 @@ def test_a_run_not_yet_done_without_traces_is_told_to_resume_with_trace(tmp_path
     cli("run", str(cfg), "--run-id", "later", "--create-only", "--quiet", home=home, check=True)
     proc = cli("report", "later", "-o", str(tmp_path / "x.png"), home=home)
     assert proc.returncode == 2 and "`pipeline resume later --trace`" in proc.stderr, proc.stderr
+
+
+def test_the_legend_of_the_picture_never_covers_its_title(tmp_path):
+    cfg = logged_pipeline(tmp_path / "p", records=40, rg=20)
+    home = tmp_path / "home"
+    run_id = "a-long-run-id-as-the-default-ones-of-a-long-config-name-are-0001"  # 64 characters, the most
+    cli("run", str(cfg), "--run-id", run_id, "--trace", "--quiet", home=home, check=True,
+        env=cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls")))
+    series_file = tmp_path / "series.json"
+    cli("report", run_id, "--output", str(series_file), "--format", "json", home=home, check=True)
+
+    import matplotlib.pyplot as plt
+    from matplotlib.legend import Legend
+    from matplotlib.text import Text
+
+    from pipeline.reporting import _figure  # the figure report.png is saved from
+
+    figure = _figure(json.loads(series_file.read_text()))
+    try:
+        figure.canvas.draw()  # Agg
+        renderer = figure.canvas.get_renderer()
+        [title] = [t for t in figure.findobj(Text) if t.get_text().startswith(f"run {run_id}")]
+        [legend] = [lg for lg in figure.findobj(Legend) if "rate_limited" in [t.get_text() for t in lg.get_texts()]]
+        title_box, legend_box = title.get_window_extent(renderer), legend.get_window_extent(renderer)
+        assert not title_box.overlaps(legend_box), (title_box, legend_box)
+        assert figure.bbox.contains(legend_box.x1 - 1, legend_box.y1 - 1), (figure.bbox, legend_box)
+    finally:
+        plt.close(figure)

@@ -138,7 +138,7 @@ class Job:
     built, closed when ``main()`` ends, on the loop its pool belongs to."""
 
     def __init__(self, store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
-                 progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
+                 progress: Callable[[dict], None] | None, trace: bool, done_before: dict[str, int] | None = None,
                  graph: Any = None, signals: Signals | None = None, resumable: bool = True) -> None:
         from pipeline.engine.scheduler import Scheduler, SchedulerOptions
         from pipeline.engine.tracker import Plan
@@ -147,10 +147,14 @@ class Job:
 
         self.llm: LlmRuntime | None = llm_runtime(cfg)
         plan = Plan(graph or build_graph(cfg), build_generators(cfg, runtime=self.llm))
-        if resumed:  # finished model calls this resume will not make again
+        if done_before is not None:  # this process began a resume: the model calls it will not make again
+            # Once per resume, not per process: a worker joining the run has no done_before. Cells
+            # done when it began and still done now: repair, retry and a config change may have
+            # reopened some; cells other workers recorded since do not count.
             counts = store.column_counts(run_id)
-            store.add_calls_saved(run_id, {(n.model, n.name): counts[n.outputs[0]]["done"]
-                                           for n in plan.nodes if n.limit is not None})
+            store.add_calls_saved(run_id, {
+                (n.model, n.name): min(done_before.get(n.outputs[0], 0), counts[n.outputs[0]]["done"])
+                for n in plan.nodes if n.limit is not None})
         options = SchedulerOptions.from_settings(cfg.settings, trace=trace or cfg.settings.trace, resumable=resumable)
         self.store, self.run_id, self.cfg, self.home = store, run_id, cfg, home
         self.plan, self.progress, self.trace = plan, progress, trace
@@ -203,13 +207,13 @@ class Job:
 
 
 def execute(store: Store, run_id: str, cfg: PipelineConfig, home: Path, *,
-            progress: Callable[[dict], None] | None, trace: bool, resumed: bool = False,
+            progress: Callable[[dict], None] | None, trace: bool, done_before: dict[str, int] | None = None,
             graph: Any = None, signals: Signals | None = None) -> RunResult:
     """Set up a :class:`Job` and run it to its end on an event loop of its own (uvloop when
     installed, see :func:`loop_factory`); the run's outcome recorded."""
     import asyncio
 
-    job = Job(store, run_id, cfg, home, progress=progress, trace=trace, resumed=resumed, graph=graph,
+    job = Job(store, run_id, cfg, home, progress=progress, trace=trace, done_before=done_before, graph=graph,
                signals=signals)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         status = runner.run(job.main())

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
     from pipeline.store.base import Store
 
-__all__ = ["as_config", "delete_run", "failures_of", "graph", "list_runs", "load_dataset", "status", "status_of", "validate"]
+__all__ = ["as_config", "delete_run", "failures_of", "graph", "list_runs", "load_dataset", "shown_status", "status",
+           "status_of", "validate"]
 
 
 def as_config(config: PipelineConfig | str | os.PathLike) -> PipelineConfig:
@@ -41,9 +42,7 @@ def status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str, 
 
         damaged = check_files(home, store.row_groups(run_id))
     columns = store.column_counts(run_id)
-    state = info.status
-    if state == RunStatus.RUNNING and store.live_workers(run_id) == 0:
-        state = RunStatus.INTERRUPTED  # its process is gone
+    state, started = shown_status(store, info, groups)
     done, dropped = groups["records_written"], groups["records_dropped"]
     # Rate: records whose every column is done, per second since the run was created (time it
     # spent interrupted included); the ETA assumes it holds.
@@ -58,7 +57,7 @@ def status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str, 
     from pipeline.costs import add_costs
 
     out = {
-        "run_id": run_id, "name": info.name, "status": state, "num_records": info.num_records,
+        "run_id": run_id, "name": info.name, "status": state, "started": started, "num_records": info.num_records,
         "records_done": done, "records_dropped": dropped, "columns": columns,
         "row_groups": {"total": groups["total"], "checkpointed": groups[RowGroupState.CHECKPOINTED],
                        "active": groups[RowGroupState.ACTIVE] + groups[RowGroupState.COMPLETE]},
@@ -68,6 +67,22 @@ def status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str, 
     }
     add_costs(out, info.config)  # models.<alias>.projected_cost and "cost": {"spent", "projected"}
     return out
+
+
+def shown_status(store: Store, info: Any, groups: dict[str, int] | None = None) -> tuple[RunStatus, bool]:
+    """``(status, started)`` as ``status`` and ``runs`` show a run: a ``running`` run with no live
+    worker is ``interrupted`` (its process is gone); ``started`` is False for an ``interrupted``
+    run no worker has claimed a row group of yet (``run --create-only``, ``run(start=False)``,
+    or stopped while its generators were being built): the store has no status of its own for
+    it, so the JSON keeps ``interrupted`` and the text says "created, not started".
+    ``groups``: :meth:`Store.row_group_counts`, when the caller has them."""
+    state = info.status
+    if state == RunStatus.RUNNING and store.live_workers(info.run_id) == 0:
+        state = RunStatus.INTERRUPTED  # its process is gone
+    if state != RunStatus.INTERRUPTED:
+        return state, True
+    groups = groups or store.row_group_counts(info.run_id)  # row groups not created yet count as pending
+    return state, groups[RowGroupState.PENDING] < groups["total"]
 
 
 def failures_of(store: Store, run_id: str) -> list[dict[str, Any]]:
@@ -100,7 +115,8 @@ def status(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
 def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -> list[dict[str, Any]]:
     """The runs in the state store, newest first: ``[{"run_id", "name", "status", "num_records",
     "created_at" (Unix seconds), "records_done" (written), "records_dropped"}]`` (the counts as
-    in ``status``). No state store yet: ``[]``, and nothing is created."""
+    in ``status``), "started"}]`` (see :func:`shown_status`). No state store yet: ``[]``, and
+    nothing is created."""
     if missing_store(home, db) is not None:
         return []
     _, store = open_state(home, db)
@@ -108,11 +124,9 @@ def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -
         counts = store.record_counts()
         out = []
         for info in store.list_runs():
-            state = info.status
-            if state == RunStatus.RUNNING and store.live_workers(info.run_id) == 0:
-                state = RunStatus.INTERRUPTED
+            state, started = shown_status(store, info)
             written, dropped = counts.get(info.run_id, (0, 0))
-            out.append({"run_id": info.run_id, "name": info.name, "status": state,
+            out.append({"run_id": info.run_id, "name": info.name, "status": state, "started": started,
                         "num_records": info.num_records, "created_at": info.created_at,
                         "records_done": written, "records_dropped": dropped})
         return out

@@ -7,7 +7,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from pipeline import surface
 from pipeline.api.jobs import Interrupted, RunResult, Signals, execute, mark_interrupted
@@ -35,7 +35,8 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
         trace: bool = False, start: bool = True, close_store: bool = True, check_models: bool = True,
         reuse: str | None = None) -> RunResult:
     """Validate ``config``, create the run and run it to the end (or until a signal).
-    With ``start=False`` the run is only created (status ``interrupted``): workers start it.
+    With ``start=False`` the run is only created (stored ``interrupted``; ``status`` and ``runs``
+    give ``started: false`` and say "created, not started"): workers start it.
     ``check_models`` first checks every model endpoint the config uses (pipeline.llm.preflight):
     one that is unreachable or refuses the key or the model raises ModelCheckError, and
     nothing is created. ``reuse``: an earlier run of the same store whose recorded cells the new
@@ -199,16 +200,16 @@ def _resume(run_id: str, *, home: str | os.PathLike | None, db: str | None,
     ``change(store, run info, home)`` (resume --config), that applies the change and gives the
     config to run on instead of the check."""
     refuse_running_loop(name)
-    home_path, store, cfg, extra, early = open_resume(run_id, home=home, db=db, repair=repair,
-                                                       accept_changes=accept_changes, before=before,
-                                                       change=change, close_store=close_store)
+    home_path, store, cfg, extra, early, done_before = open_resume(
+        run_id, home=home, db=db, repair=repair, accept_changes=accept_changes, before=before, change=change,
+        close_store=close_store)
     try:
         if early is not None:
             return early
         with Signals() as signals:
             try:
-                result = execute(store, run_id, cfg, home_path, progress=progress, trace=trace, resumed=True,
-                                  signals=signals)
+                result = execute(store, run_id, cfg, home_path, progress=progress, trace=trace,
+                                  done_before=done_before, signals=signals)
             except Interrupted as stop:
                 result = mark_interrupted(store, run_id, stop.signum)
         result.resumed = True
@@ -228,14 +229,26 @@ def leave_run(store: Store, run_id: str, close_store: bool = True) -> None:
         store.close()
 
 
+class Opened(NamedTuple):
+    """What :func:`open_resume` gives the engine: ``early`` is the result when there is nothing
+    to run; ``done_before`` the done cells per column when this resume began, None when this
+    process joins a run other live workers hold (it saves no model calls of its own)."""
+
+    home: Path
+    store: Store
+    cfg: PipelineConfig
+    extra: dict
+    early: RunResult | None
+    done_before: dict[str, int] | None
+
+
 def open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None, repair: bool,
                  accept_changes: bool, before: Callable[[Store, Any, PipelineConfig, Path], RunResult | None] | None,
                  change: Callable[[Store, Any, Path], PipelineConfig] | None = None,
-                 close_store: bool = True) -> tuple[Path, Store, PipelineConfig, dict, RunResult | None]:
-    """Everything resume does before the engine runs: ``(home, store, config, extra, early)``;
-    ``early`` is the result when there is nothing to run. This process is registered as a
-    worker of the run (:func:`leave_run` ends that); on an error it is unregistered and the store
-    closed."""
+                 close_store: bool = True) -> Opened:
+    """Everything resume does before the engine runs (:class:`Opened`). This process is
+    registered as a worker of the run (:func:`leave_run` ends that); on an error it is
+    unregistered and the store closed."""
     from pipeline.config import config_from_json
     from pipeline.fingerprints import check_changed_files
 
@@ -246,7 +259,10 @@ def open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None, 
         store.get_run(run_id)  # RunNotFoundError before anything is written
         # Registered before the config is read: a config change applied from now on sees this
         # process and is refused; one applied before is in what is read below.
-        store.register_worker(run_id)
+        begins = store.register_worker(run_id)
+        # The cells done when the resume began, read at once: a worker registering after this
+        # one may record cells of its own before this process has built its generators.
+        done_before = ({c: n["done"] for c, n in store.column_counts(run_id).items()} if begins else None)
         info = store.get_run(run_id)
         if change is not None:  # its fingerprints compare every file
             cfg = change(store, info, home_path)
@@ -265,7 +281,7 @@ def open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None, 
         if before is not None:
             early = before(store, info, cfg, home_path)
             if early is not None:
-                return home_path, store, cfg, extra, early
+                return Opened(home_path, store, cfg, extra, early, done_before)
         counts = store.row_group_counts(run_id)  # row groups not created yet are pending
         if counts[RowGroupState.CHECKPOINTED] == counts["total"]:
             if not repair:  # a stat per file: a complete run whose file is gone is not complete
@@ -276,15 +292,16 @@ def open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None, 
                     raise DamagedFileError(damage_message(run_id, damaged))
             failed = len(store.failed_tasks(run_id)) if info.status == RunStatus.FAILED else 0
             if failed:  # it ended failed on its error rate: nothing to continue, but not complete
-                return home_path, store, cfg, extra, RunResult(
+                return Opened(home_path, store, cfg, extra, RunResult(
                     run_id, RunStatus.FAILED, resumed=True, extra={"nothing_left": True},
                     reason=f"nothing is left to run, and {failed:,} task(s) failed for good; "
-                           f"{command('retry', run_id)} redoes them")
+                           f"{command('retry', run_id)} redoes them"), done_before)
             if info.status != RunStatus.COMPLETE:
                 store.set_run_status(run_id, RunStatus.COMPLETE)
-            return home_path, store, cfg, extra, RunResult(run_id, RunStatus.COMPLETE, resumed=True,
-                                                           extra={"already_complete": True, **extra})
-        return home_path, store, cfg, extra, None
+            return Opened(home_path, store, cfg, extra, RunResult(run_id, RunStatus.COMPLETE, resumed=True,
+                                                                  extra={"already_complete": True, **extra}),
+                          done_before)
+        return Opened(home_path, store, cfg, extra, None, done_before)
     except BaseException:
         leave_run(store, run_id, close_store)
         raise

@@ -227,8 +227,10 @@ class Store(Protocol):
         ``run_changes`` (at the current time)."""
 
     # -- workers and leases ---------------------------------------------------------------
-    def register_worker(self, run_id: str) -> None:
-        """Record that this owner works on the run now (for `status`: running vs interrupted)."""
+    def register_worker(self, run_id: str) -> bool:
+        """Record that this owner works on the run now (for `status`: running vs interrupted).
+        True when no other live worker holds the run: this process begins it, or a resume of it.
+        Registrations are serialised: of processes registering at once, one alone gets True."""
 
     def unregister_worker(self, run_id: str) -> None: ...
 
@@ -360,6 +362,7 @@ class Store(Protocol):
         """Every recorded task attempt of the run, in dispatch order (see ``task_traces``)."""
 
     def add_calls_saved(self, run_id: str, saved: dict[tuple[str, str], int]) -> None:
-        """On resume: finished model calls, per (model alias, generator), not made again."""
+        """On resume: finished model calls, per (model alias, generator), not made again
+        (added once per resume, by the process that began it: :class:`pipeline.api.jobs.Job`)."""
 
     def close(self) -> None: ...

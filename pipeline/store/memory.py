@@ -137,9 +137,11 @@ class MemoryStore:
     def copy_cells(self, source: str, target: str, generators: Any, *, read_file: Any) -> dict[str, int]:
         raise NotImplementedError("reusing a run's cells needs a SQL store (SQLite or PostgreSQL)")
 
-    def register_worker(self, run_id: str) -> None:
+    def register_worker(self, run_id: str) -> bool:
         with self._lock:
-            self._run(run_id)["workers"][self.owner] = time.time()
+            workers = self._run(run_id)["workers"]
+            workers[self.owner] = time.time()
+            return not any(o != self.owner and not owner_is_gone(o) for o in workers)
 
     def unregister_worker(self, run_id: str) -> None:
         with self._lock:

@@ -208,7 +208,8 @@ dropped_records = sa.Table(
 
 # Model usage per run, model alias and generator: the sums of the tasks' usage, kept after
 # compaction; ``concurrency`` is the model's adaptive limit at the last update; ``calls_saved``
-# counts finished model calls that resumes did not have to make again; ``truncated`` the kept
+# counts finished model calls that resumes did not have to make again (per resume, the cells done
+# when it began, added once by the process that found no other live worker); ``truncated`` the kept
 # llm_text answers cut by ``finish_reason = 'length'`` (status: columns.<name>.truncated).
 model_usage = sa.Table(
     "model_usage",

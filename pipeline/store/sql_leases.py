@@ -42,10 +42,14 @@ class SqlLeases(SqlParts):
         return created
 
     @translate_errors
-    def register_worker(self, run_id: str) -> None:
-        workers = schema.workers
+    def register_worker(self, run_id: str) -> bool:
+        workers, runs = schema.workers, schema.runs
         now = time.time()
         with self._engine.begin() as conn:
+            # The run's row first (PostgreSQL; SQLite's BEGIN IMMEDIATE serialises already):
+            # registrations take turns, so of processes that join a run with no live worker at
+            # the same moment exactly one sees none other and begins the resume.
+            conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id == run_id).with_for_update(key_share=True))
             conn.execute(
                 sa.text(
                     "INSERT INTO workers (run_id, owner, heartbeat_at, started_at) VALUES (:r, :o, :now, :now) "
@@ -53,13 +57,15 @@ class SqlLeases(SqlParts):
                 ),
                 {"r": run_id, "o": self.owner, "now": now},
             )
-            # Forget processes of this host that died without unregistering.
             others = conn.execute(
-                sa.select(workers.c.owner).where(workers.c.run_id == run_id, workers.c.owner != self.owner)
-            ).scalars()
-            gone = [owner for owner in others if owner_is_gone(owner)]
+                sa.select(workers.c.owner, workers.c.heartbeat_at)
+                .where(workers.c.run_id == run_id, workers.c.owner != self.owner)
+            ).all()
+            # Forget processes of this host that died without unregistering.
+            gone = [owner for owner, _ in others if owner_is_gone(owner)]
             if gone:
                 conn.execute(workers.delete().where(workers.c.run_id == run_id, workers.c.owner.in_(gone)))
+        return not any(_is_live(owner, heartbeat_at, now) for owner, heartbeat_at in others if owner not in gone)
 
     @translate_errors
     def unregister_worker(self, run_id: str) -> None:
@@ -74,12 +80,8 @@ class SqlLeases(SqlParts):
             rows = conn.execute(
                 sa.select(workers.c.owner, workers.c.heartbeat_at).where(workers.c.run_id == run_id)
             ).all()
-        fresh_after = time.time() - WORKER_HEARTBEAT_FRESH_S
-        return sum(
-            1
-            for owner, heartbeat_at in rows
-            if not owner_is_gone(owner) and (owner.rsplit(":", 3)[0] == HOST or heartbeat_at > fresh_after)
-        )
+        now = time.time()
+        return sum(1 for owner, heartbeat_at in rows if _is_live(owner, heartbeat_at, now))
 
     @translate_errors
     def leases(self, run_id: str) -> dict[str, list[int]]:
@@ -227,3 +229,10 @@ class SqlLeases(SqlParts):
     def lease_epoch(self, run_id: str, row_group: int) -> int | None:
         with self._lock:
             return self._epochs.get((run_id, row_group))
+
+
+def _is_live(owner: str, heartbeat_at: float, now: float) -> bool:
+    """A worker whose process runs (this host) or whose heartbeat is fresh (another host)."""
+    if owner_is_gone(owner):
+        return False
+    return owner.rsplit(":", 3)[0] == HOST or heartbeat_at > now - WORKER_HEARTBEAT_FRESH_S

@@ -216,6 +216,18 @@ def test_live_workers_count_running_processes_and_fresh_heartbeats(store_factory
     assert store.live_workers(run_id) == 1
 
 
+def test_only_a_worker_that_finds_no_other_live_one_begins_the_run(store_factory):
+    first, joiner, dead = store_factory(), store_factory(), store_factory(dead_owner())
+    run_id = new_run(first)
+    assert dead.register_worker(run_id)  # a process that died since: not a live worker
+    assert first.register_worker(run_id)
+    assert not joiner.register_worker(run_id)
+    assert not first.register_worker(run_id)  # registering again (the engine's start) begins nothing
+    first.unregister_worker(run_id)
+    joiner.unregister_worker(run_id)
+    assert store_factory().register_worker(run_id)  # a later resume begins it again
+
+
 # -- fencing ---------------------------------------------------------------------------------
 
 
