@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import InvalidRunIdError, RunNotFoundError, StoreError
+from pipeline.errors import HomeError, InvalidRunIdError, RunNotFoundError, StoreError
 from pipeline.surface import flag
 
 if TYPE_CHECKING:
@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
     from pipeline.store.base import Store
 
-__all__ = ["RUN_ID", "db_current", "db_upgrade", "missing_store", "open_state", "prepare", "query", "require_run_store",
-           "require_store", "resolve_paths", "validate_run_id"]
+__all__ = ["RUN_ID", "db_current", "db_upgrade", "make_home_folder", "missing_store", "open_state", "prepare", "query",
+           "require_run_store", "require_store", "resolve_paths", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -43,8 +43,27 @@ def prepare(home: str | os.PathLike | None, db: str | URL | None) -> tuple[Path,
     """Resolve home and db; create home when the state store is a SQLite file."""
     home_path, url = resolve_paths(home, db)
     if url.get_backend_name() == "sqlite":
-        home_path.mkdir(parents=True, exist_ok=True)
+        make_home_folder(home_path, home_path)
     return home_path, url
+
+
+def make_home_folder(folder: Path, home_path: Path) -> Path:
+    """``folder`` (the home, or a folder in it), made with its parents if needed; HomeError
+    naming it and saying what to do when it cannot be (a read-only file system, no permission,
+    a file where a folder should be)."""
+    if folder != home_path:
+        make_home_folder(home_path, home_path)  # a home that cannot be made is named as the home
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "the home folder" if folder == home_path else f"the folder {folder.name!r} in the home {home_path}"
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            reason += ": a file is in the way of a folder on that path"
+        raise HomeError(f"cannot create {what} ({folder}): {reason}; point the home at a folder you can write "
+                        f"with {flag('--home DIR (or $PIPELINE_HOME)', 'home= (or $PIPELINE_HOME)')}, "
+                        "or run from a folder you can write (the default home is ./.pipeline)") from exc
+    return folder
 
 
 def open_state(home: str | os.PathLike | None = None, db: str | URL | None = None) -> tuple[Path, Store]:

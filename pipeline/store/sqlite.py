@@ -13,6 +13,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 from pipeline.errors import ReadOnlyQueryError, StoreError
 from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
+from pipeline.surface import flag
 
 __all__ = ["READ_ONLY", "READ_QUERY_TIMEOUT_S", "create_engine", "read_query", "sqlite_file", "upsert_tasks"]
 
@@ -30,7 +31,14 @@ def _prepare_path(url: URL) -> None:
             f"the state store must be a file, not an in-memory SQLite database ({url}); "
             "use sqlite:///path/to/state.db"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            reason += ": a file is in the way of a folder on that path"
+        raise StoreError(f"cannot create the folder {path.parent} of the state store {path}: {reason}; "
+                         f"put the state store in a folder you can write ({flag('--db or --home', 'db= or home=')})") from exc
 
 
 def _setup_connection(dbapi_connection: sqlite3.Connection) -> None:
