@@ -105,3 +105,83 @@ def test_run_in_a_read_only_folder_says_so_and_where_to_point_the_home(tmp_path)
     proc = in_read_only(folder, "run", "cfg.yaml", "--quiet", cwd=folder)
     clean_error(proc, f"cannot create the home folder ({folder / '.pipeline'})", "Read-only file system", "--home")
     assert sorted(p.name for p in folder.iterdir()) == ["cfg.yaml"]
+
+
+# -- a state store in a folder that cannot be written ------------------------------------------
+
+@pytest.fixture(scope="module")
+def ro_home(tmp_path_factory):
+    """A home with one complete run ("r"), its WAL folded into state.db (a command that reads
+    closes the store last, as any process does after `pipeline run`, which leaves it open)."""
+    folder = tmp_path_factory.mktemp("rohome")
+    home = folder / "home"
+    cli("run", str(_config(folder)), "--run-id", "r", "--quiet", home=home, check=True)
+    cli("runs", home=home, check=True)
+    assert sorted(p.name for p in home.iterdir()) == ["runs", "state.db"]
+    return home
+
+
+@READ_ONLY_MOUNTS
+@pytest.mark.parametrize("args, expected", [
+    (["runs", "--json"], '"run_id": "r"'),
+    (["status", "r", "--json"], '"records_done": 12'),
+    (["sql", "select count(*) as n from row_groups", "--json"], '[{"n": 3}]'),
+    (["db", "current"], "current: 0"),
+    (["export", "r", "-o", "-", "--format", "jsonl"], '"id": '),
+])
+def test_commands_that_read_work_on_a_store_in_a_read_only_folder(ro_home, tmp_path, args, expected):
+    proc = in_read_only(ro_home, *args, "--home", str(ro_home), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert expected in proc.stdout
+    if args[0] == "export":
+        assert len(proc.stdout.splitlines()) == 12
+    assert sorted(p.name for p in ro_home.iterdir()) == ["runs", "state.db"]
+
+
+@READ_ONLY_MOUNTS
+def test_a_command_that_writes_says_the_folder_of_the_store_cannot_be_written(ro_home, tmp_path):
+    proc = in_read_only(ro_home, "resume", "r", "--quiet", "--home", str(ro_home), cwd=tmp_path)
+    clean_error(proc, f"its folder {ro_home} cannot be written", "state.db-shm", "copy the folder")
+
+
+@READ_ONLY_MOUNTS
+def test_a_read_only_store_with_transactions_still_in_its_wal_is_read_or_refused_with_the_reason(tmp_path):
+    home = tmp_path / "home"
+    cli("run", str(_config(tmp_path)), "--run-id", "w", "--quiet", home=home, check=True)
+    # `pipeline run` leaves the store open at exit: state.db-wal holds the run, -shm beside it.
+    assert (home / "state.db-wal").stat().st_size > 0 and (home / "state.db-shm").exists()
+    proc = in_read_only(home, "runs", "--json", "--home", str(home), cwd=tmp_path)
+    assert proc.returncode == 0 and '"run_id": "w"' in proc.stdout, proc.stderr  # SQLite reads -wal through -shm
+    (home / "state.db-shm").unlink()
+    proc = in_read_only(home, "runs", "--json", "--home", str(home), cwd=tmp_path)
+    # state.db alone would be a store without the run: refused, saying why, rather than read stale.
+    clean_error(proc, "SQLite must create state.db-shm", "state.db-wal", "copy the folder")
+    assert proc.stdout == ""
+
+
+def test_the_read_only_fallback_reads_state_db_alone_only_when_no_wal_holds_transactions(ro_home, tmp_path, monkeypatch):
+    """The decision itself, where no read-only mount can be made: os.access says "not writable"."""
+    import sqlite3
+
+    from sqlalchemy.engine import URL
+
+    from pipeline.errors import StoreError
+    from pipeline.store import sqlite as store_sqlite
+
+    url = URL.create("sqlite", database=str(ro_home / "state.db"))
+    cannot_open = StoreError("cannot use the state store: unable to open database file")
+    assert store_sqlite.read_only_fallback(url, cannot_open) is None  # the folder can be written
+    monkeypatch.setattr(store_sqlite.os, "access", lambda path, mode: False)
+    assert store_sqlite.read_only_fallback(url, StoreError("database is locked")) is None
+    fallback = store_sqlite.read_only_fallback(url, cannot_open)
+    assert fallback.query == {"uri": "true", "mode": "ro", "immutable": "1"}
+    connection = sqlite3.connect(fallback.database + "?mode=ro&immutable=1", uri=True)
+    try:
+        assert connection.execute("select run_id from runs").fetchall() == [("r",)]
+    finally:
+        connection.close()
+    copy = tmp_path / "state.db"
+    copy.write_bytes((ro_home / "state.db").read_bytes())
+    (tmp_path / "state.db-wal").write_bytes(b"x" * 100)
+    with pytest.raises(StoreError, match="transactions still in state.db-wal"):
+        store_sqlite.read_only_fallback(URL.create("sqlite", database=str(copy)), cannot_open)

@@ -41,7 +41,7 @@ def export(run_id: str, output: str | os.PathLike, *, format: str | None = None,
         raise PipelineError(f"unknown export format {fmt!r}: use {flag('--format', 'format=')} parquet, csv or jsonl, "
                             "or an output name ending in .parquet, .csv or .jsonl")
     require_run_store(home, db, run_id)
-    home_path, store = open_state(home, db)
+    home_path, store = open_state(home, db, read_only=True)
     try:
         dataset = read_dataset(store, run_id, home_path)
     finally:
@@ -98,7 +98,7 @@ def _export_card(run_id: str, folder: Path, fmt: str, home: Any, db: Any) -> dic
     if folder.exists() and not folder.is_dir():
         raise PipelineError(f"--card writes a folder, and {folder} is a file: name a folder (new or existing)")
     require_run_store(home, db, run_id)
-    home_path, store = open_state(home, db)
+    home_path, store = open_state(home, db, read_only=True)
     try:
         dataset = read_dataset(store, run_id, home_path)
         info = store.get_run(run_id)
@@ -145,7 +145,7 @@ def report(run_id: str, output: str | os.PathLike, *, format: str | None = None,
         raise PipelineError(f"unknown report format {fmt!r}: name the output FILE.png, FILE.svg or FILE.html, "
                             f"or pass --format {'|'.join(reporting.FORMATS)}")
     require_run_store(home, db, run_id)
-    _, store = open_state(home, db)
+    _, store = open_state(home, db, read_only=True)
     try:
         data = reporting.series(store, run_id)
     finally:

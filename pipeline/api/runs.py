@@ -184,7 +184,7 @@ def plan_change(run_id: str, config: PipelineConfig | str | os.PathLike, *, home
     validate_run_id(run_id)
     new_cfg = as_config(config)
     require_run_store(home, db, run_id)
-    home_path, store = open_state(home, db)
+    home_path, store = open_state(home, db, read_only=True)
     try:
         return plan(store, store.get_run(run_id), new_cfg, home_path)
     finally:

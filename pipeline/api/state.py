@@ -66,13 +66,37 @@ def make_home_folder(folder: Path, home_path: Path) -> Path:
     return folder
 
 
-def open_state(home: str | os.PathLike | None = None, db: str | URL | None = None) -> tuple[Path, Store]:
+def open_state(home: str | os.PathLike | None = None, db: str | URL | None = None, *,
+               read_only: bool = False) -> tuple[Path, Store]:
     """The home folder and the state store (a SQLite file upgraded on open; a PostgreSQL database
-    at an older revision refused: see pipeline.store.open_store)."""
+    at an older revision refused: see pipeline.store.open_store). ``read_only`` (commands that
+    only read): the home is not created, and a SQLite store in a folder that cannot be written
+    is still read (:func:`pipeline.store.sqlite.read_only_fallback`)."""
     from pipeline.store import open_store
 
-    home_path, url = prepare(home, db)
-    return home_path, open_store(url)
+    home_path, url = resolve_paths(home, db) if read_only else prepare(home, db)
+    try:
+        return home_path, open_store(url)
+    except StoreError as exc:
+        if url.get_backend_name() != "sqlite":
+            raise
+        from pipeline.store import sqlite
+
+        fallback = sqlite.read_only_fallback(url, exc) if read_only else None
+        if fallback is None:
+            explained = sqlite.unwritable_folder(url, exc)
+            if explained is not None:
+                raise explained from exc
+            raise
+    return home_path, open_store(fallback, upgrade=False)
+
+
+def _read_only_fallback(url: URL, error: StoreError) -> URL | None:
+    if url.get_backend_name() != "sqlite":
+        return None
+    from pipeline.store.sqlite import read_only_fallback
+
+    return read_only_fallback(url, error)
 
 
 def missing_store(home: str | os.PathLike | None, db: str | URL | None) -> Path | None:
@@ -121,7 +145,7 @@ def query(sql: str, *, home: str | os.PathLike | None = None, db: str | None = N
     for a statement refused, StoreError for the database's own errors and when there is no
     state store yet (nothing is created)."""
     require_store(home, db)
-    _, store = open_state(home, db)
+    _, store = open_state(home, db, read_only=True)
     try:
         return store.read_query(sql)
     finally:
@@ -148,5 +172,14 @@ def db_current(*, home: str | os.PathLike | None = None, db: str | None = None) 
 
     _, url = resolve_paths(home, db)
     missing = missing_store(home, db)
-    return {"current": None if missing else migrate.current(url), "head": migrate.head(),
+    current = None
+    if not missing:
+        try:
+            current = migrate.current(url)
+        except StoreError as exc:
+            fallback = _read_only_fallback(url, exc)
+            if fallback is None:
+                raise
+            current = migrate.current(fallback)
+    return {"current": current, "head": migrate.head(),
             "missing": None if missing is None else str(missing)}

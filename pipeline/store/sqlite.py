@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 import urllib.parse
@@ -15,7 +16,8 @@ from pipeline.errors import ReadOnlyQueryError, StoreError
 from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
 from pipeline.surface import flag
 
-__all__ = ["READ_ONLY", "READ_QUERY_TIMEOUT_S", "create_engine", "read_query", "sqlite_file", "upsert_tasks"]
+__all__ = ["READ_ONLY", "READ_QUERY_TIMEOUT_S", "create_engine", "read_only_fallback", "read_query", "sqlite_file",
+           "unwritable_folder", "upsert_tasks"]
 
 #: Execution option of the store's reading transactions: a plain (deferred) BEGIN, so that a
 #: `status` in the main thread never waits for the write lock.
@@ -150,7 +152,58 @@ def _read_only_uri(url: URL) -> str:
     path = sqlite_file(url)
     if path is None:
         raise StoreError(f"the state store must be a file, not an in-memory SQLite database ({url})")
-    return f"{path.absolute().as_uri()}?mode=ro"
+    immutable = "&immutable=1" if url.query.get("immutable") == "1" else ""
+    return f"{path.absolute().as_uri()}?mode=ro{immutable}"
+
+
+def read_only_fallback(url: URL, error: BaseException) -> URL | None:
+    """How a command that only reads may still read a SQLite store that could not be opened
+    (``error``), or None when that is not why it failed.
+
+    A store in WAL mode is read through its ``-shm`` file, which SQLite creates beside
+    ``state.db`` when it is not there: in a folder that cannot be written (a read-only mount, a
+    backup, another user's home) opening fails with "unable to open database file". When no
+    ``-wal`` file holds transactions (none there, or empty: the last process closed the store),
+    ``state.db`` is the whole store, and it is opened ``mode=ro&immutable=1``: no ``-shm``, no
+    locks (nothing can write a folder that nobody can write). When a ``-wal`` file holds
+    transactions that ``state.db`` does not have yet, reading ``state.db`` alone would give an
+    out-of-date store: StoreError saying why and what to do."""
+    path = sqlite_file(url)
+    if path is None or "unable to open database file" not in str(error) or not path.is_file():
+        return None
+    folder = path.parent
+    if os.access(folder, os.W_OK):
+        return None
+    wal = path.with_name(path.name + "-wal")
+    try:
+        pending = wal.stat().st_size > 0
+    except FileNotFoundError:
+        pending = False
+    except OSError:
+        pending = True
+    if pending:
+        raise StoreError(
+            f"cannot read the state store {path}: its folder {folder} cannot be written, and SQLite must create "
+            f"{path.name}-shm beside it to read the transactions still in {wal.name}; copy the folder (with "
+            f"{wal.name}) to a place you can write and point {flag('--home/--db', 'home=/db=')} there, or open it "
+            "once where it can be written (the last process to close the store folds the -wal file in)")
+    return URL.create("sqlite", database=path.absolute().as_uri(), query={"uri": "true", "mode": "ro", "immutable": "1"})
+
+
+def unwritable_folder(url: URL, error: BaseException) -> StoreError | None:
+    """For a command that writes: the StoreError that says why a SQLite store could not be opened
+    when the reason is its folder (SQLite keeps ``-wal`` and ``-shm`` files beside the store),
+    else None."""
+    path = sqlite_file(url)
+    if path is None or "unable to open database file" not in str(error) or not path.parent.is_dir():
+        return None
+    if os.access(path.parent, os.W_OK):
+        return None
+    return StoreError(
+        f"cannot open the state store {path} to write it: its folder {path.parent} cannot be written (SQLite "
+        f"keeps {path.name}-wal and {path.name}-shm beside it); run this where the folder can be written, or copy "
+        f"the folder to a place you can write and point {flag('--home/--db', 'home=/db=')} there (commands that "
+        "only read, such as status, runs, sql and export, also read a read-only copy)")
 
 
 def read_query(url: URL, sql: str, *, timeout_s: float = READ_QUERY_TIMEOUT_S) -> tuple[list[str], list[tuple]]:
