@@ -16,8 +16,8 @@ from pipeline.errors import ReadOnlyQueryError, StoreError
 from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
 from pipeline.surface import flag
 
-__all__ = ["READ_ONLY", "READ_QUERY_TIMEOUT_S", "create_engine", "read_only_fallback", "read_query", "sqlite_file",
-           "unwritable_folder", "upsert_tasks"]
+__all__ = ["INTROSPECTION_PRAGMAS", "READ_ONLY", "READ_PRAGMAS", "READ_QUERY_TIMEOUT_S", "create_engine",
+           "read_only_fallback", "read_query", "sqlite_file", "unwritable_folder", "upsert_tasks"]
 
 #: Execution option of the store's reading transactions: a plain (deferred) BEGIN, so that a
 #: `status` in the main thread never waits for the write lock.
@@ -39,8 +39,9 @@ def _prepare_path(url: URL) -> None:
         reason = exc.strerror or str(exc)
         if isinstance(exc, (FileExistsError, NotADirectoryError)):
             reason += ": a file is in the way of a folder on that path"
+        where = flag("--db or --home", "db= or home=")
         raise StoreError(f"cannot create the folder {path.parent} of the state store {path}: {reason}; "
-                         f"put the state store in a folder you can write ({flag('--db or --home', 'db= or home=')})") from exc
+                         f"put the state store in a folder you can write ({where})") from exc
 
 
 def _setup_connection(dbapi_connection: sqlite3.Connection) -> None:
@@ -98,16 +99,16 @@ def create_engine(url: URL) -> Engine:
 # VACUUM INTO does through it), ... An allowlist, so that a kind of statement SQLite adds later
 # is refused until someone looks at it.
 _ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
-# PRAGMAs that only read, without an argument (`PRAGMA optimize` or `wal_checkpoint` without
-# one would write) ...
-_READ_PRAGMAS = frozenset(
+#: PRAGMAs that only read, without an argument (`PRAGMA optimize` or `wal_checkpoint` without
+#: one would write) ...
+READ_PRAGMAS = frozenset(
     {"table_list", "database_list", "collation_list", "function_list", "module_list", "pragma_list",
      "compile_options", "encoding", "journal_mode", "page_count", "page_size", "freelist_count",
      "schema_version", "user_version", "application_id", "data_version", "foreign_keys",
      "integrity_check", "quick_check", "foreign_key_check"}
 )
-# ... and with one: they only read a table's or index's layout (or check it).
-_INTROSPECTION_PRAGMAS = frozenset(
+#: ... and with one: they only read a table's or index's layout (or check it).
+INTROSPECTION_PRAGMAS = frozenset(
     {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
      "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check"}
 )
@@ -129,7 +130,7 @@ def _authorize(action, arg1, arg2, _db, _trigger):
         # the file is open read-only besides.
         return sqlite3.SQLITE_OK
     if action == sqlite3.SQLITE_PRAGMA:
-        allowed = _READ_PRAGMAS if arg2 is None else _INTROSPECTION_PRAGMAS
+        allowed = READ_PRAGMAS if arg2 is None else INTROSPECTION_PRAGMAS
         return sqlite3.SQLITE_OK if (arg1 or "").lower() in allowed else sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_DENY
 
@@ -187,7 +188,8 @@ def read_only_fallback(url: URL, error: BaseException) -> URL | None:
             f"{path.name}-shm beside it to read the transactions still in {wal.name}; copy the folder (with "
             f"{wal.name}) to a place you can write and point {flag('--home/--db', 'home=/db=')} there, or open it "
             "once where it can be written (the last process to close the store folds the -wal file in)")
-    return URL.create("sqlite", database=path.absolute().as_uri(), query={"uri": "true", "mode": "ro", "immutable": "1"})
+    return URL.create("sqlite", database=path.absolute().as_uri(),
+                      query={"uri": "true", "mode": "ro", "immutable": "1"})
 
 
 def unwritable_folder(url: URL, error: BaseException) -> StoreError | None:
