@@ -31,7 +31,8 @@ from sqlparse import tokens as T
 
 from pipeline.errors import ReadOnlyQueryError
 
-__all__ = ["ALLOWED_FIRST", "REFUSED_FUNCTIONS", "REFUSED_WORDS", "refused_function", "single_read_statement"]
+__all__ = ["ALLOWED_FIRST", "INTROSPECTION_PRAGMAS", "READ_PRAGMAS", "REFUSED_FUNCTIONS", "REFUSED_WORDS",
+           "refused_function", "single_read_statement"]
 
 #: The first keyword of an allowed statement, per dialect.
 ALLOWED_FIRST = {
@@ -66,6 +67,21 @@ REFUSED_FUNCTIONS = frozenset({
     "query_to_", "cursor_to_", "database_to_", "schema_to_", "ts_stat", "dblink",
     "load_extension", "fts3_tokenizer", "readfile", "writefile", "edit",
 })
+
+#: SQLite: PRAGMAs that only read, without an argument (`PRAGMA optimize` or `wal_checkpoint`
+#: without one would write; the authorizer of :mod:`pipeline.store.sqlite` allows these too) ...
+READ_PRAGMAS = frozenset(
+    {"table_list", "database_list", "collation_list", "function_list", "module_list", "pragma_list",
+     "compile_options", "encoding", "journal_mode", "page_count", "page_size", "freelist_count",
+     "schema_version", "user_version", "application_id", "data_version", "foreign_keys",
+     "integrity_check", "quick_check", "foreign_key_check"}
+)
+#: ... and with one: they only read a table's or index's layout (or check it).
+INTROSPECTION_PRAGMAS = frozenset(
+    {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
+     "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check"}
+)
+
 
 _HINT = ("`pipeline sql` runs one statement that only reads: SELECT, WITH ... SELECT, VALUES or "
          "EXPLAIN (PRAGMA reads on SQLite, SHOW and TABLE on PostgreSQL)")
@@ -102,8 +118,6 @@ def _check_pragma(rest: list, sql: str) -> None:
     (argument)]``): one that only reads (no argument), or one that reads a table's or index's
     layout (with one); ReadOnlyQueryError naming the PRAGMA otherwise. Its argument is a value,
     not SQL: ``journal_mode = delete`` is a PRAGMA that sets a value, not a DELETE."""
-    from pipeline.store.sqlite import INTROSPECTION_PRAGMAS, READ_PRAGMAS  # the authorizer's own lists
-
     if len(rest) >= 2 and rest[1].value == ".":  # schema-qualified: main.journal_mode
         rest = rest[2:]
     name = rest[0].value.strip('"`[]') if rest else ""

@@ -16,8 +16,8 @@ from pipeline.errors import ReadOnlyQueryError, StoreError
 from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
 from pipeline.surface import flag
 
-__all__ = ["INTROSPECTION_PRAGMAS", "READ_ONLY", "READ_PRAGMAS", "READ_QUERY_TIMEOUT_S", "create_engine",
-           "read_only_fallback", "read_query", "sqlite_file", "unwritable_folder", "upsert_tasks"]
+__all__ = ["READ_ONLY", "READ_QUERY_TIMEOUT_S", "create_engine", "read_only_fallback", "read_query", "sqlite_file",
+           "unwritable_folder", "upsert_tasks"]
 
 #: Execution option of the store's reading transactions: a plain (deferred) BEGIN, so that a
 #: `status` in the main thread never waits for the write lock.
@@ -94,25 +94,11 @@ def create_engine(url: URL) -> Engine:
 
 
 # What the authorizer of `pipeline sql` allows: reading tables and views, calling functions (but
-# those of readonly.REFUSED_FUNCTIONS), recursive CTEs, and the PRAGMAs below. Everything else
-# is denied before it runs: writes, DDL, transactions, ATTACH (which would create a file, as
-# VACUUM INTO does through it), ... An allowlist, so that a kind of statement SQLite adds later
-# is refused until someone looks at it.
+# those of readonly.REFUSED_FUNCTIONS), recursive CTEs, and the PRAGMAs of readonly.READ_PRAGMAS
+# and readonly.INTROSPECTION_PRAGMAS. Everything else is denied before it runs: writes, DDL,
+# transactions, ATTACH (which would create a file, as VACUUM INTO does through it), ... An
+# allowlist, so that a kind of statement SQLite adds later is refused until someone looks at it.
 _ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
-#: PRAGMAs that only read, without an argument (`PRAGMA optimize` or `wal_checkpoint` without
-#: one would write) ...
-READ_PRAGMAS = frozenset(
-    {"table_list", "database_list", "collation_list", "function_list", "module_list", "pragma_list",
-     "compile_options", "encoding", "journal_mode", "page_count", "page_size", "freelist_count",
-     "schema_version", "user_version", "application_id", "data_version", "foreign_keys",
-     "integrity_check", "quick_check", "foreign_key_check"}
-)
-#: ... and with one: they only read a table's or index's layout (or check it).
-INTROSPECTION_PRAGMAS = frozenset(
-    {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
-     "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check"}
-)
-
 #: `pipeline sql` stops a query after this long (seconds); the same bound as PostgreSQL's.
 READ_QUERY_TIMEOUT_S = 300.0
 
@@ -130,7 +116,9 @@ def _authorize(action, arg1, arg2, _db, _trigger):
         # the file is open read-only besides.
         return sqlite3.SQLITE_OK
     if action == sqlite3.SQLITE_PRAGMA:
-        allowed = READ_PRAGMAS if arg2 is None else INTROSPECTION_PRAGMAS
+        from pipeline.store import readonly
+
+        allowed = readonly.READ_PRAGMAS if arg2 is None else readonly.INTROSPECTION_PRAGMAS
         return sqlite3.SQLITE_OK if (arg1 or "").lower() in allowed else sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_DENY
 
