@@ -155,10 +155,12 @@ class Dataset:
             raise ExportError(f"could not write {path}: it is a folder; name a file (or pass --card for a folder)")
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            with open(tmp, "wb") as out:
-                self.write_to(out, fmt)
-                out.flush()
-                os.fsync(out.fileno())
+            self._write_file(tmp, fmt)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -175,25 +177,37 @@ class Dataset:
                 os.close(fd)
 
     def write_to(self, stream: BinaryIO, fmt: str) -> None:
-        """Write to an open binary stream (a file, a pipe, standard output), front to back: no
-        seek, so a pipe will do. The stream is left open. OSError as the stream raises it."""
+        """Write to an open binary stream (a pipe, standard output), front to back: no seek, so a
+        pipe will do. The stream is left open. OSError as the stream raises it."""
         if fmt == "parquet":
             pq.write_table(self.to_arrow(), stream)
             return
         text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
         try:
-            if fmt == "csv":
-                frame = self.to_pandas()
-                for c in self.columns:
-                    frame[c] = _csv_column(frame[c])
-                frame.to_csv(text, index=False, lineterminator="\n")
-            else:
-                for record in self.records():
-                    text.write(export_json(record))
-                    text.write("\n")
+            self._write_text(text, fmt)
             text.flush()
         finally:
             text.detach()
+
+    def _write_file(self, path: Path, fmt: str) -> None:
+        # A path, not an open file, for Parquet: Arrow then writes with its own file, no Python
+        # file object (and its GIL) in between.
+        if fmt == "parquet":
+            pq.write_table(self.to_arrow(), path)
+            return
+        with open(path, "w", encoding="utf-8", newline="") as out:
+            self._write_text(out, fmt)
+
+    def _write_text(self, out: Any, fmt: str) -> None:
+        if fmt == "csv":
+            frame = self.to_pandas()
+            for c in self.columns:
+                frame[c] = _csv_column(frame[c])
+            frame.to_csv(out, index=False, lineterminator="\n")
+        else:
+            for record in self.records():
+                out.write(export_json(record))
+                out.write("\n")
 
 
 def writes_in_place(path: Path) -> bool:
