@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 from pipeline.api.jobs import Job, RunResult, mark_interrupted
 from pipeline.api.runs import Opened, checked_config, create_run, leave_run, open_resume, reopener
+from pipeline.api.state import make_home_folder
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -46,7 +47,7 @@ async def arun(config: PipelineConfig | str | os.PathLike, *, home: str | os.Pat
         await apreflight(cfg)
     home_path, store, rid = create_run(cfg, graph, home, db, run_id)
     try:
-        (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
+        make_home_folder(home_path / "runs" / rid, home_path)
         if on_created is not None:
             on_created(rid)
         return await _engine(store, rid, cfg, home_path, progress=progress, trace=trace, graph=graph)

@@ -279,7 +279,9 @@ def rm(run_id: str, yes: bool, home: str, db: str) -> None:
 
 @main.command()
 @click.argument("run_id")
-@click.option("--output", "-o", required=True, type=click.Path(), help="File to write (with --card: a folder, new or existing).")
+@click.option("--output", "-o", required=True, type=click.Path(),
+              help="File to write; '-' is standard output (then only the data goes there: messages go to "
+                   "stderr). With --card: a folder, new or existing.")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]), default=None,
               help="Default: from the output's suffix, else parquet.")
 @click.option("--card", is_flag=True, help="OUTPUT is a folder: data/train.<format> and a dataset card README.md.")
@@ -292,7 +294,8 @@ def export(run_id: str, output: str, fmt: str | None, card: bool, home: str, db:
     res = api.export(run_id, output, format=fmt, card=card, home=home, db=db)
     if not res["complete"]:
         click.echo(f"run {run_id} is not complete: exported the {res['records']:,} checkpointed records", err=True)
-    click.echo(f"wrote {res['records']:,} records to {res['path']}", err=True)
+    where = "standard output" if res["path"] == "-" else res["path"]
+    click.echo(f"wrote {res['records']:,} records to {where}", err=True)
     if card:
         click.echo(f"wrote the dataset card to {res['card']}", err=True)
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import io
 import os
 import secrets
+import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,23 +137,25 @@ class Dataset:
         or unchanged (a previous export there survives a full disk); no temporary file is left.
         An OSError becomes ExportError naming the path.
 
-        A symlink is followed: its target is what gets replaced. A path that is neither a
-        regular file nor absent (a FIFO, ``/dev/stdout``, a device) is written into as it is,
-        never replaced. A folder is refused."""
+        A symlink is followed: its target is what gets replaced. A path that is a FIFO, a
+        device or a socket (``os.stat`` of the path as given, which follows links), or that
+        is reached through /proc (``/dev/stdout``, ``/dev/fd/N``: an open file descriptor) is
+        written into as it is, never replaced. A folder is refused."""
         path = Path(path)
+        if writes_in_place(path):
+            try:
+                with open(path, "wb") as out:
+                    self.write_to(out, fmt)
+            except OSError as exc:
+                raise ExportError(f"could not write {path}: {exc}") from exc
+            return
         if path.is_symlink():
             path = Path(os.path.realpath(path))
         if path.is_dir():
             raise ExportError(f"could not write {path}: it is a folder; name a file (or pass --card for a folder)")
-        if path.exists() and not path.is_file():
-            try:
-                self._write(path, fmt)
-            except OSError as exc:
-                raise ExportError(f"could not write {path}: {exc}") from exc
-            return
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            self._write(tmp, fmt)
+            self._write_file(tmp, fmt)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -172,19 +176,64 @@ class Dataset:
             finally:
                 os.close(fd)
 
-    def _write(self, path: Path, fmt: str) -> None:
+    def write_to(self, stream: BinaryIO, fmt: str) -> None:
+        """Write to an open binary stream (a pipe, standard output), front to back: no seek, so a
+        pipe will do. The stream is left open. OSError as the stream raises it."""
+        if fmt == "parquet":
+            pq.write_table(self.to_arrow(), stream)
+            return
+        text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        try:
+            self._write_text(text, fmt)
+            text.flush()
+        finally:
+            text.detach()
+
+    def _write_file(self, path: Path, fmt: str) -> None:
+        # A path, not an open file, for Parquet: Arrow then writes with its own file, no Python
+        # file object (and its GIL) in between.
         if fmt == "parquet":
             pq.write_table(self.to_arrow(), path)
-        elif fmt == "csv":
+            return
+        with open(path, "w", encoding="utf-8", newline="") as out:
+            self._write_text(out, fmt)
+
+    def _write_text(self, out: Any, fmt: str) -> None:
+        if fmt == "csv":
             frame = self.to_pandas()
             for c in self.columns:
                 frame[c] = _csv_column(frame[c])
-            frame.to_csv(path, index=False)
+            frame.to_csv(out, index=False, lineterminator="\n")
         else:
-            with open(path, "w", encoding="utf-8") as out:
-                for record in self.records():
-                    out.write(export_json(record))
-                    out.write("\n")
+            for record in self.records():
+                out.write(export_json(record))
+                out.write("\n")
+
+
+def writes_in_place(path: Path) -> bool:
+    """Whether an export to ``path`` writes into what is there instead of replacing it: a FIFO,
+    a character or block device or a socket (``os.stat`` of the path as given, following links:
+    ``/dev/stdout`` piped is a FIFO), or any path reached through /proc. ``/dev/stdout``,
+    ``/dev/fd/1`` and ``/proc/self/fd/1`` name an open file descriptor; the text of its link
+    (``pipe:[85512]``, or the file the shell opened) is no folder to put a temporary file in,
+    and the shell's own descriptor must be what is written."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                             or stat.S_ISSOCK(mode)):
+        return True
+    current = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own bound on links followed
+        folder = os.path.realpath(os.path.dirname(current))
+        if folder == "/proc" or folder.startswith("/proc/"):
+            return True
+        here = os.path.join(folder, os.path.basename(current))
+        if not os.path.islink(here):
+            return False
+        current = os.path.join(folder, os.readlink(here))
+    return False
 
 
 def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:

@@ -12,6 +12,7 @@ went wrong and what to do. The command line maps them to exit codes in one place
     ├── InvalidRunIdError              the run id does not match [A-Za-z0-9][A-Za-z0-9._-]{0,63}
     ├── ReadOnlyQueryError             `pipeline sql` refused a text: not one statement that only reads
     ├── StoreError                     the state store cannot be used (schema out of date, ...)
+    ├── HomeError                      the home folder, or a run's folder in it, cannot be made
     ├── EngineError                    exit 1: the engine failed while running (a bug, or a
     │                                  recorded value it cannot read); finished work is kept
     ├── UnknownColumnError             a column name the run does not have (`retry --column`)
@@ -48,6 +49,7 @@ __all__ = [
     "ExportError",
     "FilesChangedError",
     "GenerationError",
+    "HomeError",
     "InvalidRunIdError",
     "ModelCheckError",
     "ModelConnectionError",
@@ -116,6 +118,12 @@ class ReadOnlyQueryError(PipelineError):
 
 class StoreError(PipelineError):
     """The state store cannot be used as it is."""
+
+
+class HomeError(PipelineError):
+    """The home folder (``--home``, ``$PIPELINE_HOME``, ``./.pipeline`` by default), or a run's
+    folder in it, cannot be created: a read-only place, no permission, a file in the way. The
+    message names the folder and says where to point the home instead."""
 
 
 class EngineError(PipelineError):

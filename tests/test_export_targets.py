@@ -1,16 +1,20 @@
 """What `pipeline export -o PATH` does to what is at PATH: a regular file is replaced whole, a
 symlink's target is what gets replaced (the link stays), a FIFO or device is written into and
-never replaced, a folder is refused."""
+never replaced (`/dev/stdout` piped, or `-`, writes into the pipe), a folder is refused."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import subprocess
+import sys
 import threading
 
+import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, cli_env
 
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
@@ -74,3 +78,44 @@ def test_a_report_that_cannot_be_written_exits_2_with_a_message(tmp_path):
     blocker.write_text("keep")
     proc = cli("report", "tr", "-o", str(blocker / "x.png"), home=home)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "could not" in proc.stderr, proc.stderr
+
+
+def _records_in(data: bytes, fmt: str) -> list[str]:
+    """The ids of the records in an export's bytes."""
+    if fmt == "parquet":
+        return pq.read_table(io.BytesIO(data)).column("id").to_pylist()
+    lines = data.decode().splitlines()
+    if fmt == "csv":
+        assert lines[0].split(",")[0] == "id"
+        return [line.split(",")[0] for line in lines[1:]]
+    return [json.loads(line)["id"] for line in lines]
+
+
+@pytest.mark.parametrize("output", ["/dev/stdout", "-"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_standard_output_into_a_pipe_gets_the_data_and_nothing_else(run_home, tmp_path, output, fmt):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "qs", "-o", output, "--format", fmt,
+                           "--home", str(run_home)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=cli_env(), cwd=tmp_path, timeout=120)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 0, stderr
+    assert len(_records_in(proc.stdout, fmt)) == 30  # only the data: a message there would break the parse
+    assert "wrote 30 records to" in stderr
+    assert list(tmp_path.iterdir()) == []  # no file named '-', no temporary file left
+
+
+def test_dev_stdout_redirected_to_a_file_writes_into_that_file(run_home, tmp_path):
+    target = tmp_path / "out.jsonl"
+    with open(target, "wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "qs", "-o", "/dev/stdout",
+                               "--format", "jsonl", "--home", str(run_home)], stdout=out, stderr=subprocess.PIPE,
+                              env=cli_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(_records_in(target.read_bytes(), "jsonl")) == 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_a_card_cannot_go_to_standard_output(run_home, tmp_path):
+    proc = cli("export", "qs", "-o", "-", "--card", home=run_home, cwd=tmp_path)
+    assert proc.returncode == 2 and "standard output" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []

@@ -230,3 +230,23 @@ def test_pipeline_sql_on_postgres_stops_a_query_that_runs_too_long():
                 postgres.read_query(engine.url, "SELECT pg_sleep(30)", timeout_s=0.2)
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("backend, attempt, reason", [
+    ("sqlite", "PRAGMA journal_mode=delete", "refused: a PRAGMA that sets a value (PRAGMA journal_mode = ...)"),
+    ("sqlite", "PRAGMA main.journal_mode(DELETE)", "refused: PRAGMA journal_mode(...), which with an argument sets"),
+    ("sqlite", "PRAGMA user_version = 7", "refused: a PRAGMA that sets a value (PRAGMA user_version = ...)"),
+    ("sqlite", "PRAGMA optimize", "refused: PRAGMA optimize (it writes, or is not one of the PRAGMAs that only read"),
+    ("postgresql", "SELECT * FROM runs FOR UPDATE", "refused: the locking clause FOR UPDATE (it takes row locks"),
+    ("postgresql", "select * from runs for no key update nowait", "refused: the locking clause FOR NO KEY UPDATE"),
+    ("postgresql", "SELECT * FROM runs FOR KEY SHARE", "refused: the locking clause FOR KEY SHARE"),
+])
+def test_a_refused_statement_is_refused_for_what_it_is(request, backend, attempt, reason):
+    """`PRAGMA journal_mode=delete` is a PRAGMA that sets a value, not a DELETE; `FOR UPDATE` a
+    locking clause, not an UPDATE."""
+    url = request.getfixturevalue(f"{'postgres' if backend == 'postgresql' else backend}_store")[0]
+    before = dump(url)
+    proc = cli("sql", attempt, db=url)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert reason in proc.stderr, proc.stderr
+    assert dump(url) == before

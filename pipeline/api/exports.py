@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,35 +14,69 @@ from pipeline.api.state import open_state, require_run_store, validate_run_id
 from pipeline.errors import ExportError, PipelineError
 from pipeline.surface import flag
 
-__all__ = ["export", "report"]
+__all__ = ["STDOUT", "export", "report"]
+
+#: The output name that means standard output.
+STDOUT = "-"
 
 
 def export(run_id: str, output: str | os.PathLike, *, format: str | None = None, card: bool = False,
            home: str | os.PathLike | None = None, db: str | None = None) -> dict[str, Any]:
     """Write the dataset to ``output`` (parquet, csv or jsonl; from the suffix by default).
-    Returns ``{"records", "complete", "path", "format"}``; an incomplete run exports its
+    ``"-"`` is standard output (parquet there only when it is not a terminal). Returns ``{"records", "complete", "path", "format"}``; an incomplete run exports its
     checkpointed records. With ``card``, ``output`` is a folder: the data goes to
     ``data/train.<format>`` in it (parquet by default) and a Hugging Face dataset card to
     ``README.md`` (:mod:`pipeline.card`); ``"card"`` in the result is its path."""
     validate_run_id(run_id)
     from pipeline.dataset import FORMATS, read_dataset
 
+    to_stdout = str(output) == STDOUT
     if card:
+        if to_stdout:
+            raise PipelineError("--card writes a folder (data/ and README.md), and '-' is standard output: "
+                                "name a folder")
         return _export_card(run_id, Path(output), (format or "parquet").lower(), home, db)
     fmt = (format or Path(output).suffix.lstrip(".") or "parquet").lower()
     if fmt not in FORMATS:
         raise PipelineError(f"unknown export format {fmt!r}: use {flag('--format', 'format=')} parquet, csv or jsonl, "
                             "or an output name ending in .parquet, .csv or .jsonl")
     require_run_store(home, db, run_id)
-    home_path, store = open_state(home, db)
+    home_path, store = open_state(home, db, read_only=True)
     try:
         dataset = read_dataset(store, run_id, home_path)
     finally:
         store.close()
+    if to_stdout:
+        _write_stdout(dataset, fmt)
+        return {"records": dataset.num_rows, "complete": dataset.complete, "path": STDOUT, "format": fmt}
     out = Path(output)
     _make_folder(out.parent)
     dataset.write(out, fmt)
     return {"records": dataset.num_rows, "complete": dataset.complete, "path": str(out), "format": fmt}
+
+
+def _write_stdout(dataset: Any, fmt: str) -> None:
+    """The dataset on standard output, as it comes (a pipe is fine); ExportError when it cannot be."""
+    stream = getattr(sys.stdout, "buffer", None)
+    if stream is None:  # a notebook's output widget takes text, not a file's bytes
+        raise ExportError("standard output here takes no file (a notebook?); name a file to write")
+    if fmt == "parquet" and sys.stdout.isatty():
+        raise ExportError("Parquet is binary and standard output is a terminal: pipe or redirect it "
+                          f"(`> out.parquet`), or pass {flag('--format', 'format=')} jsonl or csv")
+    sys.stdout.flush()
+    try:
+        dataset.write_to(stream, fmt)
+        stream.flush()
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            # The reader went away (`| head`): nothing more can reach it, and the interpreter's
+            # own flush at exit would fail again; what stdout still holds goes to /dev/null.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            raise ExportError("standard output was closed by its reader before the whole dataset was "
+                              "written (the records sent were cut off)") from exc
+        raise ExportError(f"could not write standard output: {exc}") from exc
 
 
 def _make_folder(folder: Path) -> None:
@@ -63,7 +98,7 @@ def _export_card(run_id: str, folder: Path, fmt: str, home: Any, db: Any) -> dic
     if folder.exists() and not folder.is_dir():
         raise PipelineError(f"--card writes a folder, and {folder} is a file: name a folder (new or existing)")
     require_run_store(home, db, run_id)
-    home_path, store = open_state(home, db)
+    home_path, store = open_state(home, db, read_only=True)
     try:
         dataset = read_dataset(store, run_id, home_path)
         info = store.get_run(run_id)
@@ -110,7 +145,7 @@ def report(run_id: str, output: str | os.PathLike, *, format: str | None = None,
         raise PipelineError(f"unknown report format {fmt!r}: name the output FILE.png, FILE.svg or FILE.html, "
                             f"or pass --format {'|'.join(reporting.FORMATS)}")
     require_run_store(home, db, run_id)
-    _, store = open_state(home, db)
+    _, store = open_state(home, db, read_only=True)
     try:
         data = reporting.series(store, run_id)
     finally:

@@ -105,7 +105,7 @@ def status(run_id: str, *, home: str | os.PathLike | None = None, db: str | None
     """The same data as ``pipeline status --json``."""
     validate_run_id(run_id)
     require_run_store(home, db, run_id)
-    home_path, store = open_state(home, db)
+    home_path, store = open_state(home, db, read_only=True)
     try:
         return status_of(store, run_id, home_path)
     finally:
@@ -119,7 +119,7 @@ def list_runs(*, home: str | os.PathLike | None = None, db: str | None = None) -
     nothing is created."""
     if missing_store(home, db) is not None:
         return []
-    _, store = open_state(home, db)
+    _, store = open_state(home, db, read_only=True)
     try:
         counts = store.record_counts()
         out = []
@@ -165,7 +165,7 @@ def load_dataset(run_id: str, *, home: str | os.PathLike | None = None, db: str 
     require_run_store(home, db, run_id)
     from pipeline.dataset import read_dataset
 
-    home_path, store = open_state(home, db)
+    home_path, store = open_state(home, db, read_only=True)
     try:
         return read_dataset(store, run_id, home_path).to_pandas()
     finally:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 from pipeline import surface
 from pipeline.api.jobs import Interrupted, RunResult, Signals, execute, mark_interrupted
 from pipeline.api.reads import as_config
-from pipeline.api.state import open_state, require_run_store, validate_run_id
+from pipeline.api.state import make_home_folder, open_state, require_run_store, validate_run_id
 from pipeline.errors import DamagedFileError, PipelineError, RunningLoopError, UnknownColumnError
 from pipeline.states import RowGroupState, RunStatus
 from pipeline.store.base import ColumnSpec, Lineage, NewRun, Reopened, Store
@@ -55,7 +55,7 @@ def run(config: PipelineConfig | str | os.PathLike, *, home: str | os.PathLike |
     try:
         with Signals() as signals:
             try:
-                (home_path / "runs" / rid).mkdir(parents=True, exist_ok=True)
+                make_home_folder(home_path / "runs" / rid, home_path)
                 reused = None
                 if reuse is not None:
                     from pipeline.changes import reuse_cells
@@ -105,6 +105,9 @@ def create_run(cfg: PipelineConfig, graph: Any, home: str | os.PathLike | None, 
     try:
         if reuse is not None:
             store.get_run(reuse)  # RunNotFoundError before anything is created
+        # A home that cannot hold run folders (read-only, a file in the way) is refused before
+        # the run exists: a PostgreSQL store does not need the home, and would take the run.
+        make_home_folder(home_path / "runs", home_path)
         store.create_run(NewRun(
             run_id=rid, name=cfg.name, num_records=cfg.num_records, row_group_size=cfg.row_group_size,
             seed=cfg.seed, config=cfg.to_json(), fingerprint=cfg.fingerprint(),
@@ -182,7 +185,7 @@ def plan_change(run_id: str, config: PipelineConfig | str | os.PathLike, *, home
     validate_run_id(run_id)
     new_cfg = as_config(config)
     require_run_store(home, db, run_id)
-    home_path, store = open_state(home, db)
+    home_path, store = open_state(home, db, read_only=True)
     try:
         return plan(store, store.get_run(run_id), new_cfg, home_path)
     finally:

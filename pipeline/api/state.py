@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import InvalidRunIdError, RunNotFoundError, StoreError
+from pipeline.errors import HomeError, InvalidRunIdError, RunNotFoundError, StoreError
 from pipeline.surface import flag
 
 if TYPE_CHECKING:
@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
     from pipeline.store.base import Store
 
-__all__ = ["RUN_ID", "db_current", "db_upgrade", "missing_store", "open_state", "prepare", "query", "require_run_store",
-           "require_store", "resolve_paths", "validate_run_id"]
+__all__ = ["RUN_ID", "db_current", "db_upgrade", "make_home_folder", "missing_store", "open_state", "prepare", "query",
+           "require_run_store", "require_store", "resolve_paths", "validate_run_id"]
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -43,17 +43,60 @@ def prepare(home: str | os.PathLike | None, db: str | URL | None) -> tuple[Path,
     """Resolve home and db; create home when the state store is a SQLite file."""
     home_path, url = resolve_paths(home, db)
     if url.get_backend_name() == "sqlite":
-        home_path.mkdir(parents=True, exist_ok=True)
+        make_home_folder(home_path, home_path)
     return home_path, url
 
 
-def open_state(home: str | os.PathLike | None = None, db: str | URL | None = None) -> tuple[Path, Store]:
+def make_home_folder(folder: Path, home_path: Path) -> Path:
+    """``folder`` (the home, or a folder in it), made with its parents if needed; HomeError
+    naming it and saying what to do when it cannot be (a read-only file system, no permission,
+    a file where a folder should be)."""
+    if folder != home_path:
+        make_home_folder(home_path, home_path)  # a home that cannot be made is named as the home
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "the home folder" if folder == home_path else f"the folder {folder.name!r} in the home {home_path}"
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            reason += ": a file is in the way of a folder on that path"
+        raise HomeError(f"cannot create {what} ({folder}): {reason}; point the home at a folder you can write "
+                        f"with {flag('--home DIR (or $PIPELINE_HOME)', 'home= (or $PIPELINE_HOME)')}, "
+                        "or run from a folder you can write (the default home is ./.pipeline)") from exc
+    return folder
+
+
+def open_state(home: str | os.PathLike | None = None, db: str | URL | None = None, *,
+               read_only: bool = False) -> tuple[Path, Store]:
     """The home folder and the state store (a SQLite file upgraded on open; a PostgreSQL database
-    at an older revision refused: see pipeline.store.open_store)."""
+    at an older revision refused: see pipeline.store.open_store). ``read_only`` (commands that
+    only read): the home is not created, and a SQLite store in a folder that cannot be written
+    is still read (:func:`pipeline.store.sqlite.read_only_fallback`)."""
     from pipeline.store import open_store
 
-    home_path, url = prepare(home, db)
-    return home_path, open_store(url)
+    home_path, url = resolve_paths(home, db) if read_only else prepare(home, db)
+    try:
+        return home_path, open_store(url)
+    except StoreError as exc:
+        if url.get_backend_name() != "sqlite":
+            raise
+        from pipeline.store import sqlite
+
+        fallback = sqlite.read_only_fallback(url, exc) if read_only else None
+        if fallback is None:
+            explained = sqlite.unwritable_folder(url, exc)
+            if explained is not None:
+                raise explained from exc
+            raise
+    return home_path, open_store(fallback, upgrade=False)
+
+
+def _read_only_fallback(url: URL, error: StoreError) -> URL | None:
+    if url.get_backend_name() != "sqlite":
+        return None
+    from pipeline.store.sqlite import read_only_fallback
+
+    return read_only_fallback(url, error)
 
 
 def missing_store(home: str | os.PathLike | None, db: str | URL | None) -> Path | None:
@@ -102,7 +145,7 @@ def query(sql: str, *, home: str | os.PathLike | None = None, db: str | None = N
     for a statement refused, StoreError for the database's own errors and when there is no
     state store yet (nothing is created)."""
     require_store(home, db)
-    _, store = open_state(home, db)
+    _, store = open_state(home, db, read_only=True)
     try:
         return store.read_query(sql)
     finally:
@@ -129,5 +172,14 @@ def db_current(*, home: str | os.PathLike | None = None, db: str | None = None) 
 
     _, url = resolve_paths(home, db)
     missing = missing_store(home, db)
-    return {"current": None if missing else migrate.current(url), "head": migrate.head(),
+    current = None
+    if not missing:
+        try:
+            current = migrate.current(url)
+        except StoreError as exc:
+            fallback = _read_only_fallback(url, exc)
+            if fallback is None:
+                raise
+            current = migrate.current(fallback)
+    return {"current": current, "head": migrate.head(),
             "missing": None if missing is None else str(missing)}

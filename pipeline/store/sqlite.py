@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 import urllib.parse
@@ -13,8 +14,10 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 from pipeline.errors import ReadOnlyQueryError, StoreError
 from pipeline.store.schema import ON_CONFLICT_FULL, ON_CONFLICT_STATE
+from pipeline.surface import flag
 
-__all__ = ["READ_ONLY", "READ_QUERY_TIMEOUT_S", "create_engine", "read_query", "sqlite_file", "upsert_tasks"]
+__all__ = ["READ_ONLY", "READ_QUERY_TIMEOUT_S", "create_engine", "read_only_fallback", "read_query", "sqlite_file",
+           "unwritable_folder", "upsert_tasks"]
 
 #: Execution option of the store's reading transactions: a plain (deferred) BEGIN, so that a
 #: `status` in the main thread never waits for the write lock.
@@ -30,7 +33,15 @@ def _prepare_path(url: URL) -> None:
             f"the state store must be a file, not an in-memory SQLite database ({url}); "
             "use sqlite:///path/to/state.db"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            reason += ": a file is in the way of a folder on that path"
+        where = flag("--db or --home", "db= or home=")
+        raise StoreError(f"cannot create the folder {path.parent} of the state store {path}: {reason}; "
+                         f"put the state store in a folder you can write ({where})") from exc
 
 
 def _setup_connection(dbapi_connection: sqlite3.Connection) -> None:
@@ -83,25 +94,11 @@ def create_engine(url: URL) -> Engine:
 
 
 # What the authorizer of `pipeline sql` allows: reading tables and views, calling functions (but
-# those of readonly.REFUSED_FUNCTIONS), recursive CTEs, and the PRAGMAs below. Everything else
-# is denied before it runs: writes, DDL, transactions, ATTACH (which would create a file, as
-# VACUUM INTO does through it), ... An allowlist, so that a kind of statement SQLite adds later
-# is refused until someone looks at it.
+# those of readonly.REFUSED_FUNCTIONS), recursive CTEs, and the PRAGMAs of readonly.READ_PRAGMAS
+# and readonly.INTROSPECTION_PRAGMAS. Everything else is denied before it runs: writes, DDL,
+# transactions, ATTACH (which would create a file, as VACUUM INTO does through it), ... An
+# allowlist, so that a kind of statement SQLite adds later is refused until someone looks at it.
 _ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
-# PRAGMAs that only read, without an argument (`PRAGMA optimize` or `wal_checkpoint` without
-# one would write) ...
-_READ_PRAGMAS = frozenset(
-    {"table_list", "database_list", "collation_list", "function_list", "module_list", "pragma_list",
-     "compile_options", "encoding", "journal_mode", "page_count", "page_size", "freelist_count",
-     "schema_version", "user_version", "application_id", "data_version", "foreign_keys",
-     "integrity_check", "quick_check", "foreign_key_check"}
-)
-# ... and with one: they only read a table's or index's layout (or check it).
-_INTROSPECTION_PRAGMAS = frozenset(
-    {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
-     "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check"}
-)
-
 #: `pipeline sql` stops a query after this long (seconds); the same bound as PostgreSQL's.
 READ_QUERY_TIMEOUT_S = 300.0
 
@@ -119,7 +116,9 @@ def _authorize(action, arg1, arg2, _db, _trigger):
         # the file is open read-only besides.
         return sqlite3.SQLITE_OK
     if action == sqlite3.SQLITE_PRAGMA:
-        allowed = _READ_PRAGMAS if arg2 is None else _INTROSPECTION_PRAGMAS
+        from pipeline.store import readonly
+
+        allowed = readonly.READ_PRAGMAS if arg2 is None else readonly.INTROSPECTION_PRAGMAS
         return sqlite3.SQLITE_OK if (arg1 or "").lower() in allowed else sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_DENY
 
@@ -142,7 +141,59 @@ def _read_only_uri(url: URL) -> str:
     path = sqlite_file(url)
     if path is None:
         raise StoreError(f"the state store must be a file, not an in-memory SQLite database ({url})")
-    return f"{path.absolute().as_uri()}?mode=ro"
+    immutable = "&immutable=1" if url.query.get("immutable") == "1" else ""
+    return f"{path.absolute().as_uri()}?mode=ro{immutable}"
+
+
+def read_only_fallback(url: URL, error: BaseException) -> URL | None:
+    """How a command that only reads may still read a SQLite store that could not be opened
+    (``error``), or None when that is not why it failed.
+
+    A store in WAL mode is read through its ``-shm`` file, which SQLite creates beside
+    ``state.db`` when it is not there: in a folder that cannot be written (a read-only mount, a
+    backup, another user's home) opening fails with "unable to open database file". When no
+    ``-wal`` file holds transactions (none there, or empty: the last process closed the store),
+    ``state.db`` is the whole store, and it is opened ``mode=ro&immutable=1``: no ``-shm``, no
+    locks (nothing can write a folder that nobody can write). When a ``-wal`` file holds
+    transactions that ``state.db`` does not have yet, reading ``state.db`` alone would give an
+    out-of-date store: StoreError saying why and what to do."""
+    path = sqlite_file(url)
+    if path is None or "unable to open database file" not in str(error) or not path.is_file():
+        return None
+    folder = path.parent
+    if os.access(folder, os.W_OK):
+        return None
+    wal = path.with_name(path.name + "-wal")
+    try:
+        pending = wal.stat().st_size > 0
+    except FileNotFoundError:
+        pending = False
+    except OSError:
+        pending = True
+    if pending:
+        raise StoreError(
+            f"cannot read the state store {path}: its folder {folder} cannot be written, and SQLite must create "
+            f"{path.name}-shm beside it to read the transactions still in {wal.name}; copy the folder (with "
+            f"{wal.name}) to a place you can write and point {flag('--home/--db', 'home=/db=')} there, or open it "
+            "once where it can be written (the last process to close the store folds the -wal file in)")
+    return URL.create("sqlite", database=path.absolute().as_uri(),
+                      query={"uri": "true", "mode": "ro", "immutable": "1"})
+
+
+def unwritable_folder(url: URL, error: BaseException) -> StoreError | None:
+    """For a command that writes: the StoreError that says why a SQLite store could not be opened
+    when the reason is its folder (SQLite keeps ``-wal`` and ``-shm`` files beside the store),
+    else None."""
+    path = sqlite_file(url)
+    if path is None or "unable to open database file" not in str(error) or not path.parent.is_dir():
+        return None
+    if os.access(path.parent, os.W_OK):
+        return None
+    return StoreError(
+        f"cannot open the state store {path} to write it: its folder {path.parent} cannot be written (SQLite "
+        f"keeps {path.name}-wal and {path.name}-shm beside it); run this where the folder can be written, or copy "
+        f"the folder to a place you can write and point {flag('--home/--db', 'home=/db=')} there (commands that "
+        "only read, such as status, runs, sql and export, also read a read-only copy)")
 
 
 def read_query(url: URL, sql: str, *, timeout_s: float = READ_QUERY_TIMEOUT_S) -> tuple[list[str], list[tuple]]:
