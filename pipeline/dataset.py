@@ -39,7 +39,6 @@ from pipeline.errors import DamagedFileError, ExportError
 from pipeline.file_checks import check_files, content_problem, damage_message, os_problem
 from pipeline.states import RowGroupState
 from pipeline.store.base import Store
-from pipeline.surface import command
 from pipeline.values import decode
 
 if TYPE_CHECKING:

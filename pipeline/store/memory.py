@@ -13,12 +13,11 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 from pipeline import values
 from pipeline.errors import RunExistsError, RunInUseError, RunNotFoundError, StoreError
-from pipeline.store.base import (ROW_GROUP_BATCH, Lineage, LoadedRowGroup, NewRun, Reopened, RowGroupClaim, RunInfo,
-                                 row_group_counts)
+from pipeline.store.base import (ROW_GROUP_BATCH, Lineage, LoadedRowGroup, NewRun, Reopened, RowGroupClaim,
+                                 RunInfo, row_group_counts)
 from pipeline.states import RowGroupState, RunStatus, TaskState
 from pipeline.store.events import TASK_STATE, coalesce, usage_totals
 from pipeline.store.reopen import GroupState, plan_group, task_filter
-from pipeline.values import decode
 from pipeline.workers import make_owner_id, owner_is_gone
 
 __all__ = ["MemoryStore"]
@@ -228,7 +227,7 @@ class MemoryStore:
                 if rg != row_group:
                     continue
                 if t["state"] == _DONE:
-                    out.done[(gen, r)] = decode(t["value"])
+                    out.done[(gen, r)] = values.decode(t["value"])
                 elif t["state"] == _DEFERRED:
                     out.deferred[(gen, r)] = (t["attempts"], t["next_eligible_at"], t["last_error"])
                 else:
@@ -336,7 +335,7 @@ class MemoryStore:
                     elif t["state"] == _DONE:
                         group.done.add(key[1:])
                         if key[2] is None:
-                            group.batch_values[key[1]] = decode(t["value"])
+                            group.batch_values[key[1]] = values.decode(t["value"])
                 change = plan_group(group, lineage, selected, read_file)
                 if change is None:
                     continue
