@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -16,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from pipeline.store.base import ColumnSpec, NewRun
 from pipeline.store.events import DEFERRED, DONE, FAILED, STARTED, Completed, Dropped, TaskEvent, Usage
 from pipeline.values import encode
 
@@ -121,3 +123,32 @@ def dropped(rg, i=None):
 
 def complete(rg):
     return Completed(rg)
+
+
+# The store contract suite's runs (tests/store/test_contract*.py).
+
+COLUMNS = [
+    ColumnSpec("x", "x", "cell", 0),
+    ColumnSpec("y", "yz", "batch", 1),  # one batch generator with two output columns
+    ColumnSpec("z", "yz", "batch", 2),
+    ColumnSpec("w", "w", "cell", 3),
+]
+ELSEWHERE = "elsewhere.example:4242:999:cafe"  # an owner of another host: its leases expire only
+ZERO = (0, 0, 0, 0)
+
+
+def new_run(store, *, num_records: int = 25, row_group_size: int = 10, name: str = "test", columns=COLUMNS) -> str:
+    run_id = f"run-{uuid.uuid4().hex[:12]}"
+    store.create_run(NewRun(run_id, name, num_records, row_group_size, 7, '{"name": "test"}', "f" * 16, columns))
+    return run_id
+
+
+def claimed(store, **kwargs) -> str:
+    run_id = new_run(store, **kwargs)
+    store.claim_row_groups(run_id, 100, 60)
+    return run_id
+
+
+def counts(store, run_id):
+    return {name: (c["done"], c["failed"], c["deferred"], c["in_flight"])
+            for name, c in store.column_counts(run_id).items()}
