@@ -82,7 +82,8 @@ def stop_lines(result: RunResult) -> list[str]:
     lines = [f"run {rid} failed: {reason}"]
     if "shutdown_error_rate" in reason:
         lines.append(f"fix the cause, then `pipeline retry {rid}` redoes the failed tasks "
-                     f"(`pipeline resume {rid}` continues what is left)")
+                     f"(`pipeline resume {rid}` continues what is left; add --accept-changes when the fix "
+                     f"changed a python module or seed file the run reads)")
     elif "resume" not in reason:
         lines.append(f"once the cause is gone, `pipeline resume {rid}` continues it")
     return lines

@@ -123,3 +123,13 @@ def test_graph_sql_and_db_are_api_calls_that_create_nothing_until_asked(tmp_path
     assert api.db_upgrade(home=home) == current["head"]
     assert api.db_current(home=home) == {"current": current["head"], "head": current["head"], "missing": None}
     assert api.query("select count(*) as n from runs", home=home) == (["n"], [(0,)])
+
+
+def test_a_run_failed_by_the_error_rate_advises_retry_and_accept_changes_for_a_fixed_module():
+    from pipeline.api.jobs import RunResult
+    from pipeline.cli_text import stop_lines
+
+    lines = stop_lines(RunResult("r1", "failed", reason="9 of the last 10 finished tasks failed for good "
+                                                        "(shutdown_error_rate 0.5)"))
+    assert lines[0].startswith("run r1 failed: 9 of the last 10")
+    assert "`pipeline retry r1`" in lines[1] and "--accept-changes" in lines[1] and "python module" in lines[1]
