@@ -305,6 +305,7 @@ def test_a_killed_and_resumed_run_exports_what_the_uninterrupted_run_exports(run
 
 
 @pytest.mark.parametrize("row", TABLE, ids=[row.name for row in TABLE])
+@pytest.mark.slow
 def test_each_value_comes_back_as_the_table_says_in_every_format(runs, row):
     records = [json.loads(line, parse_float=D if row.name == "dec" else float)
                for line in runs[("whole", "jsonl")].read_text(encoding="utf-8").splitlines()]
@@ -324,6 +325,7 @@ def test_each_value_comes_back_as_the_table_says_in_every_format(runs, row):
             f"load_dataset {i}: {shown(frame[k])}"
 
 
+@pytest.mark.slow
 def test_decimals_keep_their_exact_digits_in_jsonl(runs):
     text = runs[("whole", "jsonl")].read_text(encoding="utf-8")
     for i in LIVE:
