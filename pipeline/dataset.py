@@ -256,7 +256,7 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
         if problem is None:
             try:
                 # ParquetFile, not read_table: the dataset layer under read_table imports pandas.
-                parts.append(pq.ParquetFile(pa.BufferReader(data)).read())
+                parts.append(pq.ParquetFile(pa.BufferReader(_arrow_copy(data))).read())
             except (pa.ArrowException, OSError) as exc:
                 problem = f"not a readable Parquet file ({exc})"
         if problem is not None:
@@ -268,6 +268,17 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
     if not parts:
         parts = [pa.table({c: pa.array([], type=pa.null()) for c in columns})]
     return Dataset(columns, [p.select(columns) for p in parts], complete)
+
+
+def _arrow_copy(data: bytes) -> pa.Buffer:
+    """``data`` copied into memory Arrow owns. Arrow's reader threads may drop their last
+    reference to the buffer they decoded after ``read()`` has returned; a buffer over Python
+    bytes then takes the GIL from an Arrow thread, and when the interpreter is exiting that
+    thread is ended inside a C++ destructor: std::terminate, and a finished export exited -6."""
+    buf = pa.allocate_buffer(len(data))
+    with pa.FixedSizeBufferWriter(buf) as out:
+        out.write(data)
+    return buf
 
 
 def read_row_group(path: Path) -> dict[str, list]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -179,6 +182,25 @@ def logged_pipeline(folder: Path, *, records: int = 300, rg: int = 50, in_flight
           - {{name: label, type: expression, expr: "{{{{ word }}}}:{{{{ total }}}}"}}
         """))
     return folder / "cfg.yaml"
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``build(folder)`` fills, built once per test session: under pytest-xdist the
+    first worker to ask builds it while the others wait on a lock, then every worker reads it.
+    For a module fixture that costs seconds of CPU (the runs a module's tests read); its tests
+    must only read the folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, shared by its workers
+    folder = root / f"built-{name}"
+    with open(root / f"built-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not (folder / ".built").exists():  # nobody built it yet, or a build failed
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ def positive(value: object) -> bool:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_compare_quick_prints_one_table_and_json_with_every_case(tmp_path):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "scripts/bench.py", "--compare", "--quick", "--json", str(out_json)],

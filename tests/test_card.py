@@ -4,6 +4,7 @@ Face dataset card in DIR/README.md whose YAML header describes that data exactly
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from tests.conftest import ROOT, cli
@@ -19,6 +20,7 @@ def read_card(folder) -> tuple[dict, str]:
     return yaml.safe_load(header), body
 
 
+@pytest.mark.slow
 def test_a_card_describes_the_exported_data_and_how_it_was_made(tmp_path):
     home = tmp_path / "home"
     cli("run", str(QUICKSTART), "--run-id", "qs", "--num-records", "120", "--quiet", home=home, check=True)
@@ -40,6 +42,7 @@ def test_a_card_describes_the_exported_data_and_how_it_was_made(tmp_path):
     assert "- written: 120" in body and "No task failed for good." in body
 
 
+@pytest.mark.slow
 def test_a_card_lists_drops_by_error_and_model_usage_in_jsonl(tmp_path, fake_server):
     url = fake_server(latency_ms=1)
     cfg = llm_config(tmp_path, url, records=20,
@@ -69,6 +72,7 @@ def test_card_refuses_a_file_as_its_folder(tmp_path):
     assert target.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_card_writes_into_an_existing_folder_again(tmp_path):
     home = tmp_path / "home"
     cli("run", str(QUICKSTART), "--run-id", "qs", "--num-records", "10", "--quiet", home=home, check=True)

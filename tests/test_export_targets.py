@@ -26,6 +26,7 @@ def run_home(tmp_path_factory):
     return home
 
 
+@pytest.mark.slow
 def test_a_symlink_is_followed_and_stays_a_link(run_home, tmp_path):
     target = tmp_path / "real.jsonl"
     target.write_text("old")
@@ -60,7 +61,7 @@ def test_a_folder_is_refused_and_left_alone(run_home, tmp_path):
 @pytest.mark.parametrize("args", [
     ["export", "qs", "-o", "{file}/x.jsonl"],
     ["export", "qs", "-o", "{file}/sub", "--card"],
-    ["export", "qs", "-o", "/proc/pipeline-card", "--card"],
+    pytest.param(["export", "qs", "-o", "/proc/pipeline-card", "--card"], marks=pytest.mark.slow),
 ])
 def test_an_output_that_cannot_be_written_exits_2_with_a_message(run_home, tmp_path, args):
     blocker = tmp_path / "afile"
@@ -71,6 +72,7 @@ def test_an_output_that_cannot_be_written_exits_2_with_a_message(run_home, tmp_p
     assert blocker.read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_a_report_that_cannot_be_written_exits_2_with_a_message(tmp_path):
     home = tmp_path / "home"
     cli("run", str(QUICKSTART), "--run-id", "tr", "--num-records", "10", "--trace", "--quiet", home=home, check=True)
@@ -92,7 +94,7 @@ def _records_in(data: bytes, fmt: str) -> list[str]:
 
 
 @pytest.mark.parametrize("output", ["/dev/stdout", "-"])
-@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["jsonl", pytest.param("csv", marks=pytest.mark.slow), "parquet"])
 def test_standard_output_into_a_pipe_gets_the_data_and_nothing_else(run_home, tmp_path, output, fmt):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "qs", "-o", output, "--format", fmt,
                            "--home", str(run_home)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

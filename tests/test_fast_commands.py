@@ -94,6 +94,7 @@ def loaded_by(*args: str) -> list[str]:
     return json.loads(proc.stderr.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_status_runs_and_sql_of_a_current_store_load_neither_alembic_nor_pandas(tmp_path):
     home = tmp_path / "home"
     make_run(small_config(tmp_path / "p"), "quick", home)
@@ -137,6 +138,7 @@ def test_only_a_store_that_is_not_current_loads_alembic_which_upgrades_it(tmp_pa
 
 # -- pipeline runs ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_runs_prints_a_table_with_a_header_status_and_record_counts(tmp_path):
     home = tmp_path / "home"
     make_run(small_config(tmp_path / "p", records=40), "counted", home)
@@ -160,6 +162,7 @@ def test_runs_prints_a_table_with_a_header_status_and_record_counts(tmp_path):
 # -- pipeline rm -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.slow
 def test_rm_deletes_every_row_and_the_folder_of_the_run_and_leaves_other_runs(tmp_path, backend, request):
     home = tmp_path / "home"
     db = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
@@ -188,6 +191,7 @@ def test_rm_deletes_every_row_and_the_folder_of_the_run_and_leaves_other_runs(tm
     assert again.returncode == 2 and "no run with id 'gone'" in again.stderr
 
 
+@pytest.mark.slow
 def test_rm_answered_no_changes_nothing(tmp_path):
     home = tmp_path / "home"
     make_run(small_config(tmp_path / "p"), "asked", home)
@@ -204,6 +208,7 @@ def test_rm_answered_no_changes_nothing(tmp_path):
     assert rows_per_table(url, "asked", home)["runs"] == 0
 
 
+@pytest.mark.slow
 def test_rm_of_an_unknown_run_exits_2_and_asks_nothing(tmp_path):
     home = tmp_path / "home"
     make_run(small_config(tmp_path / "p"), "there", home)
@@ -213,6 +218,7 @@ def test_rm_of_an_unknown_run_exits_2_and_asks_nothing(tmp_path):
     assert cli("rm", "bad id!", "--yes", home=home).returncode == 2
 
 
+@pytest.mark.slow
 def test_rm_of_a_running_run_is_refused_until_its_worker_stops(tmp_path):
     home = tmp_path / "home"
     cfg = logged_pipeline(tmp_path / "p", records=400, rg=50, in_flight=4)
@@ -250,6 +256,7 @@ def test_delete_run_in_the_api_returns_the_rows_and_folder_it_removed(tmp_path):
 
 # -- PostgreSQL: the schema is upgraded on purpose ------------------------------------------------
 
+@pytest.mark.slow
 def test_a_postgres_store_at_an_older_revision_is_refused_until_db_upgrade(tmp_path, postgres_empty_url):
     url, home = postgres_empty_url, tmp_path / "home"
     migrate.upgrade(url, "0001")
@@ -265,6 +272,7 @@ def test_a_postgres_store_at_an_older_revision_is_refused_until_db_upgrade(tmp_p
     assert [r["run_id"] for r in json.loads(cli("runs", "--json", home=home, db=url, check=True).stdout)] == ["after"]
 
 
+@pytest.mark.slow
 def test_rm_of_a_run_whose_generators_are_still_being_built_is_refused(tmp_path):
     """The gap between creating a run and its engine starting: rm used to delete the run under
     the process, which then reported 2,000 records written of a run that no longer existed."""

@@ -375,6 +375,7 @@ def test_build_generators_can_run_in_a_fresh_event_loop(tmp_path):
     assert asyncio.run(generators["coin"].agenerate(pd.DataFrame(index=[0]))).shape == (1,)
 
 
+@pytest.mark.slow
 def test_a_user_generator_with_reads_indexes_is_given_record_indexes(tmp_path):
     """A batch Generator that sets ``reads_indexes`` gets its row group's live record indexes
     (numpy int64) instead of a DataFrame, across row groups (README's RecordNumbers)."""

@@ -88,6 +88,7 @@ def tasks_of(run_id: str, home: Path, db: str | None = None) -> list[dict]:
                           "--json", home=home, db=db, check=True).stdout)
 
 
+@pytest.mark.slow
 def test_each_structured_answer_shape_over_http_is_parsed_or_fails_after_its_reasks(tmp_path, fake_server):
     url = fake_server(latency_ms=1, replies={name: reply for name, (reply, _, _) in STRUCTURED.items()})
     home = tmp_path / "home"
@@ -108,6 +109,7 @@ def test_each_structured_answer_shape_over_http_is_parsed_or_fails_after_its_rea
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgres"])
+@pytest.mark.slow
 def test_text_answers_empty_ones_fail_and_length_cut_ones_are_kept_and_counted(tmp_path, fake_server, store, request):
     db = None
     if store == "postgres":
@@ -156,6 +158,7 @@ def test_every_length_cut_text_answer_is_counted_truncated_in_status(tmp_path, f
     assert columns["long"]["truncated"] == 0 and columns["id"]["truncated"] == 0
 
 
+@pytest.mark.slow
 def test_finish_reason_is_in_tasks_while_the_row_group_is_live(tmp_path, fake_server):
     url = fake_server(latency_ms=1)
     home = tmp_path / "home"
@@ -222,6 +225,7 @@ def notes_config(folder: Path, url: str, prompt: str) -> Path:
         """)
 
 
+@pytest.mark.slow
 def test_a_missing_value_renders_as_empty_text_in_expressions_and_prompts(tmp_path, fake_server):
     url = fake_server(latency_ms=1)
     home = tmp_path / "home"
@@ -235,6 +239,7 @@ def test_a_missing_value_renders_as_empty_text_in_expressions_and_prompts(tmp_pa
         assert r["answer"] == echo_answer(f"Notes: {text}")
 
 
+@pytest.mark.slow
 def test_a_prompt_that_renders_empty_fails_its_cell_without_a_request(tmp_path, fake_server):
     url = fake_server(latency_ms=1)
     home = tmp_path / "home"

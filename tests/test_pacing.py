@@ -60,6 +60,7 @@ def status_json(run_id: str, home: Path, env: dict | None = None) -> dict:
 # -- 5: pacing, end to end ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_paced_by_the_servers_headers_is_rarely_refused(tmp_path, fake_server):
     # 1,200 requests/min (20/s), 1 s of budget at the start; 120 requests: without pacing,
     # 16 permits at 10 ms get most of them refused (the second run shows it).
@@ -80,6 +81,7 @@ def test_a_run_paced_by_the_servers_headers_is_rarely_refused(tmp_path, fake_ser
     assert "last rate-limit headers: limit-requests=1200" in text, text
 
 
+@pytest.mark.slow
 def test_without_headers_or_budgets_the_same_run_meets_many_429s(tmp_path, fake_server):
     """The control of the test above: the same server without its headers refuses a lot."""
     url = fake_server(latency_ms=10, rpm_limit=1200, limits_start_s=1, limit_headers=False)
@@ -87,6 +89,7 @@ def test_without_headers_or_budgets_the_same_run_meets_many_429s(tmp_path, fake_
     assert server_get(url, "/stats")["models"]["m"]["rate_limited"] > 20
 
 
+@pytest.mark.slow
 def test_per_minute_budgets_pace_a_run_against_a_server_that_sends_no_headers(tmp_path, fake_server):
     url = fake_server(latency_ms=10, rpm_limit=1200, tpm_limit=30000, limits_start_s=1, limit_headers=False)
     home = tmp_path / "home"
@@ -102,6 +105,7 @@ def test_per_minute_budgets_pace_a_run_against_a_server_that_sends_no_headers(tm
     assert "paced to 1,200 requests/min, 30,000 tokens/min" in run_ok("status", "b", home=home).stdout
 
 
+@pytest.mark.slow
 def test_a_tokens_per_minute_budget_reserves_max_tokens_until_the_usage_is_known(tmp_path, fake_server):
     # The server allows 3,000 tokens/min (50/s; ~12 tokens an answer). Each request reserves
     # its max_tokens (30) and is corrected to what it used: paced by tokens, hardly refused.
@@ -117,6 +121,7 @@ def test_a_tokens_per_minute_budget_reserves_max_tokens_until_the_usage_is_known
 # -- 6: provider options --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_extra_headers_api_key_header_and_extra_body_reach_the_server_and_never_leak(tmp_path, fake_server):
     key = f"azure-key-{uuid.uuid4().hex}"
     token = f"gateway-token-{uuid.uuid4().hex}"
@@ -205,6 +210,7 @@ def test_extra_body_is_part_of_a_columns_fingerprint_and_headers_are_not(tmp_pat
 # -- 7: cost --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cost_appears_in_status_json_and_the_summary_with_the_right_arithmetic(tmp_path, fake_server):
     url = fake_server(latency_ms=5)
     home = tmp_path / "home"
@@ -225,6 +231,7 @@ def test_cost_appears_in_status_json_and_the_summary_with_the_right_arithmetic(t
     assert rows == [{"model": "w", "cost": pytest.approx(expected, rel=1e-9)}]
 
 
+@pytest.mark.slow
 def test_a_run_without_prices_shows_no_cost(tmp_path, fake_server):
     url = fake_server(latency_ms=5)
     home = tmp_path / "home"
@@ -381,6 +388,7 @@ async def test_a_paced_limit_takes_no_permit_and_wakes_its_dispatcher_when_there
     assert limit.try_acquire(5) and limit.in_use == held + 1
 
 
+@pytest.mark.slow
 def test_cost_and_the_pacing_snapshot_are_recorded_in_postgresql_too(tmp_path, fake_server, postgres_url):
     url = fake_server(latency_ms=5, rpm_limit=6000)
     extra = "price_per_million_input_tokens: 1\nprice_per_million_output_tokens: 3\nmax_requests_per_minute: 6000\n"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pyte
+import pytest
 
 from tests.conftest import ROOT, cli, cli_env, cli_popen, logged_pipeline
 
@@ -67,6 +68,7 @@ def screens(raw: bytes, cols: int = 80, rows: int = 24) -> list[list[str]]:
     return shots
 
 
+@pytest.mark.slow
 def test_the_panel_on_an_80x24_terminal_shows_every_column_and_the_eta_on_one_screen_and_never_wraps(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=600, rg=50, in_flight=8)
     env = cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls"), PIPELINE_TEST_SLEEP="0.02")
@@ -105,6 +107,7 @@ def test_a_run_shorter_than_the_first_update_ends_on_its_real_rate(tmp_path):
     assert float(re.search(r"\| ([\d,]+\.\d) records/s \|", final).group(1).replace(",", "")) > 0, final
 
 
+@pytest.mark.slow
 def test_two_workers_each_end_on_the_whole_runs_figures(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
     home = tmp_path / "home"
@@ -124,6 +127,7 @@ def test_two_workers_each_end_on_the_whole_runs_figures(tmp_path):
     assert max(done) == 1200, finals
 
 
+@pytest.mark.slow
 def test_status_watch_on_a_terminal_draws_the_panel_and_ends_with_the_run(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=300, rg=50)
     home = tmp_path / "home"

@@ -61,6 +61,7 @@ def preview_json(cfg: Path, *args: str, home: Path | None = None, **kw) -> list[
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_preview_equals_the_first_records_of_a_full_run(project, tmp_path):
     full = full_run_records(project / "cfg.yaml", tmp_path / "full-home")
     # 10 records cross the full run's row-group boundary (row_group_size 7): the preview's one
@@ -89,6 +90,7 @@ async def test_the_python_api_preview_works_inside_a_running_event_loop(project,
     assert not (tmp_path / ".pipeline").exists()
 
 
+@pytest.mark.slow
 def test_preview_creates_nothing_under_home(project, tmp_path):
     home = tmp_path / "home"
     cli("preview", str(project / "cfg.yaml"), home=home, check=True)
@@ -113,6 +115,7 @@ def test_preview_json_is_a_list_of_objects_with_the_columns_in_config_order(proj
         assert isinstance(record["stars"], int) and isinstance(record["price"], float)
 
 
+@pytest.mark.slow
 def test_preview_of_more_records_than_the_config_has_gives_all_of_them(project, tmp_path):
     full = full_run_records(project / "cfg.yaml", tmp_path / "home")
     proc = cli("preview", str(project / "cfg.yaml"), "-n", "100", "--json", check=True)
@@ -120,7 +123,8 @@ def test_preview_of_more_records_than_the_config_has_gives_all_of_them(project, 
     assert "only 23 records" in proc.stderr
 
 
-@pytest.mark.parametrize("width", [200, 80, 40])
+@pytest.mark.parametrize("width", [pytest.param(200, marks=pytest.mark.slow), 80,
+                                   pytest.param(40, marks=pytest.mark.slow)])
 def test_preview_prints_a_table_that_fits_the_terminal(project, width):
     proc = cli("preview", str(project / "cfg.yaml"), env=cli_env(COLUMNS=str(width)), check=True)
     lines = proc.stdout.splitlines()
@@ -161,6 +165,7 @@ def llm_config(folder: Path, url: str, system: str = "") -> Path:
     return cfg
 
 
+@pytest.mark.slow
 def test_preview_with_an_llm_column_shows_the_prompts_it_sent(fake_server, tmp_path):
     url = fake_server()
     cfg = llm_config(tmp_path, url)
@@ -186,6 +191,7 @@ def test_show_prompts_without_an_llm_column_says_there_is_none(project):
     assert "no llm_* column, so no prompt to show" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_preview_checks_the_models_as_run_does(fake_server, tmp_path):
     cfg = llm_config(tmp_path, fake_server(models="other-model"))  # it does not serve writer-model
     proc = cli("preview", str(cfg), home=tmp_path / "home")
@@ -201,6 +207,7 @@ def test_preview_checks_the_models_as_run_does(fake_server, tmp_path):
     assert not (tmp_path / "home").exists()
 
 
+@pytest.mark.slow
 def test_a_preview_whose_model_stays_down_ends_without_advice_to_resume_it(tmp_path):
     """A preview cannot be resumed: neither its reason nor the engine's log names
     `pipeline resume` (the run id 'preview' is no run of the user's)."""

@@ -10,6 +10,8 @@ import signal
 import struct
 import time
 
+import pytest
+
 from tests.conftest import cli, cli_env, cli_popen, logged_pipeline
 from tests.test_failures import llm_config
 
@@ -23,6 +25,7 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_traced_run_gives_a_picture_and_series_equal_to_its_traces(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=800, rg=50, in_flight=8)  # 1,600 cells of 50 ms, 8 at a time
     home = tmp_path / "home"
@@ -76,6 +79,7 @@ def test_a_killed_and_resumed_traced_run_gives_a_picture_and_series_equal_to_its
     assert all(a[0] <= b[0] for a, b in zip(series["records"], series["records"][1:]))
 
 
+@pytest.mark.slow
 def test_429s_of_a_model_are_marked_and_svg_and_html_are_written(tmp_path, fake_server):
     url = fake_server(latency_ms=1)
     cfg = llm_config(tmp_path, url, records=20, settings=", trace: true",
@@ -97,6 +101,7 @@ def test_429s_of_a_model_are_marked_and_svg_and_html_are_written(tmp_path, fake_
     assert text.startswith("<!doctype html>") and "<svg" in text and "Invocations" in text
 
 
+@pytest.mark.slow
 def test_a_run_without_traces_is_refused_with_the_way_to_get_them(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=50, rg=50)
     home = tmp_path / "home"
@@ -119,6 +124,7 @@ def test_a_run_not_yet_done_without_traces_is_told_to_resume_with_trace(tmp_path
     assert proc.returncode == 2 and "`pipeline resume later --trace`" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_the_legend_of_the_picture_never_covers_its_title(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=40, rg=20)
     home = tmp_path / "home"

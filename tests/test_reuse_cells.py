@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.test_changed_config import COLUMNS, Runner, interrupt, per_column, write_config
 
 
 # -- run --reuse ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_reuse_takes_every_unchanged_cell_from_a_complete_run(tmp_path):
     r = Runner(tmp_path)
     cfg = write_config(tmp_path / "p")
@@ -28,6 +31,7 @@ def test_reuse_takes_every_unchanged_cell_from_a_complete_run(tmp_path):
     assert r.status("src")["num_records"] == 100  # the earlier run is not changed
 
 
+@pytest.mark.slow
 def test_reuse_takes_what_an_interrupted_run_has_and_copes_with_other_row_groups(tmp_path):
     r = Runner(tmp_path, sleep_s=0.01)
     cfg = write_config(tmp_path / "p", in_flight=4)

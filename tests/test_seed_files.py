@@ -51,9 +51,11 @@ def exported(tmp_path: Path) -> list[dict]:
     # a spreadsheet's export with a trailing comma: pandas took 'name' as the index, giving
     # {"name": "Paris", "city": null}
     ("name,city\nAlice,Paris,\nBob,Rome,\n", 2, 3, "remove the trailing comma"),
-    ("name,city\nAlice,Paris,,\n", 2, 4, "remove the trailing comma"),
-    ("name,city\nAlice,Paris,extra\nBob,Rome\n", 2, 3, "'extra': quote a value that holds a comma"),
-    ("name,city\nAlice,Paris\nBob,Rome,x\n", 3, 3, "'x': quote a value that holds a comma"),
+    pytest.param("name,city\nAlice,Paris,,\n", 2, 4, "remove the trailing comma", marks=pytest.mark.slow),
+    pytest.param("name,city\nAlice,Paris,extra\nBob,Rome\n", 2, 3, "'extra': quote a value that holds a comma",
+                 marks=pytest.mark.slow),
+    pytest.param("name,city\nAlice,Paris\nBob,Rome,x\n", 3, 3, "'x': quote a value that holds a comma",
+                 marks=pytest.mark.slow),
 ])
 def test_a_csv_line_with_more_fields_than_the_header_is_refused_naming_the_line(tmp_path, text, line, fields, fix):
     (tmp_path / "people.csv").write_text(text)
@@ -61,6 +63,7 @@ def test_a_csv_line_with_more_fields_than_the_header_is_refused_naming_the_line(
     refused(tmp_path, "people.csv", f"line {line} has {fields} fields, the header 2 (name, city)", fix)
 
 
+@pytest.mark.slow
 def test_a_listed_column_the_header_names_twice_is_refused(tmp_path):
     (tmp_path / "people.csv").write_text("name,name,city\nAlice,Bob,Paris\n")
     project(tmp_path, "people.csv", "name, city")
@@ -74,6 +77,7 @@ def test_a_parquet_column_named_twice_is_refused(tmp_path):
     refused(tmp_path, "people.parquet", "has 2 columns named 'name'")
 
 
+@pytest.mark.slow
 def test_a_column_is_taken_by_the_name_the_header_gives_it_not_by_pandas_renaming(tmp_path):
     # pandas renames the header "a,a,a.1" to a, a.2, a.1: 'a.1' would have been the second column
     (tmp_path / "people.csv").write_text("a,a,a.1\n1,2,3\n")
@@ -84,7 +88,8 @@ def test_a_column_is_taken_by_the_name_the_header_gives_it_not_by_pandas_renamin
 @pytest.mark.parametrize("name, data, expected", [
     ("people.csv", b"name\nAlice\nJos\xe9\n", ["is not UTF-8: line 3 has the byte 0xe9", "seed files are UTF-8"]),
     ("people.jsonl", b'{"name": "Alice"}\n{"name": "Jos\xe9"}\n', ["is not UTF-8: line 2 has the byte 0xe9", "seed files are UTF-8"]),
-    ("people.csv", "name\nJosé\n".encode("utf-16"), ["is UTF-16, not UTF-8", "iconv -f utf-16"]),
+    pytest.param("people.csv", "name\nJosé\n".encode("utf-16"), ["is UTF-16, not UTF-8", "iconv -f utf-16"],
+                 marks=pytest.mark.slow),
 ])
 def test_a_seed_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path, name, data, expected):
     (tmp_path / name).write_bytes(data)
@@ -96,7 +101,7 @@ def test_a_seed_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path, name,
     ("people.csv", "", "is empty (no rows)"),
     ("people.jsonl", "", "is empty (no rows)"),
     ("people.jsonl", "\n\n", "is empty (no rows)"),
-    ("people.csv", "name\n", "has no rows"),
+    pytest.param("people.csv", "name\n", "has no rows", marks=pytest.mark.slow),
 ])
 def test_a_seed_file_without_rows_says_so_in_every_format(tmp_path, name, data, expected):
     (tmp_path / name).write_text(data)
@@ -110,6 +115,7 @@ def test_a_jsonl_line_that_is_not_json_is_refused_naming_the_file_line(tmp_path)
     refused(tmp_path, "people.jsonl", "line 3 is not valid JSON")
 
 
+@pytest.mark.slow
 def test_a_byte_order_mark_is_not_part_of_the_first_column_or_value(tmp_path):
     (tmp_path / "people.jsonl").write_bytes(b'\xef\xbb\xbf{"name": "Alice"}\n')
     project(tmp_path, "people.jsonl", "name", records=1)
@@ -120,6 +126,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_value(tmp_path):
     assert exported(tmp_path) == [{"name": "Alice", "city": "Paris"}]
 
 
+@pytest.mark.slow
 def test_a_big_csv_column_of_numbers_with_text_far_down_is_text_throughout(tmp_path):
     # pandas guesses types per chunk of about 260,000 rows unless told to read the file whole:
     # the first chunk's ints and the last chunk's text would have been mixed in one column

@@ -97,7 +97,8 @@ def described(value) -> str:
     return f"{type(value).__name__}:{value!r}"
 
 
-@pytest.fixture(scope="module", params=["csv", "jsonl", "parquet"])
+@pytest.fixture(scope="module", params=["csv", pytest.param("jsonl", marks=pytest.mark.slow),
+                                        pytest.param("parquet", marks=pytest.mark.slow)])
 def seeded(request, tmp_path_factory) -> Path:
     """The home of one run over the seed file in each format (shared by this module's tests)."""
     _, home = run_seed(tmp_path_factory.mktemp(request.param), request.param)
@@ -153,6 +154,7 @@ def test_templates_see_na_text_as_text_and_a_missing_value_as_none(seeded):
     assert [r["n_is_none"] for r in records] == [str(row[2] is None) for row in ROWS]
 
 
+@pytest.mark.slow
 def test_a_csv_column_with_any_text_stays_text_as_written(tmp_path):
     folder = tmp_path / "cfg"
     folder.mkdir()
@@ -190,6 +192,7 @@ def run_small(tmp_path: Path, seed_name: str, columns: str, records: int) -> lis
     return [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_csv_with_an_int_beyond_64_bits_is_read_with_its_other_columns_as_written(tmp_path):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "big.csv").write_text("big,n,code\n99999999999999999999,1,NA\n1,,null\n")
@@ -198,6 +201,7 @@ def test_a_csv_with_an_int_beyond_64_bits_is_read_with_its_other_columns_as_writ
                         {"big": "1", "n": None, "code": "null"}]
 
 
+@pytest.mark.slow
 def test_parquet_seed_values_keep_nan_nulls_dates_and_struct_ints_apart(tmp_path):
     (tmp_path / "cfg").mkdir()
     pq.write_table(pa.table({

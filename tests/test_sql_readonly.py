@@ -199,7 +199,7 @@ def test_pipeline_sql_on_postgres_still_answers_reads(postgres_store, query, col
     answers(postgres_store[0], query, columns)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def test_pipeline_sql_counts_progress_of_a_finished_run(request, backend):
     url = request.getfixturevalue(f"{'postgres' if backend == 'postgresql' else backend}_store")[0]
     progress = json.loads(cli("sql", "select column_name, rows_done from column_progress where run_id = 'done' "
@@ -237,9 +237,11 @@ def test_pipeline_sql_on_postgres_stops_a_query_that_runs_too_long():
     ("sqlite", "PRAGMA main.journal_mode(DELETE)", "refused: PRAGMA journal_mode(...), which with an argument sets"),
     ("sqlite", "PRAGMA user_version = 7", "refused: a PRAGMA that sets a value (PRAGMA user_version = ...)"),
     ("sqlite", "PRAGMA optimize", "refused: PRAGMA optimize (it writes, or is not one of the PRAGMAs that only read"),
-    ("postgresql", "SELECT * FROM runs FOR UPDATE", "refused: the locking clause FOR UPDATE (it takes row locks"),
-    ("postgresql", "select * from runs for no key update nowait", "refused: the locking clause FOR NO KEY UPDATE"),
-    ("postgresql", "SELECT * FROM runs FOR KEY SHARE", "refused: the locking clause FOR KEY SHARE"),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("postgresql", "SELECT * FROM runs FOR UPDATE", "refused: the locking clause FOR UPDATE (it takes row locks"),
+        ("postgresql", "select * from runs for no key update nowait", "refused: the locking clause FOR NO KEY UPDATE"),
+        ("postgresql", "SELECT * FROM runs FOR KEY SHARE", "refused: the locking clause FOR KEY SHARE"),
+    ]),
 ])
 def test_a_refused_statement_is_refused_for_what_it_is(request, backend, attempt, reason):
     """`PRAGMA journal_mode=delete` is a PRAGMA that sets a value, not a DELETE; `FOR UPDATE` a

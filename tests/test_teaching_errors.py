@@ -53,6 +53,7 @@ def failures(home: Path, stdout: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode, function", [("cell", "undeclared"), ("batch", "batch_undeclared")])
+@pytest.mark.slow
 def test_a_python_column_reading_an_undeclared_column_fails_naming_it_and_the_requires_to_write(
         tmp_path, mode, function):
     home = tmp_path / "home"
@@ -90,6 +91,7 @@ def test_the_config_check_warns_when_the_function_visibly_reads_an_undeclared_co
     assert "warning" not in declared.stderr
 
 
+@pytest.mark.slow
 def test_a_base_url_without_a_scheme_is_refused_with_the_fix(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(textwrap.dedent("""\
@@ -110,7 +112,8 @@ def test_a_base_url_without_a_scheme_is_refused_with_the_fix(tmp_path):
     assert "http:// or https://" in cli("validate", str(cfg)).stderr
 
 
-@pytest.mark.parametrize("shape", ["sk-proj-{hex}", "{hex}{hex}", "nvapi-{hex}", "hf_{hex}", "Bearer {hex}"])
+@pytest.mark.parametrize("shape", ["sk-proj-{hex}"] + [pytest.param(shape, marks=pytest.mark.slow) for shape in
+                                                         ("{hex}{hex}", "nvapi-{hex}", "hf_{hex}", "Bearer {hex}")])
 def test_a_key_pasted_into_api_key_env_is_never_echoed_by_any_command(tmp_path, shape):
     key = shape.format(hex=uuid.uuid4().hex)
     cfg = tmp_path / "cfg.yaml"
@@ -133,7 +136,8 @@ def test_a_key_pasted_into_api_key_env_is_never_echoed_by_any_command(tmp_path, 
 
 @pytest.mark.parametrize("model_extra, variable, says", [
     ("api_key_env: PIPELINE_TEST_KEY", "PIPELINE_TEST_KEY", "takes its API key from the environment variable"),
-    ("extra_headers: {X-Token: {env: PIPELINE_TEST_TOKEN}}", "PIPELINE_TEST_TOKEN", "extra_headers.X-Token is read"),
+    pytest.param("extra_headers: {X-Token: {env: PIPELINE_TEST_TOKEN}}", "PIPELINE_TEST_TOKEN",
+                 "extra_headers.X-Token is read", marks=pytest.mark.slow),
 ])
 def test_a_variable_set_to_nothing_is_told_apart_from_one_not_set(tmp_path, model_extra, variable, says):
     (tmp_path / "cfg.yaml").write_text(textwrap.dedent(f"""\

@@ -52,7 +52,8 @@ def config(folder: Path, field: str, template: str, url: str = "http://127.0.0.1
     return folder / "cfg.yaml"
 
 
-@pytest.mark.parametrize("field", ["expr", "prompt", "system_prompt"])
+@pytest.mark.parametrize("field", ["expr"] + [pytest.param(field, marks=pytest.mark.slow)
+                                             for field in ("prompt", "system_prompt")])
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_template_jinja2_refuses_is_refused_naming_file_column_field_and_fix(tmp_path, case, field):
     template, expected = BAD[case]
@@ -93,6 +94,7 @@ def test_the_library_validate_raises_config_error_for_an_unknown_filter(tmp_path
 RUNTIME = '{% if a > 3 %}{{ [a] | map("nosuchfilter") | join }}{% else %}v{{ a }}{% endif %}'
 
 
+@pytest.mark.slow
 def test_a_template_that_fails_at_render_time_fails_only_its_cells(tmp_path):
     config(tmp_path, "expr", RUNTIME)
     home = tmp_path / "home"
@@ -105,6 +107,7 @@ def test_a_template_that_fails_at_render_time_fails_only_its_cells(tmp_path):
     assert "column 'b'" in failure["example"] and "No filter named 'nosuchfilter'" in failure["example"]
 
 
+@pytest.mark.slow
 def test_a_prompt_that_fails_at_render_time_fails_its_cell_naming_column_and_field_without_a_request(
         tmp_path, fake_server):
     url = fake_server(latency_ms=1)

@@ -87,6 +87,7 @@ def test_a_state_store_file_behind_a_file_is_a_clean_error_naming_its_folder(tmp
     clean_error(proc, f"cannot create the folder {blocker} of the state store")
 
 
+@pytest.mark.slow
 def test_a_home_that_cannot_be_made_creates_no_run_in_postgres(tmp_path, postgres_url):
     blocker = tmp_path / "afile"
     blocker.write_text("keep")
@@ -145,6 +146,7 @@ def test_a_command_that_writes_says_the_folder_of_the_store_cannot_be_written(ro
 
 
 @READ_ONLY_MOUNTS
+@pytest.mark.slow
 def test_a_read_only_store_with_transactions_still_in_its_wal_is_read_or_refused_with_the_reason(tmp_path):
     home = tmp_path / "home"
     cli("run", str(_config(tmp_path)), "--run-id", "w", "--quiet", home=home, check=True)

@@ -29,7 +29,7 @@ import pipeline
 from pipeline.config import config_from_json
 from pipeline.llm import LlmRuntime
 from pipeline.generators.llm import make_llm_generator
-from tests.conftest import cli, cli_env, cli_popen, fake_server_module
+from tests.conftest import built_once, cli, cli_env, cli_popen, fake_server_module
 
 N, RG = 12, 4
 D = decimal.Decimal
@@ -246,25 +246,33 @@ def kill_after_first_row_group(cfg: Path, home: Path, gate: Path) -> subprocess.
     return cli("resume", "killed", "--quiet", home=home, env=env)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    base = tmp_path_factory.mktemp("values")
+def make_runs(base: Path) -> None:
+    """Both runs, their exports in every format and their stderr (stderr.json), in ``base``."""
     home, gate = base / "home", base / "gate"
     cfg = write_config(base / "cfg")
-    out = {"home": home, "base": base, "stderr": {}}
+    stderr = {}
     gate.touch()
     done = cli("run", str(cfg), "--run-id", "whole", "--quiet", home=home, env=cli_env(VALUES_GATE=str(gate)))
     assert done.returncode == 0, done.stderr
-    out["stderr"]["whole"] = done.stderr
+    stderr["whole"] = done.stderr
     gate.unlink()
     resumed = kill_after_first_row_group(cfg, home, gate)
     assert resumed.returncode == 0, resumed.stderr
-    out["stderr"]["killed"] = resumed.stderr
+    stderr["killed"] = resumed.stderr
     for run_id in ("whole", "killed"):
         for fmt in ("parquet", "csv", "jsonl"):
-            path = base / f"{run_id}.{fmt}"
-            cli("export", run_id, "--output", str(path), "--format", fmt, home=home, check=True)
-            out[(run_id, fmt)] = path
+            cli("export", run_id, "--output", str(base / f"{run_id}.{fmt}"), "--format", fmt, home=home, check=True)
+    (base / "stderr.json").write_text(json.dumps(stderr))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    base = built_once(tmp_path_factory, "value-table", make_runs)
+    home = base / "home"
+    out = {"home": home, "base": base, "stderr": json.loads((base / "stderr.json").read_text())}
+    for run_id in ("whole", "killed"):
+        for fmt in ("parquet", "csv", "jsonl"):
+            out[(run_id, fmt)] = base / f"{run_id}.{fmt}"
         out[(run_id, "frame")] = pipeline.load_dataset(run_id, home=home)
     return out
 
@@ -305,6 +313,7 @@ def test_a_killed_and_resumed_run_exports_what_the_uninterrupted_run_exports(run
 
 
 @pytest.mark.parametrize("row", TABLE, ids=[row.name for row in TABLE])
+@pytest.mark.slow
 def test_each_value_comes_back_as_the_table_says_in_every_format(runs, row):
     records = [json.loads(line, parse_float=D if row.name == "dec" else float)
                for line in runs[("whole", "jsonl")].read_text(encoding="utf-8").splitlines()]
@@ -324,6 +333,7 @@ def test_each_value_comes_back_as_the_table_says_in_every_format(runs, row):
             f"load_dataset {i}: {shown(frame[k])}"
 
 
+@pytest.mark.slow
 def test_decimals_keep_their_exact_digits_in_jsonl(runs):
     text = runs[("whole", "jsonl")].read_text(encoding="utf-8")
     for i in LIVE:
