@@ -306,3 +306,72 @@ def test_retry_with_a_worker_joining_finishes_with_the_same_export(tmp_path):
     again = cell_calls(calls)
     assert max(again.values()) == 1  # no cell twice across the two processes
     assert not set(cell_calls(runs.calls("first"))) & set(again)
+
+
+# -- a cell still running when its record is dropped ------------------------------------------
+
+STRAGGLER_FNS = '''
+import asyncio, os, zlib
+from pathlib import Path
+
+HERE = Path(os.environ["MARKS"])
+
+
+def _log(col, key):
+    with open(os.environ["PIPELINE_TEST_CALLS"], "a") as f:
+        f.write(f"{col},{key},{os.getpid()}\\n")
+
+
+def _buggy(key):
+    return os.environ.get("BUG") and zlib.crc32(key.encode()) % 2 == 0
+
+
+async def fail_some(row):
+    if _buggy(row["id"]):
+        (HERE / row["id"]).touch()  # the cell of `slow` on this record may end now
+        raise ValueError("bug")
+    _log("a", row["id"])
+    return 1
+
+
+async def slow(row):
+    while _buggy(row["id"]) and not (HERE / row["id"]).exists():
+        await asyncio.sleep(0.01)
+    _log("b", row["id"])
+    return 2
+'''
+
+
+@pytest.mark.parametrize("records,rg", [(8, 8), (16, 4)], ids=["last-row-group", "row-groups"])
+def test_a_cell_running_when_its_record_is_dropped_is_kept_even_if_its_row_group_ends_first(tmp_path, records, rg):
+    """The cell of `b` on a record that `a` drops is still running when the row group has no
+    other task left: the row group (and the run, when it is the last) waits for it, so that
+    `retry` does not pay for it again."""
+    (tmp_path / "marks").mkdir()
+    (tmp_path / "strag.py").write_text(STRAGGLER_FNS)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        name: straggle
+        num_records: {records}
+        row_group_size: {rg}
+        seed: 3
+        settings: {{shutdown_error_rate: 1.0}}
+        columns:
+          - {{name: id, type: sampler, sampler: uuid}}
+          - {{name: a, type: python, function: "strag:fail_some", requires: [id]}}
+          - {{name: b, type: python, function: "strag:slow", requires: [id]}}
+        """))
+    home, calls = tmp_path / "home", tmp_path / "calls"
+    env = cli_env(PIPELINE_TEST_CALLS=str(calls), MARKS=str(tmp_path / "marks"), PYTHONPATH=f"{tmp_path}:{cli_env()['PYTHONPATH']}")
+    first = cli("run", str(cfg), "--run-id", "s", "--quiet", home=home, env={**env, "BUG": "1"})
+    assert first.returncode == 0, first.stderr
+    dropped = api.status("s", home=home)["records_dropped"]
+    assert 0 < dropped < records
+    assert len(calls_of(calls)) == 2 * records - dropped  # every b, and the a that passed
+
+    retry = cli("retry", "s", "--quiet", home=home, env=env)
+    assert retry.returncode == 0, retry.stderr
+    s = api.status("s", home=home)
+    assert (s["status"], s["records_done"], s["records_dropped"]) == ("complete", records, 0)
+    b = collections.Counter(key for col, key, _ in calls_of(calls) if col == "b")
+    assert len(b) == records and max(b.values()) == 1  # no b cell computed twice

@@ -62,8 +62,8 @@ class Outcomes:
 
     ``route(rg, ready)`` puts tasks that became ready in their lanes; ``requeue(due)`` puts
     deferred ``(rg, generator, row)`` that are due back at the front of theirs;
-    ``finish_row_group(rg)`` is called when a row group has no task left; ``fail(reason)`` ends
-    the run 'failed'. Call :meth:`start` on the event loop before the first task ends."""
+    ``fail(reason)`` ends the run 'failed'. (Whoever runs the task finishes its row group when
+    it has no task left: see RowGroups.finish_if_done.) Call :meth:`start` on the event loop before the first task ends."""
 
     #: The longest a deferred task waits on resume (a stored next_eligible_at), and the longest a
     #: Retry-After is honoured for other generators' retryable errors, in seconds.
@@ -72,14 +72,14 @@ class Outcomes:
     def __init__(self, nodes: list[Any], journal: Journal, opts: SchedulerOptions, stats: RunStats,
                  stateful: StatefulLanes | None, *, route: Callable[[RowGroup, list[Ready]], None],
                  requeue: Callable[[list[tuple[RowGroup, int, int | None]]], None],
-                 finish_row_group: Callable[[RowGroup], None], fail: Callable[[str], None]) -> None:
+                 fail: Callable[[str], None]) -> None:
         self._nodes, self.opts, self.stats = nodes, opts, stats
         self._append = journal.append
         self._stateful = stateful
         # Stateful generators that implement state_dict() (their DONE events carry the state).
         self._state_idx = stateful.keeps_state if stateful is not None else frozenset()
         self._route, self._requeue = route, requeue
-        self._finish_row_group, self._fail = finish_row_group, fail
+        self._fail = fail
         #: records done per generator (plan order), for the progress display
         self.records_done = [0] * len(nodes)
         self.failures = FailureLog(log)
@@ -207,8 +207,6 @@ class Outcomes:
         if self._waits:
             self._waits.pop((rg.id, j, r), None)
         self._count(False)
-        if rg.tracker.outstanding == 0:
-            self._finish_row_group(rg)
 
     # -- failures -------------------------------------------------------------------------
     def failed(self, rg: RowGroup, node: Any, r: int | None, exc: BaseException,
@@ -254,8 +252,6 @@ class Outcomes:
             self._append(Dropped(rg.id))
         if not retryable:
             self._count(True)
-        if tracker.outstanding == 0:
-            self._finish_row_group(rg)
         return False
 
     def _waits_instead(self, rg: RowGroup, node: Any, r: int | None, key: TaskKey, exc: BaseException,

@@ -44,6 +44,10 @@ class RowGroup:
     tracker: RowGroupTracker
     buffer: RowGroupBuffer
     dead: bool = False  # finished or abandoned (lease lost): late results are ignored
+    #: Its tasks in flight. A row group finishes when it has no task left *and* none running: a
+    #: cell still running on a record dropped meanwhile is recorded all the same, so that
+    #: `pipeline retry` does not pay for it again.
+    running: int = 0
 
 
 class RowGroups:
@@ -134,8 +138,7 @@ class RowGroups:
         else:
             ready = self._restore(rg, loaded)
         self._admitted(rg, ready, loaded)
-        if tracker.outstanding == 0:
-            self.finish(rg)
+        self.finish_if_done(rg)
 
     def _restore(self, rg: RowGroup, loaded: Any) -> list[Ready]:
         """Rebuild a row group's values and progress from what the store recorded (resume or
@@ -150,9 +153,10 @@ class RowGroups:
             rg.buffer.restore(nodes[j].outputs, r, value)
         return rg.tracker.replay(lambda j, r: (j, r) in done, loaded.dropped)
 
-    def finish(self, rg: RowGroup) -> None:
-        """``rg`` has no task left: recorded ``complete``, and checkpointed once that is committed."""
-        if rg.dead:
+    def finish_if_done(self, rg: RowGroup) -> None:
+        """Once ``rg`` has no task left and none running: recorded ``complete``, and
+        checkpointed once that is committed."""
+        if rg.dead or rg.running or rg.tracker.outstanding:
             return
         rg.dead = True
         del self.live[rg.id]

@@ -92,7 +92,7 @@ class Scheduler:
                                      stopping=lambda: self._stopping, admitted=self._admitted, pump=self._pump,
                                      fail=self._fail)
         self._outcomes = Outcomes(plan.nodes, self.journal, opts, self.stats, self._stateful, route=self._route,
-                                  requeue=self._requeue, finish_row_group=self._row_groups.finish, fail=self._fail)
+                                  requeue=self._requeue, fail=self._fail)
         for node in plan.nodes:
             if node.limit is not None and node.limit not in self._limited:
                 self._limited[node.limit] = collections.deque()
@@ -296,6 +296,7 @@ class Scheduler:
         model's limit, with that many tokens reserved in the model's pace."""
         if reserved is None:
             self._in_flight += 1
+        rg.running += 1
         key = (rg.id, node.index, r)
         self._unannounced[key] = [rg.id, node.name, r, node.task_type, False]
         self._running[key] = self._loop.create_task(self._exec(rg, node, r, key, reserved))
@@ -387,6 +388,8 @@ class Scheduler:
                                    reserved=reserved, requests=usage[0], tokens=usage[1] + usage[2])
             if node.stateful and not deferred:  # a deferred stateful task keeps its generator
                 self._stateful.release(node.index)
+            rg.running -= 1
+            self._row_groups.finish_if_done(rg)
             self._pump()
 
     def _requeue(self, due: list[tuple[RowGroup, int, int | None]]) -> None:
