@@ -401,3 +401,19 @@ def test_cost_and_the_pacing_snapshot_are_recorded_in_postgresql_too(tmp_path, f
     assert m["cost"] == pytest.approx((m["prompt_tokens"] + 3 * m["completion_tokens"]) / 1e6)
     assert m["max_requests_per_minute"] == 6000
     assert m["rate_limit_headers"]["x-ratelimit-limit-requests"] == "6000"
+
+
+def test_the_snapshot_taken_before_the_first_request_ended_is_not_kept_for_a_second():
+    """A run shorter than a second showed 0 requests/min: its first snapshot (attached to the
+    first DONE, before that task's request settled) was reused until the run ended."""
+    from pipeline.llm.pacing import Pacer
+
+    clock = Clock()
+    pacer = Pacer(clock=clock)
+    assert pacer.snapshot()["requests_per_minute"] == 0
+    pacer.settle(0, 1, 20)
+    clock.now += 0.1
+    first = pacer.snapshot()
+    assert first["requests_per_minute"] == 60.0 and first["tokens_per_minute"] == 1200.0  # over 1 s at least
+    pacer.settle(0, 1, 20)
+    assert pacer.snapshot() is first  # then one a second, as before

@@ -249,9 +249,12 @@ class Pacer:
         """``{"requests_per_minute", "tokens_per_minute"}`` (measured over the last minute, or
         since the start when shorter), the budgets ``max_requests_per_minute`` /
         ``max_tokens_per_minute``, ``paced`` (times requests were held back), ``headers`` (the last
-        ``x-ratelimit-*`` seen) and ``headers_at``. The same dict for a second at a time."""
+        ``x-ratelimit-*`` seen) and ``headers_at``. The same dict for a second at a time, unless
+        it counted no request and one has ended since: a run's first snapshot is taken before its
+        first request settles, and a run shorter than a second would keep showing 0."""
         now = self.clock()
-        if now - self._snapshot_at < self.SNAPSHOT_EVERY_S and self._snapshot is not None:
+        if now - self._snapshot_at < self.SNAPSHOT_EVERY_S and self._snapshot is not None and (
+                self._snapshot["requests_per_minute"] or not self._minute):
             return self._snapshot
         second = int(now)
         requests = tokens = 0
