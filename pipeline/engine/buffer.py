@@ -60,29 +60,18 @@ class RowGroupBuffer:
 
     def frame(self, rows: Sequence[int], names: Sequence[str]) -> pd.DataFrame:
         """The given records (row indexes) as a DataFrame indexed by global record index (what a
-        batch generator receives). A column of ints with missing values is Int64 (pd.NA)."""
-        import numpy as np
+        batch generator receives). A column of ints with missing values is Int64 (pd.NA); text is
+        object dtype holding str and None (pandas 3's str dtype would turn None into NaN)."""
         import pandas as pd
-        from pandas.api.types import infer_dtype
 
         index = pd.RangeIndex(self.start, self.start + self.n) if len(rows) == self.n else \
             pd.Index([self.start + r for r in rows], dtype="int64")
         cols = self.cols
         if len(rows) == self.n:
-            data = {c: cols[c] for c in names}
+            data = {c: _frame_column(cols[c], index) for c in names}
         else:
-            data = {c: [cols[c][r] for r in rows] for c in names}
-        frame = pd.DataFrame(data, index=index)
-        for c in names:
-            kind = frame[c].dtype
-            # Ints beside a missing value stay ints: pandas would make 1 and None 1.0 and NaN;
-            # Int64 holds 1 and pd.NA. Only float64 columns can be such a column: one check each.
-            if kind == np.float64 and infer_dtype(data[c], skipna=True) == "integer":
-                frame[c] = pd.array(data[c], dtype="Int64")
-            elif kind != np.object_ and isinstance(kind, pd.StringDtype):
-                # Text stays str and None (pandas 3's str dtype would turn None into NaN).
-                frame[c] = pd.Series(list(data[c]), index=index, dtype=object)
-        return frame
+            data = {c: _frame_column([cols[c][r] for r in rows], index) for c in names}
+        return pd.DataFrame(data, index=index, copy=False)
 
     def unstorable(self, column: str, r: int, exc: UnstorableValueError) -> UnstorableValueError:
         """The cell's error: which column, which record, and why (contract section 9)."""
@@ -176,6 +165,35 @@ class RowGroupBuffer:
             fields.append(pa.field(c, array.type, metadata=JSON_FIELD if as_json else None))
             arrays.append(array)
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+#: numpy dtypes of the columns whose values are all of one plain kind (pandas.api.types.infer_dtype,
+#: no missing value): an array of it is built at once, without pandas' inference (about 3 x
+#: faster for a row group of 1,000, which a batch generator reads once per row group).
+_PLAIN_KINDS = {"integer": "int64", "floating": "float64", "boolean": "bool", "string": "object"}
+
+
+def _frame_column(values: list, index: pd.Index) -> pd.Series:
+    """One column of :meth:`RowGroupBuffer.frame`: a numpy array for a plain kind, else a
+    Series as pandas infers it, with ints beside a missing value as Int64 and text as object."""
+    import numpy as np
+    import pandas as pd
+    from pandas.api.types import infer_dtype
+
+    dtype = _PLAIN_KINDS.get(infer_dtype(values, skipna=False))
+    if dtype is not None:
+        try:
+            return pd.Series(np.array(values, dtype=dtype), index=index, dtype=dtype, copy=False)
+        except OverflowError:  # ints beyond 64 bits stay Python ints
+            return pd.Series(values, index=index, dtype=object)
+    series = pd.Series(values, index=index)
+    if series.dtype == np.float64 and infer_dtype(values, skipna=True) == "integer":
+        # Ints beside a missing value stay ints: pandas would make 1 and None 1.0 and NaN;
+        # Int64 holds 1 and pd.NA.
+        return pd.Series(pd.array(values, dtype="Int64"), index=index, copy=False)
+    if isinstance(series.dtype, pd.StringDtype):
+        return pd.Series(values, index=index, dtype=object)
+    return series
 
 
 #: Field metadata of a row-group file's column whose cells hold ``values.encode(value)``.
