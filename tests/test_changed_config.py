@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import cli, cli_env, cli_popen, read_calls
 
+pytestmark = pytest.mark.slow  # every test runs the command line several times
+
 MOD_UP = '''
 import os
 
@@ -37,28 +39,23 @@ async def upper(row):
 MOD_REST = '''
 from mod_up import _log
 
-
 def length(row):
     _log("len", row["id"])
     return len(row["up"]) + row["n"]
-
 
 def after(row):
     _log("after", row["id"])
     return row["tag"] + "/" + row["id"][:2]
 
-
 def extra(row):
     _log("extra", row["id"])
     return row["up"].lower()
-
 
 def picky(row):
     _log("picky", row["id"])
     if "word" not in row and row["n"] % 10 == 0:
         raise ValueError(f"picky about {row['n']}")
     return row["n"] * 2
-
 
 def total(df):
     _log("total", df.index[0])
@@ -119,9 +116,8 @@ class Runner:
     def fresh(self, cfg: Path, run_id: str) -> list[dict]:
         """The export of a fresh run of ``cfg`` (its calls are not counted)."""
         self("run", str(cfg), "--run-id", run_id, "--quiet")
-        rows = self.export(run_id)
         self.take()
-        return rows
+        return self.export(run_id)  # export makes no call
 
     def plan(self, run_id: str, cfg: Path) -> dict:
         out = json.loads(self("resume", run_id, "--config", str(cfg), "--plan", "--json").stdout)
@@ -167,7 +163,6 @@ def interrupt(r: Runner, args: list[str], ups: int) -> None:
 
 
 # -- resume --config ---------------------------------------------------------------------------
-@pytest.mark.slow
 def test_a_changed_template_recomputes_only_it_and_its_readers(tmp_path):
     r = Runner(tmp_path)
     cfg = write_config(tmp_path / "p")
@@ -197,7 +192,6 @@ def test_a_changed_template_recomputes_only_it_and_its_readers(tmp_path):
     assert all(c["reason"] == "unchanged" and c["compute"] == 0 for c in r.plan("a", new).values())
 
 
-@pytest.mark.slow
 def test_a_changed_module_on_an_interrupted_run_recomputes_its_column_and_readers_only(tmp_path):
     r = Runner(tmp_path, sleep_s=0.01)
     cfg = write_config(tmp_path / "p", in_flight=4)
@@ -221,7 +215,6 @@ def test_a_changed_module_on_an_interrupted_run_recomputes_its_column_and_reader
     assert r.export("m") == r.fresh(cfg, "fresh")
 
 
-@pytest.mark.slow
 def test_a_changed_judge_rubric_sends_only_judge_requests_again(tmp_path, fake_server):
     from tests.llm_run_helpers import RUBRIC, server_stats, three_columns_config
 
@@ -247,7 +240,6 @@ def test_a_changed_judge_rubric_sends_only_judge_requests_again(tmp_path, fake_s
     assert rows == r.fresh(new, "fresh")
 
 
-@pytest.mark.slow
 def test_an_added_column_is_computed_alone_and_a_removed_one_leaves_the_export(tmp_path):
     r = Runner(tmp_path)
     cfg = write_config(tmp_path / "p")
@@ -278,7 +270,6 @@ def test_an_added_column_is_computed_alone_and_a_removed_one_leaves_the_export(t
     assert list(r.status("x")["columns"]) == ["id", "n", "word", "up", "len", "tag", "total"]
 
 
-@pytest.mark.slow
 def test_records_dropped_by_a_changed_columns_failures_come_back(tmp_path):
     r = Runner(tmp_path)
     picky = '{name: picky, type: python, function: "mod_rest:picky", requires: [n, id]}'
@@ -304,7 +295,6 @@ def test_records_dropped_by_a_changed_columns_failures_come_back(tmp_path):
     assert r.export("f") == r.fresh(fixed, "fresh")
 
 
-@pytest.mark.slow
 def test_growing_100_to_150_records_computes_only_the_new_records(tmp_path):
     r = Runner(tmp_path)
     cfg = write_config(tmp_path / "p", records=100, rg=25)
@@ -324,7 +314,6 @@ def test_growing_100_to_150_records_computes_only_the_new_records(tmp_path):
     assert r.status("g")["num_records"] == 150
 
 
-@pytest.mark.slow
 def test_growing_into_a_partial_row_group_recomputes_only_its_batch_column(tmp_path):
     r = Runner(tmp_path)
     cfg = write_config(tmp_path / "p", records=100, rg=30)  # the last row group holds 10 records
@@ -340,7 +329,6 @@ def test_growing_into_a_partial_row_group_recomputes_only_its_batch_column(tmp_p
     assert r.export("g") == r.fresh(grown, "fresh")
 
 
-@pytest.mark.slow
 def test_shrinking_drops_the_records_past_the_end_and_computes_only_a_cut_batch(tmp_path):
     r = Runner(tmp_path)
     cfg = write_config(tmp_path / "p", records=100, rg=25)
@@ -360,7 +348,6 @@ def test_shrinking_drops_the_records_past_the_end_and_computes_only_a_cut_batch(
     assert [f[:9] for f in files] == ["rg-000000", "rg-000001", "rg-000002"], files  # row group 3's went
 
 
-@pytest.mark.slow
 def test_a_change_is_refused_while_a_worker_holds_the_run(tmp_path):
     r = Runner(tmp_path)
     cfg = write_config(tmp_path / "p", in_flight=2)
@@ -397,7 +384,6 @@ def test_plan_and_json_need_config_and_a_row_group_size_change_is_refused(tmp_pa
 
 
 # -- a kill while a change is applied ----------------------------------------------------------
-@pytest.mark.slow
 def test_a_kill_inside_the_change_transaction_leaves_the_old_run_and_resume_applies_it(tmp_path, postgres_url):
     """PostgreSQL, where the test can hold the change inside its transaction: a row lock on the
     last row group stops it there, after every other row group was rewritten in the same
@@ -443,7 +429,6 @@ def test_a_kill_inside_the_change_transaction_leaves_the_old_run_and_resume_appl
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_a_changed_module_then_resume_on_postgres(tmp_path, postgres_url):
     r = Runner(tmp_path, db=postgres_url, sleep_s=0.01)
     cfg = write_config(tmp_path / "p", in_flight=4)
