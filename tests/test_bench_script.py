@@ -16,7 +16,7 @@ CASES = ["overhead_200x3", "overhead_200x10", "latency_narrow", "latency_deep", 
          "failures_dual", "llm_dual", "resume", "cold_start_fresh", "cold_start_existing", "scale_2000x10"]
 
 #: the figures each case must carry, on our side
-FIGURES = {"overhead": ["tasks_per_s", "peak_rss_mb", "db_mb"], "latency": ["seconds", "bound_s", "ratio"],
+FIGURES = {"overhead": ["tasks_per_s", "peak_rss_mb", "db_mb"], "latency": ["seconds", "bound_s", "ratio", "ratio_waves"],
            "failures": ["seconds", "bound_s", "ratio"], "llm": ["seconds", "bound_s", "ratio", "floor_s", "ratio_floor"],
            "resume": ["seconds", "wall_s"], "cold": ["seconds", "wall_s"],
            "scale": ["tasks_per_s", "peak_rss_mb", "db_mb", "db_mb_during", "seconds"]}
