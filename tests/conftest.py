@@ -17,6 +17,14 @@ from typing import Callable
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The commands under test meet Ctrl-C as at a terminal, however the suite was started: a
+# background job of a shell (`pytest ... &`, nohup, some CI runners) starts with SIGINT ignored,
+# pytest-xdist's workers inherit that and so would every CLI they start (which then could not
+# be interrupted before its run exists). A handler here becomes SIG_DFL in a child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 FAKE_SERVER_SCRIPT = ROOT / "scripts" / "fake_llm_server.py"
 
 

@@ -102,7 +102,8 @@ def test_a_run_shorter_than_the_first_update_ends_on_its_real_rate(tmp_path):
     proc = cli("run", str(cfg), "--no-check-models", home=tmp_path / "home",
                env=cli_env(PIPELINE_TEST_CALLS=str(tmp_path / "calls")))
     assert proc.returncode == 0, proc.stderr
-    [final] = [line for line in proc.stderr.splitlines() if line.startswith("run ") and " | records " in line]
+    # Its only line, but on a loaded machine the run can outlast the first update: the last one.
+    final = [line for line in proc.stderr.splitlines() if line.startswith("run ") and " | records " in line][-1]
     assert "records 20/20" in final and "- records/s" not in final, final
     assert float(re.search(r"\| ([\d,]+\.\d) records/s \|", final).group(1).replace(",", "")) > 0, final
 
