@@ -43,6 +43,8 @@ def status_of(store: Store, run_id: str, home: Path | None = None) -> dict[str, 
         damaged = check_files(home, store.row_groups(run_id))
     columns = store.column_counts(run_id)
     state, started = shown_status(store, info, groups)
+    if state != info.status and state != RunStatus.INTERRUPTED:  # it ended while being read:
+        return status_of(store, run_id, home)  # read again, all of it from the ended run
     done, dropped = groups["records_written"], groups["records_dropped"]
     # Rate: records whose every column is done, per second since the run was created (time it
     # spent interrupted included); the ETA assumes it holds.
@@ -78,7 +80,11 @@ def shown_status(store: Store, info: Any, groups: dict[str, int] | None = None) 
     ``groups``: :meth:`Store.row_group_counts`, when the caller has them."""
     state = info.status
     if state == RunStatus.RUNNING and store.live_workers(info.run_id) == 0:
-        state = RunStatus.INTERRUPTED  # its process is gone
+        # Its process is gone, or the run ended between the two reads: the last worker records
+        # the final status before it leaves, so a status read now is the ended run's.
+        state = store.get_run(info.run_id).status
+        if state == RunStatus.RUNNING:
+            state = RunStatus.INTERRUPTED
     if state != RunStatus.INTERRUPTED:
         return state, True
     groups = groups or store.row_group_counts(info.run_id)  # row groups not created yet count as pending

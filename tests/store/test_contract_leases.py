@@ -205,3 +205,20 @@ def test_model_usage_is_recorded_with_each_transition_and_a_zombie_adds_nothing(
                                                     "cost": None, **dict.fromkeys(PACING_KEYS)}}
     store.add_calls_saved(run_id, {("writer", "x"): 5})
     assert store.model_usage(run_id)["writer"]["calls_saved"] == 5
+
+
+def test_a_run_that_ends_between_reading_its_status_and_its_workers_is_shown_ended(store_factory):
+    """`status --watch` saw a run end as `interrupted`: it read `running`, then the worker
+    recorded `complete` and left, then it counted no live worker."""
+    from pipeline.api.reads import shown_status
+
+    store = store_factory()
+    run_id = new_run(store)
+    store.register_worker(run_id)
+    read_before = store.get_run(run_id)
+    assert shown_status(store, read_before)[0] == "running"
+    store.set_run_status(run_id, "complete")
+    store.unregister_worker(run_id)
+    assert shown_status(store, read_before)[0] == "complete"
+    store.set_run_status(run_id, "running")  # and a running run whose worker is gone: interrupted
+    assert shown_status(store, store.get_run(run_id))[0] == "interrupted"
