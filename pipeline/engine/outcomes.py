@@ -62,8 +62,9 @@ class Outcomes:
 
     ``route(rg, ready)`` puts tasks that became ready in their lanes; ``requeue(due)`` puts
     deferred ``(rg, generator, row)`` that are due back at the front of theirs;
-    ``fail(reason)`` ends the run 'failed'. (Whoever runs the task finishes its row group when
-    it has no task left: see RowGroups.finish_if_done.) Call :meth:`start` on the event loop before the first task ends."""
+    ``fail(reason)`` ends the run 'failed'. The scheduler finishes a row group once it has no
+    task left and none running (RowGroups.finish_if_done). Call :meth:`start` on the event loop
+    before the first task ends."""
 
     #: The longest a deferred task waits on resume (a stored next_eligible_at), and the longest a
     #: Retry-After is honoured for other generators' retryable errors, in seconds.
