@@ -10,6 +10,7 @@ place, :class:`PipelineGroup`; the end of a run becomes one in :func:`_finish`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
 
 from pipeline import api, cli_text, surface
 from pipeline.errors import PipelineError
@@ -32,12 +34,29 @@ ACCEPT_CHANGES_HELP = ("Go on although a python module or seed file changed sinc
                        "recorded cell, compute the rest with the files as they are now (recorded in run_changes).")
 
 
+#: Key of :attr:`click.Context.meta` (shared by the group and the command) holding the command's
+#: --home/--db as flags (:func:`cli_text.place`), added to every command a message advises.
+PLACE = "pipeline.place"
+
+
 def state_options(fn: Callable) -> Callable:
-    """--home and --db, shared by every command."""
+    """--home and --db, shared by every command (and remembered for the hints it prints)."""
+    inner = fn
+
+    @functools.wraps(inner)
+    def fn(*args: Any, **kw: Any) -> Any:
+        ctx = click.get_current_context()
+        typed = {name: kw.get(name) if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE else None
+                 for name in ("home", "db")}  # set by $PIPELINE_HOME/$PIPELINE_DB: the next command has them too
+        ctx.meta[PLACE] = cli_text.place(typed["home"], typed["db"])
+        return inner(*args, **kw)
+
     fn = click.option("--db", envvar="PIPELINE_DB", default=None, metavar="URL",
-                      help="State store URL (SQLite or PostgreSQL). Default: sqlite:///<home>/state.db.")(fn)
+                      help="State store URL (SQLite or PostgreSQL). Default: $PIPELINE_DB, else "
+                           "sqlite:///<home>/state.db.")(fn)
     fn = click.option("--home", envvar="PIPELINE_HOME", default=None, metavar="DIR",
-                      help="Folder of run outputs and the default state store. Default: ./.pipeline.")(fn)
+                      help="Folder of run outputs and the default state store. Default: $PIPELINE_HOME, else "
+                           "./.pipeline.")(fn)
     return fn
 
 
@@ -56,13 +75,20 @@ class PipelineGroup(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as exc:
-            click.echo(f"error: {redact(str(exc))}", err=True)
+            _say(f"error: {exc}")
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             line = INTERRUPTED.get(ctx.invoked_subcommand or "", "interrupted: nothing was changed")
             if line is not None:
-                click.echo(line, err=True)
+                _say(line)
             sys.exit(SIGNAL_EXIT[signal.SIGINT])
+
+
+def _say(text: str, err: bool = True) -> None:
+    """Print a message (stderr unless ``err=False``), redacted; the commands it advises get the
+    --home/--db this command was typed with, so that they work as printed (a password in a --db
+    URL is printed as ``***`` all the same: CONTRACT section 8)."""
+    click.echo(redact(cli_text.with_place(text, click.get_current_context().meta.get(PLACE, ""))), err=err)
 
 
 def _exit(code: int) -> None:
@@ -80,16 +106,16 @@ def _finish(result: api.RunResult, home: str | None, db: str | None) -> None:
     """End run/resume/retry/worker: one summary on stderr, then the exit code of how the run
     ended (0 complete, 130/143 after a signal, 1 otherwise)."""
     if result.status == RunStatus.COMPLETE and result.extra.get("already_complete"):
-        click.echo(f"run {result.run_id} is already complete; nothing to do", err=True)
+        _say(f"run {result.run_id} is already complete; nothing to do")
         _exit(EXIT_OK)
     try:
-        click.echo(cli_text.summary(api.status(result.run_id, home=home, db=db), home), err=True)
+        _say(cli_text.summary(api.status(result.run_id, home=home, db=db), click.get_current_context().meta[PLACE]))
     except PipelineError as exc:  # the summary is a courtesy: never let it change the exit code
-        click.echo(f"(no summary: {exc})", err=True)
+        _say(f"(no summary: {exc})")
     if result.status == RunStatus.COMPLETE:
         _exit(EXIT_OK)
     for line in cli_text.stop_lines(result):
-        click.echo(line, err=True)
+        _say(line)
     _exit(EXIT_FAILED if result.signal is None else SIGNAL_EXIT.get(result.signal, 128 + result.signal))
 
 
@@ -130,9 +156,9 @@ def run(config: str, run_id: str | None, num_records: int | None, quiet: bool, c
                      progress=_progress(quiet), start=not create_only, trace=trace,
                      close_store=create_only, check_models=not no_check_models, reuse=reuse)
     if result.extra.get("reused") is not None:
-        click.echo(cli_text.reused_line(result.extra["reused"], reuse), err=True)
+        _say(cli_text.reused_line(result.extra["reused"], reuse))
     if result.status == "created":
-        click.echo(f"created run {result.run_id}; start it with `pipeline worker {result.run_id}`", err=True)
+        _say(f"created run {result.run_id}; start it with `pipeline worker {result.run_id}`")
         return
     _finish(result, home, db)
 
@@ -166,9 +192,9 @@ def resume(run_id: str, quiet: bool, trace: bool, repair: bool, accept_changes: 
                         close_store=False, repair=repair, accept_changes=accept_changes, config=config)
     change = result.extra.get("change")
     if change is not None:
-        click.echo(change.to_text(), err=True)
+        _say(change.to_text())
     for line in cli_text.repaired_lines(result.extra.get("repaired", []), run_id) if repair else ():
-        click.echo(line, err=True)
+        _say(line)
     _finish(result, home, db)
 
 
@@ -198,14 +224,14 @@ def retry(run_id: str, columns: tuple[str, ...], error: str | None, quiet: bool,
     records they dropped, then continue the run as `resume` does."""
     def reopened(r: api.Reopened) -> None:
         for line in cli_text.reopened_lines(r, run_id):
-            click.echo(line, err=True)
+            _say(line)
 
     result = api.retry(run_id, columns=list(columns) or None, error=error, home=home, db=db, trace=trace,
                        progress=_progress(quiet), close_store=False, on_reopened=reopened,
                        accept_changes=accept_changes)
     if result.extra.get("nothing_to_retry"):
-        click.echo(f"run {run_id} has no failed task{' matching' if columns or error else ''} to retry; "
-                   "nothing changed", err=True)
+        _say(f"run {run_id} has no failed task{' matching' if columns or error else ''} to retry; "
+                   "nothing changed")
         _exit(EXIT_OK)
     _finish(result, home, db)
 
@@ -230,7 +256,7 @@ def status(run_id: str, as_json: bool, watch: bool, interval: float, home: str, 
             if panel is not None:
                 panel.update(s, final=not running)
             else:
-                click.echo(json.dumps(s) if as_json else cli_text.status_text(s))
+                click.echo(json.dumps(s)) if as_json else _say(cli_text.status_text(s), err=False)
             if not watch or not running:
                 return
             time.sleep(interval)
@@ -249,7 +275,7 @@ def runs(as_json: bool, home: str, db: str) -> None:
         click.echo(json.dumps(rows))
         return
     if not rows:
-        click.echo("no runs yet; `pipeline run CONFIG` starts one", err=True)
+        _say("no runs yet; `pipeline run CONFIG` starts one")
         return
     cli_text.print_runs(rows)
 
@@ -270,11 +296,11 @@ def rm(run_id: str, yes: bool, home: str, db: str) -> None:
         except click.Abort:  # no terminal to answer (stdin closed)
             sure = False
         if not sure:
-            click.echo(f"nothing deleted; `pipeline rm {run_id} --yes` deletes without asking", err=True)
+            _say(f"nothing deleted; `pipeline rm {run_id} --yes` deletes without asking")
             sys.exit(EXIT_FAILED)
     res = api.delete_run(run_id, home=home, db=db)
     where = f" and {res['folder']}" if res["folder"] else ""
-    click.echo(f"deleted run {run_id}: {sum(res['rows'].values()):,} rows{where}", err=True)
+    _say(f"deleted run {run_id}: {sum(res['rows'].values()):,} rows{where}")
 
 
 @main.command()
@@ -293,11 +319,14 @@ def export(run_id: str, output: str, fmt: str | None, card: bool, home: str, db:
     usage)."""
     res = api.export(run_id, output, format=fmt, card=card, home=home, db=db)
     if not res["complete"]:
-        click.echo(f"run {run_id} is not complete: exported the {res['records']:,} checkpointed records", err=True)
+        _say(f"run {run_id} is not complete: exported the {res['records']:,} checkpointed records")
     where = "standard output" if res["path"] == "-" else res["path"]
-    click.echo(f"wrote {res['records']:,} records to {where}", err=True)
+    suffix = os.path.splitext(res["path"])[1].lstrip(".").lower()
+    if not card and res["path"] != "-" and suffix != res["format"]:  # --format csv -o x.jsonl: which one won
+        where += f" as {res['format']} (--format; the name ends in .{suffix})" if suffix else f" as {res['format']}"
+    _say(f"wrote {res['records']:,} records to {where}")
     if card:
-        click.echo(f"wrote the dataset card to {res['card']}", err=True)
+        _say(f"wrote the dataset card to {res['card']}")
 
 
 @main.command()
@@ -312,8 +341,8 @@ def report(run_id: str, output: str, fmt: str | None, home: str, db: str) -> Non
     when its tasks ran, records completed over time, calls in flight per model with 429s marked,
     and each invocation of a resumed run. Works while the run is going."""
     res = api.report(run_id, output, format=fmt, home=home, db=db)
-    click.echo(f"wrote the report of {res['attempts']:,} task attempts in {res['invocations']} invocation(s) "
-               f"to {res['path']}", err=True)
+    _say(f"wrote the report of {res['attempts']:,} task attempts in {res['invocations']} invocation(s) "
+               f"to {res['path']}")
 
 
 @main.command()
@@ -356,10 +385,10 @@ def preview(config: str, n: int, as_json: bool, show_prompts: bool, no_check_mod
     else:
         cli_text.print_preview(result)
     for line in cli_text.preview_notes(result, n):
-        click.echo(line, err=True)
+        _say(line)
     failure = cli_text.preview_failure(result)
     if failure is not None:
-        click.echo(failure, err=True)
+        _say(failure)
         sys.exit(EXIT_FAILED)
 
 

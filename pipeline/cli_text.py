@@ -9,6 +9,7 @@ draw a table.
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from typing import TYPE_CHECKING, Any
@@ -20,8 +21,8 @@ if TYPE_CHECKING:
     from pipeline.api import Preview, Reopened, RunResult
 
 __all__ = ["CELL_CHARS", "Progress", "clip", "failure_lines", "model_lines", "preview_failure", "preview_json",
-           "preview_notes", "print_preview", "print_runs", "reopened_lines", "repaired_lines", "reused_line",
-           "status_text", "stop_lines", "summary", "validate_lines"]
+           "place", "preview_notes", "print_preview", "print_runs", "reopened_lines", "repaired_lines",
+           "reused_line", "status_text", "stop_lines", "summary", "validate_lines", "with_place"]
 
 
 class Progress:
@@ -52,10 +53,31 @@ def clip(text: str | None, n: int) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+# -- the commands a message advises --------------------------------------------------------
+#: A command in a message: ```pipeline resume ID --repair``` (backquoted, as every hint is written).
+_COMMAND = re.compile(r"`pipeline [^`]*`")
+
+
+def place(home: str | None, db: str | None) -> str:
+    """The ``--home``/``--db`` flags a command was given, as they are typed after another command
+    (`` --home DIR --db URL``, shell-quoted; empty when neither was given)."""
+    flags = [f"--{name} {shlex.quote(value)}" for name, value in (("home", home), ("db", db)) if value]
+    return "".join(f" {f}" for f in flags)
+
+
+def with_place(text: str, flags: str) -> str:
+    """``text`` with ``flags`` (:func:`place`) added to every command it advises that names no
+    store of its own, so that a hint printed by ``pipeline run --home H`` works as printed."""
+    if not flags:
+        return text
+    return _COMMAND.sub(lambda m: m[0] if " --home" in m[0] or " --db" in m[0] else m[0][:-1] + flags + "`", text)
+
+
 # -- the end of run, resume, retry, worker --------------------------------------------------
-def summary(s: dict, home: str | None) -> str:
+def summary(s: dict, flags: str = "") -> str:
     """Records written and dropped, failures grouped by column and error class (one example
-    each), model usage, and the export command. ``s``: :func:`pipeline.api.status`'s dict."""
+    each), model usage, and the export command (with ``flags``, :func:`place`).
+    ``s``: :func:`pipeline.api.status`'s dict."""
     lines = [f"run {s['run_id']}: {s['records_done']:,} of {s['num_records']:,} records written, "
              f"{s['records_dropped']:,} dropped"]
     lines += failure_lines(s["failures"])
@@ -66,8 +88,7 @@ def summary(s: dict, home: str | None) -> str:
     if s.get("cost"):
         lines.append(f"cost: {money(s['cost']['spent'])} spent")
     if s["records_done"]:
-        where = f" --home {shlex.quote(home)}" if home else ""
-        lines.append(f"export: pipeline export {s['run_id']} --output {s['run_id']}.parquet{where}")
+        lines.append(f"export: pipeline export {s['run_id']} --output {s['run_id']}.parquet{flags}")
     return "\n".join(lines)
 
 

@@ -262,7 +262,7 @@ def read_dataset(store: Store, run_id: str, home: Path) -> Dataset:
         if problem is not None:
             damaged.append({"row_group": g["row_group"], "path": str(path), "problem": problem})
     if damaged:
-        raise DamagedFileError(damage_message(run_id, damaged))
+        raise DamagedFileError(damage_message(run_id, damaged, home))
     counts = store.row_group_counts(run_id)  # row groups not created yet are pending
     complete = counts[RowGroupState.CHECKPOINTED] == counts["total"]
     if not parts:

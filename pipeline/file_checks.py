@@ -9,7 +9,7 @@ import hashlib
 from pathlib import Path
 
 from pipeline.states import RowGroupState
-from pipeline.surface import command
+from pipeline.surface import command, flag
 
 __all__ = ["check_files", "content_problem", "damage_message", "os_problem"]
 
@@ -37,11 +37,17 @@ def check_files(home: Path, groups: list[dict], *, digest: bool = False) -> list
     return damaged
 
 
-def damage_message(run_id: str, damaged: list[dict]) -> str:
+def damage_message(run_id: str, damaged: list[dict], home: Path) -> str:
+    """Why an export of ``run_id`` stopped. When every file is missing and ``home`` has no folder
+    of the run at all, the likelier cause is a wrong home (a run made with ``--db`` and another
+    ``--home``, or none): the message says so before offering to compute them again."""
     files = "; ".join(f"row group {d['row_group']}: {d['path']} ({d['problem']})" for d in damaged[:5])
     more = f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""
-    return (f"run {run_id}: {len(damaged)} checkpointed row-group file(s) missing or damaged: {files}{more}. "
-            f"{command('resume', run_id, '--repair', 'repair=True')} computes them again")
+    repair = f"{command('resume', run_id, '--repair', 'repair=True')} computes them again"
+    if all(d["problem"] == "missing" for d in damaged) and not (home / "runs" / run_id).exists():
+        repair = (f"there is no folder {home / 'runs' / run_id}: if the run was made with another home, give that "
+                  f"one ({flag('--home DIR', 'home=')}); if the files are gone, {repair}")
+    return f"run {run_id}: {len(damaged)} checkpointed row-group file(s) missing or damaged: {files}{more}. {repair}"
 
 
 def os_problem(exc: OSError) -> str:

@@ -192,14 +192,16 @@ class LivePanel:
         self._console: Any = None
 
     def update(self, view: dict[str, Any], *, final: bool = False, rate: float | None = None) -> None:
-        """Show ``view``. ``rate``: records per second to show when the window has none yet (the
-        final view of a run shorter than two views: the engine's records done / elapsed)."""
+        """Show ``view``. ``rate``: the engine's records done / elapsed of this invocation, shown
+        when the window has no rate yet and by the final view (whose window can hold only samples
+        taken after the last record: a run whose records were all done by the first view showed
+        "complete ... 0.0 records/s")."""
         now = time.monotonic()
         measured = self.rates.add(now, progress_records(view))
-        if measured is not None:
-            self.rate = measured
-        elif self.rate is None and rate is not None:
+        if rate is not None and (final or (self.rate is None and measured is None)):
             self.rate = rate
+        elif measured is not None:
+            self.rate = measured
         if not self.tty:
             if final or now - self._last_line >= self.every_s:
                 self._last_line = now

@@ -31,7 +31,7 @@ def undeclared_message(column: str, key: Any, declared: Sequence[str], known: Co
     """What to say when python column ``column`` reads ``key``, which its requires (``declared``)
     does not list; ``known``: every output column of the config."""
     if isinstance(key, str) and key in known:
-        fix = ", ".join([*declared, key])
+        fix = ", ".join([*(d for d in declared if d in known), key])  # a misspelt entry is not kept
         return (f"column '{column}' {verb} {key!r}, which is not in its requires (the record a python column "
                 f"gets holds only those columns); declare it: `requires: [{fix}]`")
     has = ", ".join(declared) or "none"

@@ -48,7 +48,7 @@ def test_a_run_created_and_not_started_says_so_until_a_worker_runs_it(tmp_path):
     assert (status["status"], status["started"]) == ("interrupted", False)  # the JSON keeps the stored status
     assert (listed["status"], listed["started"]) == ("interrupted", False)
     assert text.splitlines()[0] == "run later (later): created, not started"
-    assert "`pipeline worker later`" in text and "interrupted" not in text
+    assert f"`pipeline worker later --home {home}`" in text and "interrupted" not in text
     assert "created, not started" in row and "interrupted" not in row
     cli("worker", "later", "--quiet", home=home, check=True)
     status, listed, text, row = shown(home, "later")

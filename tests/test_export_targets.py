@@ -121,3 +121,13 @@ def test_a_card_cannot_go_to_standard_output(run_home, tmp_path):
     proc = cli("export", "qs", "-o", "-", "--card", home=run_home, cwd=tmp_path)
     assert proc.returncode == 2 and "standard output" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_format_that_differs_from_the_outputs_suffix_is_said(run_home, tmp_path):
+    """`--format csv -o x.jsonl` wrote CSV into a .jsonl file without a word."""
+    proc = cli("export", "qs", "-o", str(tmp_path / "x.jsonl"), "--format", "csv", home=run_home)
+    assert proc.returncode == 0, proc.stderr
+    assert "as csv (--format; the name ends in .jsonl)" in proc.stderr
+    assert (tmp_path / "x.jsonl").read_text().splitlines()[0].count(",") >= 1  # CSV, as asked
+    same = cli("export", "qs", "-o", str(tmp_path / "y.csv"), home=run_home)
+    assert same.returncode == 0 and " as " not in same.stderr

@@ -263,7 +263,7 @@ def test_a_postgres_store_at_an_older_revision_is_refused_until_db_upgrade(tmp_p
     for args in (["runs"], ["status", "some-run"], ["run", str(small_config(tmp_path / "p")), "--run-id", "x"]):
         proc = cli(*args, home=home, db=url)
         assert proc.returncode == 2, (args, proc.stderr)
-        assert "schema revision 0001" in proc.stderr and "run `pipeline db upgrade`" in proc.stderr
+        assert "schema revision 0001" in proc.stderr and f"run `pipeline db upgrade --home {home} --db " in proc.stderr
         assert migrate.current(url) == "0001"  # not upgraded behind the other workers' backs
     upgraded = cli("db", "upgrade", home=home, db=url)
     assert upgraded.returncode == 0, upgraded.stderr

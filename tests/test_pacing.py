@@ -414,6 +414,23 @@ def test_the_snapshot_taken_before_the_first_request_ended_is_not_kept_for_a_sec
     pacer.settle(0, 1, 20)
     clock.now += 0.1
     first = pacer.snapshot()
-    assert first["requests_per_minute"] == 60.0 and first["tokens_per_minute"] == 1200.0  # over 1 s at least
+    assert first["requests_per_minute"] == 1 and first["tokens_per_minute"] == 20
     pacer.settle(0, 1, 20)
     assert pacer.snapshot() is first  # then one a second, as before
+
+
+def test_requests_per_minute_counts_the_last_minute_and_never_extrapolates_a_short_run():
+    """A 4-second run of 1,200 requests showed 18,000 requests/min (its count scaled up to a
+    minute), far over the budget it kept; status shows what a per-minute budget counts."""
+    from pipeline.llm.pacing import Pacer
+
+    clock = Clock()
+    pacer = Pacer(clock=clock)
+    for _ in range(4):
+        for _ in range(300):
+            pacer.settle(0, 1, 10)
+        clock.now += 1.0
+    assert (pacer.snapshot()["requests_per_minute"], pacer.snapshot()["tokens_per_minute"]) == (1200, 12000)
+    clock.now += 56.5  # 60 s after the first second: its 300 leave the window
+    pacer.settle(0, 1, 10)
+    assert pacer.snapshot()["requests_per_minute"] == 901

@@ -157,6 +157,10 @@ def test_validate_checks_the_config_and_with_the_flag_its_endpoints_and_creates_
     proc = cli("validate", str(cfg), "--check-models", home=home)
     assert proc.returncode == 2 and f"model 'writer' at {dead}" in proc.stderr and "cannot be reached" in proc.stderr
     assert proc.stdout == ""
+    # validate's own advice, not run's: it creates no run and checks models only when asked
+    assert "No run was created" not in proc.stderr and "--no-check-models" not in proc.stderr
+    proc = cli("preview", str(cfg), home=home)
+    assert proc.returncode == 2 and "`pipeline preview --no-check-models" in proc.stderr, proc.stderr
 
     broken = tmp_path / "broken.yaml"
     broken.write_text(cfg.read_text().replace("model: writer,", "model: nobody,"))

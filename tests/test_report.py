@@ -121,7 +121,7 @@ def test_a_run_not_yet_done_without_traces_is_told_to_resume_with_trace(tmp_path
     home = tmp_path / "home"
     cli("run", str(cfg), "--run-id", "later", "--create-only", "--quiet", home=home, check=True)
     proc = cli("report", "later", "-o", str(tmp_path / "x.png"), home=home)
-    assert proc.returncode == 2 and "`pipeline resume later --trace`" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and f"`pipeline resume later --trace --home {home}`" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow

@@ -91,6 +91,15 @@ def test_the_config_check_warns_when_the_function_visibly_reads_an_undeclared_co
     assert "warning" not in declared.stderr
 
 
+def test_the_requires_advised_for_an_undeclared_read_leaves_out_a_misspelt_entry(tmp_path):
+    """`requires: [strs]` (a typo) with `row["title"]` read advised `requires: [strs, title]`,
+    keeping the typo in the fix; the run is refused for the typo all the same."""
+    proc = cli("validate", str(project(tmp_path, "undeclared", requires="[strs]")))
+    assert proc.returncode == 2
+    assert "`requires: [title]`" in proc.stderr and "strs, title" not in proc.stderr
+    assert "'strs'" in proc.stderr  # the error names the typo
+
+
 @pytest.mark.slow
 def test_a_base_url_without_a_scheme_is_refused_with_the_fix(tmp_path):
     cfg = tmp_path / "cfg.yaml"

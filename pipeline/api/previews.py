@@ -89,7 +89,7 @@ def compute_preview(config: PipelineConfig | str | os.PathLike, n: int = DEFAULT
     if check_models and cfg.used_models():
         from pipeline.llm.preflight import preflight
 
-        off_the_loop(preflight, cfg)
+        off_the_loop(preflight, cfg, "preview")
     count = min(n, cfg.num_records)
     small = cfg.model_copy(update={"num_records": count, "row_group_size": count}, deep=True)
     return off_the_loop(_compute, small, show_prompts)

@@ -195,7 +195,7 @@ def validate(config: PipelineConfig | str | os.PathLike, *, check_models: bool =
 
         from pipeline.threads import off_the_loop  # a notebook may call validate inside its loop
 
-        checks = {c.alias: c for c in off_the_loop(preflight, cfg)} if check_models else {}
+        checks = {c.alias: c for c in off_the_loop(preflight, cfg, "validate")} if check_models else {}
         models = {alias: {"where": ModelEndpoint.from_config(alias, cfg.models[alias]).where,
                           "model": cfg.models[alias].model, "columns": users, "checked": alias in checks,
                           "warning": checks[alias].warning if alias in checks else None}

@@ -292,7 +292,7 @@ def open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None, 
 
                 damaged = check_files(home_path, store.row_groups(run_id))
                 if damaged:
-                    raise DamagedFileError(damage_message(run_id, damaged))
+                    raise DamagedFileError(damage_message(run_id, damaged, home_path))
             failed = len(store.failed_tasks(run_id)) if info.status == RunStatus.FAILED else 0
             if failed:  # it ended failed on its error rate: nothing to continue, but not complete
                 return Opened(home_path, store, cfg, extra, RunResult(

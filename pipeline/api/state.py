@@ -108,7 +108,13 @@ def missing_store(home: str | os.PathLike | None, db: str | URL | None) -> Path 
     from pipeline.store.sqlite import sqlite_file
 
     path = sqlite_file(url)
-    return None if path is None or path.exists() else path
+    if path is None or path.exists():
+        return None
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # `runs` said "no runs yet" of a home that is a file
+        raise HomeError(f"there can be no state store at {path}: {blocker} is a file, not a folder; point "
+                        f"{flag('--home/--db', 'home=/db=')} at a folder")
+    return path
 
 
 def require_run_store(home: str | os.PathLike | None, db: str | None, run_id: str) -> None:

@@ -149,7 +149,6 @@ class Pacer:
         #: The last ``x-ratelimit-*`` headers an answer carried, and when (Unix seconds).
         self.headers: dict[str, str] = {}
         self.headers_at: float | None = None
-        self._started = now
         self._minute: collections.deque[list] = collections.deque()  # [second, requests, tokens]
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_at = -math.inf
@@ -246,8 +245,9 @@ class Pacer:
         return (prompt_tokens * self.prices[0] + completion_tokens * self.prices[1]) / 1e6
 
     def snapshot(self) -> dict[str, Any]:
-        """``{"requests_per_minute", "tokens_per_minute"}`` (measured over the last minute, or
-        since the start when shorter), the budgets ``max_requests_per_minute`` /
+        """``{"requests_per_minute", "tokens_per_minute"}`` (the requests and tokens of the last 60
+        s, counted, as a per-minute budget counts them: a run younger than a minute shows what
+        it has used so far, not that extrapolated to a minute), the budgets ``max_requests_per_minute`` /
         ``max_tokens_per_minute``, ``paced`` (times requests were held back), ``headers`` (the last
         ``x-ratelimit-*`` seen) and ``headers_at``. The same dict for a second at a time, unless
         it counted no request and one has ended since: a run's first snapshot is taken before its
@@ -262,10 +262,9 @@ class Pacer:
             if at > second - 60:
                 requests += n
                 tokens += t
-        span = min(60.0, max(now - self._started, 1.0))
         self._snapshot = {
-            "requests_per_minute": round(requests * 60 / span, 1),
-            "tokens_per_minute": round(tokens * 60 / span, 1),
+            "requests_per_minute": float(requests),
+            "tokens_per_minute": float(tokens),
             "max_requests_per_minute": self.requests_per_minute,
             "max_tokens_per_minute": self.tokens_per_minute,
             "paced": self.paced,

@@ -88,18 +88,30 @@ def check_models(config: PipelineConfig) -> list[ModelCheck]:
     return asyncio.run(check_models_async(config))
 
 
-def preflight(config: PipelineConfig) -> list[ModelCheck]:
+def preflight(config: PipelineConfig, command: str = "run") -> list[ModelCheck]:
     """Check the endpoints; log each warning (logger ``pipeline.preflight``) and raise
-    :class:`~pipeline.errors.ModelCheckError` (exit 2) naming every refused alias and URL."""
-    return _judged(check_models(config))
+    :class:`~pipeline.errors.ModelCheckError` (exit 2) naming every refused alias and URL, ending
+    in what ``command`` (``run``, ``preview`` or ``validate``) did not do and how it skips the check."""
+    return _judged(check_models(config), command)
 
 
 async def apreflight(config: PipelineConfig) -> list[ModelCheck]:
     """:func:`preflight` on the running event loop (``pipeline.arun``)."""
-    return _judged(await check_models_async(config))
+    return _judged(await check_models_async(config), "run")
 
 
-def _judged(checks: list[ModelCheck]) -> list[ModelCheck]:
+#: What the end of a refusal says, by the command that checked: what was not done, and how that
+#: command skips the check (`validate` checks only when asked: nothing to skip).
+_AFTER_REFUSAL = {
+    "run": lambda: "No run was created; fix the config or the server and try again "
+                   f"({flag('`pipeline run --no-check-models`', 'check_models=False')} skips this check).",
+    "preview": lambda: "Nothing was computed; fix the config or the server and try again "
+                       f"({flag('`pipeline preview --no-check-models`', 'check_models=False')} skips this check).",
+    "validate": lambda: "Fix the config or the server and check again.",
+}
+
+
+def _judged(checks: list[ModelCheck], command: str) -> list[ModelCheck]:
     for check in checks:
         if check.warning:
             log.warning("%s", check.warning)
@@ -107,8 +119,7 @@ def _judged(checks: list[ModelCheck]) -> list[ModelCheck]:
     if refused:
         head = refused[0] if len(refused) == 1 else (
             f"{len(refused)} model endpoints refused:\n  " + "\n  ".join(refused))
-        raise ModelCheckError(f"{head}\nNo run was created; fix the config or the server and try again "
-                              f"({flag('`pipeline run --no-check-models`', 'check_models=False')} skips this check).")
+        raise ModelCheckError(f"{head}\n{_AFTER_REFUSAL[command]()}")
     return checks
 
 

@@ -209,7 +209,7 @@ def _out_of_date(engine: Engine, revision: str | None, target: str) -> str:
         return (f"the state store {url} has schema revision {revision or 'none (empty database)'}, this "
                 f"pipeline needs {target}; run `pipeline db upgrade`")
     return (f"the state store {url} has schema revision {revision or 'none (empty database)'}, this "
-            f"pipeline needs {target}; run `pipeline db upgrade` with the same --db (a PostgreSQL store "
+            f"pipeline needs {target}; run `pipeline db upgrade` on it (a PostgreSQL store "
             "is shared, so opening it does not upgrade it: stop the workers of older versions first)")
 
 
