@@ -79,7 +79,8 @@ def test_a_home_behind_a_file_is_a_clean_error_naming_it(tmp_path, args):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "cfg.yaml"]
 
 
-@pytest.mark.parametrize("args", [["runs"], ["runs", "--json"], ["status", "r1"], ["sql", "select 1"], ["export", "r1", "-o", "x.jsonl"]])
+@pytest.mark.parametrize("args", [["runs"], ["runs", "--json"], ["status", "r1"], ["sql", "select 1"],
+                                  ["export", "r1", "-o", "x.jsonl"]])
 def test_a_command_that_reads_names_a_home_that_is_a_file_instead_of_finding_no_runs(tmp_path, args):
     blocker = tmp_path / "afile"
     blocker.write_text("keep")
