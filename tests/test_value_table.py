@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
