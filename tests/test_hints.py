@@ -20,13 +20,7 @@ ALL_FAIL = """\
       - {name: n, type: expression, expr: "{{ word }}", dtype: int}
     """
 
-ALL_GOOD = """\
-    name: hints
-    num_records: 20
-    row_group_size: 10
-    columns:
-      - {name: word, type: sampler, sampler: category, params: {values: [ant, bee]}}
-    """
+ALL_GOOD = ALL_FAIL.split("      - {name: n,")[0]  # the sampler alone
 
 
 def advised(text: str) -> list[list[str]]:
