@@ -54,8 +54,9 @@ def clip(text: str | None, n: int) -> str:
 
 
 # -- the commands a message advises --------------------------------------------------------
-#: A command in a message: ```pipeline resume ID --repair``` (backquoted, as every hint is written).
-_COMMAND = re.compile(r"`pipeline [^`]*`")
+#: A command in a message: ```pipeline resume ID --repair``` (backquoted, as every hint is written),
+#: except those that read no state store (`preview`, `validate`, `graph`).
+_COMMAND = re.compile(r"`pipeline (?!(?:preview|validate|graph)\b)[^`]*`")
 
 
 def place(home: str | None, db: str | None) -> str:

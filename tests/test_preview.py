@@ -197,12 +197,12 @@ def test_preview_checks_the_models_as_run_does(fake_server, tmp_path):
     proc = cli("preview", str(cfg), home=tmp_path / "home")
     assert proc.returncode == 2, proc.stderr
     assert "model 'writer'" in proc.stderr and "has no model 'writer-model'" in proc.stderr
-    assert "No run was created" in proc.stderr  # the preflight's refusal, as `run` gives it
-    assert "--no-check-models" in proc.stderr
+    assert "Nothing was computed" in proc.stderr  # the preflight's refusal, in preview's words
+    assert "`pipeline preview --no-check-models` skips this check" in proc.stderr  # no --home: preview has none
     skipped = cli("preview", str(cfg), "--no-check-models", "-n", "2", home=tmp_path / "home")
     # Unchecked, the cells ask the model (HTTP 404 each) and fail: no record comes out.
     assert skipped.returncode == 1, skipped.stderr
-    assert "No run was created" not in skipped.stderr and "shutdown_error_rate" in skipped.stderr
+    assert "Nothing was computed" not in skipped.stderr and "shutdown_error_rate" in skipped.stderr
     assert "2 of 2 records dropped" in skipped.stderr
     assert not (tmp_path / "home").exists()
 
