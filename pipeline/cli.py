@@ -34,11 +34,6 @@ ACCEPT_CHANGES_HELP = ("Go on although a python module or seed file changed sinc
                        "recorded cell, compute the rest with the files as they are now (recorded in run_changes).")
 
 
-#: Key of :attr:`click.Context.meta` (shared by the group and the command) holding the command's
-#: --home/--db as flags (:func:`cli_text.place`), added to every command a message advises.
-PLACE = "pipeline.place"
-
-
 def state_options(fn: Callable) -> Callable:
     """--home and --db, shared by every command (and remembered for the hints it prints)."""
     inner = fn
@@ -48,7 +43,7 @@ def state_options(fn: Callable) -> Callable:
         ctx = click.get_current_context()
         typed = {name: kw.get(name) if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE else None
                  for name in ("home", "db")}  # set by $PIPELINE_HOME/$PIPELINE_DB: the next command has them too
-        ctx.meta[PLACE] = cli_text.place(typed["home"], typed["db"])
+        surface.PLACE = cli_text.place(typed["home"], typed["db"])  # for every command a message advises
         return inner(*args, **kw)
 
     fn = click.option("--db", envvar="PIPELINE_DB", default=None, metavar="URL",
@@ -88,7 +83,7 @@ def _say(text: str, err: bool = True) -> None:
     """Print a message (stderr unless ``err=False``), redacted; the commands it advises get the
     --home/--db this command was typed with, so that they work as printed (a password in a --db
     URL is printed as ``***`` all the same: CONTRACT section 8)."""
-    click.echo(redact(cli_text.with_place(text, click.get_current_context().meta.get(PLACE, ""))), err=err)
+    click.echo(redact(cli_text.with_place(text, surface.PLACE)), err=err)
 
 
 def _exit(code: int) -> None:
@@ -109,7 +104,7 @@ def _finish(result: api.RunResult, home: str | None, db: str | None) -> None:
         _say(f"run {result.run_id} is already complete; nothing to do")
         _exit(EXIT_OK)
     try:
-        _say(cli_text.summary(api.status(result.run_id, home=home, db=db), click.get_current_context().meta[PLACE]))
+        _say(cli_text.summary(api.status(result.run_id, home=home, db=db), surface.PLACE))
     except PipelineError as exc:  # the summary is a courtesy: never let it change the exit code
         _say(f"(no summary: {exc})")
     if result.status == RunStatus.COMPLETE:

@@ -55,8 +55,9 @@ def clip(text: str | None, n: int) -> str:
 
 # -- the commands a message advises --------------------------------------------------------
 #: A command in a message: ```pipeline resume ID --repair``` (backquoted, as every hint is written),
-#: except those that read no state store (`preview`, `validate`, `graph`).
-_COMMAND = re.compile(r"`pipeline (?!(?:preview|validate|graph)\b)[^`]*`")
+#: except those that read no state store (`preview`, `validate`, `graph`) and `sql` (named in
+#: messages as what it is, "`pipeline sql` runs one statement that only reads", not advised).
+_COMMAND = re.compile(r"`pipeline (?!(?:preview|validate|graph|sql)\b)[^`]*`")
 
 
 def place(home: str | None, db: str | None) -> str:

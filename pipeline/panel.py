@@ -193,15 +193,16 @@ class LivePanel:
 
     def update(self, view: dict[str, Any], *, final: bool = False, rate: float | None = None) -> None:
         """Show ``view``. ``rate``: the engine's records done / elapsed of this invocation, shown
-        when the window has no rate yet and by the final view (whose window can hold only samples
-        taken after the last record: a run whose records were all done by the first view showed
-        "complete ... 0.0 records/s")."""
+        when the window has no rate yet, and by the final view when the window saw no progress
+        (it held only samples taken after the last record: a run whose records were all done by
+        its first view ended on "complete ... 0.0 records/s"). Otherwise the window's rate, which
+        counts every worker's records, as the view does."""
         now = time.monotonic()
         measured = self.rates.add(now, progress_records(view))
-        if rate is not None and (final or (self.rate is None and measured is None)):
-            self.rate = rate
-        elif measured is not None:
+        if measured is not None and (measured > 0 or not final):
             self.rate = measured
+        elif rate is not None and (final or self.rate is None):
+            self.rate = rate
         if not self.tty:
             if final or now - self._last_line >= self.every_s:
                 self._last_line = now

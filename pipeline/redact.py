@@ -19,7 +19,7 @@ What is redacted:
 - whatever looks like a credential: ``Authorization: Bearer ...`` (also as a JSON key or with
   ``Basic``), ``x-api-key: ...`` / ``api_key=...``, ``Bearer <token>``, the usual provider key
   shapes (``sk-...``, ``nvapi-...``, ``hf_...``, ``gsk_...``, ``AIza...``) and the password of a
-  URL (``https://user:PASSWORD@host``).
+  URL (``https://user:PASSWORD@host``, ``postgresql://host/db?password=PASSWORD``).
 
 Each becomes ``***``. The registry holds the secrets in this process's memory only, as the
 environment already does.
@@ -76,6 +76,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], Any], ...] = (
     (re.compile(r"\b(?:nvapi|xai|glpat)-[A-Za-z0-9_\-]{20,}|\bgithub_pat_[A-Za-z0-9_]{40,}"), MASK),
     (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), MASK),
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]+:)[^/\s@]+@"), r"\1" + MASK + "@"),
+    # A password as a URL's query parameter (libpq and SQLAlchemy take ?password=...).
+    (re.compile(r"(?i)([?&](?:password|passwd|pwd|sslpassword)=)[^&\s\"'`]+"), r"\1" + MASK),
 )
 
 

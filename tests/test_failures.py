@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -201,6 +202,10 @@ def test_a_run_against_a_dead_endpoint_stops_quietly_and_drops_nothing(tmp_path)
     proc = cli("run", str(cfg), "--run-id", "dead", *_skip_preflight(), home=home)
     assert proc.returncode == 1, proc.stderr
     assert len(proc.stderr.splitlines()) < 30, proc.stderr
+    # the engine's "stopping:" line and the closing line advise the same command, which works as printed
+    advised = re.findall(r"`pipeline [^`]*`", proc.stderr)
+    assert "stopping:" in proc.stderr and len(advised) >= 2, proc.stderr
+    assert set(advised) == {f"`pipeline resume dead --home {home}`"}, proc.stderr
     status = status_json("dead", home)
     assert status["status"] == "failed" and status["records_dropped"] == 0 and status["failures"] == []
 

@@ -92,6 +92,9 @@ def test_a_password_in_db_is_masked_in_the_advised_command_and_a_home_from_the_e
     (runs,) = [c for c in advised(proc.stderr) if c[1] == "runs"]
     assert "postgres:***@" in runs[runs.index("--db") + 1]
     assert "s3cret-pw" not in proc.stderr + proc.stdout
+    in_query = cli("status", "nope", db=postgres_url + "&password=s3cret-pw")  # libpq's other place for it
+    assert in_query.returncode == 2 and "password=***" in in_query.stderr, in_query.stderr
+    assert "s3cret-pw" not in in_query.stderr + in_query.stdout
     # $PIPELINE_HOME holds for the next command typed in the same shell: the hint does not repeat it
     proc = cli("status", "nope", env=cli_env(PIPELINE_HOME=str(tmp_path / "h")))
     assert proc.returncode == 2

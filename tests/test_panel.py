@@ -107,7 +107,6 @@ def test_a_run_shorter_than_the_first_update_ends_on_its_real_rate(tmp_path):
     assert float(re.search(r"\| ([\d,]+\.\d) records/s \|", final).group(1).replace(",", "")) > 0, final
 
 
-@pytest.mark.slow
 def test_the_final_line_shows_the_runs_rate_when_every_record_was_done_before_the_first_update():
     """Under load a 20-record run outlasted its first update with all 20 done: the window of the
     last samples held no progress and the final line said "complete ... 0.0 records/s"."""
@@ -126,6 +125,7 @@ def test_the_final_line_shows_the_runs_rate_when_every_record_was_done_before_th
     assert "complete" in out.getvalue().splitlines()[-1] and "| 12.5 records/s" in out.getvalue().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_two_workers_each_end_on_the_whole_runs_figures(tmp_path):
     cfg = logged_pipeline(tmp_path / "p", records=1200, rg=50, in_flight=16)
     home = tmp_path / "home"

@@ -220,6 +220,7 @@ def test_redact_blanks_registered_keys_and_credential_shapes():
         '{\\"Authorization\\": \\"Basic dXNlcjpwYXNz\\"}': '{\\"Authorization\\": \\"Basic ***\\"}',
         "x-api-key: 1234567890abc": "x-api-key: ***",
         "https://bob:hunter2@host/v1?api_key=abc123&y=1": "https://bob:***@host/v1?api_key=***&y=1",
+        "--db 'postgresql://u@h/db?password=hunter2&sslmode=x'": "--db 'postgresql://u@h/db?password=***&sslmode=x'",
         "key sk-proj-ABCDEFGHIJKLMNOPQRST end": "key *** end",
         "Bearer tokentokentoken": "Bearer ***",
         "model 'w' at http://host:8000/v1: HTTP 500": "model 'w' at http://host:8000/v1: HTTP 500",

@@ -113,7 +113,7 @@ def missing_store(home: str | os.PathLike | None, db: str | URL | None) -> Path 
     blocker = next((p for p in path.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():  # `runs` said "no runs yet" of a home that is a file
         raise HomeError(f"there can be no state store at {path}: {blocker} is a file, not a folder; point "
-                        f"{flag('--home/--db', 'home=/db=')} at a folder")
+                        f"{flag('--home', 'home=')} at a folder (or {flag('--db', 'db=')} at a file in one)")
     return path
 
 

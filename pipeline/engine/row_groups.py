@@ -25,6 +25,7 @@ from pipeline.engine.options import RunStats, SchedulerOptions
 from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan, RowGroupTracker
 from pipeline.states import RowGroupState
+from pipeline.surface import command
 from pipeline.store.base import RowGroupClaim, Store
 from pipeline.store.events import Completed
 
@@ -188,7 +189,7 @@ class RowGroups:
         if rounds < self.CHECKPOINT_ROUNDS:
             log.error("%s; will try again (round %d of %d)", exc, rounds, self.CHECKPOINT_ROUNDS)
         else:
-            self._fail(str(exc), f"; fix the cause, then `pipeline resume {self.run_id}`")
+            self._fail(str(exc), f"; fix the cause, then {command('resume', self.run_id)}")
 
     def _checkpoint(self, rg: RowGroup) -> bool:
         """On a side thread, after all the row group's events are committed: its file, made

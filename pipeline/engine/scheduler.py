@@ -39,6 +39,7 @@ from pipeline.engine.tracker import Plan
 from pipeline.errors import EngineError, ModelRateLimitError, StoreError, is_outage
 from pipeline.generators.base import task_usage
 from pipeline.states import RunStatus
+from pipeline.surface import command
 from pipeline.store.base import Store
 from pipeline.store.events import STARTED, TaskEvent
 
@@ -166,7 +167,7 @@ class Scheduler:
                 if not (self._limited[limit] or self._outcomes.waiting[limit] or limit.in_use):
                     continue
                 what = "answered only 429s" if not health.down else f"was unreachable ({health.last_error})"
-                resume = (f"; no record was dropped for it: `pipeline resume {self.run_id}` continues once it "
+                resume = (f"; no record was dropped for it: {command('resume', self.run_id)} continues once it "
                           "answers") if self.opts.resumable else ""
                 self._fail(f"{health.where} {what} for {now - since:.0f} s (model_down_s "
                            f"{self.opts.model_down_s:g}){resume}")
