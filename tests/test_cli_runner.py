@@ -18,8 +18,10 @@ from tests.conftest import ROOT
 @pytest.fixture
 def invoke(monkeypatch):
     """``invoke(*args) -> click.testing.Result``, stdout and stderr apart. The command line sets
-    surface.CLI (advice names flags); it is put back afterwards for the Python API's tests."""
+    surface.CLI (advice names flags) and surface.PLACE (its --home/--db); they are put back
+    afterwards for the Python API's tests."""
     monkeypatch.setattr(surface, "CLI", False)
+    monkeypatch.setattr(surface, "PLACE", "")
     runner = CliRunner()
     return lambda *args: runner.invoke(main, list(args))
 
