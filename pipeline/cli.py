@@ -225,8 +225,7 @@ def retry(run_id: str, columns: tuple[str, ...], error: str | None, quiet: bool,
                        progress=_progress(quiet), close_store=False, on_reopened=reopened,
                        accept_changes=accept_changes)
     if result.extra.get("nothing_to_retry"):
-        _say(f"run {run_id} has no failed task{' matching' if columns or error else ''} to retry; "
-                   "nothing changed")
+        _say(f"run {run_id} has no failed task{' matching' if columns or error else ''} to retry; nothing changed")
         _exit(EXIT_OK)
     _finish(result, home, db)
 
@@ -251,7 +250,10 @@ def status(run_id: str, as_json: bool, watch: bool, interval: float, home: str, 
             if panel is not None:
                 panel.update(s, final=not running)
             else:
-                click.echo(json.dumps(s)) if as_json else _say(cli_text.status_text(s), err=False)
+                if as_json:
+                    click.echo(json.dumps(s))
+                else:
+                    _say(cli_text.status_text(s), err=False)
             if not watch or not running:
                 return
             time.sleep(interval)
@@ -337,7 +339,7 @@ def report(run_id: str, output: str, fmt: str | None, home: str, db: str) -> Non
     and each invocation of a resumed run. Works while the run is going."""
     res = api.report(run_id, output, format=fmt, home=home, db=db)
     _say(f"wrote the report of {res['attempts']:,} task attempts in {res['invocations']} invocation(s) "
-               f"to {res['path']}")
+         f"to {res['path']}")
 
 
 @main.command()

@@ -62,8 +62,12 @@ _COMMAND = re.compile(r"`pipeline (?!(?:preview|validate|graph|sql)\b)[^`]*`")
 
 def place(home: str | None, db: str | None) -> str:
     """The ``--home``/``--db`` flags a command was given, as they are typed after another command
-    (`` --home DIR --db URL``, shell-quoted; empty when neither was given)."""
-    flags = [f"--{name} {shlex.quote(value)}" for name, value in (("home", home), ("db", db)) if value]
+    (`` --home DIR --db URL``, shell-quoted; empty when neither was given). A password in the URL
+    is ``***`` here already: the engine's messages that carry these flags are stored with the run."""
+    from pipeline.redact import redact
+
+    flags = [f"--{name} {shlex.quote(redact(value) if name == 'db' else value)}"
+             for name, value in (("home", home), ("db", db)) if value]
     return "".join(f" {f}" for f in flags)
 
 

@@ -100,3 +100,14 @@ def test_a_password_in_db_is_masked_in_the_advised_command_and_a_home_from_the_e
     assert proc.returncode == 2
     (runs,) = [c for c in advised(proc.stderr) if c[1] == "runs"]
     assert runs == ["pipeline", "runs"]
+
+
+def test_the_flags_repeated_in_hints_never_hold_a_password():
+    """The engine's messages carry these flags and are stored with the run (runs.reason): a
+    password in --db must be masked before it gets there, not only when printed (CONTRACT 8)."""
+    from pipeline.cli_text import place
+
+    flags = place("/tmp/a b", "postgresql+psycopg://bob:pw-s3cret@h/db?password=pw-s3cret&sslmode=require")
+    assert "pw-s3cret" not in flags
+    assert shlex.split(flags) == ["--home", "/tmp/a b", "--db",
+                                  "postgresql+psycopg://bob:***@h/db?password=***&sslmode=require"]

@@ -25,9 +25,9 @@ from pipeline.engine.options import RunStats, SchedulerOptions
 from pipeline.engine.stateful import StatefulLanes
 from pipeline.engine.tracker import Plan, RowGroupTracker
 from pipeline.states import RowGroupState
-from pipeline.surface import command
 from pipeline.store.base import RowGroupClaim, Store
 from pipeline.store.events import Completed
+from pipeline.surface import command
 
 __all__ = ["Ready", "RowGroup", "RowGroups"]
 

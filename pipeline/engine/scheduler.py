@@ -39,9 +39,9 @@ from pipeline.engine.tracker import Plan
 from pipeline.errors import EngineError, ModelRateLimitError, StoreError, is_outage
 from pipeline.generators.base import task_usage
 from pipeline.states import RunStatus
-from pipeline.surface import command
 from pipeline.store.base import Store
 from pipeline.store.events import STARTED, TaskEvent
+from pipeline.surface import command
 
 __all__ = ["Scheduler", "SchedulerOptions", "TaskTrace"]
 
