@@ -38,7 +38,7 @@ def check_files(home: Path, groups: list[dict], *, digest: bool = False) -> list
 
 
 def damage_message(run_id: str, damaged: list[dict], home: Path) -> str:
-    """Why an export of ``run_id`` stopped. When every file is missing and ``home`` has no folder
+    """Why an export or resume of ``run_id`` stopped. When every file is missing and ``home`` has no folder
     of the run at all, the likelier cause is a wrong home (a run made with ``--db`` and another
     ``--home``, or none): the message says so before offering to compute them again."""
     files = "; ".join(f"row group {d['row_group']}: {d['path']} ({d['problem']})" for d in damaged[:5])
