@@ -63,7 +63,8 @@ _COMMAND = re.compile(r"`pipeline (?!(?:preview|validate|graph|sql)\b)[^`]*`")
 def place(home: str | None, db: str | None) -> str:
     """The ``--home``/``--db`` flags a command was given, as they are typed after another command
     (`` --home DIR --db URL``, shell-quoted; empty when neither was given). A password in the URL
-    is ``***`` here already: the engine's messages that carry these flags are stored with the run."""
+    is ``***`` here already: the engine's messages that carry these flags reach the live panel and
+    ``RunResult.reason`` without passing the CLI's redaction."""
     from pipeline.redact import redact
 
     flags = [f"--{name} {shlex.quote(redact(value) if name == 'db' else value)}"

@@ -103,8 +103,8 @@ def test_a_password_in_db_is_masked_in_the_advised_command_and_a_home_from_the_e
 
 
 def test_the_flags_repeated_in_hints_never_hold_a_password():
-    """The engine's messages carry these flags and are stored with the run (runs.reason): a
-    password in --db must be masked before it gets there, not only when printed (CONTRACT 8)."""
+    """The engine's messages carry these flags and reach the live panel and RunResult.reason, which
+    are not printed through the CLI's redaction: a password in --db is masked here (CONTRACT 8)."""
     from pipeline.cli_text import place
 
     flags = place("/tmp/a b", "postgresql+psycopg://bob:pw-s3cret@h/db?password=pw-s3cret&sslmode=require")
