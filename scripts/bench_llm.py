@@ -42,13 +42,11 @@ engine's GIL. One untimed run warms the process up first (lazy imports, first SQ
   call, connections warm) and the dual ratio with it:
   ``aiohttp`` (``LlmClient``, the one in use); ``httpx pool``: LlmClient with its HTTP done by
   one ``httpx.AsyncClient`` pool of 64 connections (httpcore's pool scans all its connections
-  for every queued request, O(N^2) per batch at 64 in flight); ``httpx lanes``: the previous
-  LlmClient (httpx with a pool of one-connection transports), loaded from git history
-  (``PREVIOUS_CLIENT``), skipped where that commit is not at hand.
+  for every queued request, O(N^2) per batch at 64 in flight).
 """
 
 # This file runs the cases (the fake server, the dual and burst configs, the runs and their
-# tables); the machine floor and the --diagnose rows (and PREVIOUS_CLIENT) are in
+# tables); the machine floor and the --diagnose rows are in
 # scripts/bench_llm_floors.py.
 
 from __future__ import annotations

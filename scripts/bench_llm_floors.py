@@ -7,9 +7,9 @@
 - :func:`diagnose_rows` (``--diagnose``): the engine with no HTTP (:func:`no_http_run`: every
   call a ``LATENCY_MS`` sleep and the fake server's answer), and per HTTP client the client alone
   (:func:`client_only_run`: ``CALLS`` calls, ``CONCURRENCY`` at once; wall seconds and CPU
-  seconds) and the dual ratio with it: ``aiohttp`` (LlmClient), ``httpx pool``
-  (:func:`httpx_pool_client`) and ``httpx lanes`` (:func:`previous_client`: LlmClient at
-  :data:`PREVIOUS_CLIENT`, loaded from git history; skipped where that commit is not at hand).
+  seconds) and the dual ratio with it: ``aiohttp`` (LlmClient) and ``httpx pool``
+  (:func:`httpx_pool_client`). (The httpx "lanes" client of commit d738424, which aiohttp
+  replaced, was compared here until the engine's answers gained ``finish_reason``.)
 
 The shape (``RECORDS``, ``CALLS``, ...), the fake server, the state home and the dual run are
 bench_llm's, read from that module when a function runs (scripts/bench_compare.py shrinks
@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,9 +32,6 @@ from pathlib import Path
 from typing import Callable
 
 import bench_llm as bench
-
-#: The last commit with the httpx + "lanes" LlmClient, for --diagnose.
-PREVIOUS_CLIENT = "d738424707ddec86417cbb26e62da2cd3d85b1eb"
 
 
 def _judge_request(text: str) -> dict:
@@ -172,22 +168,6 @@ def _httpx_pool_class() -> type:
     return HttpxPoolClient
 
 
-def previous_client() -> Callable | None:
-    """The LlmClient class of commit PREVIOUS_CLIENT (httpx + one-connection lanes), or None."""
-    import importlib.util
-
-    try:
-        source = subprocess.run(["git", "-C", str(bench.ROOT), "show", f"{PREVIOUS_CLIENT}:pipeline/llm/client.py"],
-                                capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    spec = importlib.util.spec_from_loader("bench_previous_llm_client", loader=None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    exec(compile(source, f"{PREVIOUS_CLIENT[:7]}:pipeline/llm/client.py", "exec"), module.__dict__)
-    return lambda max_connections: module.LlmClient(max_connections=max_connections)
-
-
 def client_only_run(seed: int, client: Callable | None = None) -> tuple[float, float]:
     """1,200 calls through a client alone (64 at once, no engine), connections warmed first:
     (makespan, CPU seconds of this process)."""
@@ -225,11 +205,6 @@ def diagnose_rows(repeat: int, base: float) -> None:
           f"then the dual shape with it")
     print(f"  {'client':<40} {'alone s':>8} {'CPU ms/call':>11} {'dual s':>7} {'ratio':>6}")
     clients = [("aiohttp (LlmClient, in use)", None), ("httpx pool of 64 (plain AsyncClient)", httpx_pool_client)]
-    previous = previous_client()
-    if previous is None:
-        print(f"  (httpx lanes: commit {PREVIOUS_CLIENT[:7]} not in this checkout; skipped)")
-    else:
-        clients.append((f"httpx lanes (LlmClient at {PREVIOUS_CLIENT[:7]})", previous))
     for k, (name, client) in enumerate(clients):
         alone = [client_only_run(930 + 10 * k + i, client) for i in range(repeat)]
         wall = statistics.median(a[0] for a in alone)
