@@ -199,6 +199,20 @@ BAD = {
     "invalid output schema": (
         "name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
         "  - {name: a, type: llm_structured, model: w, prompt: hi, output_schema: {type: 12}}\n", "a", ["JSON Schema"]),
+    # The answers' validator (jsonschema-rs) builds the schema when the config is loaded: what it
+    # cannot use is refused here, not found out by every cell of a run.
+    "output schema of an unknown draft": (
+        "name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
+        "  - {name: a, type: llm_structured, model: w, prompt: hi, output_schema: {$schema: 'http://example.com/mine', type: object}}\n",
+        "a", ["not a valid JSON Schema", "http://example.com/mine"]),
+    "output schema with a $ref to a URL": (
+        "name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
+        "  - {name: a, type: llm_structured, model: w, prompt: hi, output_schema: {$ref: 'http://127.0.0.1:9/s.json'}}\n",
+        "a", ["not a valid JSON Schema", "http://127.0.0.1:9/s.json"]),
+    "output schema with a broken regex": (
+        "name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
+        "  - {name: a, type: llm_structured, model: w, prompt: hi, output_schema: {properties: {x: {type: string, pattern: '[a-'}}}}\n",
+        "a", ["not a valid JSON Schema", "properties/x/pattern"]),
     "empty rubric": (
         "name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
         "  - {name: a, type: llm_judge, model: w, prompt: hi, rubric: {}}\n", "a", ["rubric"]),

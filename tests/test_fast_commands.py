@@ -73,7 +73,7 @@ def rows_per_table(url: str, run_id: str, home: Path) -> dict[str, int]:
 
 # -- what the quick commands import ------------------------------------------------------------
 
-HEAVY = ["alembic", "pandas", "numpy", "pyarrow", "jinja2", "aiohttp", "jsonschema", "pydantic", "yaml",
+HEAVY = ["alembic", "pandas", "numpy", "pyarrow", "jinja2", "aiohttp", "jsonschema_rs", "pydantic", "yaml",
          "matplotlib", "pipeline.engine.scheduler", "pipeline.generators", "pipeline.config"]
 
 PROBE = """

@@ -8,9 +8,11 @@ garbage, several fenced blocks. Each row: the answer text, then the value expect
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from pipeline.llm.answers import MalformedAnswer, extract_json, text_problem
+from pipeline.llm.answers import MalformedAnswer, extract_json, schema_problem, schema_validator, text_problem
 
 MALFORMED = object()
 FENCE = "```"
@@ -117,6 +119,54 @@ def test_a_value_the_schema_refuses_does_not_hide_the_next_one(text, expected):
             extract_json(text, wants_object_with_a)
     else:
         assert extract_json(text, wants_object_with_a) == expected
+
+
+NESTED = {"type": "object", "required": ["a", "b"],
+          "properties": {"a": {"type": "object", "properties": {"c": {"type": "integer"}}}, "b": {"type": "string"}}}
+
+
+def test_the_schema_problem_quoted_back_is_the_one_nearest_the_root():
+    validator = schema_validator(NESTED)
+    assert schema_problem(validator, {"a": {"c": 1}, "b": "x"}) is None
+    # two problems: "b" missing at the root, a wrong type at a/c; the model is told the first
+    assert schema_problem(validator, {"a": {"c": "one"}}) == \
+        'it does not match the schema at (root): "b" is a required property'
+    assert schema_problem(validator, {"a": {"c": "one"}, "b": "x"}) == \
+        'it does not match the schema at a/c: "one" is not of type "integer"'
+
+
+def test_answers_meet_the_specifications_regular_expressions_and_no_format_assertion():
+    # ECMA 262 (JSON Schema's dialect), not Python's re: "$" does not match before a final
+    # newline, "\d" is an ASCII digit. The pure-Python jsonschema accepted both answers.
+    digits = schema_validator({"type": "string", "pattern": "^\\d+$"})
+    assert schema_problem(digits, "123") is None
+    assert schema_problem(digits, "123\n") is not None
+    assert schema_problem(digits, "\u0661\u0662") is not None
+    # "format" is an annotation, as before, also in a draft-07 schema
+    email = schema_validator({"$schema": "http://json-schema.org/draft-07/schema#", "format": "email"})
+    assert schema_problem(email, "not an address") is None
+
+
+def test_a_lone_surrogate_in_an_answer_is_judged_as_it_is_stored():
+    # json.loads makes a lone surrogate of a "\\ud83d" escape; the value is stored with U+FFFD
+    schema = {"type": "object", "properties": {"s": {"const": "a\ufffd"}, "t": {"maxLength": 1}}}
+    validator = schema_validator(schema)
+    assert schema_problem(validator, json.loads('{"s": "a\\ud83d"}')) is None
+    assert schema_problem(validator, json.loads('{"t": "\\ud83dxx"}')).startswith("it does not match the schema at t:")
+    # a schema given as JSON may hold one too (a config file cannot)
+    assert schema_problem(schema_validator({"const": "\ud83d"}), json.loads('"\\ud83d"')) is None
+
+
+@pytest.mark.parametrize(("schema", "words"), [
+    ({"type": "nope"}, ["nope", "(at type)"]),
+    ({"$ref": "#/$defs/missing"}, ["/$defs/missing"]),
+    ({"$ref": "http://127.0.0.1:9/s.json"}, ["http://127.0.0.1:9/s.json"]),  # refused, never fetched
+])
+def test_a_schema_the_validator_cannot_use_is_a_value_error_naming_the_problem(schema, words):
+    with pytest.raises(ValueError) as caught:
+        schema_validator(schema)
+    for word in words:
+        assert word in str(caught.value)
 
 
 # (id, text, reasoning_chars, problem words or None)

@@ -271,12 +271,12 @@ class LlmStructuredColumn(_LlmColumn):
     @field_validator("output_schema")
     @classmethod
     def _is_json_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        import jsonschema
+        from pipeline.llm.answers import schema_validator
 
         try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+            schema_validator(schema)  # the validator the column's answers meet
+        except ValueError as exc:
+            raise ValueError(f"not a valid JSON Schema: {exc}") from None
         return schema
 
 

@@ -32,13 +32,10 @@ import asyncio
 import re
 from typing import Any, Mapping
 
-import jsonschema
-import jsonschema.exceptions
-
 from pipeline.errors import ConfigError, GenerationError
 from pipeline.generators.base import Generator, task_usage
 from pipeline.llm import Completion, LlmClient, LlmRuntime, ModelOutputError
-from pipeline.llm.answers import MalformedAnswer, extract_json, text_problem
+from pipeline.llm.answers import MalformedAnswer, extract_json, schema_problem, schema_validator, text_problem
 from pipeline.redact import redact
 from pipeline.config.limits import DEFAULT_RENDER_TIMEOUT_S
 from pipeline.templates import TemplateLimitError, arender, compile_template, render
@@ -151,7 +148,7 @@ class LlmGenerator(Generator):
         self._validator = None
         self._response_format = None
         if self._schema is not None:
-            self._validator = jsonschema.validators.validator_for(self._schema)(self._schema)
+            self._validator = schema_validator(self._schema)
             self._response_format = {
                 "type": "json_schema",
                 "json_schema": {"name": _schema_name(column.name), "schema": self._schema,
@@ -302,11 +299,8 @@ class LlmGenerator(Generator):
 
     def _check(self, value: Any) -> str | None:
         """None when ``value`` is valid against the column's schema, else the problem."""
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
-        if error is None:
-            return None
-        where = "/".join(str(part) for part in error.absolute_path) or "(root)"
-        return f"it does not match the schema at {where}: {_start(error.message, 300)}"
+        problem = schema_problem(self._validator, value)
+        return None if problem is None else _start(problem, 400)
 
 
 def _start(text: str, chars: int = 200) -> str:

@@ -29,6 +29,11 @@ answer that is nothing but JSON):
 
 Both raise or return :class:`MalformedAnswer`, whose message is written to be quoted back to
 the model in a re-ask ("That answer is not usable: <message>").
+
+:func:`schema_validator` and :func:`schema_problem` check a value against the column's JSON
+Schema (jsonschema-rs: ~0.2 us per judge answer where the pure-Python ``jsonschema`` took ~30 us
+on the event loop, 1 % of the LLM benchmark's makespan); the config checks ``output_schema``
+with the same builder, so a schema that passes ``pipeline validate`` can always be used.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ import json
 import re
 from typing import Any, Callable, Iterator
 
-__all__ = ["MalformedAnswer", "extract_json", "text_problem"]
+from pipeline.values import valid_unicode_deep
+
+__all__ = ["MalformedAnswer", "extract_json", "schema_problem", "schema_validator", "text_problem"]
 
 
 class MalformedAnswer(Exception):
@@ -92,6 +99,40 @@ def extract_json(text: str, check: Callable[[Any], str | None] | None = None) ->
     if first_problem is not None:
         raise MalformedAnswer(first_problem)
     raise MalformedAnswer(parse_error or "it holds no JSON value")
+
+
+def schema_validator(schema: dict[str, Any] | bool) -> Any:
+    """A validator of ``schema`` (its draft named by ``$schema``; 2020-12 without one). As the
+    pure-Python ``jsonschema`` does by default, ``format`` is not asserted; nothing is fetched
+    (a ``$ref`` to a URL is refused here, not looked up during a run). Regular expressions are
+    ECMA 262's, as the specification says (``\\d`` is an ASCII digit, ``$`` does not match before a
+    final newline). ValueError, naming the problem and where it is, for a schema that is not a
+    valid JSON Schema (an unknown ``$schema``, a bad keyword value or regex, a ``$ref`` to
+    nothing)."""
+    import jsonschema_rs
+
+    try:  # a lone surrogate cannot cross into the validator: it is U+FFFD there, as in the values
+        return jsonschema_rs.validator_for(valid_unicode_deep(schema), validate_formats=False, offline=True)
+    except jsonschema_rs.ValidationError as exc:
+        where = "/".join(str(part) for part in exc.instance_path)
+        raise ValueError(exc.message + (f" (at {where})" if where else "")) from None
+
+
+def schema_problem(validator: Any, value: Any) -> str | None:
+    """None when ``value`` is valid for ``validator`` (:func:`schema_validator`), else the
+    problem nearest the root (``at a/b: <message>``), to be quoted back to the model."""
+    try:
+        return _schema_problem(validator, value)
+    except UnicodeEncodeError:  # a lone surrogate (a "\\ud83d" escape) cannot cross into the
+        return _schema_problem(validator, valid_unicode_deep(value))  # validator: judged as stored
+
+
+def _schema_problem(validator: Any, value: Any) -> str | None:
+    if validator.is_valid(value):
+        return None
+    error = min(validator.iter_errors(value), key=lambda e: len(e.instance_path))
+    where = "/".join(str(part) for part in error.instance_path) or "(root)"
+    return f"it does not match the schema at {where}: {error.message}"
 
 
 class _Found:
