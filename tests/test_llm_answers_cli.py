@@ -258,3 +258,26 @@ def test_a_prompt_that_renders_empty_fails_its_cell_without_a_request(tmp_path, 
     assert "'answer'" in failure["example"]
     failed = sql_json("SELECT attempts, requests FROM tasks WHERE state = 'failed'", home)
     assert len(failed) == empty and all(r["attempts"] == 1 and not r["requests"] for r in failed)
+
+
+@pytest.mark.parametrize(("schema", "words"), [
+    ({"$ref": "http://127.0.0.1:9/facts.json"}, ["http://127.0.0.1:9/facts.json"]),
+    ({"$schema": "http://example.com/my-draft", "type": "object"}, ["http://example.com/my-draft"]),
+    ({"properties": {"x": {"type": "string", "pattern": "[a-"}}}, ["properties/x/pattern"]),
+])
+def test_an_output_schema_the_answers_validator_cannot_use_is_refused_before_anything_is_created(
+        tmp_path, schema, words):
+    cfg = write(tmp_path, "cfg.yaml", f"""\
+        name: s
+        num_records: 2
+        models: {{w: {{base_url: "http://127.0.0.1:9/v1", model: m}}}}
+        columns:
+          - {{name: facts, type: llm_structured, model: w, prompt: "Facts.", output_schema: {json.dumps(schema)}}}
+        """)
+    home = tmp_path / "home"
+    for command in ("validate", "run"):
+        proc = cli(command, str(cfg), "--no-check-models", home=home) if command == "run" else cli(command, str(cfg))
+        assert proc.returncode == 2, proc.stderr
+        for word in ["column 'facts'", "not a valid JSON Schema", *words]:
+            assert word in proc.stderr, (word, proc.stderr)
+    assert not home.exists()
