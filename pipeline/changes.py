@@ -148,7 +148,7 @@ def build_change(store: Store, info: RunInfo, new_cfg: PipelineConfig) -> tuple[
     from pipeline.config import config_from_json
     from pipeline.graph import build_graph
 
-    old_cfg = config_from_json(info.config)
+    old_cfg = config_from_json(info.config, usable=False)  # compared, not run
     if new_cfg.row_group_size != info.row_group_size:
         raise ConfigError(f"row_group_size cannot change in a run ({info.row_group_size} -> "
                           f"{new_cfg.row_group_size}): its recorded cells are cut in row groups of "

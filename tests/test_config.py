@@ -213,6 +213,10 @@ BAD = {
         "name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
         "  - {name: a, type: llm_structured, model: w, prompt: hi, output_schema: {properties: {x: {type: string, pattern: '[a-'}}}}\n",
         "a", ["not a valid JSON Schema", "properties/x/pattern"]),
+    "output schema holding .inf": (
+        "name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
+        "  - {name: a, type: llm_structured, model: w, prompt: hi, output_schema: {type: number, maximum: .inf}}\n",
+        "a", ["not a valid JSON Schema", ".inf or .nan"]),
     "empty rubric": (
         "name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
         "  - {name: a, type: llm_judge, model: w, prompt: hi, rubric: {}}\n", "a", ["rubric"]),
@@ -243,6 +247,14 @@ def test_bad_config_is_refused_naming_file_column_and_problem(case, tmp_path, mo
         assert caught.value.column == column
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_an_output_schema_with_yaml_keys_and_dates_is_taken_as_json_has_it(tmp_path):
+    path = write_config(tmp_path, "name: t\nnum_records: 1\nmodels: {w: {base_url: 'http://x', model: m}}\ncolumns:\n"
+                        "  - {name: a, type: llm_structured, model: w, prompt: hi, output_schema: "
+                        "{type: object, properties: {2023: {type: number}}, examples: [{2023: 1}], default: 2024-05-01}}\n")
+    assert load_config(path).columns[0].output_schema == {
+        "type": "object", "properties": {"2023": {"type": "number"}}, "examples": [{"2023": 1}], "default": "2024-05-01"}
 
 
 def test_multiple_problems_are_reported_together(tmp_path):

@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from pipeline.llm.answers import MalformedAnswer, extract_json, schema_problem, schema_validator, text_problem
+from pipeline.llm.answers import (MalformedAnswer, extract_json, schema_json_form, schema_problem, schema_validator,
+                                  text_problem)
 
 MALFORMED = object()
 FENCE = "```"
@@ -157,7 +158,30 @@ def test_a_lone_surrogate_in_an_answer_is_judged_as_it_is_stored():
     assert schema_problem(schema_validator({"const": "\ud83d"}), json.loads('"\\ud83d"')) is None
 
 
+def test_an_answer_the_parser_or_the_validator_cannot_take_is_malformed_not_an_error():
+    # each is re-asked like any malformed answer, never a cell failed by an exception
+    deep = '{"a": ' * 300 + "1" + "}" * 300  # json.loads reads it; the validator cannot describe it
+    assert schema_problem(schema_validator({"type": "object", "required": ["b"]}), json.loads(deep)) == \
+        "it does not match the schema"
+    with pytest.raises(MalformedAnswer, match="nested too deeply"):
+        extract_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(MalformedAnswer, match="too many digits"):
+        extract_json('{"a": ' + "1" * 5000 + "}")
+    with pytest.raises(MalformedAnswer):  # the same in prose (step 4)
+        extract_json("Here: [" + "1" * 5000 + "] and " + "[" * 100_000 + "]" * 100_000)
+
+
+def test_a_schema_is_taken_in_its_json_form():
+    # a YAML file gives int keys and dates; JSON (and the server) has text
+    assert schema_json_form({"properties": {2023: {"type": "number"}}, "examples": [__import__("datetime").date(2024, 5, 1)]}) \
+        == {"properties": {"2023": {"type": "number"}}, "examples": ["2024-05-01"]}
+    with pytest.raises(ValueError, match=r"\.inf or \.nan"):
+        schema_json_form({"maximum": float("inf")})
+
+
 @pytest.mark.parametrize(("schema", "words"), [
+    ({"$schema": "http://json-schema.org/draft-03/schema#"}, ["unknown $schema", "draft-03", "2020-12"]),
+    ({"pattern": "a\\Z"}, ["ECMA 262", "(at pattern)"]),
     ({"type": "nope"}, ["nope", "(at type)"]),
     ({"$ref": "#/$defs/missing"}, ["/$defs/missing"]),
     ({"$ref": "http://127.0.0.1:9/s.json"}, ["http://127.0.0.1:9/s.json"]),  # refused, never fetched

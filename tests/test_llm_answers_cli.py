@@ -281,3 +281,34 @@ def test_an_output_schema_the_answers_validator_cannot_use_is_refused_before_any
         for word in ["column 'facts'", "not a valid JSON Schema", *words]:
             assert word in proc.stderr, (word, proc.stderr)
     assert not home.exists()
+
+
+def test_a_stored_schema_this_version_cannot_use_is_fixed_by_resuming_with_the_config(tmp_path, fake_server):
+    """A run created by an earlier version whose output_schema the answers' validator refuses
+    (Python's `\\Z` in a pattern; jsonschema-rs takes ECMA 262 regexes): resume says how to fix
+    it, and resuming with the fixed config runs it; the card of the run still reads."""
+    import sqlite3
+
+    url = fake_server(latency_ms=1)
+    cfg = write(tmp_path, "cfg.yaml", f"""\
+        name: old
+        num_records: 3
+        models: {{m: {{base_url: "{url}", model: m1}}}}
+        columns:
+          - {{name: answer, type: llm_structured, model: m, prompt: "Facts.", output_schema: {json.dumps(SCHEMA)}}}
+        """)
+    home = tmp_path / "home"
+    assert cli("run", str(cfg), "--run-id", "old", "--create-only", home=home).returncode == 0
+    with sqlite3.connect(home / "state.db") as con:  # as the earlier version stored it
+        stored = json.loads(con.execute("SELECT config FROM runs WHERE run_id = 'old'").fetchone()[0])
+        stored["columns"][0]["output_schema"]["properties"]["command"]["pattern"] = "^.*\\Z"
+        con.execute("UPDATE runs SET config = ? WHERE run_id = 'old'", (json.dumps(stored),))
+    proc = cli("resume", "old", home=home)
+    assert proc.returncode == 2, proc.stderr
+    for word in ["column 'answer'", "not a valid JSON Schema", "ECMA 262", "earlier version",
+                 f"`pipeline resume RUN_ID --config FILE --home {home}`"]:
+        assert word in proc.stderr, (word, proc.stderr)
+    proc = cli("resume", "old", "--config", str(cfg), home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert len(export_jsonl("old", home, tmp_path / "out.jsonl")) == 3
+    assert cli("export", "old", "--output", str(tmp_path / "card"), "--card", home=home).returncode == 0

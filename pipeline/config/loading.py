@@ -48,8 +48,11 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
     return _build(raw, base_dir=path.resolve().parent, source=str(path))
 
 
-def config_from_json(text: str) -> PipelineConfig:
-    """The config :meth:`PipelineConfig.to_json` wrote, validated again from scratch."""
+def config_from_json(text: str, *, usable: bool = True) -> PipelineConfig:
+    """The config :meth:`PipelineConfig.to_json` wrote, validated again from scratch.
+    ``usable=False``: the stored config of a run only read or compared with a new one (a change,
+    a card), so what only running it needs is not checked: an ``output_schema`` an earlier
+    version accepted but this one cannot use is fixed by resuming with ``--config``."""
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -58,7 +61,7 @@ def config_from_json(text: str) -> PipelineConfig:
         raise ConfigError("the stored config is not a JSON object")
     source = raw.pop("source", None)
     base_dir = raw.pop("base_dir", None) or os.getcwd()
-    return _build(raw, base_dir=Path(base_dir), source=source)
+    return _build(raw, base_dir=Path(base_dir), source=source, stored=True, usable=usable)
 
 
 class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: ~8x faster where built
@@ -114,7 +117,8 @@ def _not_unicode(value: Any, where: str) -> str | None:
     return None
 
 
-def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None) -> PipelineConfig:
+def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None, stored: bool = False,
+           usable: bool = True) -> PipelineConfig:
     where = source or "<stored config>"
     try:
         config = PipelineConfig.model_validate({**raw, "base_dir": base_dir, "source": source})
@@ -128,8 +132,27 @@ def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None) -> Pipeli
             _check_python(column, config, where)
         elif column.type == "seed_dataset":
             _check_seed(column, config, where)
+    if usable:
+        _check_schemas(config, where, stored)
     _check_graph(config, where)
     return config
+
+
+def _check_schemas(config: PipelineConfig, where: str, stored: bool) -> None:
+    """Every ``output_schema`` is one the answers' validator can use (built once here, so a run
+    never meets one it cannot)."""
+    from pipeline.llm.answers import schema_validator
+
+    for column in config.columns:
+        if column.type != "llm_structured":
+            continue
+        try:
+            schema_validator(column.output_schema)
+        except ValueError as exc:
+            fix = ("; this run's stored config was accepted by an earlier version: fix output_schema in the "
+                   "config file, then `pipeline resume RUN_ID --config FILE`" if stored else "")
+            raise ConfigError(f"output_schema: not a valid JSON Schema: {exc}{fix}", path=where,
+                              column=column.name) from None
 
 
 def _check_names(config: PipelineConfig, where: str) -> None:

@@ -271,13 +271,14 @@ class LlmStructuredColumn(_LlmColumn):
     @field_validator("output_schema")
     @classmethod
     def _is_json_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.llm.answers import schema_validator
+        # Whether the answers' validator can use it is checked once the config is built
+        # (pipeline.config.loading: not for the stored config of a run only read or compared).
+        from pipeline.llm.answers import schema_json_form
 
         try:
-            schema_validator(schema)  # the validator the column's answers meet
+            return schema_json_form(schema)
         except ValueError as exc:
             raise ValueError(f"not a valid JSON Schema: {exc}") from None
-        return schema
 
 
 class LlmJudgeColumn(_LlmColumn):

@@ -38,13 +38,14 @@ with the same builder, so a schema that passes ``pipeline validate`` can always 
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from typing import Any, Callable, Iterator
 
 from pipeline.values import valid_unicode_deep
 
-__all__ = ["MalformedAnswer", "extract_json", "schema_problem", "schema_validator", "text_problem"]
+__all__ = ["MalformedAnswer", "extract_json", "schema_json_form", "schema_problem", "schema_validator", "text_problem"]
 
 
 class MalformedAnswer(Exception):
@@ -114,8 +115,32 @@ def schema_validator(schema: dict[str, Any] | bool) -> Any:
     try:  # a lone surrogate cannot cross into the validator: it is U+FFFD there, as in the values
         return jsonschema_rs.validator_for(valid_unicode_deep(schema), validate_formats=False, offline=True)
     except jsonschema_rs.ValidationError as exc:
+        message = exc.message
+        if message.startswith("Unknown meta-schema"):
+            message = (f"unknown $schema {schema.get('$schema')!r}: drafts 4, 6, 7, 2019-09 and 2020-12 are known "
+                       "(without $schema: 2020-12)")
+        elif message.endswith(' is not a "regex"'):
+            message += (" (patterns are ECMA 262 regular expressions, JSON Schema's dialect: no \\Z, (?#...), "
+                        "(?>...) or {,n}; write $ and {0,n})")
         where = "/".join(str(part) for part in exc.instance_path)
-        raise ValueError(exc.message + (f" (at {where})" if where else "")) from None
+        raise ValueError(message + (f" (at {where})" if where else "")) from None
+
+
+def schema_json_form(schema: Any) -> Any:
+    """``schema`` as JSON holds it, as the server is sent it: keys as text (a YAML key ``2023:``
+    is ``"2023"``), dates and times in ISO 8601 (an unquoted YAML date). ValueError for a value
+    JSON cannot hold (``.inf``, ``.nan``, binary)."""
+    def default(value: Any) -> str:
+        if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime too
+            return value.isoformat()
+        raise TypeError(f"it holds a {type(value).__name__} value, which JSON cannot hold")
+
+    try:
+        return json.loads(json.dumps(schema, default=default, allow_nan=False))
+    except ValueError:
+        raise ValueError("it holds .inf or .nan, which JSON cannot hold; write a number") from None
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def schema_problem(validator: Any, value: Any) -> str | None:
@@ -130,7 +155,12 @@ def schema_problem(validator: Any, value: Any) -> str | None:
 def _schema_problem(validator: Any, value: Any) -> str | None:
     if validator.is_valid(value):
         return None
-    error = min(validator.iter_errors(value), key=lambda e: len(e.instance_path))
+    try:
+        error = min(validator.iter_errors(value), key=lambda e: len(e.instance_path))
+    except UnicodeEncodeError:
+        raise
+    except ValueError:  # it could not describe the problem (a value nested past its depth)
+        return "it does not match the schema"
     where = "/".join(str(part) for part in error.instance_path) or "(root)"
     return f"it does not match the schema at {where}: {error.message}"
 
@@ -154,6 +184,10 @@ def _loads(candidate: str) -> _Found | _NotJson:
         return _Found(_DECODER.decode(candidate))
     except json.JSONDecodeError as exc:
         return _NotJson(f"it is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+    except RecursionError:
+        return _NotJson("it is nested too deeply to read")
+    except ValueError:  # Python's limit on the digits of an integer (4,300)
+        return _NotJson("it holds a number with too many digits")
 
 
 def _candidates(text: str) -> Iterator[_Found | _NotJson]:
@@ -198,7 +232,7 @@ def _inside(body: str) -> Iterator[_Found | _NotJson]:
             break
         try:
             value, after = _DECODER.raw_decode(body, start)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON; or too deep, or too many digits, to read
             continue
         yield _Found(value)
     if not starts and not fenced:
