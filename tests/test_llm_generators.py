@@ -196,3 +196,19 @@ async def test_a_blank_prompt_leaves_the_system_prompt_as_the_whole_request(serv
     generator = generator_of(make_column(prompt="", system_prompt="Name a {{ word }}."), make_config(server_url))
     assert await generator.agenerate({"word": "colour"})  # the fake server answers a request with no user turn
     assert generator.usage["requests"] == 1
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    # valid JSON for the schema and read by the parser, but too deep to walk when kept
+    ("[" * 700 + "]" * 700, "nested too deeply to keep"),
+    ('{"x": NaN}', "NaN"),  # Python's json reads these; JSON has none, and no store keeps them
+    ('{"x": 1e400}', "too large"),
+], ids=["700 levels", "NaN", "1e400"])
+async def test_an_answer_too_deep_to_keep_or_with_a_non_json_number_is_malformed(server_url, generator_of, text, words):
+    from pipeline.llm.answers import MalformedAnswer
+    from pipeline.llm.responses import Completion
+
+    generator = generator_of(make_column(type="llm_structured", prompt="Facts.", output_schema={}),
+                             make_config(server_url))
+    with pytest.raises(MalformedAnswer, match=words):  # asked again, as any malformed answer
+        generator._parse(Completion(text, 1, 1))

@@ -295,7 +295,11 @@ class LlmGenerator(Generator):
         if problem is not None:
             raise MalformedAnswer(problem)
         # json.loads turns a "\ud83d" escape into a lone surrogate, which no store can hold.
-        return valid_unicode_deep(extract_json(completion.text, self._check))
+        value = extract_json(completion.text, self._check)
+        try:
+            return valid_unicode_deep(value)
+        except RecursionError:  # read and valid, but too deep to walk (some hundreds of levels)
+            raise MalformedAnswer("it is nested too deeply to keep; answer with a flatter value") from None
 
     def _check(self, value: Any) -> str | None:
         """None when ``value`` is valid against the column's schema, else the problem."""

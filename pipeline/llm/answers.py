@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 from typing import Any, Callable, Iterator
 
@@ -55,7 +56,24 @@ class MalformedAnswer(Exception):
 # raw_decode attempts of step 4 per answer: bounds the work on a long answer full of brackets.
 _MAX_SCAN_STARTS = 200
 
-_DECODER = json.JSONDecoder(strict=False)
+
+
+class _NotJsonNumber(ValueError):
+    """NaN, Infinity or a float past the double's range: Python's json reads them, JSON has none."""
+
+
+def _no_constant(name: str) -> float:
+    raise _NotJsonNumber(f"it holds {name}, which JSON does not allow; write a number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotJsonNumber(f"it holds {text[:40]}, a number too large to keep; write a smaller one")
+    return value
+
+
+_DECODER = json.JSONDecoder(strict=False, parse_constant=_no_constant, parse_float=_finite)
 _THINK_OPEN = re.compile(r"\s*<think>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 # An opening fence: three or more backticks, an optional info string (json, JSON, jsonc, ...)
@@ -186,6 +204,8 @@ def _loads(candidate: str) -> _Found | _NotJson:
         return _NotJson(f"it is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
     except RecursionError:
         return _NotJson("it is nested too deeply to read")
+    except _NotJsonNumber as exc:
+        return _NotJson(str(exc))
     except ValueError:  # Python's limit on the digits of an integer (4,300)
         return _NotJson("it holds a number with too many digits")
 
