@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from pipeline.llm.answers import (MalformedAnswer, extract_json, schema_json_form, schema_problem, schema_validator,
-                                  text_problem)
+from pipeline.json_schemas import schema_json_form, schema_problem, schema_validator
+from pipeline.llm.answers import MalformedAnswer, extract_json, text_problem
 
 MALFORMED = object()
 FENCE = "```"

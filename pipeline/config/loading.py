@@ -141,7 +141,7 @@ def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None, stored: b
 def _check_schemas(config: PipelineConfig, where: str, stored: bool) -> None:
     """Every ``output_schema`` is one the answers' validator can use (built once here, so a run
     never meets one it cannot)."""
-    from pipeline.llm.answers import schema_validator
+    from pipeline.json_schemas import schema_validator
 
     for column in config.columns:
         if column.type != "llm_structured":

@@ -273,7 +273,7 @@ class LlmStructuredColumn(_LlmColumn):
     def _is_json_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
         # Whether the answers' validator can use it is checked once the config is built
         # (pipeline.config.loading: not for the stored config of a run only read or compared).
-        from pipeline.llm.answers import schema_json_form
+        from pipeline.json_schemas import schema_json_form
 
         try:
             return schema_json_form(schema)

@@ -30,23 +30,18 @@ answer that is nothing but JSON):
 Both raise or return :class:`MalformedAnswer`, whose message is written to be quoted back to
 the model in a re-ask ("That answer is not usable: <message>").
 
-:func:`schema_validator` and :func:`schema_problem` check a value against the column's JSON
-Schema (jsonschema-rs: ~0.2 us per judge answer where the pure-Python ``jsonschema`` took ~30 us
-on the event loop, 1 % of the LLM benchmark's makespan); the config checks ``output_schema``
-with the same builder, so a schema that passes ``pipeline validate`` can always be used.
+Whether a value matches the column's JSON Schema is :mod:`pipeline.json_schemas`' to say.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import re
 from typing import Any, Callable, Iterator
 
-from pipeline.values import valid_unicode_deep
 
-__all__ = ["MalformedAnswer", "extract_json", "schema_json_form", "schema_problem", "schema_validator", "text_problem"]
+__all__ = ["MalformedAnswer", "extract_json", "text_problem"]
 
 
 class MalformedAnswer(Exception):
@@ -118,69 +113,6 @@ def extract_json(text: str, check: Callable[[Any], str | None] | None = None) ->
     if first_problem is not None:
         raise MalformedAnswer(first_problem)
     raise MalformedAnswer(parse_error or "it holds no JSON value")
-
-
-def schema_validator(schema: dict[str, Any] | bool) -> Any:
-    """A validator of ``schema`` (its draft named by ``$schema``; 2020-12 without one). As the
-    pure-Python ``jsonschema`` does by default, ``format`` is not asserted; nothing is fetched
-    (a ``$ref`` to a URL is refused here, not looked up during a run). Regular expressions are
-    ECMA 262's, as the specification says (``\\d`` is an ASCII digit, ``$`` does not match before a
-    final newline). ValueError, naming the problem and where it is, for a schema that is not a
-    valid JSON Schema (an unknown ``$schema``, a bad keyword value or regex, a ``$ref`` to
-    nothing)."""
-    import jsonschema_rs
-
-    try:  # a lone surrogate cannot cross into the validator: it is U+FFFD there, as in the values
-        return jsonschema_rs.validator_for(valid_unicode_deep(schema), validate_formats=False, offline=True)
-    except jsonschema_rs.ValidationError as exc:
-        message = exc.message
-        if message.startswith("Unknown meta-schema"):
-            message = (f"unknown $schema {schema.get('$schema')!r}: drafts 4, 6, 7, 2019-09 and 2020-12 are known "
-                       "(without $schema: 2020-12)")
-        elif message.endswith(' is not a "regex"'):
-            message += (" (patterns are ECMA 262 regular expressions, JSON Schema's dialect: no \\Z, (?#...), "
-                        "(?>...) or {,n}; write $ and {0,n})")
-        where = "/".join(str(part) for part in exc.instance_path)
-        raise ValueError(message + (f" (at {where})" if where else "")) from None
-
-
-def schema_json_form(schema: Any) -> Any:
-    """``schema`` as JSON holds it, as the server is sent it: keys as text (a YAML key ``2023:``
-    is ``"2023"``), dates and times in ISO 8601 (an unquoted YAML date). ValueError for a value
-    JSON cannot hold (``.inf``, ``.nan``, binary)."""
-    def default(value: Any) -> str:
-        if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime too
-            return value.isoformat()
-        raise TypeError(f"it holds a {type(value).__name__} value, which JSON cannot hold")
-
-    try:
-        return json.loads(json.dumps(schema, default=default, allow_nan=False))
-    except ValueError:
-        raise ValueError("it holds .inf or .nan, which JSON cannot hold; write a number") from None
-    except TypeError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def schema_problem(validator: Any, value: Any) -> str | None:
-    """None when ``value`` is valid for ``validator`` (:func:`schema_validator`), else the
-    problem nearest the root (``at a/b: <message>``), to be quoted back to the model."""
-    try:
-        return _schema_problem(validator, value)
-    except UnicodeEncodeError:  # a lone surrogate (a "\\ud83d" escape) cannot cross into the
-        return _schema_problem(validator, valid_unicode_deep(value))  # validator: judged as stored
-
-
-def _schema_problem(validator: Any, value: Any) -> str | None:
-    if validator.is_valid(value):
-        return None
-    try:
-        error = min(validator.iter_errors(value), key=lambda e: len(e.instance_path))
-    except UnicodeEncodeError:
-        raise
-    except ValueError:  # it could not describe the problem (a value nested past its depth)
-        return "it does not match the schema"
-    where = "/".join(str(part) for part in error.instance_path) or "(root)"
-    return f"it does not match the schema at {where}: {error.message}"
 
 
 class _Found:
