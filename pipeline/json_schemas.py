@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from typing import Any
 
 from pipeline.values import valid_unicode_deep
@@ -36,9 +37,9 @@ def schema_validator(schema: dict[str, Any] | bool) -> Any:
         if message.startswith("Unknown meta-schema"):
             message = (f"unknown $schema {schema.get('$schema')!r}: drafts 4, 6, 7, 2019-09 and 2020-12 are known "
                        "(without $schema: 2020-12)")
-        elif message.endswith(' is not a "regex"'):
-            message += (" (patterns are ECMA 262 regular expressions, JSON Schema's dialect: no \\Z, (?#...), "
-                        "(?>...) or {,n}; write $ and {0,n})")
+        elif message.endswith(' is not a "regex"') and _python_regex(exc.instance):
+            message += (" (patterns are ECMA 262 regular expressions, JSON Schema's dialect, not Python's: no "
+                        "\\Z, (?#...), (?>...) or {,n}; write $ and {0,n})")
         where = "/".join(str(part) for part in exc.instance_path)
         raise ValueError(message + (f" (at {where})" if where else "")) from None
 
@@ -80,3 +81,13 @@ def _schema_problem(validator: Any, value: Any) -> str | None:
         return "it does not match the schema"
     where = "/".join(str(part) for part in error.instance_path) or "(root)"
     return f"it does not match the schema at {where}: {error.message}"
+
+
+def _python_regex(pattern: Any) -> bool:
+    """Whether ``pattern`` is a regular expression Python's ``re`` compiles (then a refusal is
+    about the dialect, not a typo)."""
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError, ValueError, RecursionError, OverflowError):
+        return False
+    return True

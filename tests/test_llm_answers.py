@@ -182,6 +182,7 @@ def test_a_schema_is_taken_in_its_json_form():
 @pytest.mark.parametrize(("schema", "words"), [
     ({"$schema": "http://json-schema.org/draft-03/schema#"}, ["unknown $schema", "draft-03", "2020-12"]),
     ({"pattern": "a\\Z"}, ["ECMA 262", "(at pattern)"]),
+    ({"pattern": "[a-"}, ['"[a-" is not a "regex" (at pattern)']),  # a typo: no word on dialects
     ({"type": "nope"}, ["nope", "(at type)"]),
     ({"$ref": "#/$defs/missing"}, ["/$defs/missing"]),
     ({"$ref": "http://127.0.0.1:9/s.json"}, ["http://127.0.0.1:9/s.json"]),  # refused, never fetched
