@@ -1,5 +1,6 @@
-"""JSON Schemas of ``llm_structured`` / ``llm_judge`` columns: built once (the config checks
-every ``output_schema`` with :func:`schema_validator`, so a run never meets one it cannot use),
+"""JSON Schemas of ``llm_structured`` / ``llm_judge`` columns: their validators (the config
+builds one for every ``output_schema`` when it is loaded, so a run never meets one it cannot
+use; a judge's schema is made by :func:`pipeline.generators.llm.judge_schema`, valid by construction),
 and an answer's value judged against one (:func:`schema_problem`, the text quoted back to the
 model in a re-ask).
 
@@ -10,7 +11,6 @@ config without the HTTP layer (``pipeline.llm``).
 
 from __future__ import annotations
 
-import datetime
 import json
 import re
 from typing import Any
@@ -45,20 +45,20 @@ def schema_validator(schema: dict[str, Any] | bool) -> Any:
 
 
 def schema_json_form(schema: Any) -> Any:
-    """``schema`` as JSON holds it, as the server is sent it: keys as text (a YAML key ``2023:``
-    is ``"2023"``), dates and times in ISO 8601 (an unquoted YAML date). ValueError for a value
-    JSON cannot hold (``.inf``, ``.nan``, binary)."""
-    def default(value: Any) -> str:
-        if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime too
-            return value.isoformat()
-        raise TypeError(f"it holds a {type(value).__name__} value, which JSON cannot hold")
+    """``schema`` as JSON holds it, as the server is sent it and as the run's stored config has
+    it (pydantic's JSON form, so a config saved by an earlier version keeps its fingerprint):
+    keys as text (a YAML key ``2023:`` is ``"2023"``), dates and times in ISO 8601 (an unquoted
+    YAML date). ValueError for a value JSON cannot hold (``.inf``, ``.nan``, binary)."""
+    import pydantic_core
 
     try:
-        return json.loads(json.dumps(schema, default=default, allow_nan=False))
+        plain = pydantic_core.to_jsonable_python(schema)
+    except (TypeError, ValueError) as exc:  # PydanticSerializationError is a ValueError
+        raise ValueError(f"it holds a value JSON cannot hold ({str(exc)[:200]})") from None
+    try:
+        return json.loads(json.dumps(plain, allow_nan=False))
     except ValueError:
         raise ValueError("it holds .inf or .nan, which JSON cannot hold; write a number") from None
-    except TypeError as exc:
-        raise ValueError(str(exc)) from None
 
 
 def schema_problem(validator: Any, value: Any) -> str | None:
@@ -67,7 +67,11 @@ def schema_problem(validator: Any, value: Any) -> str | None:
     try:
         return _schema_problem(validator, value)
     except UnicodeEncodeError:  # a lone surrogate (a "\\ud83d" escape) cannot cross into the
-        return _schema_problem(validator, valid_unicode_deep(value))  # validator: judged as stored
+        try:  # validator: judged as it is stored, with U+FFFD
+            value = valid_unicode_deep(value)
+        except RecursionError:
+            return "it is nested too deeply to keep; answer with a flatter value"
+        return _schema_problem(validator, value)
 
 
 def _schema_problem(validator: Any, value: Any) -> str | None:
@@ -77,7 +81,8 @@ def _schema_problem(validator: Any, value: Any) -> str | None:
         error = min(validator.iter_errors(value), key=lambda e: len(e.instance_path))
     except UnicodeEncodeError:
         raise
-    except ValueError:  # it could not describe the problem (a value nested past its depth)
+    except ValueError:  # it could not describe the problem (a value nested past its depth), or
+        # found none to describe (is_valid and iter_errors disagreeing): it is still not valid
         return "it does not match the schema"
     where = "/".join(str(part) for part in error.instance_path) or "(root)"
     return f"it does not match the schema at {where}: {error.message}"

@@ -171,12 +171,32 @@ def test_an_answer_the_parser_or_the_validator_cannot_take_is_malformed_not_an_e
         extract_json("Here: [" + "1" * 5000 + "] and " + "[" * 100_000 + "]" * 100_000)
 
 
+def test_a_value_around_a_non_json_number_is_malformed_not_replaced_by_one_inside_it():
+    wants_dict = lambda v: None if isinstance(v, dict) else "not an object"  # noqa: E731
+    for text in ['{"stats": {"mean": 1.5}, "ratio": NaN}', 'Here: {"stats": {"mean": 1.5}, "ratio": NaN} ok',
+                 '{"stats": {"mean": 1.5}, "ratio": 1e400}', '{"stats": {"mean": 1.5}, "n": ' + "9" * 5000 + "}"]:
+        with pytest.raises(MalformedAnswer, match="NaN|too large|too many digits"):
+            extract_json(text, wants_dict)
+    with pytest.raises(MalformedAnswer, match="nested too deeply"):  # not the arrays inside it either
+        extract_json("Here: " + "[" * 1200 + "]" * 1200)
+
+
+def test_a_lone_surrogate_deep_in_an_answer_is_a_problem_not_an_error():
+    validator = schema_validator({"properties": {"s": {"pattern": "^a"}}})
+    value = json.loads('{"s": "\\ud83d", "d": ' + "[" * 600 + "]" * 600 + "}")
+    assert "nested too deeply" in schema_problem(validator, value)
+
+
 def test_a_schema_is_taken_in_its_json_form():
     # a YAML file gives int keys and dates; JSON (and the server) has text
     assert schema_json_form({"properties": {2023: {"type": "number"}}, "examples": [__import__("datetime").date(2024, 5, 1)]}) \
         == {"properties": {"2023": {"type": "number"}}, "examples": ["2024-05-01"]}
     with pytest.raises(ValueError, match=r"\.inf or \.nan"):
         schema_json_form({"maximum": float("inf")})
+    # as the stored config of a run has it (pydantic's JSON form): an unchanged file keeps its fingerprint
+    utc = __import__("datetime").timezone.utc
+    assert schema_json_form({"examples": [__import__("datetime").datetime(2024, 1, 15, 10, tzinfo=utc)], None: 1}) \
+        == {"examples": ["2024-01-15T10:00:00Z"], "None": 1}
 
 
 @pytest.mark.parametrize(("schema", "words"), [

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from typing import Any, Callable, Iterator
 
 
@@ -52,23 +53,48 @@ class MalformedAnswer(Exception):
 _MAX_SCAN_STARTS = 200
 
 
+class _Reader:
+    """JSON as Python's ``json`` reads it (raw control characters in strings: ``strict=False``),
+    except that NaN, Infinity, a float past the double's range and an integer of over 4,300
+    digits are read as a stand-in value, so the value around them is still found whole (and
+    none inside it taken for the answer), and :attr:`problem` says which: JSON has none of them.
+    One per thread (:func:`_reader`): an answer is read start to end without a pause."""
 
-class _NotJsonNumber(ValueError):
-    """NaN, Infinity or a float past the double's range: Python's json reads them, JSON has none."""
+    __slots__ = ("decoder", "problem")
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+        self.decoder = json.JSONDecoder(strict=False, parse_constant=self._constant, parse_float=self._float,
+                                        parse_int=self._int)
+
+    def _constant(self, name: str) -> float:
+        self.problem = self.problem or f"it holds {name}, which JSON does not allow; write a number"
+        return 0.0
+
+    def _float(self, text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            self.problem = self.problem or f"it holds {text[:40]}, a number too large to keep; write a smaller one"
+        return value
+
+    def _int(self, text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:  # Python's limit on the digits of an integer (4,300)
+            self.problem = self.problem or "it holds a number with too many digits"
+            return 0
 
 
-def _no_constant(name: str) -> float:
-    raise _NotJsonNumber(f"it holds {name}, which JSON does not allow; write a number")
+_READERS = threading.local()
 
 
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise _NotJsonNumber(f"it holds {text[:40]}, a number too large to keep; write a smaller one")
-    return value
+def _reader() -> _Reader:
+    reader = getattr(_READERS, "reader", None)
+    if reader is None:
+        reader = _READERS.reader = _Reader()
+    return reader
 
 
-_DECODER = json.JSONDecoder(strict=False, parse_constant=_no_constant, parse_float=_finite)
 _THINK_OPEN = re.compile(r"\s*<think>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 # An opening fence: three or more backticks, an optional info string (json, JSON, jsonc, ...)
@@ -129,22 +155,21 @@ class _NotJson:
         self.problem = problem
 
 
-def _loads(candidate: str) -> _Found | _NotJson:
+def _loads(reader: _Reader, candidate: str) -> _Found | _NotJson:
+    reader.problem = None
     try:
-        return _Found(_DECODER.decode(candidate))
+        value = reader.decoder.decode(candidate)
     except json.JSONDecodeError as exc:
         return _NotJson(f"it is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
     except RecursionError:
         return _NotJson("it is nested too deeply to read")
-    except _NotJsonNumber as exc:
-        return _NotJson(str(exc))
-    except ValueError:  # Python's limit on the digits of an integer (4,300)
-        return _NotJson("it holds a number with too many digits")
+    return _Found(value) if reader.problem is None else _NotJson(reader.problem)
 
 
 def _candidates(text: str) -> Iterator[_Found | _NotJson]:
     """The values of steps 1-4, in order, and a _NotJson for each step that found none."""
-    yield _loads(text.strip())
+    reader = _reader()
+    yield _loads(reader, text.strip())
     body, sure = _after_think(text)
     if body is None:
         yield _NotJson("it holds only an unfinished <think> block and no answer after it")
@@ -156,21 +181,21 @@ def _candidates(text: str) -> Iterator[_Found | _NotJson]:
                 yield _NotJson("it holds only a <think> block and no answer after it")
                 return
         else:
-            yield _loads(body)
-            yield from _inside(body)
+            yield _loads(reader, body)
+            yield from _inside(reader, body)
         if sure:
             return
     # No think block, or only a lone "</think>" that may as well sit in a JSON string.
-    yield from _inside(text)
+    yield from _inside(reader, text)
 
 
-def _inside(body: str) -> Iterator[_Found | _NotJson]:
+def _inside(reader: _Reader, body: str) -> Iterator[_Found | _NotJson]:
     """Steps 3 and 4 on ``body``: its fenced blocks, then its top-level JSON values."""
     fenced = False
     for block in _fenced_blocks(body):
         fenced = True
         if block.strip():
-            yield _loads(block.strip())
+            yield _loads(reader, block.strip())
         else:
             yield _NotJson("its fenced block is empty")
     starts = 0
@@ -182,11 +207,15 @@ def _inside(body: str) -> Iterator[_Found | _NotJson]:
         starts += 1
         if starts > _MAX_SCAN_STARTS:
             break
+        reader.problem = None
         try:
-            value, after = _DECODER.raw_decode(body, start)
-        except (ValueError, RecursionError):  # not JSON; or too deep, or too many digits, to read
+            value, after = reader.decoder.raw_decode(body, start)
+        except json.JSONDecodeError:
             continue
-        yield _Found(value)
+        except RecursionError:  # too deep to read: what lies inside it would be a nested value
+            yield _NotJson("it is nested too deeply to read")
+            return
+        yield _Found(value) if reader.problem is None else _NotJson(reader.problem)
     if not starts and not fenced:
         yield _NotJson("it holds no JSON object or array")
 
