@@ -51,12 +51,16 @@ def schema_json_form(schema: Any) -> Any:
     YAML date). ValueError for a value JSON cannot hold (``.inf``, ``.nan``, binary)."""
     import pydantic_core
 
+    def default(value: Any) -> Any:  # what json cannot write: dates, times (pydantic's form)
+        try:
+            return pydantic_core.to_jsonable_python(value)
+        except ValueError as exc:  # PydanticSerializationError
+            raise TypeError(str(exc)) from None
+
     try:
-        plain = pydantic_core.to_jsonable_python(schema)
-    except (TypeError, ValueError) as exc:  # PydanticSerializationError is a ValueError
+        return json.loads(json.dumps(schema, default=default, allow_nan=False))
+    except TypeError as exc:
         raise ValueError(f"it holds a value JSON cannot hold ({str(exc)[:200]})") from None
-    try:
-        return json.loads(json.dumps(plain, allow_nan=False))
     except ValueError:
         raise ValueError("it holds .inf or .nan, which JSON cannot hold; write a number") from None
 

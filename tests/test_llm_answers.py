@@ -195,8 +195,8 @@ def test_a_schema_is_taken_in_its_json_form():
         schema_json_form({"maximum": float("inf")})
     # as the stored config of a run has it (pydantic's JSON form): an unchanged file keeps its fingerprint
     utc = __import__("datetime").timezone.utc
-    assert schema_json_form({"examples": [__import__("datetime").datetime(2024, 1, 15, 10, tzinfo=utc)], None: 1}) \
-        == {"examples": ["2024-01-15T10:00:00Z"], "None": 1}
+    assert schema_json_form({"examples": [__import__("datetime").datetime(2024, 1, 15, 10, tzinfo=utc)]}) \
+        == {"examples": ["2024-01-15T10:00:00Z"]}
 
 
 @pytest.mark.parametrize(("schema", "words"), [
