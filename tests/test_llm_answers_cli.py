@@ -260,6 +260,17 @@ def test_a_prompt_that_renders_empty_fails_its_cell_without_a_request(tmp_path, 
     assert len(failed) == empty and all(r["attempts"] == 1 and not r["requests"] for r in failed)
 
 
+def structured_config(folder: Path, url: str, schema: dict, *, records: int) -> Path:
+    """One llm_structured column, `answer`, with ``schema``, on model `m` at ``url``."""
+    return write(folder, "cfg.yaml", f"""\
+        name: structured
+        num_records: {records}
+        models: {{m: {{base_url: "{url}", model: m1}}}}
+        columns:
+          - {{name: answer, type: llm_structured, model: m, prompt: "Facts.", output_schema: {json.dumps(schema)}}}
+        """)
+
+
 @pytest.mark.parametrize(("schema", "words"), [
     ({"$ref": "http://127.0.0.1:9/facts.json"}, ["http://127.0.0.1:9/facts.json"]),
     ({"$schema": "http://example.com/my-draft", "type": "object"}, ["http://example.com/my-draft"]),
@@ -267,18 +278,12 @@ def test_a_prompt_that_renders_empty_fails_its_cell_without_a_request(tmp_path, 
 ])
 def test_an_output_schema_the_answers_validator_cannot_use_is_refused_before_anything_is_created(
         tmp_path, schema, words):
-    cfg = write(tmp_path, "cfg.yaml", f"""\
-        name: s
-        num_records: 2
-        models: {{w: {{base_url: "http://127.0.0.1:9/v1", model: m}}}}
-        columns:
-          - {{name: facts, type: llm_structured, model: w, prompt: "Facts.", output_schema: {json.dumps(schema)}}}
-        """)
+    cfg = structured_config(tmp_path, "http://127.0.0.1:9/v1", schema, records=2)
     home = tmp_path / "home"
     for command in ("validate", "run"):
         proc = cli(command, str(cfg), "--no-check-models", home=home) if command == "run" else cli(command, str(cfg))
         assert proc.returncode == 2, proc.stderr
-        for word in ["column 'facts'", "not a valid JSON Schema", *words]:
+        for word in ["column 'answer'", "not a valid JSON Schema", *words]:
             assert word in proc.stderr, (word, proc.stderr)
     assert not home.exists()
 
@@ -290,13 +295,7 @@ def test_a_stored_schema_this_version_cannot_use_is_fixed_by_resuming_with_the_c
     import sqlite3
 
     url = fake_server(latency_ms=1)
-    cfg = write(tmp_path, "cfg.yaml", f"""\
-        name: old
-        num_records: 3
-        models: {{m: {{base_url: "{url}", model: m1}}}}
-        columns:
-          - {{name: answer, type: llm_structured, model: m, prompt: "Facts.", output_schema: {json.dumps(SCHEMA)}}}
-        """)
+    cfg = structured_config(tmp_path, url, SCHEMA, records=3)
     home = tmp_path / "home"
     assert cli("run", str(cfg), "--run-id", "old", "--create-only", home=home).returncode == 0
     with sqlite3.connect(home / "state.db") as con:  # as the earlier version stored it
