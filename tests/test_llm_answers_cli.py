@@ -305,7 +305,7 @@ def test_a_stored_schema_this_version_cannot_use_is_fixed_by_resuming_with_the_c
     proc = cli("resume", "old", home=home)
     assert proc.returncode == 2, proc.stderr
     for word in ["column 'answer'", "not a valid JSON Schema", "ECMA 262", "earlier version",
-                 f"`pipeline resume RUN_ID --config FILE --home {home}`"]:
+                 f"`pipeline resume old --config FILE --home {home}`"]:
         assert word in proc.stderr, (word, proc.stderr)
     proc = cli("resume", "old", "--config", str(cfg), home=home)
     assert proc.returncode == 0, proc.stderr

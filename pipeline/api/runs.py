@@ -271,7 +271,7 @@ def open_resume(run_id: str, *, home: str | os.PathLike | None, db: str | None, 
             cfg = change(store, info, home_path)
             info = store.get_run(run_id)
         else:
-            cfg = config_from_json(info.config)
+            cfg = config_from_json(info.config, run_id=run_id)
             # Before anything is changed or computed; also on a complete run (CONTRACT section 9).
             check_changed_files(store, run_id, cfg, accept_changes)
         extra: dict = {}

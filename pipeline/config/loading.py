@@ -48,11 +48,12 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
     return _build(raw, base_dir=path.resolve().parent, source=str(path))
 
 
-def config_from_json(text: str, *, usable: bool = True) -> PipelineConfig:
+def config_from_json(text: str, *, usable: bool = True, run_id: str | None = None) -> PipelineConfig:
     """The config :meth:`PipelineConfig.to_json` wrote, validated again from scratch.
     ``usable=False``: the stored config of a run only read or compared with a new one (a change,
     a card), so what only running it needs is not checked: an ``output_schema`` an earlier
-    version accepted but this one cannot use is fixed by resuming with ``--config``."""
+    version accepted but this one cannot use is fixed by resuming with ``--config`` (``run_id``: the
+    run it belongs to, named in that advice)."""
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -61,7 +62,7 @@ def config_from_json(text: str, *, usable: bool = True) -> PipelineConfig:
         raise ConfigError("the stored config is not a JSON object")
     source = raw.pop("source", None)
     base_dir = raw.pop("base_dir", None) or os.getcwd()
-    return _build(raw, base_dir=Path(base_dir), source=source, stored=True, usable=usable)
+    return _build(raw, base_dir=Path(base_dir), source=source, stored_run=run_id or "RUN_ID", usable=usable)
 
 
 class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: ~8x faster where built
@@ -117,7 +118,7 @@ def _not_unicode(value: Any, where: str) -> str | None:
     return None
 
 
-def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None, stored: bool = False,
+def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None, stored_run: str | None = None,
            usable: bool = True) -> PipelineConfig:
     where = source or "<stored config>"
     try:
@@ -133,12 +134,12 @@ def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None, stored: b
         elif column.type == "seed_dataset":
             _check_seed(column, config, where)
     if usable:
-        _check_schemas(config, where, stored)
+        _check_schemas(config, where, stored_run)
     _check_graph(config, where)
     return config
 
 
-def _check_schemas(config: PipelineConfig, where: str, stored: bool) -> None:
+def _check_schemas(config: PipelineConfig, where: str, stored_run: str | None) -> None:
     """Every ``output_schema`` is one the answers' validator can use (built once here, so a run
     never meets one it cannot)."""
     from pipeline.json_schemas import schema_validator
@@ -150,7 +151,7 @@ def _check_schemas(config: PipelineConfig, where: str, stored: bool) -> None:
             schema_validator(column.output_schema)
         except ValueError as exc:
             fix = ("; this run's stored config was accepted by an earlier version: fix output_schema in the "
-                   "config file, then `pipeline resume RUN_ID --config FILE`" if stored else "")
+                   f"config file, then `pipeline resume {stored_run} --config FILE`" if stored_run else "")
             raise ConfigError(f"output_schema: not a valid JSON Schema: {exc}{fix}", path=where,
                               column=column.name) from None
 
