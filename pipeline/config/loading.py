@@ -50,8 +50,8 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
 
 def config_from_json(text: str, *, usable: bool = True, run_id: str | None = None) -> PipelineConfig:
     """The config :meth:`PipelineConfig.to_json` wrote, validated again from scratch.
-    ``usable=False``: the stored config of a run only read or compared with a new one (a change,
-    a card), so what only running it needs is not checked: an ``output_schema`` an earlier
+    ``usable=False``: the stored config of a run only compared with a new one (a change), so
+    what only running it needs is not checked: an ``output_schema`` an earlier
     version accepted but this one cannot use is fixed by resuming with ``--config`` (``run_id``: the
     run it belongs to, named in that advice)."""
     try:
@@ -140,8 +140,8 @@ def _build(raw: dict[str, Any], *, base_dir: Path, source: str | None, stored_ru
 
 
 def _check_schemas(config: PipelineConfig, where: str, stored_run: str | None) -> None:
-    """Every ``output_schema`` is one the answers' validator can use (built once here, so a run
-    never meets one it cannot)."""
+    """Every ``output_schema`` is one the answers' validator can use (built here, as the column's
+    generator builds it again, so a run never meets one it cannot use)."""
     from pipeline.json_schemas import schema_validator
 
     for column in config.columns:

@@ -34,8 +34,8 @@ from typing import Any, Mapping
 
 from pipeline.errors import ConfigError, GenerationError
 from pipeline.generators.base import Generator, task_usage
-from pipeline.llm import Completion, LlmClient, LlmRuntime, ModelOutputError
 from pipeline.json_schemas import schema_problem, schema_validator
+from pipeline.llm import Completion, LlmClient, LlmRuntime, ModelOutputError
 from pipeline.llm.answers import MalformedAnswer, extract_json, text_problem
 from pipeline.redact import redact
 from pipeline.config.limits import DEFAULT_RENDER_TIMEOUT_S
