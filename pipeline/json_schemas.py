@@ -17,7 +17,10 @@ from typing import Any
 
 from pipeline.values import valid_unicode_deep
 
-__all__ = ["schema_json_form", "schema_problem", "schema_validator"]
+__all__ = ["TOO_DEEP", "schema_json_form", "schema_problem", "schema_validator"]
+
+#: The problem of an answer read and checked but too deep to walk (``valid_unicode_deep``).
+TOO_DEEP = "it is nested too deeply to keep; answer with a flatter value"
 
 
 def schema_validator(schema: dict[str, Any] | bool) -> Any:
@@ -74,7 +77,7 @@ def schema_problem(validator: Any, value: Any) -> str | None:
         try:  # validator: judged as it is stored, with U+FFFD
             value = valid_unicode_deep(value)
         except RecursionError:
-            return "it is nested too deeply to keep; answer with a flatter value"
+            return TOO_DEEP
         return _schema_problem(validator, value)
 
 

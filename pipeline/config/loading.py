@@ -143,6 +143,7 @@ def _check_schemas(config: PipelineConfig, where: str, stored_run: str | None) -
     """Every ``output_schema`` is one the answers' validator can use (built here, as the column's
     generator builds it again, so a run never meets one it cannot use)."""
     from pipeline.json_schemas import schema_validator
+    from pipeline.surface import command
 
     for column in config.columns:
         if column.type != "llm_structured":
@@ -151,7 +152,8 @@ def _check_schemas(config: PipelineConfig, where: str, stored_run: str | None) -
             schema_validator(column.output_schema)
         except ValueError as exc:
             fix = ("; this run's stored config was accepted by an earlier version: fix output_schema in the "
-                   f"config file, then `pipeline resume {stored_run} --config FILE`" if stored_run else "")
+                   f"config file, then {command('resume', stored_run, '--config FILE', 'config=FILE')}"
+                   if stored_run else "")
             raise ConfigError(f"output_schema: not a valid JSON Schema: {exc}{fix}", path=where,
                               column=column.name) from None
 

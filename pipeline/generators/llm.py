@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 from pipeline.errors import ConfigError, GenerationError
 from pipeline.generators.base import Generator, task_usage
-from pipeline.json_schemas import schema_problem, schema_validator
+from pipeline.json_schemas import TOO_DEEP, schema_problem, schema_validator
 from pipeline.llm import Completion, LlmClient, LlmRuntime, ModelOutputError
 from pipeline.llm.answers import MalformedAnswer, extract_json, text_problem
 from pipeline.redact import redact
@@ -300,7 +300,7 @@ class LlmGenerator(Generator):
         try:
             return valid_unicode_deep(value)
         except RecursionError:  # read and valid, but too deep to walk (some hundreds of levels)
-            raise MalformedAnswer("it is nested too deeply to keep; answer with a flatter value") from None
+            raise MalformedAnswer(TOO_DEEP) from None
 
     def _check(self, value: Any) -> str | None:
         """None when ``value`` is valid against the column's schema, else the problem."""
