@@ -403,20 +403,24 @@ def test_cost_and_the_pacing_snapshot_are_recorded_in_postgresql_too(tmp_path, f
     assert m["rate_limit_headers"]["x-ratelimit-limit-requests"] == "6000"
 
 
-def test_the_snapshot_taken_before_the_first_request_ended_is_not_kept_for_a_second():
-    """A run shorter than a second showed 0 requests/min: its first snapshot (attached to the
-    first DONE, before that task's request settled) was reused until the run ended."""
+def test_the_snapshot_a_run_stores_last_counts_every_request_so_far():
+    """A run shorter than a second showed 0 requests/min (its first snapshot, taken before its
+    first request settled, was reused); then one that ended within a second of a snapshot
+    showed that snapshot (400 requests as "1"). A snapshot is now fresh at every call and
+    counts the requests of the task whose event carries it, which settles just after."""
     from pipeline.llm.pacing import Pacer
 
     clock = Clock()
     pacer = Pacer(clock=clock)
-    assert pacer.snapshot()["requests_per_minute"] == 0
+    assert pacer.snapshot(1, 20)["requests_per_minute"] == 1  # the first task's own request
     pacer.settle(0, 1, 20)
     clock.now += 0.1
     first = pacer.snapshot()
     assert first["requests_per_minute"] == 1 and first["tokens_per_minute"] == 20
-    pacer.settle(0, 1, 20)
-    assert pacer.snapshot() is first  # then one a second, as before
+    for _ in range(399):
+        pacer.settle(0, 1, 20)
+    last = pacer.snapshot(1, 20)  # within the same second: not the first one again
+    assert (last["requests_per_minute"], last["tokens_per_minute"]) == (401, 8020)
 
 
 def test_requests_per_minute_counts_the_last_minute_and_never_extrapolates_a_short_run():
@@ -434,3 +438,17 @@ def test_requests_per_minute_counts_the_last_minute_and_never_extrapolates_a_sho
     clock.now += 56.5  # 60 s after the first second: its 300 leave the window
     pacer.settle(0, 1, 10)
     assert pacer.snapshot()["requests_per_minute"] == 901
+
+
+def test_status_of_a_run_shorter_than_a_minute_shows_every_request_it_made_per_minute(tmp_path, fake_server):
+    """After a run of a few seconds, `status` showed "req/min 1" for 400 requests: the stored
+    snapshot was the one of the run's first second."""
+    url = fake_server(latency_ms=1)
+    cfg = write_config(tmp_path / "a", url, records=60)
+    home = tmp_path / "home"
+    proc = cli("run", str(cfg), "--run-id", "short", home=home, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(cli("status", "short", "--json", home=home, check=True).stdout)["models"]["w"]
+    assert m["requests"] >= 60
+    assert m["requests_per_minute"] == m["requests"]  # all within the last minute
+    assert m["tokens_per_minute"] == m["prompt_tokens"] + m["completion_tokens"]

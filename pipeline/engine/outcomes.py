@@ -147,7 +147,8 @@ class Outcomes:
     def _usage(self, node: Any, usage: list, exc: BaseException | None = None) -> Usage:
         """The usage of a model-limited task's event (pipeline.store.events.Usage)."""
         pacer = getattr(node.limit, "pacer", None)
-        cost, snapshot = (None, None) if pacer is None else (pacer.cost(usage[1], usage[2]), pacer.snapshot())
+        cost, snapshot = (None, None) if pacer is None else (
+            pacer.cost(usage[1], usage[2]), pacer.snapshot(usage[0], usage[1] + usage[2]))  # settles after this
         return Usage(node.model, usage[0], usage[1], usage[2], int(isinstance(exc, ModelRateLimitError)),
                      node.limit.limit, usage[3], 0 if exc is not None else usage[4], cost, snapshot)
 

@@ -120,9 +120,6 @@ class Pacer:
     ``prices``: ``(input, output)`` per million tokens, or None.
     """
 
-    #: Seconds between two snapshots for the store (``pipeline status``).
-    SNAPSHOT_EVERY_S = 1.0
-
     def __init__(self, *, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
                  prices: tuple[float, float] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -150,8 +147,7 @@ class Pacer:
         self.headers: dict[str, str] = {}
         self.headers_at: float | None = None
         self._minute: collections.deque[list] = collections.deque()  # [second, requests, tokens]
-        self._snapshot: dict[str, Any] | None = None
-        self._snapshot_at = -math.inf
+        self._minute_requests = self._minute_tokens = 0  # their sums: a snapshot is O(1)
 
     def __repr__(self) -> str:
         return (f"Pacer(requests_per_minute={self.requests_per_minute}, tokens_per_minute={self.tokens_per_minute}, "
@@ -213,8 +209,17 @@ class Pacer:
             minute[-1][2] += tokens
         else:
             minute.append([second, requests, tokens])
-            while minute[0][0] <= second - 60:
-                minute.popleft()
+        self._minute_requests += requests
+        self._minute_tokens += tokens
+        self._forget_before(second - 59)
+
+    def _forget_before(self, second: int) -> None:
+        """The last minute's counts lose the seconds before ``second``."""
+        minute = self._minute
+        while minute and minute[0][0] < second:
+            _, requests, tokens = minute.popleft()
+            self._minute_requests -= requests
+            self._minute_tokens -= tokens
 
     # -- the server's headers ---------------------------------------------------------------
     def observe(self, headers: Mapping[str, str], in_use: int) -> None:
@@ -244,35 +249,24 @@ class Pacer:
             return None
         return (prompt_tokens * self.prices[0] + completion_tokens * self.prices[1]) / 1e6
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, requests: int = 0, tokens: int = 0) -> dict[str, Any]:
         """``{"requests_per_minute", "tokens_per_minute"}`` (the requests and tokens of the last 60
         s, counted, as a per-minute budget counts them: a run younger than a minute shows what
         it has used so far, not that extrapolated to a minute), the budgets ``max_requests_per_minute`` /
         ``max_tokens_per_minute``, ``paced`` (times requests were held back), ``headers`` (the last
-        ``x-ratelimit-*`` seen) and ``headers_at``. The same dict for a second at a time, unless
-        it counted no request and one has ended since: a run's first snapshot is taken before its
-        first request settles, and a run shorter than a second would keep showing 0."""
-        now = self.clock()
-        if now - self._snapshot_at < self.SNAPSHOT_EVERY_S and self._snapshot is not None and (
-                self._snapshot["requests_per_minute"] or not self._minute):
-            return self._snapshot
-        second = int(now)
-        requests = tokens = 0
-        for at, n, t in self._minute:
-            if at > second - 60:
-                requests += n
-                tokens += t
-        self._snapshot = {
-            "requests_per_minute": float(requests),
-            "tokens_per_minute": float(tokens),
+        ``x-ratelimit-*`` seen) and ``headers_at``. ``requests`` / ``tokens``: those of a task that
+        ended and has not settled yet (its usage event carries this snapshot), counted too. Fresh
+        at every call: the last one a run stores is its state at its end."""
+        self._forget_before(int(self.clock()) - 59)
+        return {
+            "requests_per_minute": float(self._minute_requests + requests),
+            "tokens_per_minute": float(self._minute_tokens + tokens),
             "max_requests_per_minute": self.requests_per_minute,
             "max_tokens_per_minute": self.tokens_per_minute,
             "paced": self.paced,
             "headers": dict(self.headers),
             "headers_at": self.headers_at,
         }
-        self._snapshot_at = now
-        return self._snapshot
 
 
 #: The longest reset a server's x-ratelimit-reset-* header is taken at (seconds): past it the
